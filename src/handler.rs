@@ -1,0 +1,305 @@
+//! Request handlers: what a handler receives and returns, and the pool of
+//! worker threads that runs them.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+/// A request from the peer, as a handler receives it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The channel the request came on.
+    pub channel: u64,
+    /// The peer's tag for it; the reply goes out under the same tag.
+    pub tag: u64,
+    /// The application's request type.
+    pub rq_type: u64,
+    /// The request flags.
+    pub flags: u64,
+    /// The request payload.
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("channel", &self.channel)
+            .field("tag", &self.tag)
+            .field("rq_type", &self.rq_type)
+            .field("flags", &self.flags)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// A successful reply: the flags and payload of an ok response.
+///
+/// `From` conversions cover the five reply shapes of the reference
+/// implementation:
+///
+/// | handler returns | flags | payload |
+/// |---|---|---|
+/// | `()` | 0 | empty |
+/// | `u64` | the value | empty |
+/// | `Vec<u8>` or `&[u8]` | 0 | the bytes |
+/// | `String` or `&str` | 0 | the text as UTF-8 |
+/// | `(u64, Vec<u8>)` | the value | the bytes |
+///
+/// # Examples
+///
+/// ```
+/// use packetstream::Reply;
+///
+/// assert_eq!(Reply::from(()), Reply { flags: 0, payload: vec![] });
+/// assert_eq!(Reply::from(7u64), Reply { flags: 7, payload: vec![] });
+/// assert_eq!(Reply::from("hi"), Reply { flags: 0, payload: b"hi".to_vec() });
+/// assert_eq!(Reply::from((3u64, vec![1u8])), Reply { flags: 3, payload: vec![1] });
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// The response flags.
+    pub flags: u64,
+    /// The response payload.
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    /// A reply carrying `payload` and flags 0.
+    pub fn payload(payload: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            flags: 0,
+            payload: payload.into(),
+        }
+    }
+}
+
+impl From<()> for Reply {
+    fn from((): ()) -> Reply {
+        Reply::default()
+    }
+}
+
+impl From<u64> for Reply {
+    fn from(flags: u64) -> Reply {
+        Reply {
+            flags,
+            payload: Vec::new(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(payload: Vec<u8>) -> Reply {
+        Reply::payload(payload)
+    }
+}
+
+impl From<&[u8]> for Reply {
+    fn from(payload: &[u8]) -> Reply {
+        Reply::payload(payload)
+    }
+}
+
+impl From<String> for Reply {
+    fn from(text: String) -> Reply {
+        Reply::payload(text)
+    }
+}
+
+impl From<&str> for Reply {
+    fn from(text: &str) -> Reply {
+        Reply::payload(text)
+    }
+}
+
+impl From<(u64, Vec<u8>)> for Reply {
+    fn from((flags, payload): (u64, Vec<u8>)) -> Reply {
+        Reply { flags, payload }
+    }
+}
+
+/// A failure with chosen flags and payload. A handler that returns it as its
+/// error sends exactly these in its not-ok response; any other error is sent
+/// as flags 0 and its text.
+///
+/// # Examples
+///
+/// ```
+/// use packetstream::{Failure, HandlerResult, Request};
+///
+/// fn handler(rq: Request) -> HandlerResult {
+///     if rq.payload.is_empty() {
+///         return Err(Failure::new(404, "empty key").into());
+///     }
+///     Ok(rq.payload.into())
+/// }
+/// # let _ = handler;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The flags of the not-ok response.
+    pub flags: u64,
+    /// The payload of the not-ok response.
+    pub payload: Vec<u8>,
+}
+
+impl Failure {
+    /// A failure with these flags and payload.
+    pub fn new(flags: u64, payload: impl Into<Vec<u8>>) -> Failure {
+        Failure {
+            flags,
+            payload: payload.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "failure (flags {:#x}): {}",
+            self.flags,
+            String::from_utf8_lossy(&self.payload)
+        )
+    }
+}
+
+impl StdError for Failure {}
+
+/// The error type handlers return: anything that can be turned into a boxed
+/// error, so `?` works on most errors and `"text".into()` makes one.
+pub type HandlerError = Box<dyn StdError + Send + Sync>;
+
+/// What a handler returns.
+pub type HandlerResult = Result<Reply, HandlerError>;
+
+/// Serves the peer's requests.
+///
+/// Implemented for every `Fn(Request) -> HandlerResult + Send + Sync`
+/// closure. The handler runs on the connection's handler pool, several
+/// requests at once, so it takes `&self`.
+///
+/// - `Ok(reply)` sends an ok response.
+/// - `Err(e)` sends a not-ok response: flags 0 and `e`'s text as UTF-8, or
+///   exactly the flags and payload of a [`Failure`].
+/// - A panic sends a not-ok response saying so; the connection goes on.
+///
+/// # Examples
+///
+/// ```
+/// use packetstream::{HandlerResult, Request, RequestHandler};
+///
+/// struct Upper;
+///
+/// impl RequestHandler for Upper {
+///     fn handle(&self, rq: Request) -> HandlerResult {
+///         let text = String::from_utf8(rq.payload)?;
+///         Ok(text.to_uppercase().into())
+///     }
+/// }
+/// # let _ = Upper;
+/// ```
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Handles one request.
+    fn handle(&self, rq: Request) -> HandlerResult;
+}
+
+impl<F> RequestHandler for F
+where
+    F: Fn(Request) -> HandlerResult + Send + Sync + 'static,
+{
+    fn handle(&self, rq: Request) -> HandlerResult {
+        self(rq)
+    }
+}
+
+/// The outcome of running a handler: ok or not, flags and payload.
+pub(crate) struct Outcome {
+    pub(crate) ok: bool,
+    pub(crate) flags: u64,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// Runs `handler` on `rq`, turning errors and panics into not-ok outcomes.
+pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Outcome {
+    let (channel, tag, rq_type) = (rq.channel, rq.tag, rq.rq_type);
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(rq))) {
+        Ok(Ok(reply)) => Outcome {
+            ok: true,
+            flags: reply.flags,
+            payload: reply.payload,
+        },
+        Ok(Err(err)) => match err.downcast::<Failure>() {
+            Ok(failure) => Outcome {
+                ok: false,
+                flags: failure.flags,
+                payload: failure.payload,
+            },
+            Err(err) => {
+                log::debug!("request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
+                Outcome {
+                    ok: false,
+                    flags: 0,
+                    payload: err.to_string().into_bytes(),
+                }
+            }
+        },
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_string());
+            log::error!("handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}");
+            Outcome {
+                ok: false,
+                flags: 0,
+                payload: format!("handler panicked: {msg}").into_bytes(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rq(payload: &[u8]) -> Request {
+        Request {
+            channel: 0,
+            tag: 2,
+            rq_type: 0,
+            flags: 0,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn errors_become_text_and_failures_keep_their_flags() {
+        let handler: Arc<dyn RequestHandler> = Arc::new(|rq: Request| -> HandlerResult {
+            match rq.payload.as_slice() {
+                b"text" => Err("plain reason".into()),
+                b"failure" => Err(Failure::new(0x42, "custom").into()),
+                b"panic" => panic!("boom"),
+                _ => Ok(7u64.into()),
+            }
+        });
+        let out = run_handler(&handler, rq(b"text"));
+        assert!(!out.ok);
+        assert_eq!(
+            (out.flags, out.payload.as_slice()),
+            (0, &b"plain reason"[..])
+        );
+        let out = run_handler(&handler, rq(b"failure"));
+        assert_eq!(
+            (out.ok, out.flags, out.payload.as_slice()),
+            (false, 0x42, &b"custom"[..])
+        );
+        let out = run_handler(&handler, rq(b"panic"));
+        assert!(!out.ok);
+        assert_eq!(out.payload, b"handler panicked: boom");
+        let out = run_handler(&handler, rq(b"other"));
+        assert_eq!((out.ok, out.flags), (true, 7));
+    }
+}

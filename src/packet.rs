@@ -1,0 +1,818 @@
+//! The wire format: BSUInt varints and packets, exactly as `cs.packetstream`
+//! 20240630 writes them.
+//!
+//! ```text
+//! packet  = BSUInt(len) body                       len = number of body bytes
+//! body    = BSUInt(tag)
+//!           BSUInt(header)                         header = flags << 2
+//!                                                         | is_request << 1
+//!                                                         | has_channel
+//!           [BSUInt(channel)]                      only if channel != 0
+//!           [BSUInt(rq_type + 1)]                  only for requests
+//!           payload                                the rest of the body
+//!
+//! BSUInt: big-endian 7-bit groups, high bit set on every byte but the last
+//!         0 -> 00    127 -> 7f    128 -> 81 00    16384 -> 81 80 00
+//! ```
+//!
+//! - A response's wire flags carry the ok bit lowest: `flags << 1 | ok`. With
+//!   64-bit flags a response header is therefore 67 bits wide, so varints are
+//!   decoded into `u128` and range-checked per field.
+//! - Wire `rq_type` 0 is reserved for two control packets on channel 0: EOF
+//!   (tag 0) and end-of-requests "ERQ" (tag 1). Application request types are
+//!   shifted up by one on the wire, so the whole `u64` range is usable.
+//! - A varint may be at most [`MAX_VARINT_LEN`] bytes long; longer ones, and
+//!   values too wide for their field, are decode errors.
+
+use std::io::{self, Read};
+
+use crate::error::{Error, Result};
+
+/// The longest BSUInt accepted: 10 bytes carry 70 bits, enough for the widest
+/// field (a response header, 67 bits).
+pub const MAX_VARINT_LEN: usize = 10;
+
+/// The longest possible packet head: the length prefix, tag, header, channel
+/// and request type varints.
+pub(crate) const MAX_HEAD_LEN: usize = 5 * MAX_VARINT_LEN;
+
+/// The default limit on a packet's length (the body, without its length
+/// prefix): 64 MiB.
+pub const DEFAULT_MAX_PACKET_LEN: u64 = 64 << 20;
+
+/// Tag of the EOF control packet on channel 0.
+pub(crate) const EOF_TAG: u64 = 0;
+/// Tag of the end-of-requests control packet on channel 0.
+pub(crate) const ERQ_TAG: u64 = 1;
+
+/// What a packet is: a request, a response or a control packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A request. `rq_type` is the application's value; the wire carries
+    /// `rq_type + 1`.
+    Request {
+        /// The application's request type.
+        rq_type: u64,
+        /// The request flags.
+        flags: u64,
+    },
+    /// A response to the request with the same channel and tag.
+    Response {
+        /// Whether the request succeeded.
+        ok: bool,
+        /// The response flags, the ok bit removed.
+        flags: u64,
+    },
+    /// A request with wire `rq_type` 0. Only two are valid: EOF (channel 0,
+    /// tag 0) and ERQ (channel 0, tag 1), each with flags 0 and no payload.
+    Control {
+        /// The flags, 0 in a valid control packet.
+        flags: u64,
+    },
+}
+
+/// One packet as it travels on the wire.
+///
+/// # Examples
+///
+/// ```
+/// use packetstream::{Kind, Packet};
+///
+/// let packet = Packet {
+///     channel: 0,
+///     tag: 128,
+///     kind: Kind::Request { rq_type: 1, flags: 0 },
+///     payload: b"abc".to_vec(),
+/// };
+/// let mut wire = Vec::new();
+/// packet.encode_into(&mut wire);
+/// assert_eq!(wire, [0x07, 0x81, 0x00, 0x02, 0x02, b'a', b'b', b'c']);
+/// let (decoded, used) = Packet::decode(&wire, 1 << 20)?.unwrap();
+/// assert_eq!((decoded, used), (packet, wire.len()));
+/// # Ok::<(), packetstream::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Packet {
+    /// The channel; 0 is the default and the only one the reference serves.
+    pub channel: u64,
+    /// The tag, unique among the sender's requests on this channel.
+    pub tag: u64,
+    /// Request, response or control, with the type and flags.
+    pub kind: Kind,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Packet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packet")
+            .field("channel", &self.channel)
+            .field("tag", &self.tag)
+            .field("kind", &self.kind)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl Packet {
+    /// The EOF control packet: the sender will send nothing more.
+    pub fn eof() -> Packet {
+        Packet::control(EOF_TAG)
+    }
+
+    /// The end-of-requests control packet: the sender will send no more
+    /// requests, but still answers the ones it has.
+    pub fn erq() -> Packet {
+        Packet::control(ERQ_TAG)
+    }
+
+    fn control(tag: u64) -> Packet {
+        Packet {
+            channel: 0,
+            tag,
+            kind: Kind::Control { flags: 0 },
+            payload: Vec::new(),
+        }
+    }
+
+    /// True if this is the EOF control packet.
+    pub fn is_eof(&self) -> bool {
+        *self == Packet::eof()
+    }
+
+    /// True if this is the end-of-requests control packet.
+    pub fn is_erq(&self) -> bool {
+        *self == Packet::erq()
+    }
+
+    /// Appends the packet's wire bytes, length prefix first, to `buf`.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        let head = Head::new(self.channel, self.tag, self.kind, self.payload.len());
+        buf.extend_from_slice(head.as_bytes());
+        buf.extend_from_slice(&self.payload);
+    }
+
+    /// The number of bytes [`encode_into`](Packet::encode_into) appends.
+    pub fn encoded_len(&self) -> usize {
+        Head::new(self.channel, self.tag, self.kind, self.payload.len()).len + self.payload.len()
+    }
+
+    /// Decodes one packet from the front of `src`.
+    ///
+    /// Returns `Ok(Some((packet, n)))` after a whole packet of `n` bytes,
+    /// `Ok(None)` if `src` holds only the beginning of one, and `Err` if the
+    /// bytes cannot be a valid packet or announce more than `max_len` bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Malformed`] or [`Error::TooLarge`].
+    pub fn decode(src: &[u8], max_len: u64) -> Result<Option<(Packet, usize)>> {
+        let Some((len, prefix)) = parse_varint(src)? else {
+            return Ok(None);
+        };
+        let len = check_len(len, max_len)?;
+        let Some(body) = src.get(prefix..prefix + len) else {
+            return Ok(None);
+        };
+        let mut rest = body;
+        let head = read_body_head(&mut rest, len as u64)?;
+        let packet = head.into_packet(rest.to_vec());
+        Ok(Some((packet, prefix + len)))
+    }
+
+    /// Reads one packet from `r`.
+    ///
+    /// Returns `Ok(None)` on a clean end of stream before the first byte of a
+    /// packet. Reads exactly the packet's bytes and allocates only its
+    /// payload, after checking the length against `max_len`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] from the reader, [`Error::Malformed`] for bad bytes or a
+    /// stream that ends inside a packet, [`Error::TooLarge`] for a packet over
+    /// `max_len`.
+    pub fn read_from(r: &mut impl Read, max_len: u64) -> Result<Option<Packet>> {
+        match read_frame_head(r, max_len)? {
+            None => Ok(None),
+            Some(Frame::Whole(head)) => {
+                let payload = read_payload(r, &head)?;
+                Ok(Some(head.into_packet(payload)))
+            }
+            Some(Frame::TooLarge { len, .. }) => Err(Error::TooLarge { len, max: max_len }),
+        }
+    }
+}
+
+/// The parsed front of a packet body: everything but the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BodyHead {
+    pub(crate) channel: u64,
+    pub(crate) tag: u64,
+    pub(crate) kind: Kind,
+    /// The body's length, as the prefix announced it.
+    pub(crate) body_len: u64,
+    /// Bytes of the payload still to come.
+    pub(crate) payload_len: usize,
+}
+
+/// A packet's length on the wire, its length prefix included.
+pub(crate) fn wire_len(body_len: u64) -> u64 {
+    let mut n = 1;
+    while n < MAX_VARINT_LEN as u64 && body_len >> (7 * n) != 0 {
+        n += 1;
+    }
+    n + body_len
+}
+
+impl BodyHead {
+    fn into_packet(self, payload: Vec<u8>) -> Packet {
+        Packet {
+            channel: self.channel,
+            tag: self.tag,
+            kind: self.kind,
+            payload,
+        }
+    }
+}
+
+/// What [`read_frame_head`] found at the start of a packet.
+#[derive(Debug)]
+pub(crate) enum Frame {
+    /// A packet within the limit; its payload is next in the stream.
+    Whole(BodyHead),
+    /// A packet over the limit, with its head if that could be read (then
+    /// `payload_len` is what remains unread), or `None` if it could not.
+    TooLarge { len: u64, head: Option<BodyHead> },
+}
+
+/// Reads a length prefix and the packet head after it, byte by byte (a
+/// `BufReader` makes this cheap), never past the packet. `Ok(None)` is a
+/// clean end of stream before the first byte.
+pub(crate) fn read_frame_head(r: &mut impl Read, max_len: u64) -> Result<Option<Frame>> {
+    let mut prefix = [0u8; MAX_VARINT_LEN];
+    let mut n = 0;
+    let len = loop {
+        let Some(byte) = read_byte(r)? else {
+            if n == 0 {
+                return Ok(None);
+            }
+            return Err(truncated());
+        };
+        prefix[n] = byte;
+        n += 1;
+        if let Some((len, _)) = parse_varint(&prefix[..n])? {
+            break fit_u64(len, "packet length exceeds 64 bits")?;
+        }
+    };
+    if len > max_len {
+        let head = read_body_head(r, len).ok();
+        return Ok(Some(Frame::TooLarge { len, head }));
+    }
+    Ok(Some(Frame::Whole(read_body_head(r, len)?)))
+}
+
+/// Reads the rest of a packet: its payload. The one allocation is the
+/// payload itself.
+pub(crate) fn read_payload(r: &mut impl Read, head: &BodyHead) -> Result<Vec<u8>> {
+    let mut payload = vec![0; head.payload_len];
+    read_exact_or_truncated(r, &mut payload)?;
+    Ok(payload)
+}
+
+fn read_byte(r: &mut impl Read) -> Result<Option<u8>> {
+    let mut byte = [0u8];
+    loop {
+        return match r.read(&mut byte) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(byte[0])),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(Error::Io(e)),
+        };
+    }
+}
+
+/// Reads one BSUInt field of a body that has `left` bytes left.
+fn read_field(r: &mut impl Read, left: &mut u64, what: &'static str) -> Result<u128> {
+    let mut bytes = [0u8; MAX_VARINT_LEN];
+    let mut n = 0;
+    loop {
+        if *left == 0 {
+            return Err(Error::Malformed { reason: what });
+        }
+        let byte = read_byte(r)?.ok_or_else(truncated)?;
+        *left -= 1;
+        bytes[n] = byte;
+        n += 1;
+        if let Some((value, _)) = parse_varint(&bytes[..n])? {
+            return Ok(value);
+        }
+    }
+}
+
+/// Reads the tag, header, channel and request type at the front of a packet
+/// body of `body_len` bytes, leaving `r` at the payload.
+pub(crate) fn read_body_head(r: &mut impl Read, body_len: u64) -> Result<BodyHead> {
+    let mut left = body_len;
+    let tag = read_field(r, &mut left, "packet ends inside its tag")?;
+    let header = read_field(r, &mut left, "packet ends inside its header")?;
+    let tag = fit_u64(tag, "tag exceeds 64 bits")?;
+    let channel = if header & 1 != 0 {
+        let channel = read_field(r, &mut left, "packet ends inside its channel")?;
+        fit_u64(channel, "channel exceeds 64 bits")?
+    } else {
+        0
+    };
+    let wire_flags = header >> 2;
+    let kind = if header & 2 != 0 {
+        let flags = fit_u64(wire_flags, "request flags exceed 64 bits")?;
+        match read_field(r, &mut left, "packet ends inside its request type")? {
+            0 => Kind::Control { flags },
+            wire => Kind::Request {
+                rq_type: fit_u64(wire - 1, "request type exceeds 64 bits")?,
+                flags,
+            },
+        }
+    } else {
+        Kind::Response {
+            ok: wire_flags & 1 != 0,
+            flags: fit_u64(wire_flags >> 1, "response flags exceed 64 bits")?,
+        }
+    };
+    let payload_len = usize::try_from(left).map_err(|_| Error::TooLarge {
+        len: body_len,
+        max: usize::MAX as u64,
+    })?;
+    Ok(BodyHead {
+        channel,
+        tag,
+        kind,
+        body_len,
+        payload_len,
+    })
+}
+
+fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            truncated()
+        } else {
+            Error::Io(e)
+        }
+    })
+}
+
+fn truncated() -> Error {
+    Error::Malformed {
+        reason: "stream ended inside a packet",
+    }
+}
+
+fn check_len(len: u128, max_len: u64) -> Result<usize> {
+    let len = u64::try_from(len).map_err(|_| Error::Malformed {
+        reason: "packet length exceeds 64 bits",
+    })?;
+    if len > max_len {
+        return Err(Error::TooLarge { len, max: max_len });
+    }
+    usize::try_from(len).map_err(|_| Error::TooLarge { len, max: max_len })
+}
+
+fn fit_u64(value: u128, reason: &'static str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| Error::Malformed { reason })
+}
+
+/// Parses a BSUInt at the front of `src`: `Ok(Some((value, n)))` after `n`
+/// bytes, `Ok(None)` if `src` ends first, `Err` if it runs past
+/// [`MAX_VARINT_LEN`] bytes.
+pub(crate) fn parse_varint(src: &[u8]) -> Result<Option<(u128, usize)>> {
+    let mut value: u128 = 0;
+    for (idx, &byte) in src.iter().enumerate() {
+        if idx == MAX_VARINT_LEN {
+            break;
+        }
+        value = value << 7 | u128::from(byte & 0x7f);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, idx + 1)));
+        }
+    }
+    if src.len() >= MAX_VARINT_LEN {
+        return Err(Error::Malformed {
+            reason: "varint longer than 10 bytes",
+        });
+    }
+    Ok(None)
+}
+
+/// Writes `value` as a BSUInt into `out`, returning the number of bytes.
+fn put_varint(value: u128, out: &mut [u8]) -> usize {
+    let mut groups = [0u8; 19];
+    let mut n = 0;
+    let mut v = value;
+    loop {
+        groups[n] = (v & 0x7f) as u8;
+        n += 1;
+        v >>= 7;
+        if v == 0 {
+            break;
+        }
+    }
+    for idx in 0..n {
+        let group = groups[n - 1 - idx];
+        out[idx] = if idx + 1 < n { group | 0x80 } else { group };
+    }
+    n
+}
+
+/// A packet's encoded head: its length prefix and everything up to the
+/// payload, built on the stack.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Head {
+    bytes: [u8; MAX_HEAD_LEN],
+    len: usize,
+    /// The length the prefix announces: the body, payload included.
+    pub(crate) body_len: u64,
+}
+
+impl Head {
+    pub(crate) fn new(channel: u64, tag: u64, kind: Kind, payload_len: usize) -> Head {
+        let mut body = [0u8; MAX_HEAD_LEN - MAX_VARINT_LEN];
+        let mut n = put_varint(u128::from(tag), &mut body);
+        let (is_request, wire_flags, rq_type) = match kind {
+            Kind::Request { rq_type, flags } => {
+                (true, u128::from(flags), Some(u128::from(rq_type) + 1))
+            }
+            Kind::Control { flags } => (true, u128::from(flags), Some(0)),
+            Kind::Response { ok, flags } => (false, u128::from(flags) << 1 | u128::from(ok), None),
+        };
+        let header = wire_flags << 2 | u128::from(is_request) << 1 | u128::from(channel != 0);
+        n += put_varint(header, &mut body[n..]);
+        if channel != 0 {
+            n += put_varint(u128::from(channel), &mut body[n..]);
+        }
+        if let Some(rq_type) = rq_type {
+            n += put_varint(rq_type, &mut body[n..]);
+        }
+        let mut bytes = [0u8; MAX_HEAD_LEN];
+        let body_len = (n + payload_len) as u64;
+        let prefix = put_varint(u128::from(body_len), &mut bytes);
+        bytes[prefix..prefix + n].copy_from_slice(&body[..n]);
+        Head {
+            bytes,
+            len: prefix + n,
+            body_len,
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// The length of the whole packet, length prefix included, for a head
+    /// built with `payload_len`.
+    pub(crate) fn packet_len(&self, payload_len: usize) -> usize {
+        self.len + payload_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 1 << 20;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn encode(packet: &Packet) -> Vec<u8> {
+        let mut buf = Vec::new();
+        packet.encode_into(&mut buf);
+        assert_eq!(buf.len(), packet.encoded_len());
+        buf
+    }
+
+    fn varint(value: u128) -> Vec<u8> {
+        let mut out = [0u8; 19];
+        let n = put_varint(value, &mut out);
+        out[..n].to_vec()
+    }
+
+    #[test]
+    fn reference_vectors_decode_and_reencode_byte_exact() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/vectors.json"
+        ))
+        .expect("tests/data/vectors.json");
+        let vectors: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(vectors.len(), 900);
+        for v in &vectors {
+            let wire = hex(v["wire"].as_str().unwrap());
+            let (packet, used) = Packet::decode(&wire, MAX).unwrap().expect("a whole packet");
+            assert_eq!(used, wire.len());
+            assert_eq!(packet.channel, v["channel"].as_u64().unwrap());
+            assert_eq!(packet.tag, v["tag"].as_u64().unwrap());
+            assert_eq!(packet.payload, hex(v["payload"].as_str().unwrap()));
+            let flags = v["flags"].as_u64().unwrap();
+            if v["is_request"].as_bool().unwrap() {
+                // The vectors give the wire rq_type, ours is one less.
+                let wire_rq_type = v["rq_type"].as_u64().unwrap();
+                assert_eq!(
+                    packet.kind,
+                    Kind::Request {
+                        rq_type: wire_rq_type - 1,
+                        flags
+                    }
+                );
+            } else {
+                // The vectors' response flags include the ok bit.
+                assert_eq!(
+                    packet.kind,
+                    Kind::Response {
+                        ok: flags & 1 == 1,
+                        flags: flags >> 1
+                    }
+                );
+            }
+            assert_eq!(encode(&packet), wire, "{v}");
+            let read = Packet::read_from(&mut wire.as_slice(), MAX)
+                .unwrap()
+                .unwrap();
+            assert_eq!(read, packet);
+        }
+    }
+
+    #[test]
+    fn varint_edges() {
+        assert_eq!(varint(0), [0x00]);
+        assert_eq!(varint(127), [0x7f]);
+        assert_eq!(varint(128), [0x81, 0x00]);
+        assert_eq!(varint(16383), [0xff, 0x7f]);
+        assert_eq!(varint(16384), [0x81, 0x80, 0x00]);
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            1 << 32,
+            1 << 63,
+            u64::MAX as u128,
+            (u64::MAX as u128) << 3 | 7,
+        ] {
+            let bytes = varint(value);
+            assert!(bytes.len() <= MAX_VARINT_LEN);
+            assert_eq!(parse_varint(&bytes).unwrap(), Some((value, bytes.len())));
+            // Every proper prefix asks for more bytes.
+            for cut in 0..bytes.len() {
+                assert_eq!(parse_varint(&bytes[..cut]).unwrap(), None);
+            }
+        }
+        assert_eq!(varint(1 << 63).len(), 10);
+    }
+
+    #[test]
+    fn overlong_varint_is_an_error() {
+        let eleven = [0x80u8; 11];
+        assert!(matches!(
+            parse_varint(&eleven),
+            Err(Error::Malformed { .. })
+        ));
+        // Ten continuation bytes can never end within the limit either.
+        assert!(matches!(
+            parse_varint(&eleven[..10]),
+            Err(Error::Malformed { .. })
+        ));
+        // A length prefix that never ends is an error, not a wait for more.
+        assert!(matches!(
+            Packet::decode(&eleven, MAX),
+            Err(Error::Malformed { .. })
+        ));
+        let mut stream = &eleven[..];
+        assert!(matches!(
+            Packet::read_from(&mut stream, MAX),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn full_u64_flags_round_trip_in_requests_and_responses() {
+        for flags in [0, 1, u64::MAX >> 2, 1 << 62, 1 << 63, u64::MAX] {
+            for kind in [
+                Kind::Request {
+                    rq_type: u64::MAX,
+                    flags,
+                },
+                Kind::Response { ok: true, flags },
+                Kind::Response { ok: false, flags },
+                Kind::Control { flags },
+            ] {
+                let packet = Packet {
+                    channel: u64::MAX,
+                    tag: u64::MAX,
+                    kind,
+                    payload: b"x".to_vec(),
+                };
+                let wire = encode(&packet);
+                assert_eq!(
+                    Packet::decode(&wire, MAX).unwrap(),
+                    Some((packet, wire.len()))
+                );
+            }
+        }
+    }
+
+    /// Builds a body from raw varints, for values our encoder would never
+    /// produce.
+    fn raw_packet(fields: &[u128]) -> Vec<u8> {
+        let body: Vec<u8> = fields.iter().flat_map(|&f| varint(f)).collect();
+        let mut wire = varint(body.len() as u128);
+        wire.extend(body);
+        wire
+    }
+
+    #[test]
+    fn values_wider_than_their_field_are_decode_errors() {
+        let wide = 1u128 << 64;
+        let cases: [(&[u128], &str); 5] = [
+            (&[wide, 0b10, 1], "tag exceeds 64 bits"),
+            (&[2, wide << 2 | 0b10, 1], "request flags exceed 64 bits"),
+            (&[2, wide << 3], "response flags exceed 64 bits"),
+            (&[2, 0b11, wide, 1], "channel exceeds 64 bits"),
+            (&[2, 0b10, wide + 1], "request type exceeds 64 bits"),
+        ];
+        for (fields, want) in cases {
+            let wire = raw_packet(fields);
+            match Packet::decode(&wire, MAX) {
+                Err(Error::Malformed { reason }) => assert_eq!(reason, want),
+                other => panic!("{fields:?}: {other:?}"),
+            }
+        }
+        // The widest legal request type is u64::MAX, wire value 2^64.
+        let wire = raw_packet(&[2, 0b10, wide]);
+        let (packet, _) = Packet::decode(&wire, MAX).unwrap().unwrap();
+        assert_eq!(
+            packet.kind,
+            Kind::Request {
+                rq_type: u64::MAX,
+                flags: 0
+            }
+        );
+    }
+
+    #[test]
+    fn decode_fed_byte_by_byte_at_every_split_point() {
+        let packets = [
+            Packet {
+                channel: 0,
+                tag: 2,
+                kind: Kind::Request {
+                    rq_type: 0,
+                    flags: 0,
+                },
+                payload: vec![],
+            },
+            Packet {
+                channel: 300,
+                tag: 1 << 40,
+                kind: Kind::Response {
+                    ok: true,
+                    flags: u64::MAX,
+                },
+                payload: vec![7; 300],
+            },
+            Packet::erq(),
+            Packet::eof(),
+        ];
+        let mut stream = Vec::new();
+        for p in &packets {
+            p.encode_into(&mut stream);
+        }
+        // Split once at every point: the decoder must wait, never fail.
+        for split in 0..stream.len() {
+            let mut buf = stream[..split].to_vec();
+            let mut got = Vec::new();
+            while let Some((p, used)) = Packet::decode(&buf, MAX).unwrap() {
+                got.push(p);
+                buf.drain(..used);
+            }
+            buf.extend_from_slice(&stream[split..]);
+            while let Some((p, used)) = Packet::decode(&buf, MAX).unwrap() {
+                got.push(p);
+                buf.drain(..used);
+            }
+            assert_eq!(got, packets, "split at {split}");
+            assert!(buf.is_empty());
+        }
+        // And one byte at a time.
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for &byte in &stream {
+            buf.push(byte);
+            if let Some((p, used)) = Packet::decode(&buf, MAX).unwrap() {
+                got.push(p);
+                buf.drain(..used);
+            }
+        }
+        assert_eq!(got, packets);
+        // The reader, through a source that yields one byte per read.
+        struct OneByte<'a>(&'a [u8]);
+        impl Read for OneByte<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let Some((&first, rest)) = self.0.split_first() else {
+                    return Ok(0);
+                };
+                if buf.is_empty() {
+                    return Ok(0);
+                }
+                buf[0] = first;
+                self.0 = rest;
+                Ok(1)
+            }
+        }
+        let mut r = OneByte(&stream);
+        for p in &packets {
+            assert_eq!(Packet::read_from(&mut r, MAX).unwrap().as_ref(), Some(p));
+        }
+        assert_eq!(Packet::read_from(&mut r, MAX).unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_packets_wait_in_decode_and_fail_in_read() {
+        let packet = Packet {
+            channel: 5,
+            tag: 9,
+            kind: Kind::Request {
+                rq_type: 1,
+                flags: 3,
+            },
+            payload: vec![1; 100],
+        };
+        let wire = encode(&packet);
+        for cut in 1..wire.len() {
+            assert_eq!(
+                Packet::decode(&wire[..cut], MAX).unwrap(),
+                None,
+                "cut {cut}"
+            );
+            let mut r = &wire[..cut];
+            match Packet::read_from(&mut r, MAX) {
+                Err(Error::Malformed { reason }) => {
+                    assert_eq!(reason, "stream ended inside a packet")
+                }
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        assert_eq!(Packet::read_from(&mut &wire[..0], MAX).unwrap(), None);
+    }
+
+    #[test]
+    fn a_body_too_short_for_its_head_is_malformed() {
+        // Length 1, body holds a tag but no header.
+        assert!(matches!(
+            Packet::decode(&[0x01, 0x02], MAX),
+            Err(Error::Malformed { .. })
+        ));
+        let mut r = &[0x01u8, 0x02][..];
+        assert!(matches!(
+            Packet::read_from(&mut r, MAX),
+            Err(Error::Malformed { .. })
+        ));
+        // A request header with no rq_type after it.
+        assert!(matches!(
+            Packet::decode(&[0x02, 0x02, 0x02], MAX),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_length_is_refused_before_reading_the_body() {
+        let mut wire = varint(MAX as u128 + 1);
+        wire.extend_from_slice(&[2, 2, 1]);
+        match Packet::decode(&wire, MAX) {
+            Err(Error::TooLarge { len, max }) => assert_eq!((len, max), (MAX + 1, MAX)),
+            other => panic!("{other:?}"),
+        }
+        let mut r = wire.as_slice();
+        assert!(matches!(
+            Packet::read_from(&mut r, MAX),
+            Err(Error::TooLarge { .. })
+        ));
+        // A length over 64 bits is malformed.
+        let wire = varint(1u128 << 64);
+        assert!(matches!(
+            Packet::decode(&wire, MAX),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn control_packets() {
+        assert_eq!(encode(&Packet::eof()), [0x03, 0x00, 0x02, 0x00]);
+        assert_eq!(encode(&Packet::erq()), [0x03, 0x01, 0x02, 0x00]);
+        assert!(Packet::eof().is_eof() && !Packet::eof().is_erq());
+        assert!(Packet::erq().is_erq());
+    }
+}

@@ -1,0 +1,333 @@
+//! The table of this end's requests awaiting a response, keyed by
+//! `(channel, tag)`, and the condvar-backed cell each waiter sleeps on.
+//!
+//! Lock order: the table lock, then a cell's lock. No I/O and no user code
+//! runs under either.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Disconnect, Error, Result};
+
+/// A successful ("ok") response.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Response {
+    /// The response flags, the ok bit removed.
+    pub flags: u64,
+    /// The response payload.
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("flags", &self.flags)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+enum Slot {
+    Empty,
+    Ready(Result<Response>),
+    Taken,
+}
+
+/// One request's result, filled exactly once by the receive side.
+pub(crate) struct Cell {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+impl Cell {
+    fn new() -> Cell {
+        Cell {
+            slot: Mutex::new(Slot::Empty),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn fill(&self, res: Result<Response>) {
+        let mut slot = self.slot.lock();
+        debug_assert!(matches!(*slot, Slot::Empty), "response cell filled twice");
+        *slot = Slot::Ready(res);
+        drop(slot);
+        self.ready.notify_all();
+    }
+
+    fn take(slot: &mut Slot) -> Option<Result<Response>> {
+        match std::mem::replace(slot, Slot::Taken) {
+            Slot::Ready(res) => Some(res),
+            Slot::Taken => Some(Err(Error::Cancelled)),
+            Slot::Empty => {
+                *slot = Slot::Empty;
+                None
+            }
+        }
+    }
+
+    /// Takes the result if it is there.
+    pub(crate) fn try_take(&self) -> Option<Result<Response>> {
+        Cell::take(&mut self.slot.lock())
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        !matches!(*self.slot.lock(), Slot::Empty)
+    }
+
+    /// Blocks until the result is there, or until `deadline`.
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> Option<Result<Response>> {
+        let mut slot = self.slot.lock();
+        match deadline {
+            None => self
+                .ready
+                .wait_while(&mut slot, |s| matches!(s, Slot::Empty)),
+            Some(deadline) => {
+                self.ready
+                    .wait_while_until(&mut slot, |s| matches!(s, Slot::Empty), deadline);
+            }
+        }
+        Cell::take(&mut slot)
+    }
+}
+
+enum Entry {
+    Waiting(Arc<Cell>),
+    /// Cancelled locally: a late response is dropped without a warning.
+    Cancelled,
+}
+
+/// What became of a response handed to [`PendingTable::complete`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Completion {
+    Delivered,
+    Cancelled,
+    Unknown,
+}
+
+/// Keep at most this many spare cells for reuse.
+const MAX_FREE_CELLS: usize = 1024;
+
+struct Inner {
+    entries: HashMap<(u64, u64), Entry>,
+    /// The next tag of each channel but 0.
+    next_tags: HashMap<u64, u64>,
+    next_tag0: u64,
+    /// Set once the connection can no longer deliver responses.
+    closed: Option<Disconnect>,
+    free: Vec<Arc<Cell>>,
+}
+
+/// This end's requests awaiting responses.
+pub(crate) struct PendingTable {
+    inner: Mutex<Inner>,
+}
+
+/// Channel 0's tags 0 and 1 belong to the EOF and ERQ packets.
+const FIRST_TAG0: u64 = 2;
+
+impl PendingTable {
+    pub(crate) fn new() -> PendingTable {
+        PendingTable {
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                next_tags: HashMap::new(),
+                next_tag0: FIRST_TAG0,
+                closed: None,
+                free: Vec::new(),
+            }),
+        }
+    }
+
+    /// Allocates the next tag on `channel` and a cell for its response. Tags
+    /// are never reused.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectionLost`] once the connection has ended.
+    pub(crate) fn register(&self, channel: u64) -> Result<(u64, Arc<Cell>)> {
+        let mut inner = self.inner.lock();
+        if let Some(why) = inner.closed {
+            return Err(Error::ConnectionLost(why));
+        }
+        let next = if channel == 0 {
+            &mut inner.next_tag0
+        } else {
+            inner.next_tags.entry(channel).or_insert(0)
+        };
+        let tag = *next;
+        *next = tag.checked_add(1).ok_or(Error::Closed)?;
+        let cell = inner.free.pop().unwrap_or_else(|| Arc::new(Cell::new()));
+        inner
+            .entries
+            .insert((channel, tag), Entry::Waiting(Arc::clone(&cell)));
+        Ok((tag, cell))
+    }
+
+    /// Hands a response to the request it answers.
+    pub(crate) fn complete(&self, channel: u64, tag: u64, res: Result<Response>) -> Completion {
+        let entry = self.inner.lock().entries.remove(&(channel, tag));
+        match entry {
+            Some(Entry::Waiting(cell)) => {
+                cell.fill(res);
+                Completion::Delivered
+            }
+            Some(Entry::Cancelled) => Completion::Cancelled,
+            None => Completion::Unknown,
+        }
+    }
+
+    /// Stops waiting for `(channel, tag)`: its entry stays, marked, until the
+    /// response arrives or the connection ends.
+    pub(crate) fn cancel(&self, channel: u64, tag: u64) {
+        let mut inner = self.inner.lock();
+        if let Some(entry) = inner.entries.get_mut(&(channel, tag)) {
+            *entry = Entry::Cancelled;
+        }
+    }
+
+    /// Forgets `(channel, tag)` entirely: its request never left.
+    pub(crate) fn remove(&self, channel: u64, tag: u64) {
+        self.inner.lock().entries.remove(&(channel, tag));
+    }
+
+    /// Fails every pending request with [`Error::ConnectionLost`] and refuses
+    /// new ones. Returns how many waiters it failed.
+    pub(crate) fn fail_all(&self, why: Disconnect) -> usize {
+        let entries = {
+            let mut inner = self.inner.lock();
+            inner.closed.get_or_insert(why);
+            std::mem::take(&mut inner.entries)
+        };
+        let mut n_failed = 0;
+        for (_, entry) in entries {
+            if let Entry::Waiting(cell) = entry {
+                cell.fill(Err(Error::ConnectionLost(why)));
+                n_failed += 1;
+            }
+        }
+        n_failed
+    }
+
+    /// Keeps a cell whose handle is gone for a later request.
+    pub(crate) fn recycle(&self, mut cell: Arc<Cell>) {
+        if let Some(only) = Arc::get_mut(&mut cell) {
+            *only.slot.get_mut() = Slot::Empty;
+            let mut inner = self.inner.lock();
+            if inner.free.len() < MAX_FREE_CELLS {
+                inner.free.push(cell);
+            }
+        }
+    }
+
+    /// The number of requests still waiting for a response (cancelled ones
+    /// included).
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ok(flags: u64) -> Result<Response> {
+        Ok(Response {
+            flags,
+            payload: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn tags_start_at_2_on_channel_0_and_0_elsewhere_and_never_repeat() {
+        let table = PendingTable::new();
+        let (t0, _) = table.register(0).unwrap();
+        let (t1, _) = table.register(0).unwrap();
+        let (c5, _) = table.register(5).unwrap();
+        assert_eq!((t0, t1, c5), (2, 3, 0));
+        assert_eq!(table.complete(0, 2, ok(0)), Completion::Delivered);
+        assert_eq!(table.register(0).unwrap().0, 4);
+    }
+
+    #[test]
+    fn fill_then_wait() {
+        let table = PendingTable::new();
+        let (tag, cell) = table.register(0).unwrap();
+        assert!(!cell.is_ready());
+        assert_eq!(table.complete(0, tag, ok(9)), Completion::Delivered);
+        assert!(cell.is_ready());
+        assert_eq!(cell.wait_until(None).unwrap().unwrap().flags, 9);
+        // A second take reports the result as gone.
+        assert!(matches!(cell.try_take(), Some(Err(Error::Cancelled))));
+    }
+
+    #[test]
+    fn wait_then_fill_from_another_thread() {
+        let table = PendingTable::new();
+        let (tag, cell) = table.register(0).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                table.complete(0, tag, ok(3));
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let res = cell.wait_until(Some(deadline)).expect("filled in time");
+            assert_eq!(res.unwrap().flags, 3);
+        });
+    }
+
+    #[test]
+    fn timeout_leaves_the_request_pending() {
+        let table = PendingTable::new();
+        let (tag, cell) = table.register(0).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(10);
+        assert!(cell.wait_until(Some(deadline)).is_none());
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.complete(0, tag, ok(1)), Completion::Delivered);
+        assert!(cell.try_take().unwrap().is_ok());
+    }
+
+    #[test]
+    fn cancel_then_late_reply_is_dropped_quietly() {
+        let table = PendingTable::new();
+        let (tag, _cell) = table.register(0).unwrap();
+        table.cancel(0, tag);
+        assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
+        assert_eq!(table.complete(0, tag, ok(1)), Completion::Unknown);
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn fail_all_wakes_every_waiter_and_refuses_new_requests() {
+        let table = PendingTable::new();
+        let cells: Vec<_> = (0..5).map(|_| table.register(0).unwrap().1).collect();
+        assert_eq!(table.fail_all(Disconnect::PeerEof), 5);
+        for cell in cells {
+            let res = cell.wait_until(Some(Instant::now() + Duration::from_secs(5)));
+            assert!(matches!(
+                res,
+                Some(Err(Error::ConnectionLost(Disconnect::PeerEof)))
+            ));
+        }
+        assert!(matches!(
+            table.register(0),
+            Err(Error::ConnectionLost(Disconnect::PeerEof))
+        ));
+    }
+
+    #[test]
+    fn recycled_cells_come_back_empty() {
+        let table = PendingTable::new();
+        let (tag, cell) = table.register(0).unwrap();
+        table.complete(0, tag, ok(1));
+        let ptr = Arc::as_ptr(&cell);
+        table.recycle(cell);
+        let (_, again) = table.register(0).unwrap();
+        assert_eq!(Arc::as_ptr(&again), ptr);
+        assert!(!again.is_ready());
+    }
+}

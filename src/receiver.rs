@@ -1,0 +1,273 @@
+//! The receive side: the loop that reads packets and routes them, and the
+//! handler pool's worker loop.
+
+use std::io::{self, BufReader, Read};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::connection::{RecvEnd, Shared};
+use crate::error::{Disconnect, Error, Result};
+use crate::handler::{run_handler, Outcome, Request, RequestHandler};
+use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
+use crate::pending::{Completion, Response};
+
+/// The receive thread's read buffer.
+const READ_BUFFER: usize = 64 << 10;
+
+/// The receive thread. Reads until the peer's EOF or an error, then fails
+/// every request still pending and starts this end's orderly close.
+pub(crate) fn run_recv_loop(
+    shared: &Arc<Shared>,
+    recv: Box<dyn Read + Send>,
+    jobs: Sender<Request>,
+) {
+    let mut reader = BufReader::with_capacity(READ_BUFFER, recv);
+    let res = recv_packets(shared, &mut reader, &jobs);
+    // Dropping the job sender lets the handler threads end once they have
+    // finished the requests already queued.
+    drop(jobs);
+    let why = match &res {
+        Ok(()) => Disconnect::PeerEof,
+        Err(Error::Io(e)) => Disconnect::Io(e.kind()),
+        Err(_) => Disconnect::Protocol,
+    };
+    match &res {
+        Ok(()) => log::debug!("{}: peer EOF", shared.name),
+        Err(e) => log::error!("{}: receive failed: {e}", shared.name),
+    }
+    let n_failed = shared.table.fail_all(why);
+    if n_failed > 0 {
+        log::warn!("{}: {n_failed} requests lost: {why}", shared.name);
+    }
+    shared.begin_close();
+    shared.set_recv_end(RecvEnd { error: res.err() });
+}
+
+fn recv_packets(
+    shared: &Shared,
+    r: &mut BufReader<Box<dyn Read + Send>>,
+    jobs: &Sender<Request>,
+) -> Result<()> {
+    let max_len = shared.max_packet_len;
+    loop {
+        if r.buffer().is_empty() {
+            shared.reader_idle();
+        } else {
+            shared.more_incoming.store(true, Ordering::SeqCst);
+        }
+        let Some(frame) = read_frame_head(r, max_len)? else {
+            return Ok(());
+        };
+        shared.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+        let (head, payload) = match frame {
+            Frame::TooLarge { len, head } => {
+                skip_oversize(shared, r, len, head)?;
+                shared
+                    .stats
+                    .bytes_in
+                    .fetch_add(wire_len(len), Ordering::Relaxed);
+                continue;
+            }
+            Frame::Whole(head) => {
+                let payload = read_payload(r, &head)?;
+                shared
+                    .stats
+                    .bytes_in
+                    .fetch_add(wire_len(head.body_len), Ordering::Relaxed);
+                (head, payload)
+            }
+        };
+        let BodyHead {
+            channel, tag, kind, ..
+        } = head;
+        match kind {
+            Kind::Control { flags } => {
+                let packet = Packet {
+                    channel,
+                    tag,
+                    kind: Kind::Control { flags },
+                    payload,
+                };
+                if packet.is_eof() {
+                    log::trace!("<== EOF");
+                    return Ok(());
+                }
+                if packet.is_erq() {
+                    log::debug!("{}: peer sent end of requests", shared.name);
+                    shared.dispatch.lock().peer_erq = true;
+                    continue;
+                }
+                log::error!("{}: malformed control packet {packet:?}", shared.name);
+                return Err(Error::Malformed {
+                    reason: "control packet that is neither EOF nor ERQ",
+                });
+            }
+            Kind::Request { rq_type, flags } => {
+                log::trace!(
+                    "<== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
+                    payload.len()
+                );
+                let rq = Request {
+                    channel,
+                    tag,
+                    rq_type,
+                    flags,
+                    payload,
+                };
+                dispatch(shared, jobs, rq);
+            }
+            Kind::Response { ok, flags } => {
+                log::trace!(
+                    "<== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
+                    payload.len()
+                );
+                let res = if ok {
+                    shared.stats.responses_ok.fetch_add(1, Ordering::Relaxed);
+                    Ok(Response { flags, payload })
+                } else {
+                    shared
+                        .stats
+                        .responses_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    Err(Error::Failed {
+                        channel,
+                        tag,
+                        flags,
+                        payload,
+                    })
+                };
+                deliver(shared, channel, tag, res);
+            }
+        }
+    }
+}
+
+fn deliver(shared: &Shared, channel: u64, tag: u64, res: Result<Response>) {
+    match shared.table.complete(channel, tag, res) {
+        Completion::Delivered => {}
+        Completion::Cancelled => log::debug!(
+            "{}: dropped response to cancelled request {channel}:{tag}",
+            shared.name
+        ),
+        Completion::Unknown => log::warn!(
+            "{}: dropped response to unknown request {channel}:{tag}",
+            shared.name
+        ),
+    }
+}
+
+/// Hands a request to the handler pool, or refuses it.
+fn dispatch(shared: &Shared, jobs: &Sender<Request>, rq: Request) {
+    shared
+        .stats
+        .requests_received
+        .fetch_add(1, Ordering::Relaxed);
+    let (channel, tag) = (rq.channel, rq.tag);
+    let refusal = {
+        let mut dispatch = shared.dispatch.lock();
+        if shared.handler.is_none() {
+            Some("no request handler".to_string())
+        } else if dispatch.peer_erq {
+            Some("requests no longer allowed".to_string())
+        } else if dispatch.closing {
+            Some("connection is closing".to_string())
+        } else if !dispatch.in_flight.insert((channel, tag)) {
+            Some(format!("channel {channel}: tag already in use: {tag}"))
+        } else {
+            None
+        }
+    };
+    match refusal {
+        Some(reason) => refuse(shared, channel, tag, reason),
+        None => {
+            if let Err(err) = jobs.send(rq) {
+                // The pool only ends after this loop; reaching this is a bug,
+                // but the request still gets its one reply.
+                let rq = err.into_inner();
+                log::error!("{}: handler pool gone", shared.name);
+                refuse(shared, rq.channel, rq.tag, "handler pool gone".to_string());
+                shared.finish_request(rq.channel, rq.tag);
+            }
+        }
+    }
+}
+
+fn refuse(shared: &Shared, channel: u64, tag: u64, reason: String) {
+    log::warn!(
+        "{}: rejecting request {channel}:{tag}: {reason}",
+        shared.name
+    );
+    let outcome = Outcome {
+        ok: false,
+        flags: 0,
+        payload: reason.into_bytes(),
+    };
+    shared.send_outcome(channel, tag, outcome);
+}
+
+/// Reads and discards the rest of an oversize packet, answering it if it is
+/// a request and failing the request it answers if it is a response. A
+/// packet whose head cannot be parsed ends the connection.
+fn skip_oversize(
+    shared: &Shared,
+    r: &mut impl Read,
+    len: u64,
+    head: Option<BodyHead>,
+) -> Result<()> {
+    let max = shared.max_packet_len;
+    let too_large = Error::TooLarge { len, max };
+    let Some(BodyHead {
+        channel,
+        tag,
+        kind,
+        payload_len,
+        ..
+    }) = head
+    else {
+        return Err(too_large);
+    };
+    log::warn!(
+        "{}: skipping packet {channel}:{tag} of {len} bytes, over the limit of {max}",
+        shared.name
+    );
+    match kind {
+        Kind::Request { .. } => {
+            shared
+                .stats
+                .requests_received
+                .fetch_add(1, Ordering::Relaxed);
+            refuse(
+                shared,
+                channel,
+                tag,
+                format!("packet too large: {len} bytes exceeds limit of {max}"),
+            );
+        }
+        Kind::Response { .. } => deliver(shared, channel, tag, Err(too_large)),
+        Kind::Control { .. } => return Err(too_large),
+    }
+    let remaining = payload_len as u64;
+    let skipped = io::copy(&mut r.take(remaining), &mut io::sink())?;
+    if skipped < remaining {
+        return Err(Error::Malformed {
+            reason: "stream ended inside a packet",
+        });
+    }
+    Ok(())
+}
+
+/// A handler thread: runs requests until the receive thread is gone.
+pub(crate) fn run_worker(
+    shared: &Shared,
+    handler: &Arc<dyn RequestHandler>,
+    jobs: Receiver<Request>,
+) {
+    for rq in jobs {
+        let (channel, tag) = (rq.channel, rq.tag);
+        let outcome = run_handler(handler, rq);
+        shared.send_outcome(channel, tag, outcome);
+        shared.finish_request(channel, tag);
+    }
+}
