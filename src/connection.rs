@@ -241,11 +241,11 @@ impl Shared {
     }
 
     /// The receive thread is about to block for more bytes: if no handler is
-    /// running, whatever is queued goes out now.
+    /// running, replies it queued itself (refusals) go out now.
     pub(crate) fn reader_idle(&self) {
         self.more_incoming.store(false, Ordering::SeqCst);
         if self.dispatch.lock().in_flight.is_empty() {
-            self.outbox.request_flush();
+            self.outbox.flush_replies_soon();
         }
     }
 

@@ -63,6 +63,9 @@ struct State {
     finished: bool,
     /// The end-of-requests packet is queued: no more requests.
     erq_queued: bool,
+    /// Replies (or control packets) are among the unwritten bytes: the peer
+    /// may be waiting for them.
+    owes_peer: bool,
 }
 
 /// The outgoing queue. See the module doc.
@@ -104,6 +107,7 @@ impl Outbox {
                 error: None,
                 finished: false,
                 erq_queued: false,
+                owes_peer: false,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -166,11 +170,12 @@ impl Outbox {
         stats: &Counters,
     ) -> WriteFailed {
         let head = Head::new(channel, tag, kind, payload.len());
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         if st.phase != Phase::Open {
             log::debug!("dropping packet {channel}:{tag} {kind:?}: send side closed");
             return None;
         }
+        st.owes_peer = true;
         self.push(st, &head, payload, stats)
     }
 
@@ -206,6 +211,7 @@ impl Outbox {
         st.n_packets += 1;
         st.since.get_or_insert_with(Instant::now);
         st.urgent = true;
+        st.owes_peer = true;
         stats.packets_out.fetch_add(1, Ordering::Relaxed);
         log::trace!("==> queued {packet:?}");
         drop(st);
@@ -256,11 +262,12 @@ impl Outbox {
         self.drain(st, None, stats)
     }
 
-    /// Asks the send loop to write the queue at once, without doing I/O on
-    /// this thread. For the receive loop, which must never block on writes.
-    pub(crate) fn request_flush(&self) {
+    /// Asks the send loop to write the queue at once if it holds replies,
+    /// without doing I/O on this thread. For the receive loop, which must
+    /// never block on writes; queued requests alone keep their grace.
+    pub(crate) fn flush_replies_soon(&self) {
         let mut st = self.state.lock();
-        if !st.buf.is_empty() && !st.urgent {
+        if st.owes_peer && !st.buf.is_empty() && !st.urgent {
             st.urgent = true;
             drop(st);
             self.work.notify_one();
@@ -289,6 +296,7 @@ impl Outbox {
             std::mem::swap(&mut batch, &mut st.buf);
             st.n_packets = 0;
             st.urgent = false;
+            st.owes_peer = false;
             st.since = None;
             let payload = extra.take();
             let res = MutexGuard::unlocked(&mut st, || {

@@ -1,0 +1,669 @@
+//! Connection behaviour between two ends of this crate: transports, concurrency, shutdown, flush policy.
+
+mod common;
+
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use common::*;
+use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Response};
+
+const SIZES: [usize; 8] = [0, 1, 127, 128, 16383, 16384, 65536, 1 << 20];
+
+fn payload(size: usize, seed: u8) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Echoes every size from 0 to 1 MiB, with flags up to 2^64-1.
+fn exercise_round_trips(client: &PacketConnection) {
+    for (idx, &size) in SIZES.iter().enumerate() {
+        let data = payload(size, idx as u8);
+        let flags = u64::MAX >> idx;
+        let rsp = client.call(ECHO, flags, &data).unwrap();
+        assert_eq!(rsp.flags, flags, "size {size}");
+        assert!(
+            rsp.payload == data,
+            "payload of size {size} came back changed"
+        );
+    }
+}
+
+fn close_both(client: PacketConnection, server: PacketConnection) {
+    within("close", move || {
+        client.close().unwrap();
+        server.join().unwrap();
+    });
+}
+
+#[test]
+fn round_trips_0_to_1mib_over_a_socketpair() {
+    let (client, server) = pair();
+    exercise_round_trips(&client);
+    close_both(client, server);
+}
+
+#[test]
+fn round_trips_0_to_1mib_over_pipes() {
+    let (c_recv, s_send) = io::pipe().unwrap();
+    let (s_recv, c_send) = io::pipe().unwrap();
+    let server = PacketConnection::new(s_recv, s_send, server_config("server")).unwrap();
+    let client = PacketConnection::new(c_recv, c_send, Config::default()).unwrap();
+    exercise_round_trips(&client);
+    close_both(client, server);
+}
+
+#[test]
+fn round_trips_0_to_1mib_over_tcp_loopback() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connect = thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (accepted, _) = listener.accept().unwrap();
+    let server = PacketConnection::from_tcp_stream(accepted, server_config("server")).unwrap();
+    let client =
+        PacketConnection::from_tcp_stream(connect.join().unwrap(), Config::default()).unwrap();
+    exercise_round_trips(&client);
+    close_both(client, server);
+}
+
+/// Builds the demo example (a child that serves over its stdin/stdout) with
+/// the same profile as this test, and returns its path.
+fn demo_binary() -> std::path::PathBuf {
+    let test_exe = std::env::current_exe().unwrap();
+    let profile_dir = test_exe.parent().unwrap().parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "--example", "demo"]);
+    if profile_dir.file_name().unwrap() == "release" {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the demo example failed");
+    profile_dir.join("examples").join("demo")
+}
+
+#[test]
+fn round_trips_0_to_1mib_with_a_child_process() {
+    let mut child = Command::new(demo_binary())
+        .arg("serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = PacketConnection::from_child(&mut child, Config::default()).unwrap();
+    // The demo's ECHO is rq_type 1, as here.
+    exercise_round_trips(&client);
+    let err = client.call(99, 0, b"").unwrap_err();
+    assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+    within("close and child exit", move || {
+        client.close().unwrap();
+        // The child exits once our EOF has reached it; kill it if it hangs.
+        let status = child.wait().unwrap();
+        assert!(status.success(), "child exited with {status}");
+    });
+}
+
+#[test]
+fn ten_threads_submit_a_thousand_each_on_one_connection() {
+    let (client, server) = pair();
+    let client = Arc::new(client);
+    let threads: Vec<_> = (0..10u64)
+        .map(|t| {
+            let client = Arc::clone(&client);
+            thread::spawn(move || {
+                let pending: Vec<_> = (0..1000u64)
+                    .map(|i| {
+                        let data = format!("{t}:{i}");
+                        (
+                            client.submit(ECHO, t << 32 | i, data.as_bytes()).unwrap(),
+                            t << 32 | i,
+                            data,
+                        )
+                    })
+                    .collect();
+                for (p, flags, data) in pending {
+                    let rsp = p.wait_timeout(LIMIT).unwrap();
+                    assert_eq!((rsp.flags, rsp.payload), (flags, data.into_bytes()));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = client.stats();
+    assert_eq!(
+        (stats.requests_sent, stats.responses_ok, stats.pending),
+        (10_000, 10_000, 0)
+    );
+    let client = Arc::try_unwrap(client).unwrap();
+    close_both(client, server);
+}
+
+#[test]
+fn both_ends_issue_requests_at_the_same_time() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let left = Arc::new(PacketConnection::from_unix_stream(a, server_config("left")).unwrap());
+    let right = Arc::new(PacketConnection::from_unix_stream(b, server_config("right")).unwrap());
+    let run = |conn: Arc<PacketConnection>, seed: u64| {
+        thread::spawn(move || {
+            let pending: Vec<_> = (0..2000u64)
+                .map(|i| conn.submit(ECHO, seed + i, b"x").unwrap())
+                .collect();
+            for (i, p) in pending.into_iter().enumerate() {
+                assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, seed + i as u64);
+            }
+            // And some synchronous calls interleaved with the other side's burst.
+            for i in 0..200u64 {
+                assert_eq!(conn.call(ECHO, i, b"y").unwrap().flags, i);
+            }
+        })
+    };
+    let (l, r) = (run(Arc::clone(&left), 0), run(Arc::clone(&right), 1 << 40));
+    l.join().unwrap();
+    r.join().unwrap();
+    assert_eq!(left.stats().requests_received, 2200);
+    assert_eq!(right.stats().requests_received, 2200);
+    let (left, right) = (
+        Arc::try_unwrap(left).unwrap(),
+        Arc::try_unwrap(right).unwrap(),
+    );
+    within("close both", move || {
+        // Both close at once: neither may wait for the other's EOF before
+        // sending its own.
+        let l = thread::spawn(move || left.close());
+        right.close().unwrap();
+        l.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_connection_without_handler_refuses_requests() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let no_handler = PacketConnection::from_unix_stream(b, Config::default()).unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let err = client.call(ECHO, 0, b"").unwrap_err();
+    assert!(matches!(err, Error::Failed { flags: 0, .. }), "{err:?}");
+    assert_eq!(err.failure_reason().as_deref(), Some("no request handler"));
+    close_both(client, no_handler);
+}
+
+#[test]
+fn handler_errors_and_panics_become_not_ok_replies_and_the_connection_goes_on() {
+    let (client, server) = pair();
+    let err = client
+        .call(FAIL, 0, "bad thing: ünïcode".as_bytes())
+        .unwrap_err();
+    assert_eq!(err.failure_reason().as_deref(), Some("bad thing: ünïcode"));
+    for _ in 0..3 {
+        let err = client.call(PANIC, 0, b"").unwrap_err();
+        let reason = err.failure_reason().unwrap();
+        assert!(
+            reason.contains("handler panicked: handler told to panic"),
+            "{reason}"
+        );
+    }
+    // All four handler threads are still there to serve.
+    let pending: Vec<_> = (0..8)
+        .map(|i| client.submit(SLEEP, i, b"20").unwrap())
+        .collect();
+    for p in pending {
+        p.wait_timeout(LIMIT).unwrap();
+    }
+    assert_eq!(server.stats().replies_failed, 4);
+    close_both(client, server);
+}
+
+#[test]
+fn reply_shapes_and_typed_decoding() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default().handler(|rq: packetstream::Request| {
+            Ok(match rq.rq_type {
+                0 => ().into(),
+                1 => 0x55u64.into(),
+                2 => b"bytes".to_vec().into(),
+                3 => "text".into(),
+                4 => (7u64, b"both".to_vec()).into(),
+                _ => vec![0xff, 0xfe].into(),
+            })
+        }),
+    )
+    .unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let get = |rq_type| client.call(rq_type, 0, b"").unwrap();
+    assert_eq!(
+        get(0),
+        Response {
+            flags: 0,
+            payload: vec![]
+        }
+    );
+    assert_eq!(
+        get(1),
+        Response {
+            flags: 0x55,
+            payload: vec![]
+        }
+    );
+    assert_eq!(
+        get(2),
+        Response {
+            flags: 0,
+            payload: b"bytes".to_vec()
+        }
+    );
+    assert_eq!(
+        get(3),
+        Response {
+            flags: 0,
+            payload: b"text".to_vec()
+        }
+    );
+    assert_eq!(
+        get(4),
+        Response {
+            flags: 7,
+            payload: b"both".to_vec()
+        }
+    );
+    assert_eq!(client.call_as::<String>(3, 0, b"").unwrap(), "text");
+    assert_eq!(client.call_as::<u64>(1, 0, b"").unwrap(), 0x55);
+    assert_eq!(
+        client.call_as::<(u64, Vec<u8>)>(4, 0, b"").unwrap(),
+        (7, b"both".to_vec())
+    );
+    assert!(matches!(
+        client.call_as::<String>(5, 0, b""),
+        Err(Error::Decode(_))
+    ));
+    close_both(client, server);
+}
+
+#[test]
+fn every_channel_has_its_own_tag_sequence() {
+    let (client, server) = pair();
+    let mut seen = Vec::new();
+    for channel in [0u64, 5, 1 << 40, u64::MAX] {
+        let first = client.submit_on(channel, ECHO, channel, b"a").unwrap();
+        let second = client.submit_on(channel, ECHO, channel, b"b").unwrap();
+        let start = if channel == 0 { 2 } else { 0 };
+        assert_eq!((first.tag(), second.tag()), (start, start + 1));
+        assert_eq!(first.channel(), channel);
+        seen.push((first, second));
+    }
+    // The same tag on several channels at once: each reply finds its own.
+    for (first, second) in seen {
+        let channel = first.channel();
+        assert_eq!(
+            first.wait_timeout(LIMIT).unwrap(),
+            Response {
+                flags: channel,
+                payload: b"a".to_vec()
+            }
+        );
+        assert_eq!(
+            second.wait_timeout(LIMIT).unwrap(),
+            Response {
+                flags: channel,
+                payload: b"b".to_vec()
+            }
+        );
+    }
+    assert_eq!(client.call_on(9, ECHO, 1, b"z").unwrap().payload, b"z");
+    close_both(client, server);
+}
+
+#[test]
+fn close_lets_the_peer_finish_requests_in_progress() {
+    let (client, server) = pair();
+    let pending: Vec<_> = (0..8)
+        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
+        .collect();
+    // Close at once: ERQ and EOF go out while the server still works. The
+    // server answers everything in progress before its own EOF, and our
+    // receive side stays open for those answers.
+    within("close", move || {
+        client.close().unwrap();
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
+        }
+        server.join().unwrap();
+    });
+}
+
+#[test]
+fn server_close_finishes_its_handlers_before_eof() {
+    let (client, server) = pair();
+    let pending: Vec<_> = (0..6)
+        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
+        .collect();
+    // Once the server has them all in progress, it closes.
+    within("server close", move || {
+        while server.stats().in_progress < 6 {
+            thread::sleep(ms(1));
+        }
+        server.close().unwrap();
+    });
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
+    }
+    // The server sent ERQ: new requests from us fail at once with a not-ok
+    // reply or a lost connection, never a hang.
+    match client.submit(ECHO, 0, b"") {
+        Ok(p) => assert!(p.wait_timeout(LIMIT).is_err()),
+        Err(e) => assert!(e.is_disconnect(), "{e:?}"),
+    }
+    within("client join", move || client.close().unwrap());
+}
+
+#[test]
+fn requests_after_end_requests_are_refused_locally() {
+    let (client, server) = pair();
+    client.end_requests();
+    assert!(matches!(client.submit(ECHO, 0, b""), Err(Error::Closed)));
+    // The server, told no more requests come, still works the other way.
+    assert_eq!(
+        server
+            .call(ECHO, 3, b"")
+            .map(|r| r.flags)
+            .unwrap_err()
+            .failure_reason()
+            .as_deref(),
+        Some("no request handler")
+    );
+    close_both(client, server);
+}
+
+#[test]
+fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default().handler(move |_| {
+            // Stall until released (or 30 s), like a stuck handler.
+            let _ = release_rx.recv_timeout(LIMIT);
+            Ok(().into())
+        }),
+    )
+    .unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let pending: Vec<_> = (0..3)
+        .map(|_| client.submit(ECHO, 0, b"").unwrap())
+        .collect();
+    let server = Arc::new(server);
+    let stalled = Arc::clone(&server);
+    let res = within("close_timeout", move || {
+        while stalled.stats().in_progress < 3 {
+            thread::sleep(ms(1));
+        }
+        stalled.close_timeout(ms(200))
+    });
+    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    // The server's own requests: none. The client's wait on the stalled server
+    // ends once the client closes with a deadline too.
+    let res = within("client close_timeout", move || {
+        let res = client.close_timeout(ms(200));
+        (
+            res,
+            pending
+                .into_iter()
+                .map(|p| p.wait_timeout(LIMIT))
+                .collect::<Vec<_>>(),
+        )
+    });
+    // The client's close may succeed or see the aborted socket; it must not hang.
+    let _ = res.0;
+    for outcome in res.1 {
+        assert!(
+            matches!(outcome, Err(Error::ConnectionLost(_))),
+            "{outcome:?}"
+        );
+    }
+    drop(release_tx);
+    drop(server);
+}
+
+#[test]
+fn abort_fails_pending_requests_at_once() {
+    let (client, server) = pair();
+    let pending: Vec<_> = (0..5)
+        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
+        .collect();
+    client.abort();
+    for p in pending {
+        let res = p.wait_timeout(LIMIT);
+        assert!(
+            matches!(res, Err(Error::ConnectionLost(Disconnect::Local))),
+            "{res:?}"
+        );
+    }
+    assert!(client.submit(ECHO, 0, b"").is_err());
+    within("joins after abort", move || {
+        // The socket was shut down, so both sides end without the EOF dance.
+        let _ = client.join();
+        let _ = server.join();
+    });
+}
+
+#[test]
+fn dropping_a_connection_never_blocks() {
+    let (a, b) = UnixStream::pair().unwrap();
+    // The peer never reads nor answers.
+    let conn = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let pending = conn.submit(ECHO, 0, &vec![0; 1 << 16]).unwrap();
+    within("drop", move || {
+        drop(pending);
+        drop(conn);
+    });
+    drop(b);
+}
+
+#[test]
+fn every_constructor_works() {
+    // A single owned fd, and a borrowed one which stays open.
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_fd(OwnedFd::from(b), server_config("fd-server")).unwrap();
+    let client = PacketConnection::from_borrowed_fd(a.as_fd(), Config::default()).unwrap();
+    assert_eq!(client.call(ECHO, 1, b"fd").unwrap().payload, b"fd");
+    close_both(client, server);
+    // The caller's fd was duplicated, not closed: it is still a socket.
+    assert!(a.local_addr().is_ok());
+
+    // A pair of fds, from two pipes.
+    let (c_recv, s_send) = io::pipe().unwrap();
+    let (s_recv, c_send) = io::pipe().unwrap();
+    let server = PacketConnection::from_fds(
+        OwnedFd::from(s_recv),
+        OwnedFd::from(s_send),
+        server_config("fds"),
+    )
+    .unwrap();
+    let client =
+        PacketConnection::from_borrowed_fds(c_recv.as_fd(), c_send.as_fd(), Config::default())
+            .unwrap();
+    assert_eq!(client.call(ECHO, 2, b"fds").unwrap().flags, 2);
+    drop((c_recv, c_send));
+    close_both(client, server);
+
+    // A connector with an on-close hook, run exactly once.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
+    let hook_count = Arc::clone(&closed);
+    let client = PacketConnection::connect_with(
+        move || {
+            let on_close: OnClose = Some(Box::new(move || {
+                hook_count.fetch_add(1, Ordering::SeqCst);
+            }));
+            Ok((a.try_clone()?, a, on_close))
+        },
+        Config::default(),
+    )
+    .unwrap();
+    assert_eq!(client.call(ECHO, 3, b"c").unwrap().flags, 3);
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    close_both(client, server);
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
+    let failing = PacketConnection::connect_with(
+        || -> io::Result<(UnixStream, UnixStream, OnClose)> { Err(io::Error::other("no service")) },
+        Config::default(),
+    );
+    assert!(matches!(failing, Err(Error::Io(_))));
+}
+
+/// A writer that counts write calls, over a real socket.
+#[derive(Clone)]
+struct CountingWriter {
+    inner: Arc<Mutex<UnixStream>>,
+    writes: Arc<AtomicUsize>,
+}
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn counted(stream: UnixStream) -> (UnixStream, CountingWriter) {
+    let writer = CountingWriter {
+        inner: Arc::new(Mutex::new(stream.try_clone().unwrap())),
+        writes: Arc::default(),
+    };
+    (stream, writer)
+}
+
+/// With a grace of an hour, anything that waited out the grace would hang;
+/// `LIMIT` turns that into a failure.
+#[test]
+fn a_lone_call_never_waits_out_the_grace_and_takes_one_write_each_way() {
+    let hour = std::time::Duration::from_secs(3600);
+    let (a, b) = UnixStream::pair().unwrap();
+    let (a, a_writer) = counted(a);
+    let (b, b_writer) = counted(b);
+    let (client_writes, server_writes) =
+        (Arc::clone(&a_writer.writes), Arc::clone(&b_writer.writes));
+    let server =
+        PacketConnection::new(b, b_writer, server_config("server").packet_grace(hour)).unwrap();
+    let client =
+        Arc::new(PacketConnection::new(a, a_writer, Config::default().packet_grace(hour)).unwrap());
+    for round in 1..=5 {
+        let c = Arc::clone(&client);
+        let rsp = within("a call with an hour of grace", move || {
+            c.call(ECHO, 9, b"ping").unwrap()
+        });
+        assert_eq!(rsp.payload, b"ping");
+        assert_eq!(
+            client_writes.load(Ordering::SeqCst),
+            round,
+            "client writes per call"
+        );
+        assert_eq!(
+            server_writes.load(Ordering::SeqCst),
+            round,
+            "server writes per call"
+        );
+    }
+    let client = Arc::try_unwrap(client).ok().unwrap();
+    close_both(client, server);
+}
+
+#[test]
+fn a_pipelined_burst_goes_out_in_one_write() {
+    let hour = std::time::Duration::from_secs(3600);
+    let (a, b) = UnixStream::pair().unwrap();
+    let (a, a_writer) = counted(a);
+    let client_writes = Arc::clone(&a_writer.writes);
+    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
+    let client = PacketConnection::new(a, a_writer, Config::default().packet_grace(hour)).unwrap();
+    let pending: Vec<_> = (0..1000)
+        .map(|i| client.submit(ECHO, i, b"burst").unwrap())
+        .collect();
+    assert_eq!(
+        client_writes.load(Ordering::SeqCst),
+        0,
+        "nothing written before anyone waits"
+    );
+    let pending = within("burst", move || {
+        for (i, p) in pending.iter().enumerate() {
+            assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
+        }
+        pending
+    });
+    drop(pending);
+    assert_eq!(
+        client_writes.load(Ordering::SeqCst),
+        1,
+        "1000 requests in one write"
+    );
+    assert!(
+        server.stats().flushes < 100,
+        "server replies batched: {:?}",
+        server.stats()
+    );
+    close_both(client, server);
+}
+
+#[test]
+fn default_grace_still_writes_an_unwaited_submit() {
+    let (client, server) = pair();
+    // Nobody waits on this one: the send thread writes it after the grace.
+    let pending = client.submit(ECHO, 1, b"fire").unwrap();
+    let stats_server = Arc::new(server);
+    let s = Arc::clone(&stats_server);
+    within("the unwaited request arrives", move || {
+        while s.stats().requests_received == 0 {
+            thread::sleep(ms(1));
+        }
+    });
+    assert_eq!(pending.wait_timeout(LIMIT).unwrap().flags, 1);
+    close_both(client, Arc::try_unwrap(stats_server).ok().unwrap());
+}
+
+#[test]
+fn connections_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PacketConnection>();
+    assert_send_sync::<packetstream::PendingResponse>();
+}
+
+#[test]
+fn threads_are_named_after_the_connection_and_all_end_on_close() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server =
+        PacketConnection::from_unix_stream(b, server_config("tn-s").handler_threads(2)).unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default().name("tn-c")).unwrap();
+    // A thread names itself as it starts.
+    within("threads start", || {
+        while threads_named("tn-").len() < 6 {
+            thread::sleep(ms(1));
+        }
+    });
+    assert_eq!(threads_named("tn-c"), ["tn-c:recv", "tn-c:send"]);
+    assert_eq!(
+        threads_named("tn-s"),
+        ["tn-s:handler0", "tn-s:handler1", "tn-s:recv", "tn-s:send"]
+    );
+    assert_eq!(client.name(), "tn-c");
+    close_both(client, server);
+    assert!(
+        threads_named("tn-").is_empty(),
+        "{:?}",
+        threads_named("tn-")
+    );
+}
