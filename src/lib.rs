@@ -47,19 +47,26 @@
 //!
 //! Enable `log` at `trace` level for `packetstream` to see every packet.
 
+mod codec;
 mod connection;
 mod error;
 mod handler;
 mod packet;
 mod pending;
+mod protocol;
 mod receiver;
 mod sender;
+mod server;
 mod stats;
 mod transport;
 
+pub use crate::codec::{Payload, PayloadReader, PayloadWrite};
 pub use crate::connection::{Config, FromResponse, OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, Result};
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
 pub use crate::pending::Response;
+pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
+pub use crate::server::{Server, ServerConfig};
 pub use crate::stats::Stats;
+pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
