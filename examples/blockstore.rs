@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use packetstream::{Config, Fulfil, PacketConnection, Result, Server, ServerConfig};
 
-use crate::service::{Add, BlockStore, Get, HashCode};
+use self::service::{Add, BlockStore, Get, HashCode};
 
 /// The block store service: its request types and its store.
 pub mod service {
