@@ -12,6 +12,7 @@
 //!                                         and run the load over its pipes
 //!
 //! LOAD: --blocks N (10000)  --threads N (8)  --max-size BYTES (8192)
+//!       --window N (64): requests each thread keeps in flight
 //! ```
 //!
 //! With `--file`, blocks are appended to PATH (as BSData records) and FLUSH
@@ -351,13 +352,13 @@ struct Load {
     blocks: u64,
     threads: usize,
     max_size: usize,
+    window: usize,
 }
 
 /// Runs `load` over `conns`, thread `i` using `conns[i % conns.len()]`:
 /// stores every block and checks its hash, then fetches every block (each
 /// thread another thread's share) and checks every byte. Reports rates.
 fn run_load(conns: &[PacketConnection], load: Load) -> std::result::Result<(), String> {
-    const WINDOW: usize = 64;
     let shares: Vec<Vec<u64>> = (0..load.threads)
         .map(|t| {
             (0..load.blocks)
@@ -380,7 +381,7 @@ fn run_load(conns: &[PacketConnection], load: Load) -> std::result::Result<(), S
                     let blocks: Vec<Vec<u8>> =
                         share.iter().map(|&i| block(i, load.max_size)).collect();
                     let hashes =
-                        put_all(conn, &blocks, WINDOW).map_err(|e| service::describe(&e))?;
+                        put_all(conn, &blocks, load.window).map_err(|e| service::describe(&e))?;
                     for (data, hash) in blocks.iter().zip(&hashes) {
                         if HashCode::of(data) != *hash {
                             return Err(format!(
@@ -408,7 +409,8 @@ fn run_load(conns: &[PacketConnection], load: Load) -> std::result::Result<(), S
                 let other = (t + 1) % load.threads;
                 let (share, hashes) = (&shares[other], &hashes[other]);
                 s.spawn(move || -> std::result::Result<(), String> {
-                    let got = get_all(conn, hashes, WINDOW).map_err(|e| service::describe(&e))?;
+                    let got =
+                        get_all(conn, hashes, load.window).map_err(|e| service::describe(&e))?;
                     for (&i, data) in share.iter().zip(got) {
                         if data.as_deref() != Some(block(i, load.max_size).as_slice()) {
                             return Err(format!("GET of block {i} returned other bytes"));
@@ -453,6 +455,7 @@ fn parse_load(args: &[String]) -> std::result::Result<Load, String> {
         blocks: 10_000,
         threads: 8,
         max_size: 8192,
+        window: 64,
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
@@ -462,6 +465,7 @@ fn parse_load(args: &[String]) -> std::result::Result<Load, String> {
             "--blocks" => load.blocks = value.parse().map_err(bad)?,
             "--threads" => load.threads = value.parse::<usize>().map_err(bad)?.max(1),
             "--max-size" => load.max_size = value.parse().map_err(bad)?,
+            "--window" => load.window = value.parse::<usize>().map_err(bad)?.max(1),
             other => return Err(format!("unknown option {other}")),
         }
     }

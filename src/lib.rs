@@ -45,6 +45,19 @@
 //! # Ok::<(), packetstream::Error>(())
 //! ```
 //!
+//! # Typed protocols and servers
+//!
+//! Above raw `(rq_type, flags, payload)` requests sits a typed layer, after
+//! the reference's `BaseRequest` and `HasPacketConnection`: a protocol is a
+//! set of [`RequestType`]s, each with its `rq_type`, its [`Payload`]
+//! encoding (BSUInt, BSData, BSString and fixed-width fields through
+//! [`PayloadWrite`] and [`PayloadReader`]) and its response type. A
+//! [`Dispatcher`] serves them through [`Fulfil::fulfil`], and
+//! [`PacketConnection::request`] calls them. [`Server`] accepts clients on
+//! a TCP or Unix listener, one connection each with a shared handler, and
+//! [`PacketConnection::connect_tcp`] connects to one. The `blockstore`
+//! example is a content-addressed block store built this way.
+//!
 //! Enable `log` at `trace` level for `packetstream` to see every packet.
 
 mod codec;
