@@ -331,9 +331,17 @@ fn stop_answers_requests_in_progress_then_closes_every_connection() {
     }
     let held = holder.submit_request(&HoldRq).unwrap();
     started_rx.recv_timeout(LIMIT).expect("HOLD started");
+    let packets_before = holder.stats().packets_in;
     let stopping = thread::spawn(move || server.stop_timeout(LIMIT));
-    // The stop closes the holder's connection first, and that close waits
-    // for the request in progress; the others are closed after it.
+    // The stop closes the holder's connection first: its ERQ arrives, and
+    // the close waits for the request in progress before its EOF. The
+    // others are closed after it.
+    let waited = std::time::Instant::now();
+    while holder.stats().packets_in == packets_before && !held.is_ready() {
+        assert!(waited.elapsed() < LIMIT, "the stop never began");
+        thread::sleep(ms(1));
+    }
+    assert!(!held.is_ready(), "the request in progress was cut off");
     release_tx.send(()).unwrap();
     held.wait_timeout(LIMIT)
         .expect("a request in progress is answered during the stop");
