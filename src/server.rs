@@ -278,6 +278,11 @@ impl Server {
     /// the clients take to answer the close with their EOF: see
     /// [`stop_timeout`](Server::stop_timeout) for a bounded wait.
     ///
+    /// The accept thread is woken out of `accept` by a connection to the
+    /// listener's own address. Should that fail (a Unix socket whose path
+    /// was removed), the thread is logged and left to end at the next
+    /// client it accepts, instead of being joined.
+    ///
     /// # Errors
     ///
     /// None yet; errors of single connections (a client that vanished) are
@@ -307,16 +312,21 @@ impl Server {
         self.stop_until(Some(Instant::now() + timeout))
     }
 
-    fn begin_stop(&self) {
+    /// Stops accepting. False if the accept thread may be left blocked in
+    /// `accept`: it then ends at the next client it accepts.
+    fn begin_stop(&self) -> bool {
         self.shared.state.lock().stopping = true;
         self.shared.changed.notify_all();
-        if let Err(e) = self.waker.wake() {
-            // The accept thread then ends at the next client it accepts.
-            log::warn!(
-                "{}: cannot connect to {:?} to wake the accept thread: {e}",
-                self.shared.name,
-                self.waker
-            );
+        match self.waker.wake() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot connect to {:?} to wake the accept thread: {e}",
+                    self.shared.name,
+                    self.waker
+                );
+                false
+            }
         }
     }
 
@@ -326,13 +336,16 @@ impl Server {
         };
         let shared = &self.shared;
         log::debug!("{}: stopping", shared.name);
-        self.begin_stop();
+        let woke = self.begin_stop();
         let mut timed_out = false;
-        if shared.wait_until(deadline, |state| state.acceptor_done) {
+        // Unwoken, the accept thread is left to end by itself; a thread
+        // waiting for a free slot has seen `stopping` all the same.
+        let acceptor_deadline = if woke { deadline } else { Some(Instant::now()) };
+        if shared.wait_until(acceptor_deadline, |state| state.acceptor_done) {
             if let Err(panic) = acceptor.join() {
                 std::panic::resume_unwind(panic);
             }
-        } else {
+        } else if woke {
             log::warn!("{}: accept thread did not end in time", shared.name);
             timed_out = true;
         }
@@ -385,7 +398,7 @@ impl Drop for Server {
     /// every live connection begins its orderly close.
     fn drop(&mut self) {
         if self.acceptor.take().is_some() {
-            self.begin_stop();
+            let _ = self.begin_stop();
             for conn in self.shared.state.lock().live.values() {
                 conn.begin_close();
             }
