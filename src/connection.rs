@@ -646,6 +646,12 @@ impl PacketConnection {
         res
     }
 
+    /// Starts the orderly close of [`close`](PacketConnection::close)
+    /// without waiting for it.
+    pub(crate) fn begin_close(&self) {
+        self.shared.begin_close();
+    }
+
     /// Stops at once: every pending request fails with
     /// [`Error::ConnectionLost`], queued packets are dropped, no EOF is sent,
     /// and the stream is shut down where the transport allows it (sockets).

@@ -61,7 +61,7 @@ pub enum Error {
     /// the request is still pending and can be waited on again.
     #[error("timed out")]
     Timeout,
-    /// [`try_submit`](crate::PacketConnection::try_submit) found the
+    /// [`try_submit_on`](crate::PacketConnection::try_submit_on) found the
     /// outgoing queue full.
     #[error("outgoing queue is full")]
     WouldBlock,
@@ -70,8 +70,10 @@ pub enum Error {
     /// response was already taken.
     #[error("request was cancelled or its response already taken")]
     Cancelled,
-    /// An ok response could not be decoded into the type asked for.
-    #[error("cannot decode response: {0}")]
+    /// A payload could not be decoded: an ok response into the type asked
+    /// for, or a payload read with [`PayloadReader`](crate::PayloadReader)
+    /// that is truncated or invalid. The text says what and where.
+    #[error("cannot decode payload: {0}")]
     Decode(String),
 }
 

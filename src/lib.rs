@@ -45,21 +45,41 @@
 //! # Ok::<(), packetstream::Error>(())
 //! ```
 //!
+//! # Typed protocols and servers
+//!
+//! Above raw `(rq_type, flags, payload)` requests sits a typed layer, after
+//! the reference's `BaseRequest` and `HasPacketConnection`: a protocol is a
+//! set of [`RequestType`]s, each with its `rq_type`, its [`Payload`]
+//! encoding (BSUInt, BSData, BSString and fixed-width fields through
+//! [`PayloadWrite`] and [`PayloadReader`]) and its response type. A
+//! [`Dispatcher`] serves them through [`Fulfil::fulfil`], and
+//! [`PacketConnection::request`] calls them. [`Server`] accepts clients on
+//! a TCP or Unix listener, one connection each with a shared handler, and
+//! [`PacketConnection::connect_tcp`] connects to one. The `blockstore`
+//! example is a content-addressed block store built this way.
+//!
 //! Enable `log` at `trace` level for `packetstream` to see every packet.
 
+mod codec;
 mod connection;
 mod error;
 mod handler;
 mod packet;
 mod pending;
+mod protocol;
 mod receiver;
 mod sender;
+mod server;
 mod stats;
 mod transport;
 
+pub use crate::codec::{Payload, PayloadReader, PayloadWrite};
 pub use crate::connection::{Config, FromResponse, OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, Result};
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
 pub use crate::pending::Response;
+pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
+pub use crate::server::{Server, ServerConfig};
 pub use crate::stats::Stats;
+pub use byteorder::{BigEndian, ByteOrder, LittleEndian};

@@ -1,0 +1,464 @@
+//! The typed layer over real connections: request types, the dispatcher, typed errors, and the TCP and Unix server helpers.
+
+mod common;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use packetstream::{
+    impl_payload, Config, Dispatcher, Error, Failure, Fulfil, HandlerError, Packet,
+    PacketConnection, Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
+};
+
+use common::{ms, threads_named, within, LIMIT};
+
+/// The service's context: a running total, and a hook to hold a request
+/// in its handler.
+#[derive(Default)]
+struct Total {
+    sum: AtomicU64,
+    hold: Mutex<Option<Hold>>,
+}
+
+/// Tells the test that a HOLD request started, then waits to be let go.
+struct Hold {
+    started: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+/// ADD n: adds n to the total and returns the new total.
+struct Add(u64);
+impl_payload!(Add(0));
+impl RequestType for Add {
+    const RQ_TYPE: u64 = 1;
+    type Response = u64;
+}
+impl Fulfil<Total> for Add {
+    fn fulfil(self, ctx: &Total) -> std::result::Result<u64, HandlerError> {
+        match self.0 {
+            0 => Err(Failure::new(0x2a, "nothing to add").into()),
+            u64::MAX => Err("far too much".into()),
+            n => Ok(ctx.sum.fetch_add(n, Ordering::SeqCst) + n),
+        }
+    }
+}
+
+/// NOTE key text: a request of two strings whose response is text.
+#[derive(Debug, PartialEq)]
+struct Note {
+    key: String,
+    text: String,
+}
+impl_payload!(Note { key, text });
+impl RequestType for Note {
+    const RQ_TYPE: u64 = 2;
+    type Response = String;
+}
+impl Fulfil<Total> for Note {
+    fn fulfil(self, _: &Total) -> std::result::Result<String, HandlerError> {
+        Ok(format!("{}={}", self.key, self.text))
+    }
+}
+
+/// SHOUT: carries its meaning in the request flags, which it echoes back.
+struct Shout {
+    level: u64,
+}
+impl Payload for Shout {
+    fn encode(&self, _: &mut Vec<u8>) {}
+    fn decode(_: &mut PayloadReader<'_>) -> Result<Shout> {
+        Ok(Shout { level: 0 })
+    }
+}
+impl RequestType for Shout {
+    const RQ_TYPE: u64 = 3;
+    type Response = u64;
+    fn flags(&self) -> u64 {
+        self.level
+    }
+    fn from_request(flags: u64, payload: &[u8]) -> Result<Shout> {
+        Shout::from_bytes(payload)?;
+        Ok(Shout { level: flags })
+    }
+}
+impl Fulfil<Total> for Shout {
+    fn fulfil(self, _: &Total) -> std::result::Result<u64, HandlerError> {
+        Ok(self.level * 2)
+    }
+}
+
+/// HOLD: waits in the handler until the test lets it go.
+struct HoldRq;
+impl_payload!(HoldRq);
+impl RequestType for HoldRq {
+    const RQ_TYPE: u64 = 4;
+    type Response = ();
+}
+impl Fulfil<Total> for HoldRq {
+    fn fulfil(self, ctx: &Total) -> std::result::Result<(), HandlerError> {
+        let hold = ctx.hold.lock().unwrap().take().ok_or("no hold set")?;
+        hold.started.send(()).map_err(|_| "test gone")?;
+        hold.release.recv_timeout(LIMIT)?;
+        Ok(())
+    }
+}
+
+/// A request type the server does not route.
+struct Unrouted;
+impl_payload!(Unrouted);
+impl RequestType for Unrouted {
+    const RQ_TYPE: u64 = 42;
+    type Response = ();
+}
+
+/// Sent as ADD, but expects a bool: the server's u64 total is the wrong
+/// shape for it.
+struct AddExpectingBool(u64);
+impl_payload!(AddExpectingBool(0));
+impl RequestType for AddExpectingBool {
+    const RQ_TYPE: u64 = 1;
+    type Response = bool;
+}
+
+fn dispatcher(ctx: Arc<Total>) -> Dispatcher<Total> {
+    Dispatcher::shared(ctx)
+        .route::<Add>()
+        .route::<Note>()
+        .route::<Shout>()
+        .route::<HoldRq>()
+}
+
+fn typed_pair() -> (PacketConnection, PacketConnection, Arc<Total>) {
+    let ctx = Arc::new(Total::default());
+    let (a, b) = UnixStream::pair().unwrap();
+    let config = Config::default()
+        .name("typed-server")
+        .handler(dispatcher(Arc::clone(&ctx)));
+    let server = PacketConnection::from_unix_stream(b, config).unwrap();
+    let client =
+        PacketConnection::from_unix_stream(a, Config::default().name("typed-client")).unwrap();
+    (client, server, ctx)
+}
+
+fn close_both(client: PacketConnection, server: PacketConnection) {
+    within("closing both ends", move || {
+        client.close_timeout(LIMIT).unwrap();
+        server.close_timeout(LIMIT).unwrap();
+    });
+}
+
+fn failed(err: Error) -> (u64, String) {
+    match err {
+        Error::Failed { flags, payload, .. } => (flags, String::from_utf8(payload).unwrap()),
+        other => panic!("expected a not-ok reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn typed_calls_return_typed_responses() {
+    let (client, server, ctx) = typed_pair();
+    assert_eq!(client.request(&Add(5)).unwrap(), 5);
+    assert_eq!(client.request(&Add(7)).unwrap(), 12);
+    assert_eq!(ctx.sum.load(Ordering::SeqCst), 12);
+    let note = Note {
+        key: "k".into(),
+        text: "żółw".into(),
+    };
+    assert_eq!(client.request(&note).unwrap(), "k=żółw");
+    close_both(client, server);
+}
+
+#[test]
+fn unknown_rq_type_gets_a_not_ok_reply_naming_it() {
+    let (client, server, _) = typed_pair();
+    let (flags, reason) = failed(client.request(&Unrouted).unwrap_err());
+    assert_eq!((flags, reason.as_str()), (0, "unknown rq_type 42"));
+    let (flags, reason) = failed(client.call(1000, 0, b"").unwrap_err());
+    assert_eq!((flags, reason.as_str()), (0, "unknown rq_type 1000"));
+    close_both(client, server);
+}
+
+#[test]
+fn a_failure_from_fulfil_reaches_the_caller_with_its_flags_and_reason() {
+    let (client, server, _) = typed_pair();
+    let (flags, reason) = failed(client.request(&Add(0)).unwrap_err());
+    assert_eq!((flags, reason.as_str()), (0x2a, "nothing to add"));
+    let (flags, reason) = failed(client.request(&Add(u64::MAX)).unwrap_err());
+    assert_eq!((flags, reason.as_str()), (0, "far too much"));
+    // The connection goes on after a failure.
+    assert_eq!(client.request(&Add(1)).unwrap(), 1);
+    close_both(client, server);
+}
+
+#[test]
+fn an_undecodable_request_payload_is_refused_naming_the_type() {
+    let (client, server, _) = typed_pair();
+    // NOTE with a key that claims 5 bytes and has 2.
+    let (flags, reason) = failed(client.call(Note::RQ_TYPE, 0, b"\x05ab").unwrap_err());
+    assert_eq!(flags, 0);
+    assert_eq!(
+        reason,
+        "Note (rq_type 2): cannot decode payload: truncated BSString: needs 5 bytes at offset 1, 2 remain"
+    );
+    // ADD with a byte left over.
+    let (_, reason) = failed(client.call(Add::RQ_TYPE, 0, b"\x01\x02").unwrap_err());
+    assert_eq!(
+        reason,
+        "Add (rq_type 1): cannot decode payload: 1 unexpected bytes after offset 1"
+    );
+    close_both(client, server);
+}
+
+#[test]
+fn a_response_of_the_wrong_shape_is_a_decode_error_naming_the_request() {
+    let (client, server, _) = typed_pair();
+    match client.request(&AddExpectingBool(9)) {
+        Err(Error::Decode(msg)) => assert_eq!(
+            msg,
+            "AddExpectingBool response: expected flags 0 or 1 and no payload for a bool, \
+             got flags 0x9 and 0 bytes"
+        ),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    close_both(client, server);
+}
+
+#[test]
+fn request_flags_travel_both_ways() {
+    let (client, server, _) = typed_pair();
+    assert_eq!(client.request(&Shout { level: 21 }).unwrap(), 42);
+    assert_eq!(client.request(&Shout { level: 0 }).unwrap(), 0);
+    close_both(client, server);
+}
+
+#[test]
+fn many_submitted_requests_each_get_their_own_typed_response() {
+    let (client, server, ctx) = typed_pair();
+    let pending: Vec<_> = (1..=200u64)
+        .map(|n| {
+            let note = Note {
+                key: n.to_string(),
+                text: "x".repeat(n as usize),
+            };
+            (n, client.submit_request(&note).unwrap())
+        })
+        .collect();
+    let adds: Vec<_> = (1..=100u64)
+        .map(|_| client.submit_request(&Add(1)).unwrap())
+        .collect();
+    for (n, rq) in pending {
+        let text = rq.wait_timeout(LIMIT).unwrap();
+        assert_eq!(text, format!("{n}={}", "x".repeat(n as usize)));
+    }
+    let mut totals: Vec<u64> = adds
+        .iter()
+        .map(|rq| rq.wait_timeout(LIMIT).unwrap())
+        .collect();
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=100).collect::<Vec<u64>>());
+    assert_eq!(ctx.sum.load(Ordering::SeqCst), 100);
+    close_both(client, server);
+}
+
+fn tcp_server(name: &str, max_connections: usize) -> (Server, std::net::SocketAddr, Arc<Total>) {
+    let ctx = Arc::new(Total::default());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config::default()
+        .name(name)
+        .handler_threads(2)
+        .handler(dispatcher(Arc::clone(&ctx)));
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(config).max_connections(max_connections),
+    )
+    .unwrap();
+    (server, addr, ctx)
+}
+
+fn connect(addr: std::net::SocketAddr) -> PacketConnection {
+    PacketConnection::connect_tcp(addr, Config::default().name("tcp-client")).unwrap()
+}
+
+#[test]
+fn tcp_server_serves_each_client_on_its_own_connection_with_a_shared_context() {
+    let (server, addr, ctx) = tcp_server("srv-a", 8);
+    let clients: Vec<PacketConnection> = (0..4).map(|_| connect(addr)).collect();
+    within("four clients adding", {
+        let clients: Vec<_> = clients
+            .iter()
+            .map(|c| c.submit_request(&Add(3)).unwrap())
+            .collect();
+        move || {
+            for pending in clients {
+                pending.wait_timeout(LIMIT).unwrap();
+            }
+        }
+    });
+    assert_eq!(ctx.sum.load(Ordering::SeqCst), 12);
+    assert_eq!(server.accepted(), 4);
+    assert_eq!(server.connections(), 4);
+    assert_eq!(threads_named("srv-a:accept").len(), 1);
+    within("stopping the server", move || {
+        server.stop_timeout(LIMIT).unwrap();
+        for client in clients {
+            client.join().unwrap();
+        }
+    });
+    // Every thread the server started has been joined.
+    assert_eq!(threads_named("srv-a"), Vec::<String>::new());
+}
+
+#[test]
+fn stop_answers_requests_in_progress_then_closes_every_connection() {
+    let (server, addr, ctx) = tcp_server("srv-b", 8);
+    let (started_tx, started_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    *ctx.hold.lock().unwrap() = Some(Hold {
+        started: started_tx,
+        release: release_rx,
+    });
+    let holder = connect(addr);
+    let others: Vec<PacketConnection> = (0..3).map(|_| connect(addr)).collect();
+    for other in &others {
+        assert_eq!(other.request(&Shout { level: 1 }).unwrap(), 2);
+    }
+    let held = holder.submit_request(&HoldRq).unwrap();
+    started_rx.recv_timeout(LIMIT).expect("HOLD started");
+    let packets_before = holder.stats().packets_in;
+    let stopping = thread::spawn(move || server.stop_timeout(LIMIT));
+    // The stop closes the holder's connection first: its ERQ arrives, and
+    // the close waits for the request in progress before its EOF. The
+    // others are closed after it.
+    let waited = std::time::Instant::now();
+    while holder.stats().packets_in == packets_before && !held.is_ready() {
+        assert!(waited.elapsed() < LIMIT, "the stop never began");
+        thread::sleep(ms(1));
+    }
+    assert!(!held.is_ready(), "the request in progress was cut off");
+    release_tx.send(()).unwrap();
+    held.wait_timeout(LIMIT)
+        .expect("a request in progress is answered during the stop");
+    within("the stop", move || stopping.join().unwrap().unwrap());
+    for client in others.into_iter().chain([holder]) {
+        // The server's EOF ended each client's connection.
+        let client = within("a client seeing the end", move || {
+            client.join().unwrap();
+            client
+        });
+        assert!(matches!(client.request(&Add(1)), Err(e) if e.is_disconnect()));
+    }
+    assert_eq!(threads_named("srv-b"), Vec::<String>::new());
+}
+
+#[test]
+fn server_holds_clients_beyond_max_connections_until_a_slot_frees() {
+    let (server, addr, _) = tcp_server("srv-c", 1);
+    let first = connect(addr);
+    assert_eq!(first.request(&Add(1)).unwrap(), 1);
+    // The second client's connect completes in the listener's backlog, but
+    // nobody serves it while the first is open.
+    let second = connect(addr);
+    let waiting = second.submit_request(&Add(1)).unwrap();
+    assert!(matches!(waiting.wait_timeout(ms(300)), Err(Error::Timeout)));
+    assert_eq!(server.connections(), 1);
+    assert_eq!(server.accepted(), 1);
+    within("closing the first client", move || {
+        first.close_timeout(LIMIT).unwrap()
+    });
+    assert_eq!(waiting.wait_timeout(LIMIT).unwrap(), 2);
+    assert_eq!(server.accepted(), 2);
+    within("stopping", move || {
+        server.stop_timeout(LIMIT).unwrap();
+        second.join().unwrap();
+    });
+}
+
+#[test]
+fn unix_server_serves_clients_that_connect_unix() {
+    let path = std::env::temp_dir().join(format!("packetstream-typed-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let ctx = Arc::new(Total::default());
+    let listener = UnixListener::bind(&path).unwrap();
+    let config = Config::default()
+        .name("srv-d")
+        .handler(dispatcher(Arc::clone(&ctx)));
+    let server = Server::serve_unix(listener, config).unwrap();
+    let client = PacketConnection::connect_unix(&path, Config::default()).unwrap();
+    assert_eq!(client.request(&Add(4)).unwrap(), 4);
+    within("stopping", move || {
+        server.stop_timeout(LIMIT).unwrap();
+        client.join().unwrap();
+    });
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(threads_named("srv-d"), Vec::<String>::new());
+}
+
+#[test]
+fn dropping_the_server_starts_closing_its_connections() {
+    let (server, addr, _) = tcp_server("srv-e", 4);
+    let client = connect(addr);
+    assert_eq!(client.request(&Add(2)).unwrap(), 2);
+    drop(server);
+    // The server's EOF ends the client's connection.
+    within("the client seeing the end", move || client.join().unwrap());
+    // The server's threads end by themselves.
+    let started = std::time::Instant::now();
+    while !threads_named("srv-e").is_empty() {
+        assert!(started.elapsed() < LIMIT, "threads left behind");
+        thread::sleep(ms(5));
+    }
+}
+
+#[test]
+fn stop_timeout_gives_up_on_a_client_that_never_answers() {
+    let (server, addr, _) = tcp_server("srv-f", 4);
+    // A raw client that sends nothing and never sends its EOF.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let started = std::time::Instant::now();
+    while server.connections() == 0 {
+        assert!(started.elapsed() < LIMIT, "the server never accepted");
+        thread::sleep(ms(5));
+    }
+    let res = within("a bounded stop", move || {
+        server.stop_timeout(Duration::from_millis(300))
+    });
+    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    // The silent client got the server's ERQ and EOF, then the shutdown.
+    silent.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut got = Vec::new();
+    silent.read_to_end(&mut got).unwrap();
+    let mut want = Vec::new();
+    Packet::erq().encode_into(&mut want);
+    Packet::eof().encode_into(&mut want);
+    assert_eq!(got, want);
+    let started = std::time::Instant::now();
+    while !threads_named("srv-f").is_empty() {
+        assert!(started.elapsed() < LIMIT, "threads left behind");
+        thread::sleep(ms(5));
+    }
+}
+
+#[test]
+fn request_handler_and_typed_clients_mix_on_one_connection() {
+    // A plain closure server answering ADD's rq_type by hand: typed clients
+    // need only the wire shape, not the dispatcher.
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default().handler(|rq: Request| {
+            let n = u64::from_bytes(&rq.payload)?;
+            Ok((n * 10).into())
+        }),
+    )
+    .unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    assert_eq!(client.request(&Add(4)).unwrap(), 40);
+    close_both(client, server);
+}
