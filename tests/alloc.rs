@@ -1,0 +1,122 @@
+//! Heap allocations per request in steady state, counted by the global allocator.
+//!
+//! The budget for one 32 B echo request, both ends in this process:
+//!
+//! - server: the request payload `Vec`, read off the wire. The echo handler
+//!   moves it into its reply, so the reply costs nothing more;
+//! - client: the response payload `Vec`, read off the wire.
+//!
+//! That is two allocations, both payload buffers. Everything else on the hot
+//! path (the pending cell, the outgoing byte queue, the handler job, the
+//! tag tables) must reuse memory; one allocation more per request, such as a
+//! fresh `Arc` for the pending cell or a boxed job, shows as a third. The
+//! counts are averages over many requests after a warm-up, with a fixed slack
+//! for one-off growth of tables and buffers. Nothing here is timed.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use packetstream::{Config, PacketConnection, Reply, Request};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+/// The counts are process-wide: tests in this file take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ECHO: u64 = 1;
+const PAYLOAD_ALLOCS_PER_REQUEST: usize = 2;
+const WARMUP: usize = 2_000;
+const N: usize = 20_000;
+/// One-off allocations tolerated in a measured run of `N` requests.
+const SLACK: usize = 100;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn echo_pair() -> (PacketConnection, PacketConnection) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default().name("server").handler(|rq: Request| {
+            Ok(Reply {
+                flags: rq.flags,
+                payload: rq.payload,
+            })
+        }),
+    )
+    .unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default().name("client")).unwrap();
+    (client, server)
+}
+
+fn shut(client: PacketConnection, server: PacketConnection) {
+    client.close_timeout(TIMEOUT).unwrap();
+    server.close_timeout(TIMEOUT).unwrap();
+}
+
+fn sync_calls(client: &PacketConnection, payload: &[u8], n: usize) {
+    for _ in 0..n {
+        let pending = client.submit(ECHO, 0, payload).unwrap();
+        let rsp = pending.wait_timeout(TIMEOUT).unwrap();
+        assert_eq!(rsp.payload.len(), payload.len());
+    }
+}
+
+fn pipelined(client: &PacketConnection, payload: &[u8], window: usize, n: usize) {
+    let mut queue = VecDeque::with_capacity(window);
+    for _ in 0..n {
+        if queue.len() == window {
+            let pending: packetstream::PendingResponse = queue.pop_front().unwrap();
+            let rsp = pending.wait_timeout(TIMEOUT).unwrap();
+            assert_eq!(rsp.payload.len(), payload.len());
+        }
+        queue.push_back(client.submit(ECHO, 0, payload).unwrap());
+    }
+    for pending in queue {
+        pending.wait_timeout(TIMEOUT).unwrap();
+    }
+}
+
+fn check_budget(what: &str, allocations: usize) {
+    let budget = PAYLOAD_ALLOCS_PER_REQUEST * N + SLACK;
+    assert!(
+        allocations <= budget,
+        "{what}: {allocations} allocations for {N} requests ({:.3} per request); \
+         the budget is {PAYLOAD_ALLOCS_PER_REQUEST} per request (payload buffers) plus {SLACK}",
+        allocations as f64 / N as f64
+    );
+    // The payload buffers themselves are counted, so the counter works.
+    assert!(
+        allocations >= PAYLOAD_ALLOCS_PER_REQUEST * N,
+        "{what}: only {allocations} allocations for {N} requests"
+    );
+}
+
+#[test]
+fn sync_calls_allocate_only_payload_buffers() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (client, server) = echo_pair();
+    let payload = [0xa5u8; 32];
+    sync_calls(&client, &payload, WARMUP);
+    let region = Region::new(GLOBAL);
+    sync_calls(&client, &payload, N);
+    let allocations = region.change().allocations;
+    shut(client, server);
+    check_budget("sync calls", allocations);
+}
+
+#[test]
+fn pipelined_requests_allocate_only_payload_buffers() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (client, server) = echo_pair();
+    let payload = [0xa5u8; 32];
+    let window = 256;
+    pipelined(&client, &payload, window, WARMUP + window);
+    let region = Region::new(GLOBAL);
+    pipelined(&client, &payload, window, N);
+    let allocations = region.change().allocations;
+    shut(client, server);
+    check_budget("pipelined, 256 in flight", allocations);
+}
