@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Disconnect, Error, Result};
-use crate::handler::{Outcome, RequestHandler};
+use crate::handler::{JobQueue, Outcome, RequestHandler};
 use crate::packet::{Kind, DEFAULT_MAX_PACKET_LEN, MAX_HEAD_LEN};
 use crate::pending::{Cell, PendingTable, Response};
 use crate::receiver;
@@ -176,6 +176,8 @@ pub(crate) struct Shared {
     pub(crate) table: PendingTable,
     pub(crate) outbox: Outbox,
     pub(crate) dispatch: Mutex<Dispatch>,
+    /// The peer's requests waiting for a handler thread.
+    pub(crate) jobs: JobQueue,
     /// The receive thread has buffered bytes it has not parsed yet.
     pub(crate) more_incoming: AtomicBool,
     pub(crate) stats: Counters,
@@ -225,7 +227,9 @@ impl Shared {
     }
 
     /// A handler finished the peer's request `(channel, tag)`, whose reply
-    /// is queued. If it was the last thing this end owed the peer, write now.
+    /// is queued. If no more replies are about to follow (no request waits
+    /// for a handler, and the receive thread has nothing left to parse),
+    /// write now: the peer may be waiting.
     pub(crate) fn finish_request(&self, channel: u64, tag: u64) {
         let (idle, closing) = {
             let mut dispatch = self.dispatch.lock();
@@ -234,17 +238,20 @@ impl Shared {
         };
         if idle && closing {
             self.outbox.push_eof(&self.stats);
-        } else if idle && !self.more_incoming.load(Ordering::SeqCst) {
+        } else if self.jobs.is_empty() && !self.more_incoming.load(Ordering::SeqCst) {
             let failed = self.outbox.flush_now(&self.stats);
             self.check_write(failed);
+        } else {
+            self.outbox.arm();
         }
     }
 
-    /// The receive thread is about to block for more bytes: if no handler is
-    /// running, replies it queued itself (refusals) go out now.
+    /// The receive thread is about to block for more bytes: if no request
+    /// waits for a handler, replies already queued (refusals among them) go
+    /// out now; a handler still running writes its own when it finishes.
     pub(crate) fn reader_idle(&self) {
         self.more_incoming.store(false, Ordering::SeqCst);
-        if self.dispatch.lock().in_flight.is_empty() {
+        if self.jobs.is_empty() {
             self.outbox.flush_replies_soon();
         }
     }
@@ -404,6 +411,14 @@ impl PacketConnection {
                 config.max_packet_len,
             ),
             dispatch: Mutex::new(Dispatch::default()),
+            jobs: JobQueue::new(
+                config.handler_queue_len(),
+                if config.handler.is_some() {
+                    config.handler_threads
+                } else {
+                    0
+                },
+            ),
             more_incoming: AtomicBool::new(false),
             stats: Counters::default(),
             recv_end: Mutex::new(None),
@@ -414,20 +429,17 @@ impl PacketConnection {
             shared: Arc::clone(&shared),
             threads: Mutex::new(Vec::new()),
         };
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.handler_queue_len());
         let name = &config.name;
         let res = (|| -> io::Result<()> {
             let mut threads = conn.threads.lock();
             if let Some(handler) = &config.handler {
                 for idx in 0..config.handler_threads {
-                    let (shared, handler, jobs) =
-                        (Arc::clone(&shared), Arc::clone(handler), jobs_rx.clone());
+                    let (shared, handler) = (Arc::clone(&shared), Arc::clone(handler));
                     threads.push(spawn(format!("{name}:handler{idx}"), move || {
-                        receiver::run_worker(&shared, &handler, jobs)
+                        receiver::run_worker(&shared, &handler)
                     })?);
                 }
             }
-            drop(jobs_rx);
             let sender_shared = Arc::clone(&shared);
             threads.push(spawn(format!("{name}:send"), move || {
                 let failed = sender_shared.outbox.run_send_loop(&sender_shared.stats);
@@ -435,11 +447,12 @@ impl PacketConnection {
             })?);
             let recv_shared = Arc::clone(&shared);
             threads.push(spawn(format!("{name}:recv"), move || {
-                receiver::run_recv_loop(&recv_shared, recv, jobs_tx)
+                receiver::run_recv_loop(&recv_shared, recv)
             })?);
             Ok(())
         })();
         if let Err(e) = res {
+            shared.jobs.close();
             shared.abort();
             return Err(Error::Io(e));
         }
@@ -461,7 +474,7 @@ impl PacketConnection {
     /// connection; [`Error::ConnectionLost`] if the connection has failed;
     /// [`Error::TooLarge`] if the packet would exceed the maximum length.
     pub fn submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_inner(0, rq_type, flags, payload, true)
+        self.submit_inner(0, rq_type, flags, payload, true, false)
     }
 
     /// Like [`submit`](PacketConnection::submit), on `channel`. Each channel
@@ -478,7 +491,7 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, true)
+        self.submit_inner(channel, rq_type, flags, payload, true, false)
     }
 
     /// Like [`submit_on`](PacketConnection::submit_on), but fails with
@@ -496,7 +509,7 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, false)
+        self.submit_inner(channel, rq_type, flags, payload, false, false)
     }
 
     fn submit_inner(
@@ -506,14 +519,20 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
         block: bool,
+        will_flush: bool,
     ) -> Result<PendingResponse> {
         let shared = &self.shared;
         let (tag, cell) = shared.table.register(channel)?;
         let kind = Kind::Request { rq_type, flags };
-        match shared
-            .outbox
-            .push_request(channel, tag, kind, payload, block, &shared.stats)
-        {
+        match shared.outbox.push_request(
+            channel,
+            tag,
+            kind,
+            payload,
+            block,
+            will_flush,
+            &shared.stats,
+        ) {
             Ok(failed) => shared.check_write(failed),
             Err(err) => {
                 shared.table.remove(channel, tag);
@@ -541,7 +560,7 @@ impl PacketConnection {
     /// As for [`submit`](PacketConnection::submit) and
     /// [`PendingResponse::wait`].
     pub fn call(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<Response> {
-        self.submit(rq_type, flags, payload)?.wait()
+        self.call_on(0, rq_type, flags, payload)
     }
 
     /// Like [`call`](PacketConnection::call), on `channel`.
@@ -556,7 +575,11 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<Response> {
-        self.submit_on(channel, rq_type, flags, payload)?.wait()
+        // The caller blocks right away: write at once, without waking the
+        // send thread to time a grace that will not be needed.
+        let pending = self.submit_inner(channel, rq_type, flags, payload, true, true)?;
+        pending.flush();
+        pending.wait()
     }
 
     /// Like [`call`](PacketConnection::call), decoding the ok response into
@@ -583,7 +606,7 @@ impl PacketConnection {
     /// # Ok::<(), packetstream::Error>(())
     /// ```
     pub fn call_as<T: FromResponse>(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<T> {
-        self.submit(rq_type, flags, payload)?.wait_as()
+        T::from_response(self.call(rq_type, flags, payload)?)
     }
 
     /// Sends the end-of-requests packet: this end will send no more
@@ -780,9 +803,13 @@ impl PendingResponse {
             return res;
         }
         // About to block: nothing this end has queued may wait for the grace.
+        self.flush();
+        cell.wait_until(deadline).unwrap_or(Err(Error::Timeout))
+    }
+
+    fn flush(&self) {
         let failed = self.shared.outbox.flush_now(&self.shared.stats);
         self.shared.check_write(failed);
-        cell.wait_until(deadline).unwrap_or(Err(Error::Timeout))
     }
 
     /// Takes the response if it has arrived, without blocking.

@@ -4,7 +4,11 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
 
 /// A request from the peer, as a handler receives it.
 #[derive(Clone, PartialEq, Eq)]
@@ -261,6 +265,121 @@ pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Out
     }
 }
 
+/// The queue between the receive thread and the handler threads.
+///
+/// A bounded crossbeam channel holds the jobs, so the receive thread blocks
+/// when the handlers fall behind. Idle workers park on a condvar instead of
+/// spinning, and the receive thread wakes one only when the jobs queued plus
+/// the workers busy in a handler outnumber the workers awake: a burst of
+/// quick requests is served by the workers already awake, and a request never
+/// waits behind a long-running handler while a worker sleeps.
+pub(crate) struct JobQueue {
+    tx: Sender<Request>,
+    rx: Receiver<Request>,
+    n_workers: usize,
+    /// Workers parked on `wake`; changed only under `parked`'s lock.
+    n_parked: AtomicUsize,
+    /// Workers inside a handler.
+    n_busy: AtomicUsize,
+    closed: AtomicBool,
+    parked: Mutex<()>,
+    wake: Condvar,
+}
+
+impl JobQueue {
+    pub(crate) fn new(capacity: usize, n_workers: usize) -> JobQueue {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        JobQueue {
+            tx,
+            rx,
+            n_workers,
+            n_parked: AtomicUsize::new(0),
+            n_busy: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            parked: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Queues a job without waking a worker: the receive thread calls
+    /// [`wake`](JobQueue::wake) once its read buffer runs dry, so a batch of
+    /// requests costs a few wake-ups, not one each. If the queue is full,
+    /// wakes workers, then blocks until there is room.
+    pub(crate) fn push(&self, rq: Request) {
+        if let Err(err) = self.tx.try_send(rq) {
+            self.wake();
+            // The receiver lives in `self`, so the channel never disconnects.
+            let _ = self.tx.send(err.into_inner());
+        }
+    }
+
+    /// Wakes as many parked workers as the queued jobs need: until the jobs
+    /// queued plus the workers busy in a handler no longer outnumber the
+    /// workers awake.
+    pub(crate) fn wake(&self) {
+        // Pairs with the fence in `pop`: either this thread sees the worker
+        // parked, or the worker sees the job.
+        fence(Ordering::SeqCst);
+        if self.n_parked.load(Ordering::SeqCst) == 0 || self.rx.is_empty() {
+            return;
+        }
+        let _guard = self.parked.lock();
+        loop {
+            let n_parked = self.n_parked.load(Ordering::SeqCst);
+            let n_awake = self.n_workers - n_parked;
+            if n_parked == 0 || self.rx.len() + self.n_busy.load(Ordering::SeqCst) <= n_awake {
+                return;
+            }
+            // The woken worker counts as awake from now on.
+            self.n_parked.fetch_sub(1, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    pub(crate) fn pop(&self) -> Option<Request> {
+        loop {
+            if let Ok(rq) = self.rx.try_recv() {
+                return Some(rq);
+            }
+            let mut guard = self.parked.lock();
+            self.n_parked.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !self.rx.is_empty() || self.closed.load(Ordering::SeqCst) {
+                self.n_parked.fetch_sub(1, Ordering::SeqCst);
+                drop(guard);
+                if self.closed.load(Ordering::SeqCst) && self.rx.is_empty() {
+                    return None;
+                }
+                continue;
+            }
+            // Whoever wakes this worker has already taken it off `n_parked`.
+            self.wake.wait(&mut guard);
+        }
+    }
+
+    /// True if no job waits for a worker.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Runs `f` counted as busy in a handler.
+    pub(crate) fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.n_busy.fetch_add(1, Ordering::SeqCst);
+        let res = f();
+        self.n_busy.fetch_sub(1, Ordering::SeqCst);
+        res
+    }
+
+    /// No more jobs come: workers finish what is queued, then end.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _guard = self.parked.lock();
+        self.n_parked.store(0, Ordering::SeqCst);
+        self.wake.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +420,82 @@ mod tests {
         assert_eq!(out.payload, b"handler panicked: boom");
         let out = run_handler(&handler, rq(b"other"));
         assert_eq!((out.ok, out.flags), (true, 7));
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn job(tag: u64) -> Request {
+        Request {
+            channel: 0,
+            tag,
+            rq_type: 0,
+            flags: 0,
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_job_is_not_stuck_behind_a_long_handler() {
+        let queue = Arc::new(JobQueue::new(16, 2));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (queue, done_tx, release_rx) =
+                    (Arc::clone(&queue), done_tx.clone(), release_rx.clone());
+                s.spawn(move || {
+                    while let Some(rq) = queue.pop() {
+                        queue.busy(|| {
+                            if rq.tag == 0 {
+                                // The long handler: held until released.
+                                let _ = release_rx.recv_timeout(Duration::from_secs(30));
+                            }
+                        });
+                        done_tx.send(rq.tag).unwrap();
+                    }
+                });
+            }
+            // Let both workers park, then start the long job.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while queue.n_parked.load(Ordering::SeqCst) < 2 {
+                assert!(Instant::now() < deadline);
+                std::thread::yield_now();
+            }
+            queue.push(job(0));
+            queue.wake();
+            while queue.n_busy.load(Ordering::SeqCst) < 1 {
+                assert!(Instant::now() < deadline);
+                std::thread::yield_now();
+            }
+            // The second worker must wake for this one.
+            queue.push(job(1));
+            queue.wake();
+            assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(1));
+            drop(release_tx);
+            assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+            queue.close();
+        });
+    }
+
+    #[test]
+    fn close_lets_workers_finish_what_is_queued() {
+        let queue = Arc::new(JobQueue::new(16, 1));
+        for tag in 0..5 {
+            queue.push(job(tag));
+        }
+        queue.close();
+        let worker = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                std::iter::from_fn(|| queue.pop())
+                    .map(|rq| rq.tag)
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(worker.join().unwrap(), [0, 1, 2, 3, 4]);
     }
 }

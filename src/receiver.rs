@@ -5,11 +5,9 @@ use std::io::{self, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
-
 use crate::connection::{RecvEnd, Shared};
 use crate::error::{Disconnect, Error, Result};
-use crate::handler::{run_handler, Outcome, Request, RequestHandler};
+use crate::handler::{run_handler, JobQueue, Outcome, Request, RequestHandler};
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::{Completion, Response};
 
@@ -18,16 +16,13 @@ const READ_BUFFER: usize = 64 << 10;
 
 /// The receive thread. Reads until the peer's EOF or an error, then fails
 /// every request still pending and starts this end's orderly close.
-pub(crate) fn run_recv_loop(
-    shared: &Arc<Shared>,
-    recv: Box<dyn Read + Send>,
-    jobs: Sender<Request>,
-) {
+pub(crate) fn run_recv_loop(shared: &Arc<Shared>, recv: Box<dyn Read + Send>) {
+    let jobs = &shared.jobs;
     let mut reader = BufReader::with_capacity(READ_BUFFER, recv);
-    let res = recv_packets(shared, &mut reader, &jobs);
-    // Dropping the job sender lets the handler threads end once they have
-    // finished the requests already queued.
-    drop(jobs);
+    let res = recv_packets(shared, &mut reader, jobs);
+    // The handler threads end once they have finished the requests already
+    // queued.
+    jobs.close();
     let why = match &res {
         Ok(()) => Disconnect::PeerEof,
         Err(Error::Io(e)) => Disconnect::Io(e.kind()),
@@ -48,11 +43,13 @@ pub(crate) fn run_recv_loop(
 fn recv_packets(
     shared: &Shared,
     r: &mut BufReader<Box<dyn Read + Send>>,
-    jobs: &Sender<Request>,
+    jobs: &JobQueue,
 ) -> Result<()> {
     let max_len = shared.max_packet_len;
     loop {
         if r.buffer().is_empty() {
+            // The batch is parsed: wake the workers it needs.
+            jobs.wake();
             shared.reader_idle();
         } else {
             shared.more_incoming.store(true, Ordering::SeqCst);
@@ -159,7 +156,7 @@ fn deliver(shared: &Shared, channel: u64, tag: u64, res: Result<Response>) {
 }
 
 /// Hands a request to the handler pool, or refuses it.
-fn dispatch(shared: &Shared, jobs: &Sender<Request>, rq: Request) {
+fn dispatch(shared: &Shared, jobs: &JobQueue, rq: Request) {
     shared
         .stats
         .requests_received
@@ -181,16 +178,7 @@ fn dispatch(shared: &Shared, jobs: &Sender<Request>, rq: Request) {
     };
     match refusal {
         Some(reason) => refuse(shared, channel, tag, reason),
-        None => {
-            if let Err(err) = jobs.send(rq) {
-                // The pool only ends after this loop; reaching this is a bug,
-                // but the request still gets its one reply.
-                let rq = err.into_inner();
-                log::error!("{}: handler pool gone", shared.name);
-                refuse(shared, rq.channel, rq.tag, "handler pool gone".to_string());
-                shared.finish_request(rq.channel, rq.tag);
-            }
-        }
+        None => jobs.push(rq),
     }
 }
 
@@ -205,6 +193,7 @@ fn refuse(shared: &Shared, channel: u64, tag: u64, reason: String) {
         payload: reason.into_bytes(),
     };
     shared.send_outcome(channel, tag, outcome);
+    shared.outbox.arm();
 }
 
 /// Reads and discards the rest of an oversize packet, answering it if it is
@@ -259,14 +248,11 @@ fn skip_oversize(
 }
 
 /// A handler thread: runs requests until the receive thread is gone.
-pub(crate) fn run_worker(
-    shared: &Shared,
-    handler: &Arc<dyn RequestHandler>,
-    jobs: Receiver<Request>,
-) {
-    for rq in jobs {
+pub(crate) fn run_worker(shared: &Shared, handler: &Arc<dyn RequestHandler>) {
+    let jobs = &shared.jobs;
+    while let Some(rq) = jobs.pop() {
         let (channel, tag) = (rq.channel, rq.tag);
-        let outcome = run_handler(handler, rq);
+        let outcome = jobs.busy(|| run_handler(handler, rq));
         shared.send_outcome(channel, tag, outcome);
         shared.finish_request(channel, tag);
     }

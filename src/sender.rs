@@ -66,6 +66,9 @@ struct State {
     /// Replies (or control packets) are among the unwritten bytes: the peer
     /// may be waiting for them.
     owes_peer: bool,
+    /// The send loop sleeps until a batch's grace runs out; it need not be
+    /// woken for later packets.
+    timer_set: bool,
 }
 
 /// The outgoing queue. See the module doc.
@@ -108,6 +111,7 @@ impl Outbox {
                 finished: false,
                 erq_queued: false,
                 owes_peer: false,
+                timer_set: false,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -120,7 +124,10 @@ impl Outbox {
     }
 
     /// Queues a request. Waits for space if `block`, else fails with
-    /// [`Error::WouldBlock`] when the queue is full.
+    /// [`Error::WouldBlock`] when the queue is full. `will_flush` promises a
+    /// [`flush_now`](Outbox::flush_now) right after, so the send loop is not
+    /// woken to start the grace timer.
+    #[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
     pub(crate) fn push_request(
         &self,
         channel: u64,
@@ -128,6 +135,7 @@ impl Outbox {
         kind: Kind,
         payload: &[u8],
         block: bool,
+        will_flush: bool,
         stats: &Counters,
     ) -> Result<WriteFailed> {
         let head = Head::new(channel, tag, kind, payload.len());
@@ -156,11 +164,14 @@ impl Outbox {
             self.work.notify_one();
             self.space.wait(&mut st);
         }
-        Ok(self.push(st, &head, payload, stats))
+        Ok(self.push(st, &head, payload, !will_flush, stats))
     }
 
     /// Queues a response or a control packet. Never waits for space. A packet
-    /// queued after EOF, or after the side died, is dropped and logged.
+    /// queued after EOF, or after the side died, is dropped and logged. The
+    /// caller then either writes the queue with
+    /// [`flush_now`](Outbox::flush_now) or starts the grace timer with
+    /// [`arm`](Outbox::arm).
     pub(crate) fn push_reply(
         &self,
         channel: u64,
@@ -176,7 +187,7 @@ impl Outbox {
             return None;
         }
         st.owes_peer = true;
-        self.push(st, &head, payload, stats)
+        self.push(st, &head, payload, false, stats)
     }
 
     /// Queues the end-of-requests packet and asks for it to be written at
@@ -223,6 +234,7 @@ impl Outbox {
         mut st: MutexGuard<'_, State>,
         head: &Head,
         payload: &[u8],
+        wake: bool,
         stats: &Counters,
     ) -> WriteFailed {
         stats.packets_out.fetch_add(1, Ordering::Relaxed);
@@ -242,13 +254,28 @@ impl Outbox {
         st.buf.extend_from_slice(head.as_bytes());
         st.buf.extend_from_slice(payload);
         st.n_packets += 1;
-        if st.since.is_none() {
-            st.since = Some(Instant::now());
-            drop(st);
-            // Only the first packet of a batch needs to start the grace timer.
-            self.work.notify_one();
+        if wake {
+            self.start_timer(st);
         }
         None
+    }
+
+    /// Makes sure the send loop writes what is queued within the grace: wakes
+    /// it if its timer is not already running.
+    pub(crate) fn arm(&self) {
+        self.start_timer(self.state.lock());
+    }
+
+    fn start_timer(&self, mut st: MutexGuard<'_, State>) {
+        if st.buf.is_empty() {
+            return;
+        }
+        st.since.get_or_insert_with(Instant::now);
+        if !st.timer_set {
+            st.timer_set = true;
+            drop(st);
+            self.work.notify_one();
+        }
     }
 
     /// Writes the queue now if nobody else is writing; if somebody is, they
@@ -316,9 +343,13 @@ impl Outbox {
             }
         }
         st.writing = false;
+        let ending = st.phase != Phase::Open;
         drop(st);
         self.space.notify_all();
-        self.work.notify_one();
+        if ending {
+            // The send loop may be waiting for this write to end, to finish.
+            self.work.notify_one();
+        }
         failed
     }
 
@@ -402,6 +433,7 @@ impl Outbox {
                 if st.phase == Phase::EofQueued && st.buf.is_empty() && !st.writing {
                     break;
                 }
+                st.timer_set = false;
                 self.work.wait(&mut st);
                 continue;
             }
@@ -409,6 +441,7 @@ impl Outbox {
                 let since = *st.since.get_or_insert_with(Instant::now);
                 let deadline = since + self.grace;
                 if Instant::now() < deadline {
+                    st.timer_set = true;
                     self.work.wait_until(&mut st, deadline);
                     continue;
                 }
@@ -470,7 +503,7 @@ mod tests {
         for tag in 2..12 {
             let (ch, tag, kind) = request(tag);
             outbox
-                .push_request(ch, tag, kind, b"abc", true, &stats)
+                .push_request(ch, tag, kind, b"abc", true, false, &stats)
                 .unwrap();
         }
         assert!(rec.0.lock().is_empty());
@@ -487,10 +520,10 @@ mod tests {
         let stats = Counters::default();
         let (ch, tag, kind) = request(2);
         outbox
-            .push_request(ch, tag, kind, &[0; 60], false, &stats)
+            .push_request(ch, tag, kind, &[0; 60], false, false, &stats)
             .unwrap();
         let (ch, tag, kind) = request(3);
-        let res = outbox.push_request(ch, tag, kind, &[0; 60], false, &stats);
+        let res = outbox.push_request(ch, tag, kind, &[0; 60], false, false, &stats);
         assert!(matches!(res, Err(Error::WouldBlock)));
         let reply = Kind::Response { ok: true, flags: 0 };
         assert_eq!(outbox.push_reply(0, 9, reply, &[0; 60], &stats), None);
@@ -512,7 +545,7 @@ mod tests {
         assert!(!outbox.push_eof(&stats));
         let (ch, tag, kind) = request(2);
         assert!(matches!(
-            outbox.push_request(ch, tag, kind, b"", true, &stats),
+            outbox.push_request(ch, tag, kind, b"", true, false, &stats),
             Err(Error::Closed)
         ));
         assert_eq!(outbox.run_send_loop(&stats), None);
