@@ -265,6 +265,10 @@ pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Out
     }
 }
 
+/// Queued jobs one awake worker is expected to get through before another is
+/// woken to help.
+const JOBS_PER_WORKER: usize = 16;
+
 /// The queue between the receive thread and the handler threads.
 ///
 /// A bounded crossbeam channel holds the jobs, so the receive thread blocks
@@ -313,9 +317,10 @@ impl JobQueue {
         }
     }
 
-    /// Wakes as many parked workers as the queued jobs need: until the jobs
-    /// queued plus the workers busy in a handler no longer outnumber the
-    /// workers awake.
+    /// Wakes as many parked workers as the queued jobs need: one for every
+    /// [`JOBS_PER_WORKER`] queued jobs, plus one for every worker busy in a
+    /// handler (which may be a slow one). A quick handler serves a whole batch
+    /// on one thread; slow handlers run side by side.
     pub(crate) fn wake(&self) {
         // Pairs with the fence in `pop`: either this thread sees the worker
         // parked, or the worker sees the job.
@@ -327,7 +332,9 @@ impl JobQueue {
         loop {
             let n_parked = self.n_parked.load(Ordering::SeqCst);
             let n_awake = self.n_workers - n_parked;
-            if n_parked == 0 || self.rx.len() + self.n_busy.load(Ordering::SeqCst) <= n_awake {
+            let n_needed =
+                self.n_busy.load(Ordering::SeqCst) + self.rx.len().div_ceil(JOBS_PER_WORKER);
+            if n_parked == 0 || n_needed <= n_awake {
                 return;
             }
             // The woken worker counts as awake from now on.
