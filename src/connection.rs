@@ -178,6 +178,10 @@ pub(crate) struct Shared {
     pub(crate) dispatch: Mutex<Dispatch>,
     /// The receive thread has buffered bytes it has not parsed yet.
     pub(crate) more_incoming: AtomicBool,
+    /// Whether a handler thread may write the stream itself. Only with more
+    /// than one: while one is blocked on a write the others still take
+    /// requests, so the receive thread never waits on the peer.
+    pub(crate) handlers_write: bool,
     pub(crate) stats: Counters,
     recv_end: Mutex<Option<RecvEnd>>,
     recv_done: Condvar,
@@ -235,8 +239,12 @@ impl Shared {
         if idle && closing {
             self.outbox.push_eof(&self.stats);
         } else if idle && !self.more_incoming.load(Ordering::SeqCst) {
-            let failed = self.outbox.flush_now(&self.stats);
-            self.check_write(failed);
+            if self.handlers_write {
+                let failed = self.outbox.flush_now(&self.stats);
+                self.check_write(failed);
+            } else {
+                self.outbox.request_flush();
+            }
         }
     }
 
@@ -405,6 +413,7 @@ impl PacketConnection {
             ),
             dispatch: Mutex::new(Dispatch::default()),
             more_incoming: AtomicBool::new(false),
+            handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
             recv_end: Mutex::new(None),
             recv_done: Condvar::new(),
