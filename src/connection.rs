@@ -720,8 +720,8 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHand
 
 /// A handle to the response of a submitted request.
 ///
-/// Dropping it without taking the response cancels the request locally: a
-/// late response is then dropped quietly.
+/// Dropping it without taking the response cancels the request locally: its
+/// entry is freed at once, and a late response is then dropped quietly.
 pub struct PendingResponse {
     shared: Arc<Shared>,
     channel: u64,

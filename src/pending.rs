@@ -94,17 +94,15 @@ impl Cell {
     }
 }
 
-enum Entry {
-    Waiting(Arc<Cell>),
-    /// Cancelled locally: a late response is dropped without a warning.
-    Cancelled,
-}
-
 /// What became of a response handed to [`PendingTable::complete`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Completion {
     Delivered,
+    /// No entry, but the tag was issued: the request was cancelled (or
+    /// already answered). Its entry is long gone; tags are never reused, so
+    /// nothing needs to be remembered to know this.
     Cancelled,
+    /// A tag this end never issued.
     Unknown,
 }
 
@@ -112,7 +110,7 @@ pub(crate) enum Completion {
 const MAX_FREE_CELLS: usize = 1024;
 
 struct Inner {
-    entries: HashMap<(u64, u64), Entry>,
+    entries: HashMap<(u64, u64), Arc<Cell>>,
     /// The next tag of each channel but 0.
     next_tags: HashMap<u64, u64>,
     next_tag0: u64,
@@ -161,32 +159,37 @@ impl PendingTable {
         let tag = *next;
         *next = tag.checked_add(1).ok_or(Error::Closed)?;
         let cell = inner.free.pop().unwrap_or_else(|| Arc::new(Cell::new()));
-        inner
-            .entries
-            .insert((channel, tag), Entry::Waiting(Arc::clone(&cell)));
+        inner.entries.insert((channel, tag), Arc::clone(&cell));
         Ok((tag, cell))
     }
 
     /// Hands a response to the request it answers.
     pub(crate) fn complete(&self, channel: u64, tag: u64, res: Result<Response>) -> Completion {
-        let entry = self.inner.lock().entries.remove(&(channel, tag));
-        match entry {
-            Some(Entry::Waiting(cell)) => {
-                cell.fill(res);
-                Completion::Delivered
-            }
-            Some(Entry::Cancelled) => Completion::Cancelled,
-            None => Completion::Unknown,
+        let mut inner = self.inner.lock();
+        if let Some(cell) = inner.entries.remove(&(channel, tag)) {
+            drop(inner);
+            cell.fill(res);
+            return Completion::Delivered;
+        }
+        let issued = match channel {
+            0 => (FIRST_TAG0..inner.next_tag0).contains(&tag),
+            _ => inner
+                .next_tags
+                .get(&channel)
+                .is_some_and(|&next| tag < next),
+        };
+        if issued {
+            Completion::Cancelled
+        } else {
+            Completion::Unknown
         }
     }
 
-    /// Stops waiting for `(channel, tag)`: its entry stays, marked, until the
-    /// response arrives or the connection ends.
+    /// Stops waiting for `(channel, tag)`: its entry is freed at once, so
+    /// that requests the peer never answers cannot pile up. A late response
+    /// is recognised by its tag, which was issued and is never reused.
     pub(crate) fn cancel(&self, channel: u64, tag: u64) {
-        let mut inner = self.inner.lock();
-        if let Some(entry) = inner.entries.get_mut(&(channel, tag)) {
-            *entry = Entry::Cancelled;
-        }
+        self.inner.lock().entries.remove(&(channel, tag));
     }
 
     /// Forgets `(channel, tag)` entirely: its request never left.
@@ -203,11 +206,9 @@ impl PendingTable {
             std::mem::take(&mut inner.entries)
         };
         let mut n_failed = 0;
-        for (_, entry) in entries {
-            if let Entry::Waiting(cell) = entry {
-                cell.fill(Err(Error::ConnectionLost(why)));
-                n_failed += 1;
-            }
+        for (_, cell) in entries {
+            cell.fill(Err(Error::ConnectionLost(why)));
+            n_failed += 1;
         }
         n_failed
     }
@@ -223,8 +224,7 @@ impl PendingTable {
         }
     }
 
-    /// The number of requests still waiting for a response (cancelled ones
-    /// included).
+    /// The number of requests still waiting for a response.
     pub(crate) fn len(&self) -> usize {
         self.inner.lock().entries.len()
     }
@@ -296,9 +296,12 @@ mod tests {
         let table = PendingTable::new();
         let (tag, _cell) = table.register(0).unwrap();
         table.cancel(0, tag);
-        assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
-        assert_eq!(table.complete(0, tag, ok(1)), Completion::Unknown);
         assert_eq!(table.len(), 0);
+        assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
+        // Tags never issued, on this channel or another, are unknown.
+        assert_eq!(table.complete(0, tag + 1, ok(1)), Completion::Unknown);
+        assert_eq!(table.complete(0, 0, ok(1)), Completion::Unknown);
+        assert_eq!(table.complete(3, 0, ok(1)), Completion::Unknown);
     }
 
     #[test]

@@ -281,3 +281,61 @@ fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
         assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"answer"[..]));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Local timeouts and cancels.
+
+/// A handler that holds every request until `open` is set.
+fn gated(
+    open: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Fn(Request) -> packetstream::HandlerResult {
+    move |rq: Request| {
+        let deadline = Instant::now() + PATIENCE;
+        while !open.load(Ordering::SeqCst) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        echo(rq)
+    }
+}
+
+#[test]
+fn wait_timeout_leaves_the_request_pending_and_cancel_frees_it() {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (a, b) = UnixStream::pair().unwrap();
+    let server =
+        PacketConnection::from_unix_stream(b, Config::default().handler(gated(open.clone())))
+            .unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let kept = client.submit(1, 0, b"kept").unwrap();
+    assert!(matches!(
+        kept.wait_timeout(Duration::from_millis(5)),
+        Err(Error::Timeout)
+    ));
+    assert!(!kept.is_ready());
+    let mut dropped = Vec::new();
+    for idx in 0..1000u64 {
+        dropped.push(client.submit(1, idx, b"abandoned").unwrap());
+    }
+    assert_eq!(client.stats().pending, 1001);
+    for (idx, pending) in dropped.into_iter().enumerate() {
+        // Half are cancelled explicitly, half by dropping the handle.
+        if idx % 2 == 0 {
+            pending.cancel();
+        }
+    }
+    // Their entries are freed now, not when (or if) the peer answers.
+    assert_eq!(client.stats().pending, 1);
+    open.store(true, Ordering::SeqCst);
+    let rsp = kept.wait_timeout(PATIENCE).expect("the kept request");
+    assert_eq!(rsp.payload, b"kept");
+    // The late replies are dropped quietly, and the connection goes on.
+    wait_for("the late replies", || client.stats().responses_ok == 1001);
+    let rsp = client
+        .submit(1, 5, b"after")
+        .unwrap()
+        .wait_timeout(PATIENCE);
+    assert_eq!(rsp.unwrap().flags, 5);
+    assert_eq!(client.stats().pending, 0);
+    client.close_timeout(PATIENCE).unwrap();
+    server.close_timeout(PATIENCE).unwrap();
+}
