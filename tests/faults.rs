@@ -55,6 +55,14 @@ fn assert_threads_gone(name: &str) {
     }
 }
 
+/// Prints a figure to standard error, past the test harness's capture, so
+/// that it shows in every run.
+fn report(line: String) {
+    io::stderr()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+}
+
 /// Polls `cond` until it holds, failing the test after `PATIENCE`.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -566,15 +574,10 @@ fn a_fault_at_every_byte_offset_of_a_scripted_exchange_loses_nothing_and_hangs_n
         }
     }
     let injected = injected.load(Ordering::Relaxed);
-    writeln!(
-        io::stderr(),
+    report(format!(
         "fault injection: {} trials, {injected} faults injected, {} requests ({} ok, {} lost)",
-        tally.trials,
-        tally.requests,
-        tally.ok,
-        tally.lost
-    )
-    .unwrap();
+        tally.trials, tally.requests, tally.ok, tally.lost
+    ));
     assert_eq!(tally.requests, tally.trials * 2 * SCRIPT.len() as u64);
     assert_eq!(tally.ok + tally.lost, tally.requests);
     // Most offsets fall inside the exchange, so most trials inject a fault,
@@ -729,15 +732,10 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         assert_threads_gone(&name);
         tally.trials += 1;
     }
-    writeln!(
-        io::stderr(),
+    report(format!(
         "child kill: {} trials, {} requests ({} ok, {} lost)",
-        tally.trials,
-        tally.requests,
-        tally.ok,
-        tally.lost
-    )
-    .unwrap();
+        tally.trials, tally.requests, tally.ok, tally.lost
+    ));
     assert_eq!(tally.ok + tally.lost, tally.requests);
     assert!(tally.lost > 0 && tally.ok > 0);
 }

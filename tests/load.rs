@@ -227,7 +227,9 @@ fn proc_status(field: &str) -> u64 {
 /// for a child process.
 fn report(line: String) {
     use std::io::Write;
-    writeln!(std::io::stderr(), "{line}").unwrap();
+    std::io::stderr()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
 }
 
 /// Waits until the process is back to `baseline` threads.
