@@ -180,6 +180,10 @@ pub(crate) struct Shared {
     pub(crate) jobs: JobQueue,
     /// The receive thread has buffered bytes it has not parsed yet.
     pub(crate) more_incoming: AtomicBool,
+    /// Whether a handler thread may write the stream itself. Only with more
+    /// than one: while one is blocked on a write the others still take
+    /// requests, so the receive thread never waits on the peer.
+    pub(crate) handlers_write: bool,
     pub(crate) stats: Counters,
     recv_end: Mutex<Option<RecvEnd>>,
     recv_done: Condvar,
@@ -239,8 +243,12 @@ impl Shared {
         if idle && closing {
             self.outbox.push_eof(&self.stats);
         } else if self.jobs.is_empty() && !self.more_incoming.load(Ordering::SeqCst) {
-            let failed = self.outbox.flush_now(&self.stats);
-            self.check_write(failed);
+            if self.handlers_write {
+                let failed = self.outbox.flush_now(&self.stats);
+                self.check_write(failed);
+            } else {
+                self.outbox.flush_replies_soon();
+            }
         } else {
             self.outbox.arm();
         }
@@ -420,6 +428,7 @@ impl PacketConnection {
                 },
             ),
             more_incoming: AtomicBool::new(false),
+            handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
             recv_end: Mutex::new(None),
             recv_done: Condvar::new(),
@@ -740,8 +749,8 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHand
 
 /// A handle to the response of a submitted request.
 ///
-/// Dropping it without taking the response cancels the request locally: a
-/// late response is then dropped quietly.
+/// Dropping it without taking the response cancels the request locally: its
+/// entry is freed at once, and a late response is then dropped quietly.
 pub struct PendingResponse {
     shared: Arc<Shared>,
     channel: u64,

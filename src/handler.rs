@@ -370,7 +370,8 @@ impl JobQueue {
         self.rx.is_empty()
     }
 
-    /// Runs `f` counted as busy in a handler.
+    /// Runs `f` counted as busy: a worker that may take long (a slow
+    /// handler, or a blocked write of its reply).
     pub(crate) fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
         self.n_busy.fetch_add(1, Ordering::SeqCst);
         let res = f();

@@ -4,7 +4,7 @@
 //! Lock order: the table lock, then a cell's lock. No I/O and no user code
 //! runs under either.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -94,17 +94,15 @@ impl Cell {
     }
 }
 
-enum Entry {
-    Waiting(Arc<Cell>),
-    /// Cancelled locally: a late response is dropped without a warning.
-    Cancelled,
-}
-
 /// What became of a response handed to [`PendingTable::complete`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Completion {
     Delivered,
+    /// No entry, but the tag was issued: the request was cancelled (or
+    /// already answered). Its entry is long gone; tags are never reused, so
+    /// nothing needs to be remembered to know this.
     Cancelled,
+    /// A tag this end never issued.
     Unknown,
 }
 
@@ -112,13 +110,31 @@ pub(crate) enum Completion {
 const MAX_FREE_CELLS: usize = 1024;
 
 struct Inner {
-    entries: HashMap<(u64, u64), Entry>,
+    entries: HashMap<(u64, u64), Arc<Cell>>,
     /// The next tag of each channel but 0.
     next_tags: HashMap<u64, u64>,
     next_tag0: u64,
     /// Set once the connection can no longer deliver responses.
     closed: Option<Disconnect>,
-    free: Vec<Arc<Cell>>,
+    /// Cells whose handles are gone, for reuse. The receive thread may hold
+    /// a clone for a moment after filling one, so they are checked for sole
+    /// ownership when taken, not when returned.
+    free: VecDeque<Arc<Cell>>,
+}
+
+/// A spare cell nobody else holds, emptied. The newest spare may still be
+/// held by the receive thread that filled it: it goes to the back of the line
+/// and one more is tried.
+fn take_free_cell(free: &mut VecDeque<Arc<Cell>>) -> Option<Arc<Cell>> {
+    for _ in 0..2 {
+        let mut cell = free.pop_back()?;
+        if let Some(only) = Arc::get_mut(&mut cell) {
+            *only.slot.get_mut() = Slot::Empty;
+            return Some(cell);
+        }
+        free.push_front(cell);
+    }
+    None
 }
 
 /// This end's requests awaiting responses.
@@ -137,7 +153,7 @@ impl PendingTable {
                 next_tags: HashMap::new(),
                 next_tag0: FIRST_TAG0,
                 closed: None,
-                free: Vec::new(),
+                free: VecDeque::new(),
             }),
         }
     }
@@ -160,33 +176,38 @@ impl PendingTable {
         };
         let tag = *next;
         *next = tag.checked_add(1).ok_or(Error::Closed)?;
-        let cell = inner.free.pop().unwrap_or_else(|| Arc::new(Cell::new()));
-        inner
-            .entries
-            .insert((channel, tag), Entry::Waiting(Arc::clone(&cell)));
+        let cell = take_free_cell(&mut inner.free).unwrap_or_else(|| Arc::new(Cell::new()));
+        inner.entries.insert((channel, tag), Arc::clone(&cell));
         Ok((tag, cell))
     }
 
     /// Hands a response to the request it answers.
     pub(crate) fn complete(&self, channel: u64, tag: u64, res: Result<Response>) -> Completion {
-        let entry = self.inner.lock().entries.remove(&(channel, tag));
-        match entry {
-            Some(Entry::Waiting(cell)) => {
-                cell.fill(res);
-                Completion::Delivered
-            }
-            Some(Entry::Cancelled) => Completion::Cancelled,
-            None => Completion::Unknown,
+        let mut inner = self.inner.lock();
+        if let Some(cell) = inner.entries.remove(&(channel, tag)) {
+            drop(inner);
+            cell.fill(res);
+            return Completion::Delivered;
+        }
+        let issued = match channel {
+            0 => (FIRST_TAG0..inner.next_tag0).contains(&tag),
+            _ => inner
+                .next_tags
+                .get(&channel)
+                .is_some_and(|&next| tag < next),
+        };
+        if issued {
+            Completion::Cancelled
+        } else {
+            Completion::Unknown
         }
     }
 
-    /// Stops waiting for `(channel, tag)`: its entry stays, marked, until the
-    /// response arrives or the connection ends.
+    /// Stops waiting for `(channel, tag)`: its entry is freed at once, so
+    /// that requests the peer never answers cannot pile up. A late response
+    /// is recognised by its tag, which was issued and is never reused.
     pub(crate) fn cancel(&self, channel: u64, tag: u64) {
-        let mut inner = self.inner.lock();
-        if let Some(entry) = inner.entries.get_mut(&(channel, tag)) {
-            *entry = Entry::Cancelled;
-        }
+        self.inner.lock().entries.remove(&(channel, tag));
     }
 
     /// Forgets `(channel, tag)` entirely: its request never left.
@@ -203,28 +224,26 @@ impl PendingTable {
             std::mem::take(&mut inner.entries)
         };
         let mut n_failed = 0;
-        for (_, entry) in entries {
-            if let Entry::Waiting(cell) = entry {
-                cell.fill(Err(Error::ConnectionLost(why)));
-                n_failed += 1;
-            }
+        for (_, cell) in entries {
+            cell.fill(Err(Error::ConnectionLost(why)));
+            n_failed += 1;
         }
         n_failed
     }
 
     /// Keeps a cell whose handle is gone for a later request.
-    pub(crate) fn recycle(&self, mut cell: Arc<Cell>) {
-        if let Some(only) = Arc::get_mut(&mut cell) {
-            *only.slot.get_mut() = Slot::Empty;
+    pub(crate) fn recycle(&self, cell: Arc<Cell>) {
+        // Ours, plus perhaps the receive thread's, about to be dropped; a
+        // cell still in the table (count 3 or more) is not reusable.
+        if Arc::strong_count(&cell) <= 2 {
             let mut inner = self.inner.lock();
             if inner.free.len() < MAX_FREE_CELLS {
-                inner.free.push(cell);
+                inner.free.push_back(cell);
             }
         }
     }
 
-    /// The number of requests still waiting for a response (cancelled ones
-    /// included).
+    /// The number of requests still waiting for a response.
     pub(crate) fn len(&self) -> usize {
         self.inner.lock().entries.len()
     }
@@ -296,9 +315,12 @@ mod tests {
         let table = PendingTable::new();
         let (tag, _cell) = table.register(0).unwrap();
         table.cancel(0, tag);
-        assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
-        assert_eq!(table.complete(0, tag, ok(1)), Completion::Unknown);
         assert_eq!(table.len(), 0);
+        assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
+        // Tags never issued, on this channel or another, are unknown.
+        assert_eq!(table.complete(0, tag + 1, ok(1)), Completion::Unknown);
+        assert_eq!(table.complete(0, 0, ok(1)), Completion::Unknown);
+        assert_eq!(table.complete(3, 0, ok(1)), Completion::Unknown);
     }
 
     #[test]

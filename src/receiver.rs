@@ -251,9 +251,13 @@ fn skip_oversize(
 pub(crate) fn run_worker(shared: &Shared, handler: &Arc<dyn RequestHandler>) {
     let jobs = &shared.jobs;
     while let Some(rq) = jobs.pop() {
-        let (channel, tag) = (rq.channel, rq.tag);
-        let outcome = jobs.busy(|| run_handler(handler, rq));
-        shared.send_outcome(channel, tag, outcome);
-        shared.finish_request(channel, tag);
+        // Busy until the reply is out of this thread's hands: writing it may
+        // block, and then another worker must take the next job.
+        jobs.busy(|| {
+            let (channel, tag) = (rq.channel, rq.tag);
+            let outcome = run_handler(handler, rq);
+            shared.send_outcome(channel, tag, outcome);
+            shared.finish_request(channel, tag);
+        });
     }
 }

@@ -12,8 +12,9 @@
 //! - a thread about to block for a response (a caller in `wait`, or a handler
 //!   whose reply is the last thing this end owes the peer) writes the queue
 //!   itself when nobody else is writing, which saves a thread hop;
-//! - a packet with a large payload is written by its own thread straight from
-//!   the caller's slice, after what was queued before it.
+//! - a request with a large payload is written by its own thread straight
+//!   from the caller's slice, after what was queued before it. Replies never
+//!   are: the thread that queues a reply must not block on the stream.
 //!
 //! Only one thread writes at a time (`writing`); it keeps writing until the
 //! queue is empty, so bytes appended during a write go out right after it.
@@ -164,7 +165,7 @@ impl Outbox {
             self.work.notify_one();
             self.space.wait(&mut st);
         }
-        Ok(self.push(st, &head, payload, !will_flush, stats))
+        Ok(self.push(st, &head, payload, true, !will_flush, stats))
     }
 
     /// Queues a response or a control packet. Never waits for space. A packet
@@ -187,7 +188,10 @@ impl Outbox {
             return None;
         }
         st.owes_peer = true;
-        self.push(st, &head, payload, false, stats)
+        // Never written by this thread: a handler or the receive thread
+        // blocked on a write could stop this end reading, and so deadlock
+        // two ends that flood each other.
+        self.push(st, &head, payload, false, false, stats)
     }
 
     /// Queues the end-of-requests packet and asks for it to be written at
@@ -234,11 +238,12 @@ impl Outbox {
         mut st: MutexGuard<'_, State>,
         head: &Head,
         payload: &[u8],
+        direct_ok: bool,
         wake: bool,
         stats: &Counters,
     ) -> WriteFailed {
         stats.packets_out.fetch_add(1, Ordering::Relaxed);
-        if payload.len() >= DIRECT_WRITE_MIN {
+        if direct_ok && payload.len() >= DIRECT_WRITE_MIN {
             // Wait for the writer role, then write what was queued before this
             // packet, the head and the payload, without copying the payload.
             while st.writing && st.phase != Phase::Dead {

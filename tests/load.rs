@@ -1,0 +1,459 @@
+//! Load and soak: mutual floods, many threads on one connection, many
+//! connections at once, flat memory over a long run, and thread counts that
+//! return to their baseline.
+//!
+//! Bounded by default; `PACKETSTREAM_LONG=1` runs the full-size variants.
+//! Tests that measure the whole process (RSS, thread count) re-run this
+//! binary on just themselves, so that other tests do not disturb the figures.
+
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use packetstream::{Config, PacketConnection, PendingResponse, Reply, Request};
+
+/// Every blocking wait in this file ends by this long after it starts.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn long() -> bool {
+    std::env::var_os("PACKETSTREAM_LONG").is_some_and(|v| v != "0")
+}
+
+fn echo(rq: Request) -> packetstream::HandlerResult {
+    Ok(Reply {
+        flags: rq.flags,
+        payload: rq.payload,
+    })
+}
+
+/// A deterministic payload for request `idx`, from `max_len / 2` to
+/// `max_len` bytes: its length and bytes depend on the index, so a reply
+/// delivered to the wrong request shows.
+fn payload_for(idx: u64, max_len: usize) -> Vec<u8> {
+    let x = idx.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16;
+    let len = max_len / 2 + (x % (max_len as u64 / 2 + 1)) as usize;
+    let mut payload = vec![idx as u8; len];
+    let stamp = idx.to_le_bytes();
+    let n = stamp.len().min(len);
+    payload[..n].copy_from_slice(&stamp[..n]);
+    payload
+}
+
+/// Waits for a reply and checks that it echoes request `idx`.
+fn expect_echo(pending: PendingResponse, idx: u64, max_len: usize, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let rsp = pending
+        .wait_timeout(left)
+        .unwrap_or_else(|e| panic!("request {idx}: {e}"));
+    assert_eq!(rsp.flags, idx, "reply to the wrong request");
+    assert_eq!(rsp.payload, payload_for(idx, max_len), "request {idx}");
+}
+
+/// Submits `n` echo requests, all before waiting for any, then checks every
+/// reply.
+fn pipeline(conn: &PacketConnection, n: u64, max_len: usize, deadline: Instant) {
+    let mut pending = Vec::with_capacity(n as usize);
+    for idx in 0..n {
+        assert!(Instant::now() < deadline, "submit stuck at request {idx}");
+        let payload = payload_for(idx, max_len);
+        pending.push(conn.submit(1, idx, &payload).expect("submit"));
+    }
+    for (idx, p) in pending.into_iter().enumerate() {
+        expect_echo(p, idx as u64, max_len, deadline);
+    }
+}
+
+/// Runs `body` on scoped threads, one per connection in `conns`, and aborts
+/// every connection if they have not all finished by `deadline`, so that a
+/// deadlock fails the test instead of hanging it.
+fn with_watchdog<F>(conns: &[&PacketConnection], deadline: Instant, body: F)
+where
+    F: Fn(usize, &PacketConnection) + Sync,
+{
+    thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(idx, conn)| {
+                let body = &body;
+                s.spawn(move || body(idx, conn))
+            })
+            .collect();
+        let mut aborted = false;
+        while handles.iter().any(|h| !h.is_finished()) {
+            if !aborted && Instant::now() > deadline + Duration::from_secs(5) {
+                for conn in conns {
+                    conn.abort();
+                }
+                aborted = true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        for h in handles {
+            if let Err(panic) = h.join() {
+                for conn in conns {
+                    conn.abort();
+                }
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+}
+
+/// Two connections over one socketpair, both serving echo.
+fn echo_pair(
+    name: &str,
+    config: impl Fn(Config) -> Config,
+) -> (PacketConnection, PacketConnection) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let a = PacketConnection::from_unix_stream(
+        a,
+        config(Config::default().name(format!("{name}a")).handler(echo)),
+    )
+    .unwrap();
+    let b = PacketConnection::from_unix_stream(
+        b,
+        config(Config::default().name(format!("{name}b")).handler(echo)),
+    )
+    .unwrap();
+    (a, b)
+}
+
+fn close_pair(a: PacketConnection, b: PacketConnection) {
+    thread::scope(|s| {
+        let closer = s.spawn(|| b.close_timeout(PATIENCE));
+        a.close_timeout(PATIENCE).expect("close a");
+        closer.join().unwrap().expect("close b");
+    });
+}
+
+#[test]
+fn mutual_flood_of_100k_pipelined_requests_each_way_completes() {
+    let n = if long() { 1_000_000 } else { 100_000 };
+    let (a, b) = echo_pair("fl", |c| c);
+    let deadline = Instant::now() + PATIENCE;
+    with_watchdog(&[&a, &b], deadline, |_, conn| {
+        pipeline(conn, n, 16, deadline)
+    });
+    for conn in [&a, &b] {
+        let stats = conn.stats();
+        assert_eq!((stats.requests_sent, stats.responses_ok), (n, n));
+        assert_eq!((stats.requests_received, stats.replies_ok), (n, n));
+        assert_eq!((stats.pending, stats.in_progress), (0, 0));
+    }
+    close_pair(a, b);
+}
+
+#[test]
+fn mutual_flood_of_large_payloads_completes() {
+    // Requests and replies of up to 200 KB fill both socket buffers at once.
+    let n = if long() { 10_000 } else { 1_000 };
+    let (a, b) = echo_pair("fL", |c| c.handler_threads(2));
+    let deadline = Instant::now() + PATIENCE;
+    with_watchdog(&[&a, &b], deadline, |_, conn| {
+        pipeline(conn, n, 200_000, deadline)
+    });
+    close_pair(a, b);
+}
+
+#[test]
+fn mutual_flood_with_one_handler_thread_and_tiny_queues_completes() {
+    let n = if long() { 200_000 } else { 20_000 };
+    let (a, b) = echo_pair("f1", |c| {
+        c.handler_threads(1)
+            .handler_queue(1)
+            .max_queued_packets(8)
+            .max_queued_bytes(4096)
+    });
+    let deadline = Instant::now() + PATIENCE;
+    with_watchdog(&[&a, &b], deadline, |_, conn| {
+        pipeline(conn, n, 3000, deadline)
+    });
+    close_pair(a, b);
+}
+
+// ---------------------------------------------------------------------------
+// Whole-process measurements, each in a copy of this binary running just
+// that test.
+
+const ISOLATED_ENV: &str = "PACKETSTREAM_ISOLATED";
+
+/// Returns true in the copy of this binary that runs `test` alone. In the
+/// normal run, starts that copy, waits for it (killing it if it takes too
+/// long) and returns false.
+fn isolated(test: &str) -> bool {
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
+        return true;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ISOLATED_ENV, test)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let patience = if long() { PATIENCE * 10 } else { PATIENCE * 2 };
+    let deadline = Instant::now() + patience;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{test} did not finish within {patience:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{test}: {status}");
+    false
+}
+
+/// A field of `/proc/self/status`, such as `Threads` or `VmRSS` (in kB).
+fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line[field.len() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Figures go to standard error, which the test harness does not capture
+/// for a child process.
+fn report(line: String) {
+    use std::io::Write;
+    std::io::stderr()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+}
+
+/// Waits until the process is back to `baseline` threads.
+fn wait_for_threads(baseline: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    while proc_status("Threads") != baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads, baseline {baseline}",
+            proc_status("Threads")
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn sixty_four_threads_share_one_connection() {
+    if !isolated("sixty_four_threads_share_one_connection") {
+        return;
+    }
+    let per_thread = 10_000;
+    let baseline = proc_status("Threads");
+    let (a, b) = echo_pair("t64", |c| c);
+    let deadline = Instant::now() + PATIENCE * 2;
+    let conns: Vec<&PacketConnection> = vec![&a; 64];
+    with_watchdog(&conns, deadline, |thread_idx, conn| {
+        // Windows of 100 pipelined requests, tagged with the thread in the
+        // flags so that a crossed reply shows.
+        let base = thread_idx as u64 * 1_000_000;
+        for window in 0..per_thread / 100 {
+            let first = base + window * 100;
+            let pending: Vec<_> = (first..first + 100)
+                .map(|idx| conn.submit(1, idx, &payload_for(idx, 64)).unwrap())
+                .collect();
+            for (p, idx) in pending.into_iter().zip(first..) {
+                expect_echo(p, idx, 64, deadline);
+            }
+        }
+    });
+    let n = 64 * per_thread;
+    assert_eq!((a.stats().responses_ok, b.stats().replies_ok), (n, n));
+    report(format!(
+        "load: 64 threads x {per_thread} requests on one connection"
+    ));
+    close_pair(a, b);
+    wait_for_threads(baseline);
+}
+
+#[test]
+fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
+    if !isolated("two_hundred_connections_at_once_then_threads_return_to_baseline") {
+        return;
+    }
+    const N_CONNS: usize = 200;
+    let per_conn = if long() { 1_000 } else { 100 };
+    let baseline = proc_status("Threads");
+    let pairs: Vec<_> = (0..N_CONNS)
+        .map(|idx| echo_pair(&format!("c{idx}"), |c| c.handler_threads(2)))
+        .collect();
+    let peak = proc_status("Threads");
+    // Each pair: two connections of a receive, a send and two handler
+    // threads.
+    assert_eq!(peak, baseline + 8 * N_CONNS as u64);
+    let deadline = Instant::now() + PATIENCE;
+    // Pipeline on every client at once from a few driver threads.
+    let clients: Vec<&PacketConnection> = pairs.iter().map(|(a, _)| a).collect();
+    let drivers: Vec<&PacketConnection> = clients[..8].to_vec();
+    with_watchdog(&drivers, deadline, |driver_idx, _| {
+        let mine: Vec<_> = clients.iter().skip(driver_idx).step_by(8).collect();
+        let pending: Vec<Vec<_>> = mine
+            .iter()
+            .map(|conn| {
+                (0..per_conn)
+                    .map(|idx| conn.submit(1, idx, &payload_for(idx, 100)).unwrap())
+                    .collect()
+            })
+            .collect();
+        for conn_pending in pending {
+            for (p, idx) in conn_pending.into_iter().zip(0..) {
+                expect_echo(p, idx, 100, deadline);
+            }
+        }
+    });
+    for (a, b) in pairs {
+        assert_eq!(a.stats().responses_ok, per_conn);
+        close_pair(a, b);
+    }
+    report(format!(
+        "load: {N_CONNS} connection pairs at once, {per_conn} requests each, \
+         threads {baseline} -> {peak} -> baseline"
+    ));
+    wait_for_threads(baseline);
+}
+
+#[test]
+fn soak_memory_stays_flat() {
+    if !isolated("soak_memory_stays_flat") {
+        return;
+    }
+    let total: u64 = if long() { 1_000_000 } else { 200_000 };
+    const CHECKPOINT: u64 = 100_000;
+    const SUBMITTERS: u64 = 4;
+    const WINDOW: u64 = 500;
+    let baseline = proc_status("Threads");
+    let (a, b) = echo_pair("soak", |c| c);
+    let rss_at_checkpoint = std::sync::Mutex::new(None);
+    let deadline = Instant::now() + if long() { PATIENCE * 8 } else { PATIENCE };
+    let conns: Vec<&PacketConnection> = vec![&a; SUBMITTERS as usize];
+    let done = std::sync::atomic::AtomicU64::new(0);
+    with_watchdog(&conns, deadline, |thread_idx, conn| {
+        let per_thread = total / SUBMITTERS;
+        let base = thread_idx as u64 * per_thread;
+        for window in 0..per_thread / WINDOW {
+            let first = base + window * WINDOW;
+            let pending: Vec<_> = (first..first + WINDOW)
+                .map(|idx| conn.submit(1, idx, &payload_for(idx, 512)).unwrap())
+                .collect();
+            for (p, idx) in pending.into_iter().zip(first..) {
+                expect_echo(p, idx, 512, deadline);
+            }
+            let before = done.fetch_add(WINDOW, std::sync::atomic::Ordering::SeqCst);
+            if before < CHECKPOINT && before + WINDOW >= CHECKPOINT {
+                *rss_at_checkpoint.lock().unwrap() = Some(proc_status("VmRSS"));
+            }
+        }
+    });
+    let rss_checkpoint = rss_at_checkpoint.into_inner().unwrap().unwrap();
+    let rss_end = proc_status("VmRSS");
+    let peak = proc_status("VmHWM");
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.responses_ok, sb.replies_ok), (total, total));
+    assert_eq!((sa.pending, sb.in_progress), (0, 0));
+    report(format!(
+        "soak: {total} requests; RSS {rss_checkpoint} kB at {CHECKPOINT}, \
+         {rss_end} kB at {total}; peak {peak} kB"
+    ));
+    // Flat: no more than 16 MiB of growth from the checkpoint to the end.
+    assert!(
+        rss_end <= rss_checkpoint + 16 * 1024,
+        "RSS grew from {rss_checkpoint} kB to {rss_end} kB"
+    );
+    close_pair(a, b);
+    wait_for_threads(baseline);
+}
+
+#[test]
+fn an_oversize_request_body_is_skipped_without_being_buffered() {
+    if !isolated("an_oversize_request_body_is_skipped_without_being_buffered") {
+        return;
+    }
+    use packetstream::{Kind, Packet};
+    use std::io::Write;
+    const BODY: usize = 256 << 20;
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let conn = PacketConnection::from_unix_stream(
+        a,
+        Config::default().max_packet_len(1 << 20).handler(echo),
+    )
+    .unwrap();
+    let hwm_before = proc_status("VmHWM");
+    // The head of a request with a 256 MiB payload, then the payload in
+    // 64 KiB pieces, then a small request.
+    let mut head = Vec::new();
+    Packet {
+        channel: 0,
+        tag: 5,
+        kind: Kind::Request {
+            rq_type: 1,
+            flags: 0,
+        },
+        payload: Vec::new(),
+    }
+    .encode_into(&mut head);
+    let body_len = head.len() - 1 + BODY;
+    let mut prefix = Vec::new();
+    let mut v = body_len as u64;
+    prefix.push((v & 0x7f) as u8);
+    v >>= 7;
+    while v > 0 {
+        prefix.push((v & 0x7f) as u8 | 0x80);
+        v >>= 7;
+    }
+    prefix.reverse();
+    let mut writer = peer.try_clone().unwrap();
+    let feeder = thread::spawn(move || {
+        writer.write_all(&prefix)?;
+        writer.write_all(&head[1..])?;
+        let piece = vec![0x5a; 64 << 10];
+        for _ in 0..BODY / piece.len() {
+            writer.write_all(&piece)?;
+        }
+        let mut wire = Vec::new();
+        Packet {
+            channel: 0,
+            tag: 6,
+            kind: Kind::Request {
+                rq_type: 1,
+                flags: 0,
+            },
+            payload: b"after".to_vec(),
+        }
+        .encode_into(&mut wire);
+        writer.write_all(&wire)
+    });
+    let refusal = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
+    assert_eq!(
+        (refusal.tag, refusal.kind),
+        (
+            5,
+            Kind::Response {
+                ok: false,
+                flags: 0
+            }
+        )
+    );
+    let reply = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
+    assert_eq!((reply.tag, reply.payload.as_slice()), (6, &b"after"[..]));
+    feeder.join().unwrap().unwrap();
+    let grown = proc_status("VmHWM") - hwm_before;
+    report(format!(
+        "oversize: {} MiB request skipped; peak RSS grew {grown} kB",
+        BODY >> 20
+    ));
+    assert!(grown < 16 * 1024, "peak RSS grew {grown} kB");
+    conn.abort();
+}
