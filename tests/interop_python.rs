@@ -26,7 +26,7 @@ const CHECKS: usize = 4 * 8 + 9 + 4 + 200 + 1;
 /// What `--foreign-channel` adds: the refusal, and channel 0 still served.
 const FOREIGN_CHANNEL_CHECKS: usize = 2;
 /// How long a pairing may take before both processes are killed.
-const PAIRING_DEADLINE: Duration = Duration::from_secs(180);
+const PAIRING_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a bad-input run of the Rust server may take.
 const BAD_INPUT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long setup.sh or the build of the example may take.
@@ -172,7 +172,7 @@ impl Reference {
         cmd.arg(&self.peer)
             .arg(mode)
             // peer.py exits with status 3 after this; the deadline is later.
-            .env("PEER_TIMEOUT", "150");
+            .env("PEER_TIMEOUT", "100");
         cmd
     }
 }
@@ -184,10 +184,14 @@ fn find_reference() -> Result<Reference, String> {
         return Err(format!("{} has no setup.sh and peer.py", interop.display()));
     }
     let mut probe = Command::new("python3");
-    probe.arg("--version");
-    match probe.output() {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => return Err(format!("python3 --version failed: {}", out.status)),
+    probe.arg("--version").stdout(Stdio::null());
+    match probe.spawn() {
+        Ok(child) => {
+            let status = wait_or_kill(&Mutex::new(child), Instant::now() + SETUP_DEADLINE);
+            if !status.is_some_and(|s| s.success()) {
+                return Err(format!("python3 --version failed: {status:?}"));
+            }
+        }
         Err(e) => return Err(format!("python3 not found: {e}")),
     }
     let venv = manifest_dir().join("target/interop-venv");
