@@ -1,0 +1,811 @@
+//! Wire compatibility with the reference, cs.packetstream 20240630, both ways, between processes.
+//!
+//! The pairings run `examples/interop.rs` and `../shared/interop/peer.py`
+//! (the reference, in the venv that `setup.sh` makes) as child processes.
+//! The Python pairings pass their streams through a relay in this process
+//! that decodes every packet on its way, which lets the tests check the
+//! shutdown order on the wire. The Rust pairing links the two processes by
+//! plain pipes. Every child is killed at a deadline, so a hang is a failure.
+//!
+//! Without Python 3 or `../shared/interop`, the Python pairings are skipped
+//! with a printed reason, except under `CI=true`, where that is a failure.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use packetstream::{Kind, Packet};
+
+/// What the client of either implementation checks: `echo_reverse` for 4
+/// flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and none,
+/// 200 concurrent sleeps and one check for the burst of 5000.
+const CHECKS: usize = 4 * 8 + 9 + 4 + 200 + 1;
+/// What `--foreign-channel` adds: the refusal, and channel 0 still served.
+const FOREIGN_CHANNEL_CHECKS: usize = 2;
+/// How long a pairing may take before both processes are killed.
+const PAIRING_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a bad-input run of the Rust server may take.
+const BAD_INPUT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long setup.sh or the build of the example may take.
+const SETUP_DEADLINE: Duration = Duration::from_secs(900);
+/// How long the relay holds our EOF before passing it on to the reference,
+/// so that a reference that ended without waiting for it would be seen gone.
+const EOF_HOLD: Duration = Duration::from_millis(100);
+/// The relay's limit on one packet.
+const RELAY_MAX_PACKET: u64 = 256 << 20;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Prints a line on standard error, past the test harness's capture, so that
+/// skips and timings show in a plain `cargo test`.
+fn say(line: &str) {
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
+fn tail(text: &str) -> &str {
+    let mut start = text.len().saturating_sub(3000);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Waits for `child` until `deadline`, then kills it. `None` if killed.
+fn wait_or_kill(child: &Mutex<Child>, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        {
+            let mut child = child.lock().unwrap();
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                // Bounded: the child was just sent SIGKILL.
+                let _ = child.wait();
+                return None;
+            }
+        }
+        thread::sleep(ms(10));
+    }
+}
+
+/// Runs `cmd` to completion with a deadline, returning its status and
+/// standard output and error. `None` status if it was killed.
+fn run_with_deadline(mut cmd: Command, deadline: Instant) -> (Option<ExitStatus>, String, String) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let child = Mutex::new(child);
+    thread::scope(|s| {
+        let out = s.spawn(move || {
+            let mut text = String::new();
+            let _ = out.read_to_string(&mut text);
+            text
+        });
+        let err = s.spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
+        let status = wait_or_kill(&child, deadline);
+        (status, out.join().unwrap(), err.join().unwrap())
+    })
+}
+
+/// The example `interop`, built with the profile of this test.
+///
+/// Cargo makes no example binary available to integration tests (there is no
+/// `CARGO_BIN_EXE_` for examples), and `cargo test --test interop_python`
+/// does not build examples at all. So the test runs `cargo build --example
+/// interop` itself, for the profile and target directory this test binary
+/// lives in (`<target>/<profile>/deps/`): that is quick when the example is
+/// up to date, always tests the current source, and cargo allows it while
+/// tests run.
+fn example_binary() -> &'static Path {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let res = BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("test binary is not in <target>/<profile>/deps")?;
+        let target_dir = profile_dir.parent().ok_or("no target directory")?;
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(name) => name,
+            None => return Err("profile directory has no name".to_string()),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build")
+            .args(["--example", "interop", "--profile", profile])
+            .arg("--manifest-path")
+            .arg(manifest_dir().join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir);
+        let (status, _, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE);
+        if !status.is_some_and(|s| s.success()) {
+            return Err(format!(
+                "cargo build --example interop failed ({status:?}):\n{}",
+                tail(&stderr)
+            ));
+        }
+        let binary = profile_dir.join("examples").join("interop");
+        if !binary.is_file() {
+            return Err(format!("no example binary at {}", binary.display()));
+        }
+        Ok(binary)
+    });
+    match res {
+        Ok(binary) => binary,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The reference's `peer.py` and the venv's python that runs it.
+struct Reference {
+    python: PathBuf,
+    peer: PathBuf,
+}
+
+impl Reference {
+    fn command(&self, mode: &str) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(&self.peer)
+            .arg(mode)
+            // peer.py exits with status 3 after this; the deadline is later.
+            .env("PEER_TIMEOUT", "100");
+        cmd
+    }
+}
+
+fn find_reference() -> Result<Reference, String> {
+    let interop = manifest_dir().join("../shared/interop");
+    let (setup, peer) = (interop.join("setup.sh"), interop.join("peer.py"));
+    if !setup.is_file() || !peer.is_file() {
+        return Err(format!("{} has no setup.sh and peer.py", interop.display()));
+    }
+    let mut probe = Command::new("python3");
+    probe.arg("--version").stdout(Stdio::null());
+    match probe.spawn() {
+        Ok(child) => {
+            let status = wait_or_kill(&Mutex::new(child), Instant::now() + SETUP_DEADLINE);
+            if !status.is_some_and(|s| s.success()) {
+                return Err(format!("python3 --version failed: {status:?}"));
+            }
+        }
+        Err(e) => return Err(format!("python3 not found: {e}")),
+    }
+    let venv = manifest_dir().join("target/interop-venv");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&setup).arg(&venv);
+    let (status, stdout, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE);
+    if !status.is_some_and(|s| s.success()) {
+        return Err(format!(
+            "{} failed ({status:?}):\n{}",
+            setup.display(),
+            tail(&stderr)
+        ));
+    }
+    let python = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    if !python.is_file() {
+        return Err(format!("setup.sh printed no python: {stdout:?}"));
+    }
+    Ok(Reference { python, peer })
+}
+
+/// The reference, made ready once. `None` means skip, after saying why;
+/// under CI, anything missing fails the test instead.
+fn reference() -> Option<&'static Reference> {
+    static REFERENCE: OnceLock<Result<Reference, String>> = OnceLock::new();
+    match REFERENCE.get_or_init(find_reference) {
+        Ok(reference) => Some(reference),
+        Err(why) if in_ci() => panic!("interop tests must run under CI, but: {why}"),
+        Err(why) => {
+            say(&format!(
+                "SKIPPED: cannot run the reference implementation: {why}"
+            ));
+            None
+        }
+    }
+}
+
+fn rust_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(example_binary());
+    cmd.args(args);
+    cmd
+}
+
+/// A direction on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    ToServer,
+    ToClient,
+}
+
+/// A packet as the relay saw it pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    Request { channel: u64 },
+    Response { channel: u64, ok: bool },
+    Erq,
+    Eof,
+    OtherControl,
+}
+
+impl Seen {
+    fn of(packet: &Packet) -> Seen {
+        if packet.is_eof() {
+            return Seen::Eof;
+        }
+        if packet.is_erq() {
+            return Seen::Erq;
+        }
+        match packet.kind {
+            Kind::Request { .. } => Seen::Request {
+                channel: packet.channel,
+            },
+            Kind::Response { ok, .. } => Seen::Response {
+                channel: packet.channel,
+                ok,
+            },
+            Kind::Control { .. } => Seen::OtherControl,
+        }
+    }
+}
+
+/// What the relay saw, in the order it saw it across both directions.
+#[derive(Default)]
+struct WireLog {
+    events: Vec<(Dir, Seen)>,
+    errors: Vec<String>,
+    /// For each EOF of ours: was the reference still running after the hold?
+    reference_alive_at_our_eof: Vec<bool>,
+}
+
+/// Copies `src` to `dst`, recording every packet before passing on the
+/// bytes that complete it, so that the log's order is causal: a packet sent
+/// in answer to another is always logged after it. `at_eof` runs when an
+/// EOF packet is seen, before it is passed on. Closes `dst` when `src` ends.
+fn relay(
+    mut src: impl Read,
+    mut dst: ChildStdin,
+    dir: Dir,
+    log: &Mutex<WireLog>,
+    at_eof: impl Fn(),
+) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut decoding = true;
+    loop {
+        let n = match src.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("{dir:?}: read: {e}"));
+                break;
+            }
+        };
+        if decoding {
+            buf.extend_from_slice(&chunk[..n]);
+            let mut used = 0;
+            loop {
+                match Packet::decode(&buf[used..], RELAY_MAX_PACKET) {
+                    Ok(Some((packet, len))) => {
+                        used += len;
+                        let seen = Seen::of(&packet);
+                        log.lock().unwrap().events.push((dir, seen));
+                        if seen == Seen::Eof {
+                            at_eof();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let mut log = log.lock().unwrap();
+                        log.errors.push(format!("{dir:?}: undecodable bytes: {e}"));
+                        decoding = false;
+                        break;
+                    }
+                }
+            }
+            buf.drain(..used);
+        }
+        if let Err(e) = dst.write_all(&chunk[..n]) {
+            log.lock()
+                .unwrap()
+                .errors
+                .push(format!("{dir:?}: write: {e}"));
+            break;
+        }
+    }
+    if decoding && !buf.is_empty() {
+        let mut log = log.lock().unwrap();
+        log.errors.push(format!(
+            "{dir:?}: stream ended inside a packet ({} bytes)",
+            buf.len()
+        ));
+    }
+}
+
+/// One side of a pairing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// How the two processes of a pairing are linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    /// Through the relay; the reference is on the given side.
+    Relay { reference: Side },
+    /// By two pipes, with nothing in between.
+    Pipes,
+}
+
+struct Ended {
+    /// `None` if the process was killed at the deadline.
+    status: Option<ExitStatus>,
+    stderr: String,
+}
+
+struct PairingRun {
+    client: Ended,
+    server: Ended,
+    wire: WireLog,
+    elapsed: Duration,
+}
+
+fn spawn(mut cmd: Command, partner: Option<&mut Child>) -> Child {
+    match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(partner) = partner {
+                let _ = partner.kill();
+                let _ = partner.wait();
+            }
+            panic!("cannot start {cmd:?}: {e}");
+        }
+    }
+}
+
+fn read_to_end(mut r: impl Read) -> String {
+    let mut bytes = Vec::new();
+    let _ = r.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Runs a client and a server process against each other until both exit.
+/// Both are killed at the deadline; once one has exited, the other gets
+/// a little while more.
+fn run_pairing(mut client: Command, mut server: Command, link: Link) -> PairingRun {
+    let started = Instant::now();
+    client.stderr(Stdio::piped());
+    server.stderr(Stdio::piped());
+    match link {
+        Link::Pipes => {
+            let (to_server_r, to_server_w) = io::pipe().expect("pipe");
+            let (to_client_r, to_client_w) = io::pipe().expect("pipe");
+            client.stdin(to_client_r).stdout(to_server_w);
+            server.stdin(to_server_r).stdout(to_client_w);
+        }
+        Link::Relay { .. } => {
+            for cmd in [&mut client, &mut server] {
+                cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+            }
+        }
+    }
+    // `spawn` consumes each command: dropping it closes this process's
+    // copies of the pipe ends it was given, so the children alone hold them.
+    let mut client = spawn(client, None);
+    let mut server = spawn(server, Some(&mut client));
+    let client_err = client.stderr.take().expect("piped stderr");
+    let server_err = server.stderr.take().expect("piped stderr");
+    let relay_ends = match link {
+        Link::Relay { reference } => Some((
+            reference,
+            client.stdout.take().expect("piped stdout"),
+            server.stdin.take().expect("piped stdin"),
+            server.stdout.take().expect("piped stdout"),
+            client.stdin.take().expect("piped stdin"),
+        )),
+        Link::Pipes => None,
+    };
+    let (client, server) = (Mutex::new(client), Mutex::new(server));
+    let wire = Mutex::new(WireLog::default());
+    let deadline = started + PAIRING_DEADLINE;
+    let (client_status, server_status, client_stderr, server_stderr) = thread::scope(|s| {
+        let client_err = s.spawn(|| read_to_end(client_err));
+        let server_err = s.spawn(|| read_to_end(server_err));
+        if let Some((reference, client_out, server_in, server_out, client_in)) = relay_ends {
+            let reference_child = match reference {
+                Side::Client => &client,
+                Side::Server => &server,
+            };
+            let wire = &wire;
+            // Our EOF is on its way to the reference: it must not have
+            // finished before it arrives.
+            let check_reference_alive = move || {
+                thread::sleep(EOF_HOLD);
+                let mut child = reference_child.lock().unwrap();
+                let alive = child.try_wait().expect("try_wait").is_none();
+                drop(child);
+                wire.lock().unwrap().reference_alive_at_our_eof.push(alive);
+            };
+            s.spawn(move || {
+                relay(client_out, server_in, Dir::ToServer, wire, || {
+                    if reference == Side::Server {
+                        check_reference_alive();
+                    }
+                })
+            });
+            s.spawn(move || {
+                relay(server_out, client_in, Dir::ToClient, wire, || {
+                    if reference == Side::Client {
+                        check_reference_alive();
+                    }
+                })
+            });
+        }
+        let client_status = wait_or_kill(&client, deadline);
+        let server_status = wait_or_kill(&server, deadline.min(Instant::now() + ms(30_000)));
+        (
+            client_status,
+            server_status,
+            client_err.join().unwrap(),
+            server_err.join().unwrap(),
+        )
+    });
+    PairingRun {
+        client: Ended {
+            status: client_status,
+            stderr: client_stderr,
+        },
+        server: Ended {
+            status: server_status,
+            stderr: server_stderr,
+        },
+        wire: wire.into_inner().unwrap(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The counts of the client's closing line, `interop: N passed, M failed`.
+fn closing_line(stderr: &str) -> Option<(usize, usize)> {
+    let line = stderr.lines().rev().find(|l| l.starts_with("interop: "))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["interop:", passed, "passed,", failed, "failed"] => {
+            Some((passed.parse().ok()?, failed.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// Both processes exited 0 in time, and the client passed `n_checks`
+/// checks and failed none.
+fn assert_pairing_passed(name: &str, run: &PairingRun, n_checks: usize) {
+    let both = format!(
+        "client stderr:\n{}\nserver stderr:\n{}",
+        tail(&run.client.stderr),
+        tail(&run.server.stderr)
+    );
+    assert!(
+        run.client.status.is_some() && run.server.status.is_some(),
+        "{name}: killed at the deadline ({:?}, {:?})\n{both}",
+        run.client.status,
+        run.server.status
+    );
+    assert!(
+        run.client.status.is_some_and(|s| s.success()),
+        "{name}: client exited with {:?}\n{both}",
+        run.client.status
+    );
+    assert!(
+        run.server.status.is_some_and(|s| s.success()),
+        "{name}: server exited with {:?}\n{both}",
+        run.server.status
+    );
+    assert_eq!(
+        closing_line(&run.client.stderr),
+        Some((n_checks, 0)),
+        "{name}: client's closing line\n{both}"
+    );
+    assert!(run.wire.errors.is_empty(), "{name}: {:?}", run.wire.errors);
+    say(&format!(
+        "{name}: {n_checks} checks passed, both exited 0, in {:.2}s",
+        run.elapsed.as_secs_f64()
+    ));
+}
+
+/// What one direction of the wire carried, in order.
+fn packets(wire: &WireLog, dir: Dir) -> Vec<Seen> {
+    wire.events
+        .iter()
+        .filter(|(d, _)| *d == dir)
+        .map(|(_, seen)| *seen)
+        .collect()
+}
+
+fn position(wire: &WireLog, want: (Dir, Seen)) -> usize {
+    let found = wire.events.iter().position(|event| *event == want);
+    found.unwrap_or_else(|| panic!("no {want:?} on the wire"))
+}
+
+/// Each direction ends with ERQ, then EOF, each sent once with nothing
+/// after; the reference was still running when our EOF reached it; and the
+/// two EOFs passed in the order the shutdown requires: the client's first.
+fn assert_shutdown_order(wire: &WireLog) {
+    for dir in [Dir::ToServer, Dir::ToClient] {
+        let sent = packets(wire, dir);
+        let n_eof = sent.iter().filter(|s| **s == Seen::Eof).count();
+        let n_erq = sent.iter().filter(|s| **s == Seen::Erq).count();
+        assert_eq!((n_erq, n_eof), (1, 1), "{dir:?}: ERQ and EOF counts");
+        assert_eq!(sent.last(), Some(&Seen::Eof), "{dir:?}: EOF is last");
+        let erq_idx = sent.iter().position(|s| *s == Seen::Erq).unwrap();
+        let requests_after_erq = sent[erq_idx..]
+            .iter()
+            .filter(|s| matches!(s, Seen::Request { .. }))
+            .count();
+        assert_eq!(requests_after_erq, 0, "{dir:?}: requests after ERQ");
+        assert!(!sent.contains(&Seen::OtherControl), "{dir:?}: bad control");
+    }
+    assert_eq!(
+        wire.reference_alive_at_our_eof,
+        [true],
+        "the reference must still run when our EOF reaches it"
+    );
+    // The reference server sends its EOF only after ours: had our client
+    // waited for it first, neither would have ended. The reference client
+    // sends its EOF first, and our server answers with its own.
+    assert!(
+        position(wire, (Dir::ToServer, Seen::Eof)) < position(wire, (Dir::ToClient, Seen::Eof)),
+        "the client's EOF must pass before the server's"
+    );
+}
+
+#[test]
+fn rust_client_passes_every_check_against_reference_server() {
+    let Some(reference) = reference() else {
+        return;
+    };
+    let run = run_pairing(
+        rust_command(&["client"]),
+        reference.command("serve"),
+        Link::Relay {
+            reference: Side::Server,
+        },
+    );
+    assert_pairing_passed("rust client vs peer.py serve", &run, CHECKS);
+    assert_shutdown_order(&run.wire);
+}
+
+#[test]
+fn reference_client_passes_every_check_against_rust_server() {
+    let Some(reference) = reference() else {
+        return;
+    };
+    let run = run_pairing(
+        reference.command("client"),
+        rust_command(&["serve"]),
+        Link::Relay {
+            reference: Side::Client,
+        },
+    );
+    assert_pairing_passed("peer.py client vs rust serve", &run, CHECKS);
+    assert_shutdown_order(&run.wire);
+}
+
+#[test]
+fn rust_client_passes_every_check_against_rust_server_over_pipes() {
+    let run = run_pairing(
+        rust_command(&["client"]),
+        rust_command(&["serve"]),
+        Link::Pipes,
+    );
+    assert_pairing_passed("rust client vs rust serve", &run, CHECKS);
+}
+
+#[test]
+fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving() {
+    let Some(reference) = reference() else {
+        return;
+    };
+    let run = run_pairing(
+        rust_command(&["client", "--foreign-channel", "5"]),
+        reference.command("serve"),
+        Link::Relay {
+            reference: Side::Server,
+        },
+    );
+    assert_pairing_passed(
+        "rust client on channel 5 vs peer.py serve",
+        &run,
+        CHECKS + FOREIGN_CHANNEL_CHECKS,
+    );
+    let to_server = packets(&run.wire, Dir::ToServer);
+    let to_client = packets(&run.wire, Dir::ToClient);
+    assert_eq!(
+        to_server
+            .iter()
+            .filter(|s| **s == Seen::Request { channel: 5 })
+            .count(),
+        1
+    );
+    // The refusal is an ordinary not-ok response on channel 5.
+    assert_eq!(
+        to_client
+            .iter()
+            .filter(|s| matches!(s, Seen::Response { channel: 5, .. }))
+            .collect::<Vec<_>>(),
+        [&Seen::Response {
+            channel: 5,
+            ok: false
+        }]
+    );
+    assert_shutdown_order(&run.wire);
+}
+
+/// A BSUInt, as the wire carries it.
+fn bsuint(mut value: u128) -> Vec<u8> {
+    let mut groups = vec![(value & 0x7f) as u8];
+    value >>= 7;
+    while value != 0 {
+        groups.push((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    groups.reverse();
+    groups
+}
+
+/// A valid ECHO request, then `bad`.
+fn echo_then(bad: &[u8]) -> Vec<u8> {
+    let echo = Packet {
+        channel: 0,
+        tag: 2,
+        kind: Kind::Request {
+            rq_type: 1,
+            flags: 7,
+        },
+        payload: b"ping".to_vec(),
+    };
+    let mut input = Vec::new();
+    echo.encode_into(&mut input);
+    input.extend_from_slice(bad);
+    input
+}
+
+/// Feeds `input` to the Rust server and expects it to end by itself, with
+/// `reason` in a clear error on stderr, a non-zero exit and no panic, after
+/// answering the request that came before the bad bytes and sending EOF.
+/// Standard input is closed after `input` only if `close_stdin`: a server
+/// that needs the stream to end before it notices bad bytes is then killed
+/// at the deadline, and the test fails.
+fn assert_bad_input_ends_server(input: &[u8], close_stdin: bool, reason: &str) {
+    let mut cmd = rust_command(&["serve"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn(cmd, None);
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let child = Mutex::new(child);
+    let (status, sent, stderr) = thread::scope(|s| {
+        let sent = s.spawn(|| {
+            let mut bytes = Vec::new();
+            let _ = { stdout }.read_to_end(&mut bytes);
+            bytes
+        });
+        let stderr = s.spawn(|| read_to_end(stderr));
+        // The input is small enough for the pipe's buffer.
+        stdin.write_all(input).expect("write to server");
+        let stdin = if close_stdin {
+            drop(stdin);
+            None
+        } else {
+            Some(stdin)
+        };
+        let status = wait_or_kill(&child, Instant::now() + BAD_INPUT_DEADLINE);
+        drop(stdin);
+        (status, sent.join().unwrap(), stderr.join().unwrap())
+    });
+    assert!(status.is_some(), "server did not end by itself:\n{stderr}");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "server exited with {status:?}"
+    );
+    assert!(
+        stderr.contains("interop serve: error") && stderr.contains(reason),
+        "no clear error saying {reason:?}:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+    let mut rest = sent.as_slice();
+    let mut replies = Vec::new();
+    while let Some((packet, len)) = Packet::decode(rest, RELAY_MAX_PACKET).expect("server output") {
+        replies.push(packet);
+        rest = &rest[len..];
+    }
+    assert!(rest.is_empty(), "server output ends inside a packet");
+    let answered = replies.iter().any(|packet| {
+        packet.tag == 2
+            && packet.kind == (Kind::Response { ok: true, flags: 7 })
+            && packet.payload == b"ping"
+    });
+    assert!(answered, "the request before the bad bytes went unanswered");
+    assert!(
+        replies.last().is_some_and(Packet::is_eof),
+        "server did not end with EOF: {replies:?}"
+    );
+}
+
+#[test]
+fn rust_server_ends_with_error_on_garbage() {
+    assert_bad_input_ends_server(
+        &echo_then(&[0xff; 11]),
+        false,
+        "malformed packet: varint longer than 10 bytes",
+    );
+}
+
+#[test]
+fn rust_server_ends_with_error_on_length_over_64_bits() {
+    assert_bad_input_ends_server(
+        &echo_then(&bsuint(1 << 65)),
+        false,
+        "malformed packet: packet length exceeds 64 bits",
+    );
+}
+
+#[test]
+fn rust_server_ends_with_error_on_absurd_length() {
+    let len = 1u64 << 62;
+    assert_bad_input_ends_server(
+        &echo_then(&bsuint(len.into())),
+        true,
+        &format!("packet of {len} bytes exceeds limit of"),
+    );
+}
+
+#[test]
+fn rust_server_ends_with_error_on_truncated_packet() {
+    let mut cut = Vec::new();
+    Packet {
+        channel: 0,
+        tag: 3,
+        kind: Kind::Request {
+            rq_type: 1,
+            flags: 0,
+        },
+        payload: vec![b'x'; 100],
+    }
+    .encode_into(&mut cut);
+    cut.truncate(40);
+    assert_bad_input_ends_server(
+        &echo_then(&cut),
+        true,
+        "malformed packet: stream ended inside a packet",
+    );
+}
