@@ -83,3 +83,8 @@ pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::server::{Server, ServerConfig};
 pub use crate::stats::Stats;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
