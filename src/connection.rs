@@ -1,7 +1,6 @@
 //! The connection: configuration, the state its threads share, submitting
 //! requests, and the orderly shutdown.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +13,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Disconnect, Error, Result};
 use crate::handler::{JobQueue, Outcome, RequestHandler};
 use crate::packet::{Kind, DEFAULT_MAX_PACKET_LEN, MAX_HEAD_LEN};
-use crate::pending::{Cell, PendingTable, Response};
+use crate::pending::{Cell, PendingTable, Response, TagSet};
 use crate::receiver;
 use crate::sender::{Outbox, WriteFailed};
 use crate::stats::{Counters, Stats};
@@ -156,7 +155,7 @@ pub type OnClose = Option<Box<dyn FnOnce() + Send>>;
 /// The peer's requests being handled here, and whether more are welcome.
 #[derive(Default)]
 pub(crate) struct Dispatch {
-    pub(crate) in_flight: HashSet<(u64, u64)>,
+    pub(crate) in_flight: TagSet,
     /// The peer sent ERQ: it will send no more requests.
     pub(crate) peer_erq: bool,
     /// This end is closing: EOF goes out once `in_flight` is empty.
@@ -214,9 +213,9 @@ impl Shared {
             (ok, flags) = (false, 0);
         }
         let counter = if ok {
-            &self.stats.replies_ok
+            &self.stats.replies.replies_ok
         } else {
-            &self.stats.replies_failed
+            &self.stats.replies.replies_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
         log::trace!(
@@ -549,7 +548,11 @@ impl PacketConnection {
                 return Err(err);
             }
         }
-        shared.stats.requests_sent.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .send
+            .requests_sent
+            .fetch_add(1, Ordering::Relaxed);
         log::trace!(
             "==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
             payload.len()

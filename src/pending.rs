@@ -4,7 +4,8 @@
 //! Lock order: the table lock, then a cell's lock. No I/O and no user code
 //! runs under either.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -110,7 +111,7 @@ pub(crate) enum Completion {
 const MAX_FREE_CELLS: usize = 1024;
 
 struct Inner {
-    entries: HashMap<(u64, u64), Arc<Cell>>,
+    entries: TagMap<Arc<Cell>>,
     /// The next tag of each channel but 0.
     next_tags: HashMap<u64, u64>,
     next_tag0: u64,
@@ -121,6 +122,34 @@ struct Inner {
     /// ownership when taken, not when returned.
     free: VecDeque<Arc<Cell>>,
 }
+
+/// Hashes `(channel, tag)` keys with one multiply per word (as FxHash does)
+/// instead of SipHash. These keys are this end's own tags, or the peer's tags
+/// of requests in progress here, which the handler queue bounds to a few
+/// dozen: there is no long chain for a hostile peer to build.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by `(channel, tag)`.
+pub(crate) type TagMap<V> = HashMap<(u64, u64), V, BuildHasherDefault<TagHasher>>;
+/// A set of `(channel, tag)`.
+pub(crate) type TagSet = HashSet<(u64, u64), BuildHasherDefault<TagHasher>>;
 
 /// A spare cell nobody else holds, emptied. The newest spare may still be
 /// held by the receive thread that filled it: it goes to the back of the line
@@ -149,7 +178,7 @@ impl PendingTable {
     pub(crate) fn new() -> PendingTable {
         PendingTable {
             inner: Mutex::new(Inner {
-                entries: HashMap::new(),
+                entries: TagMap::default(),
                 next_tags: HashMap::new(),
                 next_tag0: FIRST_TAG0,
                 closed: None,

@@ -57,12 +57,13 @@ fn recv_packets(
         let Some(frame) = read_frame_head(r, max_len)? else {
             return Ok(());
         };
-        shared.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+        shared.stats.recv.packets_in.fetch_add(1, Ordering::Relaxed);
         let (head, payload) = match frame {
             Frame::TooLarge { len, head } => {
                 skip_oversize(shared, r, len, head)?;
                 shared
                     .stats
+                    .recv
                     .bytes_in
                     .fetch_add(wire_len(len), Ordering::Relaxed);
                 continue;
@@ -71,6 +72,7 @@ fn recv_packets(
                 let payload = read_payload(r, &head)?;
                 shared
                     .stats
+                    .recv
                     .bytes_in
                     .fetch_add(wire_len(head.body_len), Ordering::Relaxed);
                 (head, payload)
@@ -121,11 +123,16 @@ fn recv_packets(
                     payload.len()
                 );
                 let res = if ok {
-                    shared.stats.responses_ok.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .stats
+                        .recv
+                        .responses_ok
+                        .fetch_add(1, Ordering::Relaxed);
                     Ok(Response { flags, payload })
                 } else {
                     shared
                         .stats
+                        .recv
                         .responses_failed
                         .fetch_add(1, Ordering::Relaxed);
                     Err(Error::Failed {
@@ -159,6 +166,7 @@ fn deliver(shared: &Shared, channel: u64, tag: u64, res: Result<Response>) {
 fn dispatch(shared: &Shared, jobs: &JobQueue, rq: Request) {
     shared
         .stats
+        .recv
         .requests_received
         .fetch_add(1, Ordering::Relaxed);
     let (channel, tag) = (rq.channel, rq.tag);
@@ -225,6 +233,7 @@ fn skip_oversize(
         Kind::Request { .. } => {
             shared
                 .stats
+                .recv
                 .requests_received
                 .fetch_add(1, Ordering::Relaxed);
             refuse(

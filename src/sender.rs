@@ -227,7 +227,7 @@ impl Outbox {
         st.since.get_or_insert_with(Instant::now);
         st.urgent = true;
         st.owes_peer = true;
-        stats.packets_out.fetch_add(1, Ordering::Relaxed);
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         log::trace!("==> queued {packet:?}");
         drop(st);
         self.work.notify_one();
@@ -242,7 +242,7 @@ impl Outbox {
         wake: bool,
         stats: &Counters,
     ) -> WriteFailed {
-        stats.packets_out.fetch_add(1, Ordering::Relaxed);
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         if direct_ok && payload.len() >= DIRECT_WRITE_MIN {
             // Wait for the writer role, then write what was queued before this
             // packet, the head and the payload, without copying the payload.
@@ -378,8 +378,11 @@ impl Outbox {
             n_bytes += payload.len();
         }
         writer.flush()?;
-        stats.bytes_out.fetch_add(n_bytes as u64, Ordering::Relaxed);
-        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats
+            .send
+            .bytes_out
+            .fetch_add(n_bytes as u64, Ordering::Relaxed);
+        stats.send.flushes.fetch_add(1, Ordering::Relaxed);
         log::trace!("==> wrote {n_bytes} bytes");
         Ok(())
     }
