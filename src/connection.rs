@@ -102,7 +102,8 @@ impl Config {
     }
 
     /// How many received requests may wait for a handler thread before the
-    /// receive thread stops reading. Default: 4 per handler thread.
+    /// receive thread stops reading. Their payloads are bounded too, by
+    /// [`max_queued_bytes`](Config::max_queued_bytes). Default: 256.
     pub fn handler_queue(mut self, n: usize) -> Config {
         self.handler_queue = Some(n.max(1));
         self
@@ -116,8 +117,10 @@ impl Config {
     }
 
     /// How many unwritten bytes the outgoing queue holds before `submit`
-    /// blocks (and `try_submit` fails). Replies and control packets are
-    /// never held back by it. Default: 8 MiB.
+    /// blocks (and `try_submit_on` fails). Replies and control packets are
+    /// never held back by it. The same budget bounds the payload bytes of
+    /// received requests waiting for a handler thread (one request is always
+    /// let through, however large). Default: 8 MiB.
     pub fn max_queued_bytes(mut self, n: usize) -> Config {
         self.max_queued_bytes = n.max(1);
         self
@@ -144,9 +147,15 @@ impl Config {
     }
 
     fn handler_queue_len(&self) -> usize {
-        self.handler_queue.unwrap_or(self.handler_threads * 4)
+        self.handler_queue.unwrap_or(DEFAULT_HANDLER_QUEUE)
     }
 }
+
+/// Requests that may wait for a handler thread, by default. Large enough that
+/// the receive thread rarely blocks on a burst (at 16, the old default of
+/// four per thread, blocking and waking it dominated a pipelined profile);
+/// memory is bounded by the queue's byte budget.
+const DEFAULT_HANDLER_QUEUE: usize = 256;
 
 /// A hook run once when the connection is finished with its stream, or must
 /// unblock its receive thread (on abort or a write error).
@@ -420,6 +429,7 @@ impl PacketConnection {
             dispatch: Mutex::new(Dispatch::default()),
             jobs: JobQueue::new(
                 config.handler_queue_len(),
+                config.max_queued_bytes,
                 if config.handler.is_some() {
                     config.handler_threads
                 } else {

@@ -285,13 +285,19 @@ pub(crate) struct JobQueue {
     n_parked: AtomicUsize,
     /// Workers inside a handler.
     n_busy: AtomicUsize,
+    /// Payload bytes of the queued jobs, and their budget.
+    n_bytes: AtomicUsize,
+    max_bytes: usize,
+    /// The receive thread waits on `room` for the bytes to drop.
+    pusher_waiting: AtomicBool,
+    room: Condvar,
     closed: AtomicBool,
     parked: Mutex<()>,
     wake: Condvar,
 }
 
 impl JobQueue {
-    pub(crate) fn new(capacity: usize, n_workers: usize) -> JobQueue {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, n_workers: usize) -> JobQueue {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         JobQueue {
             tx,
@@ -299,6 +305,10 @@ impl JobQueue {
             n_workers,
             n_parked: AtomicUsize::new(0),
             n_busy: AtomicUsize::new(0),
+            n_bytes: AtomicUsize::new(0),
+            max_bytes,
+            pusher_waiting: AtomicBool::new(false),
+            room: Condvar::new(),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -307,9 +317,24 @@ impl JobQueue {
 
     /// Queues a job without waking a worker: the receive thread calls
     /// [`wake`](JobQueue::wake) once its read buffer runs dry, so a batch of
-    /// requests costs a few wake-ups, not one each. If the queue is full,
-    /// wakes workers, then blocks until there is room.
+    /// requests costs a few wake-ups, not one each. If the queue is full, by
+    /// count or by payload bytes, wakes workers, then blocks until there is
+    /// room.
     pub(crate) fn push(&self, rq: Request) {
+        let len = rq.payload.len();
+        if self.n_bytes.load(Ordering::SeqCst) + len > self.max_bytes && !self.rx.is_empty() {
+            self.wake();
+            let mut guard = self.parked.lock();
+            self.pusher_waiting.store(true, Ordering::SeqCst);
+            while self.n_bytes.load(Ordering::SeqCst) + len > self.max_bytes
+                && !self.rx.is_empty()
+                && !self.closed.load(Ordering::SeqCst)
+            {
+                self.room.wait(&mut guard);
+            }
+            self.pusher_waiting.store(false, Ordering::SeqCst);
+        }
+        self.n_bytes.fetch_add(len, Ordering::SeqCst);
         if let Err(err) = self.tx.try_send(rq) {
             self.wake();
             // The receiver lives in `self`, so the channel never disconnects.
@@ -347,6 +372,11 @@ impl JobQueue {
     pub(crate) fn pop(&self) -> Option<Request> {
         loop {
             if let Ok(rq) = self.rx.try_recv() {
+                self.n_bytes.fetch_sub(rq.payload.len(), Ordering::SeqCst);
+                if self.pusher_waiting.load(Ordering::SeqCst) {
+                    let _guard = self.parked.lock();
+                    self.room.notify_one();
+                }
                 return Some(rq);
             }
             let mut guard = self.parked.lock();
@@ -385,6 +415,7 @@ impl JobQueue {
         let _guard = self.parked.lock();
         self.n_parked.store(0, Ordering::SeqCst);
         self.wake.notify_all();
+        self.room.notify_all();
     }
 }
 
@@ -448,7 +479,7 @@ mod queue_tests {
 
     #[test]
     fn a_new_job_is_not_stuck_behind_a_long_handler() {
-        let queue = Arc::new(JobQueue::new(16, 2));
+        let queue = Arc::new(JobQueue::new(16, 1 << 20, 2));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
         std::thread::scope(|s| {
@@ -490,8 +521,52 @@ mod queue_tests {
     }
 
     #[test]
+    fn queued_payload_bytes_are_bounded() {
+        let queue = Arc::new(JobQueue::new(100, 1000, 1));
+        let big = |tag| Request {
+            payload: vec![0; 600],
+            ..job(tag)
+        };
+        // One job is always let in, however large.
+        queue.push(Request {
+            payload: vec![0; 5000],
+            ..job(0)
+        });
+        let pusher = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                queue.push(big(1));
+                queue.push(big(2));
+            })
+        };
+        // The pusher must wait for the worker to make room.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !queue.pusher_waiting.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the push never blocked");
+            std::thread::yield_now();
+        }
+        assert_eq!(queue.rx.len(), 1);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            assert!(Instant::now() < deadline);
+            if let Ok(rq) = queue.rx.try_recv() {
+                // As `pop` does.
+                queue.n_bytes.fetch_sub(rq.payload.len(), Ordering::SeqCst);
+                let _guard = queue.parked.lock();
+                queue.room.notify_one();
+                got.push(rq.tag);
+            }
+            assert!(queue.n_bytes.load(Ordering::SeqCst) <= 5000);
+            std::thread::yield_now();
+        }
+        pusher.join().unwrap();
+        assert_eq!(got, [0, 1, 2]);
+        queue.close();
+    }
+
+    #[test]
     fn close_lets_workers_finish_what_is_queued() {
-        let queue = Arc::new(JobQueue::new(16, 1));
+        let queue = Arc::new(JobQueue::new(16, 1 << 20, 1));
         for tag in 0..5 {
             queue.push(job(tag));
         }
