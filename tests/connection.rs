@@ -43,34 +43,152 @@ fn close_both(client: PacketConnection, server: PacketConnection) {
     });
 }
 
-#[test]
-fn round_trips_0_to_1mib_over_a_socketpair() {
-    let (client, server) = pair();
+/// The transports a pair of connections can run over in one process.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Socketpair,
+    Pipes,
+    Tcp,
+}
+
+/// Two connected ends over `transport`.
+fn connect(
+    transport: Transport,
+    left: Config,
+    right: Config,
+) -> (PacketConnection, PacketConnection) {
+    match transport {
+        Transport::Socketpair => {
+            let (a, b) = UnixStream::pair().unwrap();
+            (
+                PacketConnection::from_unix_stream(a, left).unwrap(),
+                PacketConnection::from_unix_stream(b, right).unwrap(),
+            )
+        }
+        Transport::Pipes => {
+            let (l_recv, r_send) = io::pipe().unwrap();
+            let (r_recv, l_send) = io::pipe().unwrap();
+            (
+                PacketConnection::new(l_recv, l_send, left).unwrap(),
+                PacketConnection::new(r_recv, r_send, right).unwrap(),
+            )
+        }
+        Transport::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let connecting = thread::spawn(move || TcpStream::connect(addr).unwrap());
+            let (accepted, _) = listener.accept().unwrap();
+            (
+                PacketConnection::from_tcp_stream(connecting.join().unwrap(), left).unwrap(),
+                PacketConnection::from_tcp_stream(accepted, right).unwrap(),
+            )
+        }
+    }
+}
+
+/// A client and an echo server over `transport`.
+fn client_server(transport: Transport) -> (PacketConnection, PacketConnection) {
+    connect(
+        transport,
+        Config::default().name("client"),
+        server_config("server"),
+    )
+}
+
+/// Ten threads each submit a thousand requests at once, then check every
+/// reply.
+fn ten_threads_submit_a_thousand_each(client: &Arc<PacketConnection>) {
+    let threads: Vec<_> = (0..10u64)
+        .map(|t| {
+            let client = Arc::clone(client);
+            thread::spawn(move || {
+                let pending: Vec<_> = (0..1000u64)
+                    .map(|i| {
+                        let data = format!("{t}:{i}");
+                        let flags = t << 32 | i;
+                        (
+                            client.submit(ECHO, flags, data.as_bytes()).unwrap(),
+                            flags,
+                            data,
+                        )
+                    })
+                    .collect();
+                for (p, flags, data) in pending {
+                    let rsp = p.wait_timeout(LIMIT).unwrap();
+                    assert_eq!((rsp.flags, rsp.payload), (flags, data.into_bytes()));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = client.stats();
+    assert_eq!(
+        (stats.responses_ok, stats.pending),
+        (stats.requests_sent, 0)
+    );
+    assert!(stats.requests_sent >= 10_000);
+}
+
+/// Both ends pipeline requests at each other, then make synchronous calls,
+/// then close at the same moment.
+fn both_ends_issue_requests_at_the_same_time(transport: Transport) {
+    let (left, right) = connect(transport, server_config("left"), server_config("right"));
+    let (left, right) = (Arc::new(left), Arc::new(right));
+    let run = |conn: Arc<PacketConnection>, seed: u64| {
+        thread::spawn(move || {
+            let pending: Vec<_> = (0..2000u64)
+                .map(|i| conn.submit(ECHO, seed + i, b"x").unwrap())
+                .collect();
+            for (i, p) in pending.into_iter().enumerate() {
+                assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, seed + i as u64);
+            }
+            for i in 0..200u64 {
+                assert_eq!(conn.call(ECHO, i, b"y").unwrap().flags, i);
+            }
+        })
+    };
+    let (l, r) = (run(Arc::clone(&left), 0), run(Arc::clone(&right), 1 << 40));
+    l.join().unwrap();
+    r.join().unwrap();
+    assert_eq!(left.stats().requests_received, 2200);
+    assert_eq!(right.stats().requests_received, 2200);
+    let (left, right) = (
+        Arc::try_unwrap(left).unwrap(),
+        Arc::try_unwrap(right).unwrap(),
+    );
+    within("close both", move || {
+        // Both close at once: neither may wait for the other's EOF before
+        // sending its own.
+        let l = thread::spawn(move || left.close());
+        right.close().unwrap();
+        l.join().unwrap().unwrap();
+    });
+}
+
+fn every_scenario(transport: Transport) {
+    let (client, server) = client_server(transport);
     exercise_round_trips(&client);
-    close_both(client, server);
+    let client = Arc::new(client);
+    ten_threads_submit_a_thousand_each(&client);
+    close_both(Arc::try_unwrap(client).unwrap(), server);
+    both_ends_issue_requests_at_the_same_time(transport);
 }
 
 #[test]
-fn round_trips_0_to_1mib_over_pipes() {
-    let (c_recv, s_send) = io::pipe().unwrap();
-    let (s_recv, c_send) = io::pipe().unwrap();
-    let server = PacketConnection::new(s_recv, s_send, server_config("server")).unwrap();
-    let client = PacketConnection::new(c_recv, c_send, Config::default()).unwrap();
-    exercise_round_trips(&client);
-    close_both(client, server);
+fn round_trips_concurrency_and_two_way_traffic_over_a_socketpair() {
+    every_scenario(Transport::Socketpair);
 }
 
 #[test]
-fn round_trips_0_to_1mib_over_tcp_loopback() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connect = thread::spawn(move || TcpStream::connect(addr).unwrap());
-    let (accepted, _) = listener.accept().unwrap();
-    let server = PacketConnection::from_tcp_stream(accepted, server_config("server")).unwrap();
-    let client =
-        PacketConnection::from_tcp_stream(connect.join().unwrap(), Config::default()).unwrap();
-    exercise_round_trips(&client);
-    close_both(client, server);
+fn round_trips_concurrency_and_two_way_traffic_over_pipes() {
+    every_scenario(Transport::Pipes);
+}
+
+#[test]
+fn round_trips_concurrency_and_two_way_traffic_over_tcp_loopback() {
+    every_scenario(Transport::Tcp);
 }
 
 /// Builds the demo example (a child that serves over its stdin/stdout) with
@@ -92,7 +210,7 @@ fn demo_binary() -> std::path::PathBuf {
 }
 
 #[test]
-fn round_trips_0_to_1mib_with_a_child_process() {
+fn round_trips_and_concurrency_with_a_child_process() {
     let mut child = Command::new(demo_binary())
         .arg("serve")
         .stdin(Stdio::piped())
@@ -100,89 +218,18 @@ fn round_trips_0_to_1mib_with_a_child_process() {
         .spawn()
         .unwrap();
     let client = PacketConnection::from_child(&mut child, Config::default()).unwrap();
-    // The demo's ECHO is rq_type 1, as here.
+    // The demo's ECHO is rq_type 1, as here. The demo child only serves, so
+    // two-way traffic is covered by the in-process transports.
     exercise_round_trips(&client);
+    let client = Arc::new(client);
+    ten_threads_submit_a_thousand_each(&client);
     let err = client.call(99, 0, b"").unwrap_err();
     assert!(matches!(err, Error::Failed { .. }), "{err:?}");
+    let client = Arc::try_unwrap(client).unwrap();
     within("close and child exit", move || {
         client.close().unwrap();
-        // The child exits once our EOF has reached it; kill it if it hangs.
         let status = child.wait().unwrap();
         assert!(status.success(), "child exited with {status}");
-    });
-}
-
-#[test]
-fn ten_threads_submit_a_thousand_each_on_one_connection() {
-    let (client, server) = pair();
-    let client = Arc::new(client);
-    let threads: Vec<_> = (0..10u64)
-        .map(|t| {
-            let client = Arc::clone(&client);
-            thread::spawn(move || {
-                let pending: Vec<_> = (0..1000u64)
-                    .map(|i| {
-                        let data = format!("{t}:{i}");
-                        (
-                            client.submit(ECHO, t << 32 | i, data.as_bytes()).unwrap(),
-                            t << 32 | i,
-                            data,
-                        )
-                    })
-                    .collect();
-                for (p, flags, data) in pending {
-                    let rsp = p.wait_timeout(LIMIT).unwrap();
-                    assert_eq!((rsp.flags, rsp.payload), (flags, data.into_bytes()));
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let stats = client.stats();
-    assert_eq!(
-        (stats.requests_sent, stats.responses_ok, stats.pending),
-        (10_000, 10_000, 0)
-    );
-    let client = Arc::try_unwrap(client).unwrap();
-    close_both(client, server);
-}
-
-#[test]
-fn both_ends_issue_requests_at_the_same_time() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let left = Arc::new(PacketConnection::from_unix_stream(a, server_config("left")).unwrap());
-    let right = Arc::new(PacketConnection::from_unix_stream(b, server_config("right")).unwrap());
-    let run = |conn: Arc<PacketConnection>, seed: u64| {
-        thread::spawn(move || {
-            let pending: Vec<_> = (0..2000u64)
-                .map(|i| conn.submit(ECHO, seed + i, b"x").unwrap())
-                .collect();
-            for (i, p) in pending.into_iter().enumerate() {
-                assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, seed + i as u64);
-            }
-            // And some synchronous calls interleaved with the other side's burst.
-            for i in 0..200u64 {
-                assert_eq!(conn.call(ECHO, i, b"y").unwrap().flags, i);
-            }
-        })
-    };
-    let (l, r) = (run(Arc::clone(&left), 0), run(Arc::clone(&right), 1 << 40));
-    l.join().unwrap();
-    r.join().unwrap();
-    assert_eq!(left.stats().requests_received, 2200);
-    assert_eq!(right.stats().requests_received, 2200);
-    let (left, right) = (
-        Arc::try_unwrap(left).unwrap(),
-        Arc::try_unwrap(right).unwrap(),
-    );
-    within("close both", move || {
-        // Both close at once: neither may wait for the other's EOF before
-        // sending its own.
-        let l = thread::spawn(move || left.close());
-        right.close().unwrap();
-        l.join().unwrap().unwrap();
     });
 }
 
