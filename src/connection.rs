@@ -234,7 +234,7 @@ impl Shared {
         let kind = Kind::Response { ok, flags };
         let failed = self
             .outbox
-            .push_reply(channel, tag, kind, &payload, &self.stats);
+            .push_reply(channel, tag, kind, payload, &self.stats);
         self.check_write(failed);
     }
 

@@ -52,6 +52,11 @@ enum Phase {
 struct State {
     buf: Vec<u8>,
     spare: Vec<u8>,
+    /// Large reply payloads, queued by move instead of copied: each goes out
+    /// right after the first `.0` bytes of `buf` (its packet's head).
+    large: Vec<(usize, Vec<u8>)>,
+    spare_large: Vec<(usize, Vec<u8>)>,
+    large_bytes: usize,
     n_packets: usize,
     writing: bool,
     urgent: bool,
@@ -103,6 +108,9 @@ impl Outbox {
             state: Mutex::new(State {
                 buf: Vec::new(),
                 spare: Vec::new(),
+                large: Vec::new(),
+                spare_large: Vec::new(),
+                large_bytes: 0,
                 n_packets: 0,
                 writing: false,
                 urgent: false,
@@ -153,7 +161,8 @@ impl Outbox {
                 return Err(Error::Closed);
             }
             let full = !st.buf.is_empty()
-                && (st.buf.len() + len > self.max_bytes || st.n_packets >= self.max_packets);
+                && (st.buf.len() + st.large_bytes + len > self.max_bytes
+                    || st.n_packets >= self.max_packets);
             if !full {
                 break;
             }
@@ -178,7 +187,7 @@ impl Outbox {
         channel: u64,
         tag: u64,
         kind: Kind,
-        payload: &[u8],
+        payload: Vec<u8>,
         stats: &Counters,
     ) -> WriteFailed {
         let head = Head::new(channel, tag, kind, payload.len());
@@ -188,10 +197,20 @@ impl Outbox {
             return None;
         }
         st.owes_peer = true;
+        if payload.len() >= DIRECT_WRITE_MIN {
+            // Queued by move: no copy, and no write on this thread.
+            stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+            st.buf.extend_from_slice(head.as_bytes());
+            st.n_packets += 1;
+            st.large_bytes += payload.len();
+            let at = st.buf.len();
+            st.large.push((at, payload));
+            return None;
+        }
         // Never written by this thread: a handler or the receive thread
         // blocked on a write could stop this end reading, and so deadlock
         // two ends that flood each other.
-        self.push(st, &head, payload, false, false, stats)
+        self.push(st, &head, &payload, false, false, stats)
     }
 
     /// Queues the end-of-requests packet and asks for it to be written at
@@ -326,6 +345,9 @@ impl Outbox {
         while !st.buf.is_empty() && st.phase != Phase::Dead {
             let mut batch = std::mem::take(&mut st.spare);
             std::mem::swap(&mut batch, &mut st.buf);
+            let mut large = std::mem::take(&mut st.spare_large);
+            std::mem::swap(&mut large, &mut st.large);
+            st.large_bytes = 0;
             st.n_packets = 0;
             st.urgent = false;
             st.owes_peer = false;
@@ -333,8 +355,12 @@ impl Outbox {
             let payload = extra.take();
             let res = MutexGuard::unlocked(&mut st, || {
                 self.space.notify_all();
-                self.write_batch(&batch, payload, stats)
+                let res = self.write_batch(&batch, &large, payload, stats);
+                // Free the large payloads here, not under the lock.
+                large.clear();
+                res
             });
+            st.spare_large = large;
             batch.clear();
             if batch.capacity() > KEEP_BUF_CAPACITY {
                 batch.shrink_to(KEEP_BUF_CAPACITY);
@@ -361,6 +387,7 @@ impl Outbox {
     fn write_batch(
         &self,
         batch: &[u8],
+        large: &[(usize, Vec<u8>)],
         payload: Option<&[u8]>,
         stats: &Counters,
     ) -> io::Result<()> {
@@ -371,8 +398,15 @@ impl Outbox {
                 "send side closed",
             ));
         };
-        writer.write_all(batch)?;
+        let mut pos = 0;
         let mut n_bytes = batch.len();
+        for (at, payload) in large {
+            writer.write_all(&batch[pos..*at])?;
+            writer.write_all(payload)?;
+            n_bytes += payload.len();
+            pos = *at;
+        }
+        writer.write_all(&batch[pos..])?;
         if let Some(payload) = payload {
             writer.write_all(payload)?;
             n_bytes += payload.len();
@@ -390,6 +424,8 @@ impl Outbox {
     fn kill(&self, st: &mut State) {
         st.phase = Phase::Dead;
         st.buf.clear();
+        st.large.clear();
+        st.large_bytes = 0;
         st.n_packets = 0;
         self.work.notify_all();
         self.space.notify_all();
@@ -534,8 +570,46 @@ mod tests {
         let res = outbox.push_request(ch, tag, kind, &[0; 60], false, false, &stats);
         assert!(matches!(res, Err(Error::WouldBlock)));
         let reply = Kind::Response { ok: true, flags: 0 };
-        assert_eq!(outbox.push_reply(0, 9, reply, &[0; 60], &stats), None);
+        assert_eq!(outbox.push_reply(0, 9, reply, vec![0; 60], &stats), None);
         assert!(outbox.has_unwritten());
+    }
+
+    #[test]
+    fn large_replies_are_queued_by_move_and_written_in_order() {
+        let rec = Recorder::default();
+        let outbox = Outbox::new(
+            Box::new(rec.clone()),
+            Duration::from_secs(60),
+            1 << 30,
+            1000,
+            1 << 30,
+        );
+        let stats = Counters::default();
+        let ok = Kind::Response { ok: true, flags: 0 };
+        let big = |byte: u8| vec![byte; DIRECT_WRITE_MIN + 1];
+        let mut want = Vec::new();
+        for (tag, payload) in [
+            (2, vec![1u8; 10]),
+            (3, big(2)),
+            (4, vec![3; 5]),
+            (5, big(4)),
+        ] {
+            Packet {
+                channel: 0,
+                tag,
+                kind: ok,
+                payload: payload.clone(),
+            }
+            .encode_into(&mut want);
+            assert_eq!(outbox.push_reply(0, tag, ok, payload, &stats), None);
+        }
+        assert_eq!(outbox.flush_now(&stats), None);
+        let writes = rec.0.lock();
+        assert_eq!(writes.concat(), want);
+        // The large payloads went out as writes of their own, uncopied.
+        assert!(writes
+            .iter()
+            .any(|w| w.len() == DIRECT_WRITE_MIN + 1 && w[0] == 2));
     }
 
     #[test]
