@@ -512,6 +512,18 @@ impl PacketConnection {
         self.submit_inner(channel, rq_type, flags, payload, true, false)
     }
 
+    /// Like [`submit`](PacketConnection::submit), but fails with
+    /// [`Error::WouldBlock`] instead of blocking when the outgoing queue is
+    /// full.
+    ///
+    /// # Errors
+    ///
+    /// As for [`submit`](PacketConnection::submit), and
+    /// [`Error::WouldBlock`].
+    pub fn try_submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
+        self.submit_inner(0, rq_type, flags, payload, false, false)
+    }
+
     /// Like [`submit_on`](PacketConnection::submit_on), but fails with
     /// [`Error::WouldBlock`] instead of blocking when the outgoing queue is
     /// full.

@@ -61,6 +61,7 @@ pub enum Error {
     /// the request is still pending and can be waited on again.
     #[error("timed out")]
     Timeout,
+    /// [`try_submit`](crate::PacketConnection::try_submit) or
     /// [`try_submit_on`](crate::PacketConnection::try_submit_on) found the
     /// outgoing queue full.
     #[error("outgoing queue is full")]

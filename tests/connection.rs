@@ -714,3 +714,38 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
         threads_named("tn-")
     );
 }
+
+#[test]
+fn try_submit_would_block_on_a_full_queue_where_submit_waits() {
+    let (a, b) = UnixStream::pair().unwrap();
+    // The peer reads nothing; a long grace keeps our queue from draining by
+    // itself, and the queue holds two small requests.
+    let hour = std::time::Duration::from_secs(3600);
+    let client = PacketConnection::from_unix_stream(
+        a,
+        Config::default().packet_grace(hour).max_queued_packets(2),
+    )
+    .unwrap();
+    let first = client.try_submit(ECHO, 0, b"1").unwrap();
+    let second = client.try_submit(ECHO, 0, b"2").unwrap();
+    assert!(matches!(
+        client.try_submit(ECHO, 0, b"3"),
+        Err(Error::WouldBlock)
+    ));
+    assert!(matches!(
+        client.try_submit_on(4, ECHO, 0, b"3"),
+        Err(Error::WouldBlock)
+    ));
+    // A blocking submit makes room by writing the queue, then goes in.
+    let third = within("submit on a full queue", {
+        let client = Arc::new(client);
+        let c = Arc::clone(&client);
+        move || (c.submit(ECHO, 0, b"3").map(|p| p.tag()), client)
+    });
+    // The refused try_submit used up tag 4: tags are never reused.
+    assert_eq!(third.0.unwrap(), second.tag() + 2);
+    assert_eq!(third.1.stats().requests_sent, 3);
+    drop((first, second));
+    third.1.abort();
+    drop(b);
+}
