@@ -13,12 +13,15 @@
 //! counts are averages over many requests after a warm-up, with a fixed slack
 //! for one-off growth of tables and buffers. Nothing here is timed.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use packetstream::{Config, PacketConnection, Reply, Request};
+use common::echo;
+use packetstream::{Config, PacketConnection};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -37,16 +40,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn echo_pair() -> (PacketConnection, PacketConnection) {
     let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(
-        b,
-        Config::default().name("server").handler(|rq: Request| {
-            Ok(Reply {
-                flags: rq.flags,
-                payload: rq.payload,
-            })
-        }),
-    )
-    .unwrap();
+    let server =
+        PacketConnection::from_unix_stream(b, Config::default().name("server").handler(echo))
+            .unwrap();
     let client = PacketConnection::from_unix_stream(a, Config::default().name("client")).unwrap();
     (client, server)
 }

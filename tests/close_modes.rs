@@ -2,73 +2,21 @@
 //! with thousands of requests in flight and every one accounted for; and
 //! shutdowns that must not hang on a peer that never reads.
 
+mod common;
+
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{assert_threads_gone, echo, unique_name, within_or};
 use packetstream::{
-    Config, Disconnect, Error, PacketConnection, PendingResponse, Reply, Request, Response,
+    Config, Disconnect, Error, PacketConnection, PendingResponse, Request, Response,
 };
 
 /// Every blocking wait in this file ends after this long.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 const IN_FLIGHT: u64 = 10_000;
-
-fn echo(rq: Request) -> packetstream::HandlerResult {
-    Ok(Reply {
-        flags: rq.flags,
-        payload: rq.payload,
-    })
-}
-
-fn unique_name(prefix: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}{}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// The number of this process's threads whose name starts with `{name}:`.
-fn threads_named(name: &str) -> usize {
-    let prefix = format!("{name}:");
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(&prefix))
-        .count()
-}
-
-fn assert_threads_gone(name: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while threads_named(name) > 0 {
-        assert!(Instant::now() < deadline, "threads of {name} still running");
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs `f` on its own thread and returns its result, failing the test if
-/// it takes longer than `PATIENCE`; `on_timeout` then runs, to unstick it.
-fn within<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-    on_timeout: impl FnOnce(),
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(PATIENCE) {
-        Ok(res) => {
-            handle.join().unwrap();
-            res
-        }
-        Err(_) => {
-            on_timeout();
-            panic!("{what} did not return within {PATIENCE:?}");
-        }
-    }
-}
 
 /// A server that answers echo after a short pause, and a client, over a
 /// socketpair.
@@ -127,8 +75,9 @@ fn drain_close_of_the_client_answers_all_10k_requests_in_flight() {
     // everything and send its own EOF.
     let c = client.clone();
     let (s1, s2) = (server.clone(), client.clone());
-    within(
+    within_or(
         "close",
+        PATIENCE,
         move || c.close(),
         move || {
             s1.abort();
@@ -141,9 +90,9 @@ fn drain_close_of_the_client_answers_all_10k_requests_in_flight() {
     assert!(all.iter().all(|(_, res)| res.is_ok()));
     assert_eq!(client.stats().responses_ok, IN_FLIGHT);
     let s = server.clone();
-    within("server join", move || s.join(), || server.abort()).expect("server join");
-    assert_threads_gone(&sn);
-    assert_threads_gone(&cn);
+    within_or("server join", PATIENCE, move || s.join(), || server.abort()).expect("server join");
+    assert_threads_gone(&sn, PATIENCE);
+    assert_threads_gone(&cn, PATIENCE);
 }
 
 #[test]
@@ -168,8 +117,8 @@ fn drain_close_of_the_server_answers_or_refuses_each_of_10k_requests_once() {
     // completes.
     client.close_timeout(PATIENCE).expect("client close");
     closer.join().unwrap().expect("server close");
-    assert_threads_gone(&sn);
-    assert_threads_gone(&cn);
+    assert_threads_gone(&sn, PATIENCE);
+    assert_threads_gone(&cn, PATIENCE);
 }
 
 #[test]
@@ -180,8 +129,8 @@ fn drain_with_a_deadline_that_is_met_answers_everything() {
     client.close_timeout(PATIENCE).expect("drained in time");
     assert!(outcomes(pending).iter().all(|(_, res)| res.is_ok()));
     server.close_timeout(PATIENCE).expect("server close");
-    assert_threads_gone(&sn);
-    assert_threads_gone(&cn);
+    assert_threads_gone(&sn, PATIENCE);
+    assert_threads_gone(&cn, PATIENCE);
 }
 
 /// Fills the outgoing queue of a connection whose peer reads nothing, with
@@ -223,8 +172,9 @@ fn drain_with_a_deadline_against_a_silent_peer_gives_up_and_fails_every_request(
     let submitter = thread::spawn(move || c.submit(1, 0, &[7; 4096]).map(|_| ()));
     let res = client.close_timeout(Duration::from_millis(200));
     assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
-    let res = within(
+    let res = within_or(
         "the blocked submitter",
+        PATIENCE,
         move || submitter.join().unwrap(),
         || {},
     );
@@ -235,7 +185,7 @@ fn drain_with_a_deadline_against_a_silent_peer_gives_up_and_fails_every_request(
             other => panic!("request {idx}: {other:?}"),
         }
     }
-    assert_threads_gone(&name);
+    assert_threads_gone(&name, PATIENCE);
     drop(silent);
 }
 
@@ -245,7 +195,7 @@ fn abort_with_10k_requests_in_flight_ends_each_one_at_once() {
     let (server, client) = pair(&sn, &cn, Duration::from_micros(50));
     let pending = submit_many(&client, IN_FLIGHT);
     let c = client.clone();
-    within("abort", move || c.abort(), || {});
+    within_or("abort", PATIENCE, move || c.abort(), || {});
     let all = outcomes(pending);
     let lost = all
         .iter()
@@ -260,9 +210,9 @@ fn abort_with_10k_requests_in_flight_ends_each_one_at_once() {
     assert!(matches!(client.submit(1, 0, b""), Err(e) if e.is_disconnect()));
     // The server sees the socket shut down and ends too.
     let s = server.clone();
-    within("server join", move || s.join(), || server.abort()).ok();
-    assert_threads_gone(&cn);
-    assert_threads_gone(&sn);
+    within_or("server join", PATIENCE, move || s.join(), || server.abort()).ok();
+    assert_threads_gone(&cn, PATIENCE);
+    assert_threads_gone(&sn, PATIENCE);
 }
 
 #[test]
@@ -278,12 +228,17 @@ fn abort_never_blocks_on_a_peer_that_never_reads() {
     });
     let pending = fill_queue(&client);
     let c = client.clone();
-    within("abort", move || c.abort(), || {});
+    within_or("abort", PATIENCE, move || c.abort(), || {});
     // The socket is shut down, which ends the blocked write.
-    let res = within("the blocked writer", move || writer.join().unwrap(), || {});
+    let res = within_or(
+        "the blocked writer",
+        PATIENCE,
+        move || writer.join().unwrap(),
+        || {},
+    );
     assert!(matches!(&res, Err(e) if e.is_disconnect()), "{res:?}");
     assert!(outcomes(pending).iter().all(|(_, res)| res.is_err()));
-    assert_threads_gone(&name);
+    assert_threads_gone(&name, PATIENCE);
     drop(silent);
 }
 
@@ -293,7 +248,7 @@ fn drop_never_blocks_and_the_threads_end_once_the_peer_goes() {
     let (client, silent) = silent_pair(&name);
     let pending = fill_queue(&client);
     let client = std::sync::Arc::into_inner(client).unwrap();
-    within("drop", move || drop(client), || {});
+    within_or("drop", PATIENCE, move || drop(client), || {});
     // The handles still wait; the connection ends when the peer goes away,
     // and each of them then fails.
     drop(silent);
@@ -303,5 +258,5 @@ fn drop_never_blocks_and_the_threads_end_once_the_peer_goes() {
             "request {idx}: {res:?}"
         );
     }
-    assert_threads_gone(&name);
+    assert_threads_gone(&name, PATIENCE);
 }

@@ -396,12 +396,10 @@ fn server_close_finishes_its_handlers_before_eof() {
         .map(|i| client.submit(SLEEP, i, b"100").unwrap())
         .collect();
     // Once the server has them all in progress, it closes.
-    within("server close", move || {
-        while server.stats().in_progress < 6 {
-            thread::sleep(ms(1));
-        }
-        server.close().unwrap();
+    wait_for("6 requests in progress", LIMIT, || {
+        server.stats().in_progress >= 6
     });
+    within("server close", move || server.close().unwrap());
     for (i, p) in pending.into_iter().enumerate() {
         assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
     }
@@ -451,12 +449,10 @@ fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
         .collect();
     let server = Arc::new(server);
     let stalled = Arc::clone(&server);
-    let res = within("close_timeout", move || {
-        while stalled.stats().in_progress < 3 {
-            thread::sleep(ms(1));
-        }
-        stalled.close_timeout(ms(200))
+    wait_for("3 stalled requests in progress", LIMIT, || {
+        stalled.stats().in_progress >= 3
     });
+    let res = within("close_timeout", move || stalled.close_timeout(ms(200)));
     assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
     // The server's own requests: none. The client's wait on the stalled server
     // ends once the client closes with a deadline too.
@@ -671,15 +667,11 @@ fn default_grace_still_writes_an_unwaited_submit() {
     let (client, server) = pair();
     // Nobody waits on this one: the send thread writes it after the grace.
     let pending = client.submit(ECHO, 1, b"fire").unwrap();
-    let stats_server = Arc::new(server);
-    let s = Arc::clone(&stats_server);
-    within("the unwaited request arrives", move || {
-        while s.stats().requests_received == 0 {
-            thread::sleep(ms(1));
-        }
+    wait_for("the unwaited request to arrive", LIMIT, || {
+        server.stats().requests_received > 0
     });
     assert_eq!(pending.wait_timeout(LIMIT).unwrap().flags, 1);
-    close_both(client, Arc::try_unwrap(stats_server).ok().unwrap());
+    close_both(client, server);
 }
 
 #[test]
@@ -696,10 +688,8 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
         PacketConnection::from_unix_stream(b, server_config("tn-s").handler_threads(2)).unwrap();
     let client = PacketConnection::from_unix_stream(a, Config::default().name("tn-c")).unwrap();
     // A thread names itself as it starts.
-    within("threads start", || {
-        while threads_named("tn-").len() < 6 {
-            thread::sleep(ms(1));
-        }
+    wait_for("the threads to start", LIMIT, || {
+        threads_named("tn-").len() >= 6
     });
     assert_eq!(threads_named("tn-c"), ["tn-c:recv", "tn-c:send"]);
     assert_eq!(

@@ -4,6 +4,8 @@
 //!
 //! Bounded by default; `PACKETSTREAM_LONG=1` runs more trials.
 
+mod common;
+
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,108 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer};
 use packetstream::{
     Config, Disconnect, Error, Kind, OnClose, Packet, PacketConnection, Reply, Request,
 };
 
 /// Every blocking wait in this file ends after this long.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn long() -> bool {
-    std::env::var_os("PACKETSTREAM_LONG").is_some_and(|v| v != "0")
-}
-
-fn echo(rq: Request) -> packetstream::HandlerResult {
-    Ok(Reply {
-        flags: rq.flags,
-        payload: rq.payload,
-    })
-}
-
-/// A connection name no other test uses, short enough that its thread
-/// names stay readable in `/proc` (which keeps 15 bytes of a name).
-fn unique_name(prefix: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}{}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
-/// The number of this process's threads whose name starts with `{name}:`.
-fn threads_named(name: &str) -> usize {
-    let prefix = format!("{name}:");
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(&prefix))
-        .count()
-}
-
-/// Waits until no thread of connection `name` is left.
-fn assert_threads_gone(name: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while threads_named(name) > 0 {
-        assert!(Instant::now() < deadline, "threads of {name} still running");
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Prints a figure to standard error, past the test harness's capture, so
-/// that it shows in every run.
-fn report(line: String) {
-    io::stderr()
-        .write_all(format!("{line}\n").as_bytes())
-        .unwrap();
-}
-
-/// Polls `cond` until it holds, failing the test after `PATIENCE`.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// The test's end of a socket, speaking raw packets.
-struct RawPeer {
-    stream: UnixStream,
-}
-
-impl RawPeer {
-    fn new(stream: UnixStream) -> RawPeer {
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        stream.set_write_timeout(Some(PATIENCE)).unwrap();
-        RawPeer { stream }
-    }
-
-    fn send(&mut self, packet: &Packet) {
-        let mut wire = Vec::new();
-        packet.encode_into(&mut wire);
-        self.stream.write_all(&wire).unwrap();
-    }
-
-    fn request(&mut self, tag: u64, rq_type: u64, payload: &[u8]) {
-        self.send(&Packet {
-            channel: 0,
-            tag,
-            kind: Kind::Request { rq_type, flags: 0 },
-            payload: payload.to_vec(),
-        });
-    }
-
-    fn recv(&mut self) -> Packet {
-        Packet::read_from(&mut self.stream, u64::MAX)
-            .expect("read a packet")
-            .expect("a packet, not the end")
-    }
-}
-
-/// A connection under test on one end of a socketpair, the raw peer on the
-/// other.
-fn raw_pair(config: Config) -> (PacketConnection, RawPeer) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let conn = PacketConnection::from_unix_stream(a, config).unwrap();
-    (conn, RawPeer::new(b))
-}
 
 // ---------------------------------------------------------------------------
 // Maximum packet size.
@@ -121,17 +28,18 @@ fn raw_pair(config: Config) -> (PacketConnection, RawPeer) {
 fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     const MAX: u64 = 1024;
     let name = unique_name("ov");
-    let (conn, mut peer) = raw_pair(
+    let (conn, mut peer) = RawPeer::with_patience(
         Config::default()
             .name(&name)
             .max_packet_len(MAX)
             .handler(echo),
+        PATIENCE,
     );
     // 16 MiB announced and sent; the limit is 1 KiB.
     let big = vec![0xa5u8; 16 << 20];
     peer.request(7, 1, &big);
     peer.request(8, 1, b"after");
-    let refusal = peer.recv();
+    let refusal = peer.recv_packet();
     assert_eq!(refusal.tag, 7);
     assert_eq!(
         refusal.kind,
@@ -142,7 +50,7 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     );
     let reason = String::from_utf8(refusal.payload).unwrap();
     assert!(reason.starts_with("packet too large"), "{reason}");
-    let reply = peer.recv();
+    let reply = peer.recv_packet();
     assert_eq!((reply.tag, reply.payload.as_slice()), (8, &b"after"[..]));
     assert_eq!(reply.kind, Kind::Response { ok: true, flags: 0 });
     let stats = conn.stats();
@@ -151,24 +59,18 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     // The connection still closes in order.
     peer.send(&Packet::eof());
     conn.close_timeout(PATIENCE).expect("orderly close");
-    assert_threads_gone(&name);
+    assert_threads_gone(&name, PATIENCE);
 }
 
 #[test]
 fn oversize_response_fails_its_request_only() {
     const MAX: u64 = 1024;
-    let (conn, mut peer) = raw_pair(Config::default().max_packet_len(MAX));
+    let (conn, mut peer) = RawPeer::with_patience(Config::default().max_packet_len(MAX), PATIENCE);
     let first = conn.submit(1, 0, b"big please").unwrap();
     let second = conn.submit(1, 0, b"small please").unwrap();
     let (t1, t2) = (first.tag(), second.tag());
-    let reply = |tag, payload: Vec<u8>| Packet {
-        channel: 0,
-        tag,
-        kind: Kind::Response { ok: true, flags: 0 },
-        payload,
-    };
-    peer.send(&reply(t1, vec![1; 1 << 20]));
-    peer.send(&reply(t2, b"fine".to_vec()));
+    peer.send(&response(t1, true, 0, &vec![1; 1 << 20]));
+    peer.send(&response(t2, true, 0, b"fine"));
     match first.wait_timeout(PATIENCE) {
         Err(Error::TooLarge { max, .. }) => assert_eq!(max, MAX),
         other => panic!("{other:?}"),
@@ -184,7 +86,8 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
     let tails: [&[u8]; 3] = [b"", &[0x05, 0x06, 0x09, 1, 2, 3], &[0xff; 12]];
     for tail in tails {
         let name = unique_name("ab");
-        let (conn, mut peer) = raw_pair(Config::default().name(&name).handler(echo));
+        let (conn, mut peer) =
+            RawPeer::with_patience(Config::default().name(&name).handler(echo), PATIENCE);
         let pending = conn.submit(1, 0, b"q").unwrap();
         let mut wire = vec![0xa0, 0x80, 0x80, 0x80, 0x80, 0x00]; // 2^40
         wire.extend_from_slice(tail);
@@ -200,7 +103,7 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
             other => panic!("tail {tail:?}: {other:?}"),
         }
         assert!(conn.submit(1, 0, b"").unwrap_err().is_disconnect());
-        assert_threads_gone(&name);
+        assert_threads_gone(&name, PATIENCE);
     }
 }
 
@@ -261,28 +164,24 @@ fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
     // buffer, and never reads them; it then answers our request. The
     // receive thread must not be stuck behind a handler blocked on a write.
     for handler_threads in [1, 2] {
-        let (conn, mut peer) = raw_pair(
+        let (conn, mut peer) = RawPeer::with_patience(
             Config::default()
                 .handler_threads(handler_threads)
                 .handler_queue(1)
                 .handler(|rq: Request| Ok(Reply::payload(vec![rq.tag as u8; 1 << 20]))),
+            PATIENCE,
         );
         let ours = conn.submit(5, 0, b"question").unwrap();
-        let question = peer.recv();
+        let question = peer.recv_packet();
         assert_eq!(question.tag, ours.tag());
         peer.request(100, 1, b"");
-        wait_for("the first reply", || conn.stats().replies_ok == 1);
+        wait_for("the first reply", PATIENCE, || conn.stats().replies_ok == 1);
         // Give a handler time to start writing, were it to write.
         thread::sleep(Duration::from_millis(100));
         for tag in 101..106 {
             peer.request(tag, 1, b"");
         }
-        peer.send(&Packet {
-            channel: 0,
-            tag: ours.tag(),
-            kind: Kind::Response { ok: true, flags: 9 },
-            payload: b"answer".to_vec(),
-        });
+        peer.send(&response(ours.tag(), true, 9, b"answer"));
         let rsp = ours.wait_timeout(PATIENCE);
         conn.abort();
         let rsp = rsp.unwrap_or_else(|e| panic!("{handler_threads} handler threads: {e}"));
@@ -337,7 +236,9 @@ fn wait_timeout_leaves_the_request_pending_and_cancel_frees_it() {
     let rsp = kept.wait_timeout(PATIENCE).expect("the kept request");
     assert_eq!(rsp.payload, b"kept");
     // The late replies are dropped quietly, and the connection goes on.
-    wait_for("the late replies", || client.stats().responses_ok == 1001);
+    wait_for("the late replies", PATIENCE, || {
+        client.stats().responses_ok == 1001
+    });
     let rsp = client
         .submit(1, 5, b"after")
         .unwrap()
@@ -556,8 +457,8 @@ fn scripted_exchange(
             }
         }
     });
-    assert_threads_gone(&fa);
-    assert_threads_gone(&fb);
+    assert_threads_gone(&fa, PATIENCE);
+    assert_threads_gone(&fb, PATIENCE);
     tally.trials += 1;
     bytes
 }
@@ -737,7 +638,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         );
         let status = child.into_inner().unwrap().wait().unwrap();
         assert!(!status.success(), "{what}: {status}");
-        assert_threads_gone(&name);
+        assert_threads_gone(&name, PATIENCE);
         tally.trials += 1;
     }
     report(format!(

@@ -10,6 +10,8 @@
 //! Without Python 3 or `../shared/interop`, the Python pairings are skipped
 //! with a printed reason, except under `CI=true`, where that is a failure.
 
+mod common;
+
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -17,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{ms, report};
 use packetstream::{Kind, Packet};
 
 /// What the client of either implementation checks: `echo_reverse` for 4
@@ -37,22 +40,12 @@ const EOF_HOLD: Duration = Duration::from_millis(100);
 /// The relay's limit on one packet.
 const RELAY_MAX_PACKET: u64 = 256 << 20;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Prints a line on standard error, past the test harness's capture, so that
-/// skips and timings show in a plain `cargo test`.
-fn say(line: &str) {
-    let _ = writeln!(io::stderr(), "{line}");
 }
 
 fn tail(text: &str) -> &str {
@@ -220,7 +213,7 @@ fn reference() -> Option<&'static Reference> {
         Ok(reference) => Some(reference),
         Err(why) if in_ci() => panic!("interop tests must run under CI, but: {why}"),
         Err(why) => {
-            say(&format!(
+            report(format!(
                 "SKIPPED: cannot run the reference implementation: {why}"
             ));
             None
@@ -534,7 +527,7 @@ fn assert_pairing_passed(name: &str, run: &PairingRun, n_checks: usize) {
         "{name}: client's closing line\n{both}"
     );
     assert!(run.wire.errors.is_empty(), "{name}: {:?}", run.wire.errors);
-    say(&format!(
+    report(format!(
         "{name}: {n_checks} checks passed, both exited 0, in {:.2}s",
         run.elapsed.as_secs_f64()
     ));

@@ -6,25 +6,17 @@
 //! Tests that measure the whole process (RSS, thread count) re-run this
 //! binary on just themselves, so that other tests do not disturb the figures.
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use packetstream::{Config, PacketConnection, PendingResponse, Reply, Request};
+use common::{echo, long, proc_status, report, wait_for};
+use packetstream::{Config, PacketConnection, PendingResponse};
 
 /// Every blocking wait in this file ends by this long after it starts.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn long() -> bool {
-    std::env::var_os("PACKETSTREAM_LONG").is_some_and(|v| v != "0")
-}
-
-fn echo(rq: Request) -> packetstream::HandlerResult {
-    Ok(Reply {
-        flags: rq.flags,
-        payload: rq.payload,
-    })
-}
 
 /// A deterministic payload for request `idx`, from `max_len / 2` to
 /// `max_len` bytes: its length and bytes depend on the index, so a reply
@@ -208,41 +200,13 @@ fn isolated(test: &str) -> bool {
     false
 }
 
-/// A field of `/proc/self/status`, such as `Threads` or `VmRSS` (in kB).
-fn proc_status(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line[field.len() + 1..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// Figures go to standard error, which the test harness does not capture
-/// for a child process.
-fn report(line: String) {
-    use std::io::Write;
-    std::io::stderr()
-        .write_all(format!("{line}\n").as_bytes())
-        .unwrap();
-}
-
 /// Waits until the process is back to `baseline` threads.
 fn wait_for_threads(baseline: u64) {
-    let deadline = Instant::now() + PATIENCE;
-    while proc_status("Threads") != baseline {
-        assert!(
-            Instant::now() < deadline,
-            "{} threads, baseline {baseline}",
-            proc_status("Threads")
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        &format!("the thread count to return to {baseline}"),
+        PATIENCE,
+        || proc_status("Threads") == baseline,
+    );
 }
 
 #[test]

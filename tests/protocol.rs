@@ -322,8 +322,9 @@ fn an_io_error_fails_what_is_pending() {
 fn close_sends_erq_then_replies_then_eof_and_waits_for_the_peers_eof() {
     let (conn, mut peer) = RawPeer::with(server_config("order"));
     peer.send(&request(2, SLEEP, 0, b"100"));
-    let (_, rq_seen) = within_stats(&conn);
-    assert!(rq_seen);
+    wait_for("a request in progress", LIMIT, || {
+        conn.stats().in_progress > 0
+    });
     let conn = Arc::new(conn);
     let (done_tx, done_rx) = mpsc::channel();
     let closer = {
@@ -355,19 +356,6 @@ fn close_sends_erq_then_replies_then_eof_and_waits_for_the_peers_eof() {
         None,
         "nothing after EOF, and the stream is closed"
     );
-}
-
-/// Waits until `conn` has a request in progress.
-fn within_stats(conn: &PacketConnection) -> ((), bool) {
-    let deadline = std::time::Instant::now() + LIMIT;
-    while conn.stats().in_progress == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request never arrived"
-        );
-        thread::sleep(ms(1));
-    }
-    ((), true)
 }
 
 #[test]

@@ -16,7 +16,7 @@ use packetstream::{
     PacketConnection, Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
 };
 
-use common::{ms, threads_named, within, LIMIT};
+use common::{ms, threads_named, wait_for, within, LIMIT};
 
 /// The service's context: a running total, and a hook to hold a request
 /// in its handler.
@@ -336,11 +336,9 @@ fn stop_answers_requests_in_progress_then_closes_every_connection() {
     // The stop closes the holder's connection first: its ERQ arrives, and
     // the close waits for the request in progress before its EOF. The
     // others are closed after it.
-    let waited = std::time::Instant::now();
-    while holder.stats().packets_in == packets_before && !held.is_ready() {
-        assert!(waited.elapsed() < LIMIT, "the stop never began");
-        thread::sleep(ms(1));
-    }
+    wait_for("the stop to begin", LIMIT, || {
+        holder.stats().packets_in != packets_before || held.is_ready()
+    });
     assert!(!held.is_ready(), "the request in progress was cut off");
     release_tx.send(()).unwrap();
     held.wait_timeout(LIMIT)
@@ -409,11 +407,9 @@ fn dropping_the_server_starts_closing_its_connections() {
     // The server's EOF ends the client's connection.
     within("the client seeing the end", move || client.join().unwrap());
     // The server's threads end by themselves.
-    let started = std::time::Instant::now();
-    while !threads_named("srv-e").is_empty() {
-        assert!(started.elapsed() < LIMIT, "threads left behind");
-        thread::sleep(ms(5));
-    }
+    wait_for("the threads of srv-e to end", LIMIT, || {
+        threads_named("srv-e").is_empty()
+    });
 }
 
 #[test]
@@ -421,11 +417,7 @@ fn stop_timeout_gives_up_on_a_client_that_never_answers() {
     let (server, addr, _) = tcp_server("srv-f", 4);
     // A raw client that sends nothing and never sends its EOF.
     let mut silent = TcpStream::connect(addr).unwrap();
-    let started = std::time::Instant::now();
-    while server.connections() == 0 {
-        assert!(started.elapsed() < LIMIT, "the server never accepted");
-        thread::sleep(ms(5));
-    }
+    wait_for("the server to accept", LIMIT, || server.connections() > 0);
     let res = within("a bounded stop", move || {
         server.stop_timeout(Duration::from_millis(300))
     });
@@ -438,11 +430,9 @@ fn stop_timeout_gives_up_on_a_client_that_never_answers() {
     Packet::erq().encode_into(&mut want);
     Packet::eof().encode_into(&mut want);
     assert_eq!(got, want);
-    let started = std::time::Instant::now();
-    while !threads_named("srv-f").is_empty() {
-        assert!(started.elapsed() < LIMIT, "threads left behind");
-        thread::sleep(ms(5));
-    }
+    wait_for("the threads of srv-f to end", LIMIT, || {
+        threads_named("srv-f").is_empty()
+    });
 }
 
 #[test]

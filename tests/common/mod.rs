@@ -2,15 +2,30 @@
 // Each test binary uses some of these; `pub` items in a test-only module are fine.
 #![allow(dead_code, unreachable_pub)]
 
+use std::fmt::Display;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use packetstream::{Config, HandlerResult, Kind, Packet, PacketConnection, Reply, Request};
 
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
+}
+
+/// True when `PACKETSTREAM_LONG` asks for the full-size variants.
+pub fn long() -> bool {
+    std::env::var_os("PACKETSTREAM_LONG").is_some_and(|v| v != "0")
+}
+
+/// Prints a figure to standard error, past the test harness's capture, so
+/// that it shows in every run (and from a child copy of a test binary).
+pub fn report(line: impl Display) {
+    std::io::stderr()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
 }
 
 /// The longest any single step of a test may take before it counts as a hang.
@@ -19,16 +34,43 @@ pub const LIMIT: Duration = Duration::from_secs(30);
 /// Runs `f` on its own thread and fails the test if it takes longer than
 /// `LIMIT`. The thread is joined when it finishes in time.
 pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    within_or(what, LIMIT, f, || {})
+}
+
+/// Runs `f` on its own thread and returns its result, failing the test if
+/// it takes longer than `patience`; `on_timeout` then runs first, to unstick
+/// it. The thread is joined when it finishes in time.
+pub fn within_or<T: Send + 'static>(
+    what: &str,
+    patience: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+    on_timeout: impl FnOnce(),
+) -> T {
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    match rx.recv_timeout(LIMIT) {
+    match rx.recv_timeout(patience) {
         Ok(value) => {
             handle.join().expect("finished thread joins");
             value
         }
-        Err(_) => panic!("{what} did not finish within {LIMIT:?}: hang"),
+        Err(_) => {
+            on_timeout();
+            panic!("{what} did not finish within {patience:?}: hang");
+        }
+    }
+}
+
+/// Polls `cond` until it holds, failing the test after `patience`.
+pub fn wait_for(what: &str, patience: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        std::thread::sleep(ms(2));
     }
 }
 
@@ -37,23 +79,25 @@ pub const FAIL: u64 = 2;
 pub const SLEEP: u64 = 3;
 pub const PANIC: u64 = 4;
 
+/// A handler that answers every request with its own flags and payload.
+pub fn echo(rq: Request) -> HandlerResult {
+    Ok(Reply {
+        flags: rq.flags,
+        payload: rq.payload,
+    })
+}
+
 /// ECHO answers with the request's flags and payload; FAIL fails with the
 /// payload as reason; SLEEP sleeps the payload's decimal milliseconds, then
 /// echoes; PANIC panics.
 pub fn service(rq: Request) -> HandlerResult {
     match rq.rq_type {
-        ECHO => Ok(Reply {
-            flags: rq.flags,
-            payload: rq.payload,
-        }),
+        ECHO => echo(rq),
         FAIL => Err(String::from_utf8(rq.payload)?.into()),
         SLEEP => {
             let millis: u64 = std::str::from_utf8(&rq.payload)?.parse()?;
             std::thread::sleep(ms(millis));
-            Ok(Reply {
-                flags: rq.flags,
-                payload: rq.payload,
-            })
+            echo(rq)
         }
         PANIC => panic!("handler told to panic"),
         other => Err(format!("unknown rq_type {other}").into()),
@@ -72,18 +116,33 @@ pub fn pair() -> (PacketConnection, PacketConnection) {
     (client, server)
 }
 
+/// A connection name no other test uses, short enough that its thread
+/// names stay readable in `/proc` (which keeps 15 bytes of a name).
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A scripted peer on a raw socket: sends and receives packets by hand.
-/// Every read has a timeout.
+/// Every read and write has a timeout.
 pub struct RawPeer {
     pub stream: UnixStream,
     buf: Vec<u8>,
 }
 
 impl RawPeer {
-    /// A connection with `config` and a raw peer on the other end.
+    /// A connection with `config` and a raw peer on the other end, whose
+    /// reads and writes fail after `LIMIT`.
     pub fn with(config: Config) -> (PacketConnection, RawPeer) {
+        RawPeer::with_patience(config, LIMIT)
+    }
+
+    /// A connection with `config` and a raw peer on the other end, whose
+    /// reads and writes fail after `patience`.
+    pub fn with_patience(config: Config, patience: Duration) -> (PacketConnection, RawPeer) {
         let (a, b) = UnixStream::pair().unwrap();
-        b.set_read_timeout(Some(LIMIT)).unwrap();
+        b.set_read_timeout(Some(patience)).unwrap();
+        b.set_write_timeout(Some(patience)).unwrap();
         let conn = PacketConnection::from_unix_stream(a, config).unwrap();
         (
             conn,
@@ -102,6 +161,11 @@ impl RawPeer {
 
     pub fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends a request on channel 0 with flags 0.
+    pub fn request(&mut self, tag: u64, rq_type: u64, payload: &[u8]) {
+        self.send(&request(tag, rq_type, 0, payload));
     }
 
     /// The next packet, or `None` at the end of the stream. Panics on a read
@@ -123,6 +187,12 @@ impl RawPeer {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// The next packet. Panics at the end of the stream or on a read
+    /// timeout.
+    pub fn recv_packet(&mut self) -> Packet {
+        self.recv().expect("a packet, not the end")
     }
 
     /// Receives until `pred` matches, returning the skipped packets too.
@@ -158,18 +228,23 @@ pub fn response(tag: u64, ok: bool, flags: u64, payload: &[u8]) -> Packet {
     }
 }
 
-/// Threads of this process, from /proc.
-pub fn thread_count() -> usize {
+/// A field of `/proc/self/status`, such as `Threads` or `VmRSS` (in kB).
+pub fn proc_status(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
+    let line = status
         .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line[field.len() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
         .unwrap()
 }
 
 /// Threads of this process whose name starts with `prefix` (names are cut
-/// to 15 bytes by the kernel).
+/// to 15 bytes by the kernel), sorted.
 pub fn threads_named(prefix: &str) -> Vec<String> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -183,4 +258,22 @@ pub fn threads_named(prefix: &str) -> Vec<String> {
     }
     names.sort();
     names
+}
+
+/// Waits until no thread of connection `name` (named `{name}:...`) is left,
+/// failing the test after `patience`.
+pub fn assert_threads_gone(name: &str, patience: Duration) {
+    let prefix = format!("{name}:");
+    let deadline = Instant::now() + patience;
+    loop {
+        let left = threads_named(&prefix);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads of {name} still running: {left:?}"
+        );
+        std::thread::sleep(ms(5));
+    }
 }
