@@ -150,8 +150,11 @@ fn concurrent_adds_from_many_threads_all_count() -> Result<(), Error> {
     pair.close()
 }
 
-/// Every check, by name, for `main` and the `#[test]`s.
-const CHECKS: &[(&str, fn() -> Result<(), Error>)] = &[
+/// One check: `Ok` if it passed.
+type Check = fn() -> Result<(), Error>;
+
+/// Every check, by name, for `main`; the `#[test]`s below call the same.
+const CHECKS: &[(&str, Check)] = &[
     ("adds_accumulate", adds_accumulate),
     (
         "unknown_counter_fails_with_404",
