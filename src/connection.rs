@@ -355,7 +355,8 @@ impl Shared {
 /// the other's.
 ///
 /// Owns three kinds of threads: a receive thread, a send thread, and a pool
-/// of handler threads for the peer's requests. `close` (or `join`, for a
+/// of handler threads for the peer's requests; the crate documentation's
+/// "Threads" section says what runs where. `close` (or `join`, for a
 /// server waiting for its client to finish) ends them in order; dropping the
 /// connection starts the same shutdown without waiting for it.
 pub struct PacketConnection {
@@ -650,7 +651,11 @@ impl PacketConnection {
         self.shared.end_requests();
     }
 
-    /// A snapshot of the connection's counters.
+    /// A snapshot of the connection's counters: packets and bytes each way,
+    /// writes, requests sent and received, their outcomes, and the requests
+    /// pending and in progress now. Cheap (atomic loads and two short
+    /// locks), so it can be taken at any time from any thread, for a
+    /// progress line or a health check; the `progress` example draws one.
     pub fn stats(&self) -> Stats {
         let in_progress = self.shared.dispatch.lock().in_flight.len() as u64;
         self.shared

@@ -45,20 +45,439 @@
 //! # Ok::<(), packetstream::Error>(())
 //! ```
 //!
+//! Both ends are the same type: the "server" is just the end with a
+//! handler, and an end can have a handler and make requests at once.
+//!
+//! # Picking a constructor
+//!
+//! | you have | start the connection with |
+//! |---|---|
+//! | a child process, spawned with piped stdin and stdout | [`PacketConnection::from_child`] |
+//! | nothing: you *are* the child, serving your parent | [`PacketConnection::stdio`] |
+//! | a `UnixStream`, such as one end of `UnixStream::pair()` in a test | [`PacketConnection::from_unix_stream`] |
+//! | a Unix socket path or a TCP address to connect to | [`PacketConnection::connect_unix`], [`PacketConnection::connect_tcp`] |
+//! | an accepted `TcpStream` | [`PacketConnection::from_tcp_stream`] |
+//! | a listener, to serve many clients | [`Server::serve_unix`], [`Server::serve_tcp`] |
+//! | one file descriptor used both ways (a socket) | [`PacketConnection::from_fd`], [`PacketConnection::from_borrowed_fd`] |
+//! | two file descriptors, such as inherited pipes | [`PacketConnection::from_fds`], [`PacketConnection::from_borrowed_fds`] |
+//! | any `Read` and `Write` | [`PacketConnection::new`] |
+//! | streams to open on demand, with a hook to run at close | [`PacketConnection::connect_with`] |
+//!
+//! Every constructor takes a [`Config`]: the connection's name (used in its
+//! threads' names and log lines), the handler, the number of handler
+//! threads, the packet grace, and the limits on packet length and on the
+//! outgoing queue. The defaults follow the reference implementation.
+//!
+//! The socket constructors also shut the socket down on
+//! [`abort`](PacketConnection::abort), which unblocks the receive thread;
+//! with plain `Read` and `Write` the receive thread ends only when the
+//! stream does.
+//!
+//! # Requests and responses
+//!
+//! A request is a `rq_type`, a `flags` word and a payload, all the
+//! application's to define. [`call`](PacketConnection::call) sends one and
+//! waits for its [`Response`]; [`submit`](PacketConnection::submit) sends it
+//! and returns a [`PendingResponse`] at once, so that many requests can be
+//! in flight. A pending response is waited for with
+//! [`wait`](PendingResponse::wait) or
+//! [`wait_timeout`](PendingResponse::wait_timeout) (after a timeout the
+//! request is still pending), polled with
+//! [`try_wait`](PendingResponse::try_wait), or given up with
+//! [`cancel`](PendingResponse::cancel), as dropping it does.
+//! [`call_as`](PacketConnection::call_as) and
+//! [`wait_as`](PendingResponse::wait_as) decode the response through
+//! [`FromResponse`]: into its flags (`u64`), its payload (`Vec<u8>`,
+//! `String`), both, or nothing (`()`).
+//!
+//! A not-ok response is an `Err`, [`Error::Failed`], which carries the
+//! reply's flags and payload, so `?` works at call sites.
+//!
+//! ```
+//! # use std::os::unix::net::UnixStream;
+//! # use std::time::Duration;
+//! # use packetstream::{Config, Error, Failure, PacketConnection, Request};
+//! # let (a, b) = UnixStream::pair()?;
+//! # let server = PacketConnection::from_unix_stream(b, Config::default().handler(
+//! #     |rq: Request| match rq.payload.as_slice() {
+//! #         b"" => Err(Failure::new(404, "empty").into()),
+//! #         payload => Ok((payload.len() as u64, payload.to_ascii_uppercase()).into()),
+//! #     },
+//! # ))?;
+//! # let client = PacketConnection::from_unix_stream(a, Config::default())?;
+//! // Many in flight: submit them all, then collect the responses.
+//! let pending: Vec<_> = ["a", "bb", "ccc"]
+//!     .iter()
+//!     .map(|text| client.submit(1, 0, text.as_bytes()))
+//!     .collect::<Result<_, _>>()?;
+//! let lengths = pending
+//!     .into_iter()
+//!     .map(|p| p.wait_as::<u64>())
+//!     .collect::<Result<Vec<_>, _>>()?;
+//! assert_eq!(lengths, [1, 2, 3]);
+//!
+//! // Decode the payload as text.
+//! let text: String = client.call_as(1, 0, b"shout")?;
+//! assert_eq!(text, "SHOUT");
+//!
+//! // The handler's not-ok reply, with its flags and reason.
+//! match client.call(1, 0, b"") {
+//!     Err(Error::Failed { flags: 404, payload, .. }) => assert_eq!(payload, b"empty"),
+//!     other => panic!("expected a 404 failure, got {other:?}"),
+//! }
+//! # client.close()?;
+//! # server.join()?;
+//! # Ok::<(), packetstream::Error>(())
+//! ```
+//!
+//! `submit` blocks only while the outgoing queue is full
+//! ([`Config::max_queued_bytes`], [`Config::max_queued_packets`]);
+//! [`try_submit_on`](PacketConnection::try_submit_on) fails with
+//! [`Error::WouldBlock`] instead.
+//!
+//! # Handlers
+//!
+//! The handler serves the peer's requests. It is a closure
+//! `Fn(Request) -> HandlerResult`, or a type implementing
+//! [`RequestHandler`], given in [`Config::handler`]. It runs on the
+//! connection's pool of handler threads ([`Config::handler_threads`], 4 by
+//! default), so several requests are handled at once and the handler takes
+//! `&self`: shared state goes behind a `Mutex` or atomics.
+//!
+//! - `Ok(reply)` sends an ok response. [`Reply`] converts from `()`, `u64`
+//!   (the flags), `Vec<u8>`, `&[u8]`, `String`, `&str` (the payload) and
+//!   `(u64, Vec<u8>)`, as the reference's handlers may return.
+//! - `Err(e)` sends a not-ok response with flags 0 and `e`'s text, so `?`
+//!   works inside handlers; a [`Failure`] sends exactly its own flags and
+//!   payload.
+//! - A panic is caught and sent as a not-ok response; the connection goes
+//!   on.
+//!
+//! An end without a handler answers every request from the peer with a
+//! not-ok "no request handler".
+//!
+//! # Channels
+//!
+//! Every request travels on a channel, a number; 0 is the default, used by
+//! [`call`](PacketConnection::call) and [`submit`](PacketConnection::submit).
+//! [`call_on`](PacketConnection::call_on) and
+//! [`submit_on`](PacketConnection::submit_on) pick another. Each channel
+//! has its own sequence of tags, the handler sees the channel in
+//! [`Request::channel`], and the reply goes back on the same channel. The
+//! Python reference serves channel 0 only and refuses others with a not-ok
+//! response.
+//!
+//! ```
+//! # use std::os::unix::net::UnixStream;
+//! # use packetstream::{Config, PacketConnection, Request};
+//! # let (a, b) = UnixStream::pair()?;
+//! let server = PacketConnection::from_unix_stream(
+//!     b,
+//!     Config::default().handler(|rq: Request| Ok(rq.channel.into())),
+//! )?;
+//! let client = PacketConnection::from_unix_stream(a, Config::default())?;
+//! assert_eq!(client.call_on(5, 1, 0, b"")?.flags, 5);
+//! assert_eq!(client.submit_on(5, 1, 0, b"")?.tag(), 1); // channel 5's second tag
+//! # client.close()?;
+//! # server.join()?;
+//! # Ok::<(), packetstream::Error>(())
+//! ```
+//!
+//! # Shutdown and errors
+//!
+//! A connection ends in order, as the reference's does: each end sends
+//! end-of-requests (ERQ) when it will make no more requests, finishes the
+//! requests it is handling, and sends EOF last. An end's receive thread
+//! stops at the peer's EOF.
+//!
+//! - [`close`](PacketConnection::close) does all of that for this end and
+//!   waits for the peer's EOF; [`close_timeout`](PacketConnection::close_timeout)
+//!   gives up at a deadline and then aborts.
+//! - [`join`](PacketConnection::join) is for the serving end: it waits for
+//!   the peer to finish (its EOF), answers what is still in progress and
+//!   sends its own EOF, without starting a close itself.
+//! - [`end_requests`](PacketConnection::end_requests) sends ERQ alone:
+//!   responses still arrive, new requests fail with [`Error::Closed`].
+//! - [`abort`](PacketConnection::abort) stops at once: pending requests
+//!   fail, queued packets are dropped, no EOF is sent.
+//! - Dropping a connection starts `close` without waiting for it.
+//!
+//! Errors come in two kinds. Per request: [`Error::Failed`] (the peer
+//! answered not ok), [`Error::ConnectionLost`] (the connection ended first,
+//! and [`Disconnect`] says how), [`Error::Timeout`], [`Error::Cancelled`],
+//! and from `submit` [`Error::Closed`], [`Error::WouldBlock`] and
+//! [`Error::TooLarge`]. Per connection: the first [`Error::Io`],
+//! [`Error::Malformed`] or [`Error::TooLarge`] that ended it, returned once
+//! by `close` or `join`. [`Error::is_disconnect`] tells whether retrying on
+//! this connection is pointless.
+//!
+//! ```
+//! # use std::os::unix::net::UnixStream;
+//! # use std::sync::{mpsc, Mutex};
+//! # use std::time::Duration;
+//! # use packetstream::{Config, Error, PacketConnection, Request};
+//! let (a, b) = UnixStream::pair()?;
+//! let (started_tx, started) = mpsc::channel::<()>();
+//! let (release, held) = mpsc::channel::<()>();
+//! let (started_tx, held) = (Mutex::new(started_tx), Mutex::new(held));
+//! let server = PacketConnection::from_unix_stream(
+//!     b,
+//!     Config::default().handler(move |_: Request| {
+//!         // Say the request has arrived, then hold it until released.
+//!         let _ = started_tx.lock().unwrap().send(());
+//!         let _ = held.lock().unwrap().recv_timeout(Duration::from_secs(10));
+//!         Ok(().into())
+//!     }),
+//! )?;
+//! let client = PacketConnection::from_unix_stream(a, Config::default())?;
+//! let pending = client.submit(1, 0, b"")?;
+//! started.recv_timeout(Duration::from_secs(10)).expect("request reached the handler");
+//!
+//! server.abort(); // the server goes away without answering
+//! match pending.wait_timeout(Duration::from_secs(10)) {
+//!     Err(err @ Error::ConnectionLost(_)) => assert!(err.is_disconnect()),
+//!     other => panic!("expected a lost connection, got {other:?}"),
+//! }
+//! assert!(client.submit(1, 0, b"").unwrap_err().is_disconnect());
+//!
+//! drop(release);
+//! // The peer is gone, so this end's own ERQ and EOF cannot be written.
+//! assert!(matches!(client.close(), Err(Error::Io(_))));
+//! server.join()?;
+//! # Ok::<(), packetstream::Error>(())
+//! ```
+//!
+//! # Observability
+//!
+//! The library never prints. [`PacketConnection::stats`] returns a
+//! [`Stats`] snapshot at any time, from any thread: packets and bytes in and
+//! out, writes (flushes), requests sent and received, ok and not-ok
+//! responses and replies, requests pending here and requests in progress in
+//! this end's handlers. The `progress` example draws a live progress line
+//! from it. For a trace of every packet, enable the [`log`] crate at `trace`
+//! level for `packetstream`; connection events are logged at `debug`, lost
+//! requests and refusals at `warn`, broken streams at `error`.
+//!
+//! ```
+//! # use std::os::unix::net::UnixStream;
+//! # use packetstream::{Config, PacketConnection, Request};
+//! # let (a, b) = UnixStream::pair()?;
+//! # let server = PacketConnection::from_unix_stream(b, Config::default()
+//! #     .handler(|rq: Request| Ok(rq.payload.into())))?;
+//! # let client = PacketConnection::from_unix_stream(a, Config::default())?;
+//! for n in 0..10u8 {
+//!     client.call(1, 0, &[n; 100])?;
+//! }
+//! let stats = client.stats();
+//! assert_eq!((stats.requests_sent, stats.responses_ok, stats.pending), (10, 10, 0));
+//! assert!(stats.bytes_out > 1000 && stats.bytes_in > 1000);
+//! # client.close()?;
+//! # server.join()?;
+//! # Ok::<(), packetstream::Error>(())
+//! ```
+//!
+//! # Threads
+//!
+//! Each connection runs these threads, named after [`Config::name`]:
+//!
+//! - **`{name}:recv`**, the receive thread, reads packets. A response goes
+//!   to the table of pending requests, which wakes the caller waiting for
+//!   it. A request is checked (is there a handler, has the peer sent ERQ, is
+//!   this end closing, is the tag in use) and queued for the handler
+//!   threads, or refused with a not-ok reply. It never writes to the stream
+//!   and never runs user code. It blocks in `read`, and when the handler
+//!   queue is full ([`Config::handler_queue`], 4 jobs per handler thread),
+//!   until a handler thread takes a job: that is how a peer that sends
+//!   faster than the handlers work is slowed down. At the peer's EOF it
+//!   fails whatever is still pending and starts this end's close.
+//! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, and
+//!   only if there is a handler. Idle ones sleep on a condition variable;
+//!   the receive thread wakes as many as the batch of requests it has just
+//!   read needs. Each runs the handler, then queues the reply. A handler
+//!   thread whose reply is the last one owed to the peer writes the
+//!   outgoing queue itself (with more than one handler thread).
+//! - **`{name}:send`**, the send thread, writes the outgoing queue once its
+//!   oldest byte has waited the packet grace ([`Config::packet_grace`],
+//!   10 ms), so that bursts go out in few writes; at once for ERQ, EOF and
+//!   a full queue. After writing EOF it closes the stream.
+//! - **Your threads**: `submit` encodes the request into the outgoing
+//!   queue and returns. `call`, `wait` and `wait_timeout` write the queue
+//!   themselves before they sleep, when no other thread is writing, so a
+//!   caller that waits never waits out the grace. A request with a payload
+//!   of 64 KiB or more is written by its caller straight from its slice.
+//!
+//! A [`Server`] adds one `{name}:accept` thread, and for its `n`th client a
+//! connection named `{name}#{n}` with its own threads plus a
+//! `{name}#{n}:watch` thread that waits for its end.
+//!
+//! The locks, and the order in which they may be nested:
+//!
+//! 1. the table of pending requests, then one request's response cell;
+//! 2. the outgoing queue's state, then the stream's writer. The writer is
+//!    taken only by the one thread that holds the queue's writer role, with
+//!    the state lock released during the write, so it is never contended;
+//!    the send thread takes it under the state lock only to close the
+//!    stream at the end;
+//! 3. taken alone, never nested: the dispatch lock (the peer's requests in
+//!    progress, whether the peer sent ERQ, whether this end is closing), the
+//!    handler queue's parking lock, the receive thread's end result, the
+//!    close hook, the thread list, and a server's table of connections.
+//!
+//! No lock is held while a handler or a close hook runs, and no lock but the
+//! writer's during I/O. Replies are never refused for lack of space in the
+//! outgoing queue, so an end answering a flood of requests cannot block on
+//! its own replies.
+//!
+//! ## What a handler may do
+//!
+//! - Take its time: a slow handler holds one handler thread, and the others
+//!   go on serving. A request never waits behind a busy handler while
+//!   another handler thread sleeps.
+//! - Make requests of the peer on its own connection, and wait for the
+//!   responses: the receive thread delivers them while the handler waits.
+//!   The handler needs a handle to its connection, which exists only after
+//!   the [`Config`] is built; a [`Weak`](std::sync::Weak) in a
+//!   [`OnceLock`](std::sync::OnceLock) does it without a reference cycle:
+//!
+//! ```
+//! use std::os::unix::net::UnixStream;
+//! use std::sync::{Arc, OnceLock, Weak};
+//! use std::time::Duration;
+//! use packetstream::{Config, HandlerResult, PacketConnection, Request};
+//!
+//! const GREET: u64 = 1; // client -> server
+//! const NAME: u64 = 2; // server -> client, while handling GREET
+//!
+//! let (a, b) = UnixStream::pair()?;
+//! let me: Arc<OnceLock<Weak<PacketConnection>>> = Arc::default();
+//! let server = Arc::new(PacketConnection::from_unix_stream(b, Config::default().handler({
+//!     let me = Arc::clone(&me);
+//!     move |_: Request| -> HandlerResult {
+//!         let conn = me.get().and_then(Weak::upgrade).ok_or("connection is gone")?;
+//!         let name = conn.submit(NAME, 0, b"")?.wait_timeout(Duration::from_secs(10))?;
+//!         Ok(format!("hello, {}", String::from_utf8_lossy(&name.payload)).into())
+//!     }
+//! }))?);
+//! me.set(Arc::downgrade(&server)).expect("set once");
+//!
+//! let client = PacketConnection::from_unix_stream(
+//!     a,
+//!     Config::default().handler(|_: Request| Ok("client".into())),
+//! )?;
+//! assert_eq!(client.call_as::<String>(GREET, 0, b"")?, "hello, client");
+//! client.close()?;
+//! server.join()?;
+//! # Ok::<(), packetstream::Error>(())
+//! ```
+//!
+//! ## What a handler must not do
+//!
+//! - Block forever. It stalls one handler thread for good. Once every
+//!   handler thread is stuck and the handler queue is full, the receive
+//!   thread stops reading, and then responses to this end's own requests
+//!   stop arriving too. A handler that waits for the peer, as above, should
+//!   wait with a timeout, and nested call-backs need enough handler
+//!   threads.
+//! - Call [`close`](PacketConnection::close) or
+//!   [`join`](PacketConnection::join) on its own connection: both wait for
+//!   every handler to finish, itself included. Call
+//!   [`end_requests`](PacketConnection::end_requests) or
+//!   [`abort`](PacketConnection::abort), which do not wait, or leave the
+//!   close to another thread.
+//! - Write to standard output when the connection runs over it
+//!   ([`PacketConnection::stdio`]): log to standard error.
+//!
+//! A handler that panics sends a not-ok reply and the connection goes on;
+//! a `std::sync::Mutex` it held is poisoned, as with any panic.
+//!
+//! # Wire compatibility
+//!
+//! The bytes on the wire are those of `cs.packetstream` 20240630; the
+//! interop tests run this crate against the Python package in both
+//! directions. Numbers are BSUInt varints: 7 bits a byte, most significant
+//! group first, the high bit set on every byte but the last (`127` is
+//! `7f`, `128` is `81 00`). A packet is its length, then the body:
+//!
+//! ```text
+//! call(rq_type 1, flags 7, b"hi"), the first request on channel 0:
+//!
+//!   05  02  1e  02  68 69
+//!   │   │   │   │   └───┴── payload "hi": the rest of the body
+//!   │   │   │   └────────── rq_type + 1 = 2 (requests only; wire 0 is a control packet)
+//!   │   │   └────────────── header = flags << 2 | is_request << 1 | has_channel
+//!   │   │                          = 7 << 2 | 1 << 1 | 0 = 0x1e
+//!   │   └────────────────── tag 2 (channel 0's tags 0 and 1 belong to EOF and ERQ)
+//!   └────────────────────── length of the body: 5 bytes
+//!
+//! its ok response, flags 7, b"hi":
+//!
+//!   04  02  3c  68 69
+//!           └── header = (flags << 1 | ok) << 2 = (7 << 1 | 1) << 2 = 0x3c
+//!
+//! the same request on channel 5 (tag 0, the first on that channel):
+//!
+//!   06  00  1f  05  02  68 69
+//!           │   └── channel, present only when not 0 (has_channel = 1)
+//!           └────── 0x1e | 1
+//!
+//! ERQ = 03 01 02 00    EOF = 03 00 02 00    (tag 1 or 0, a request of wire rq_type 0)
+//! ```
+//!
+//! [`Packet`] encodes and decodes single packets, for tools and tests:
+//!
+//! ```
+//! use packetstream::{Kind, Packet};
+//!
+//! let wire = |packet: Packet| {
+//!     let mut buf = Vec::new();
+//!     packet.encode_into(&mut buf);
+//!     buf
+//! };
+//! let request = |channel, tag| Packet {
+//!     channel,
+//!     tag,
+//!     kind: Kind::Request { rq_type: 1, flags: 7 },
+//!     payload: b"hi".to_vec(),
+//! };
+//! assert_eq!(wire(request(0, 2)), [0x05, 0x02, 0x1e, 0x02, b'h', b'i']);
+//! assert_eq!(wire(request(5, 0)), [0x06, 0x00, 0x1f, 0x05, 0x02, b'h', b'i']);
+//! let response = Packet {
+//!     channel: 0,
+//!     tag: 2,
+//!     kind: Kind::Response { ok: true, flags: 7 },
+//!     payload: b"hi".to_vec(),
+//! };
+//! assert_eq!(wire(response), [0x04, 0x02, 0x3c, b'h', b'i']);
+//! assert_eq!(wire(Packet::erq()), [0x03, 0x01, 0x02, 0x00]);
+//! assert_eq!(wire(Packet::eof()), [0x03, 0x00, 0x02, 0x00]);
+//! ```
+//!
+//! A response's flags carry the ok bit lowest, so with 64-bit flags a
+//! response header is 67 bits wide; the request types of the application
+//! are shifted up by one on the wire, so every `u64` is usable. The module
+//! doc of the wire format in the source (`src/packet.rs`) has the grammar.
+//!
 //! # Typed protocols and servers
 //!
 //! Above raw `(rq_type, flags, payload)` requests sits a typed layer, after
 //! the reference's `BaseRequest` and `HasPacketConnection`: a protocol is a
 //! set of [`RequestType`]s, each with its `rq_type`, its [`Payload`]
 //! encoding (BSUInt, BSData, BSString and fixed-width fields through
-//! [`PayloadWrite`] and [`PayloadReader`]) and its response type. A
-//! [`Dispatcher`] serves them through [`Fulfil::fulfil`], and
-//! [`PacketConnection::request`] calls them. [`Server`] accepts clients on
-//! a TCP or Unix listener, one connection each with a shared handler, and
+//! [`PayloadWrite`] and [`PayloadReader`], or [`impl_payload!`] for a
+//! struct of such fields) and its response type. A [`Dispatcher`] serves
+//! them through [`Fulfil::fulfil`], and [`PacketConnection::request`] calls
+//! them. [`Server`] accepts clients on a TCP or Unix listener, one
+//! connection each with a shared handler, and
 //! [`PacketConnection::connect_tcp`] connects to one. The `blockstore`
 //! example is a content-addressed block store built this way.
 //!
-//! Enable `log` at `trace` level for `packetstream` to see every packet.
+//! # Examples
+//!
+//! The repository's `examples/` directory has one program per use, each
+//! runnable with `cargo run --example NAME`: `subprocess` (a parent and a
+//! child over pipes, the one to copy), `socketpair_test` (how to test a
+//! service), `tcp` (a server and its clients), `progress` (a live progress
+//! line from the stats), `demo`, `blockstore`, `interop` and `bench`.
 
 mod codec;
 mod connection;
