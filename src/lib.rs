@@ -286,9 +286,10 @@
 //!   this end closing, is the tag in use) and queued for the handler
 //!   threads, or refused with a not-ok reply. It never writes to the stream
 //!   and never runs user code. It blocks in `read`, and when the handler
-//!   queue is full ([`Config::handler_queue`], 4 jobs per handler thread),
-//!   until a handler thread takes a job: that is how a peer that sends
-//!   faster than the handlers work is slowed down. At the peer's EOF it
+//!   queue is full ([`Config::handler_queue`], 256 requests, and
+//!   [`Config::max_queued_bytes`] of their payloads), until a handler thread
+//!   takes a job: that is how a peer that sends faster than the handlers
+//!   work is slowed down. At the peer's EOF it
 //!   fails whatever is still pending and starts this end's close.
 //! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, and
 //!   only if there is a handler. Idle ones sleep on a condition variable;
@@ -304,7 +305,8 @@
 //!   queue and returns. `call`, `wait` and `wait_timeout` write the queue
 //!   themselves before they sleep, when no other thread is writing, so a
 //!   caller that waits never waits out the grace. A request with a payload
-//!   of 64 KiB or more is written by its caller straight from its slice.
+//!   of 64 KiB or more is written by its caller straight from its slice; a
+//!   reply that large is queued by move, without a copy.
 //!
 //! A [`Server`] adds one `{name}:accept` thread, and for its `n`th client a
 //! connection named `{name}#{n}` with its own threads plus a
