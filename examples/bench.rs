@@ -384,6 +384,44 @@ impl Conn {
 }
 
 /// What a workload measured over its timed span.
+/// Measures a pipeline in steady state: from the moment the first window
+/// has turned over, for at least `round` and four windows of requests.
+struct SteadyState {
+    window: u64,
+    round: Duration,
+    /// When the span started, requests done then, context switches then.
+    start: Option<(Instant, u64, u64)>,
+}
+
+impl SteadyState {
+    fn new(window: usize, round: Duration) -> SteadyState {
+        SteadyState {
+            window: window as u64,
+            round,
+            start: None,
+        }
+    }
+
+    /// Notes that `done` requests have completed; returns the span once it
+    /// is long enough.
+    fn tick(&mut self, done: u64) -> Option<Span> {
+        match self.start {
+            None if done >= self.window => {
+                self.start = Some((Instant::now(), done, ctx_switches()));
+                None
+            }
+            Some((t0, d0, ctx0)) if done - d0 >= 4 * self.window && t0.elapsed() >= self.round => {
+                Some(Span {
+                    value: (done - d0) as f64 / t0.elapsed().as_secs_f64(),
+                    n: done - d0,
+                    ctx: ctx_switches() - ctx0,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 struct Span {
     /// Its figure: seconds per request, or requests per second.
     value: f64,
@@ -521,8 +559,7 @@ fn raw_pipeline(window: usize, round: Duration) -> Span {
     let out = frame(SMALL);
     let mut w = BufWriter::with_capacity(64 << 10, a);
     let mut sent = 0u64;
-    let mut start: Option<(Instant, u64, u64)> = None;
-    let min_measured = 4 * window as u64;
+    let mut steady = SteadyState::new(window, round);
     let result = loop {
         if sent - shared.completed.load(Ordering::SeqCst) >= window as u64 {
             w.flush().expect("flush");
@@ -537,20 +574,8 @@ fn raw_pipeline(window: usize, round: Duration) -> Span {
         w.write_all(&out).expect("write");
         sent += 1;
         if sent.is_multiple_of(64) {
-            let done = shared.completed.load(Ordering::SeqCst);
-            match start {
-                None if done >= window as u64 => {
-                    start = Some((Instant::now(), done, ctx_switches()));
-                }
-                Some((t0, d0, ctx0)) if done - d0 >= min_measured && t0.elapsed() >= round => {
-                    let secs = t0.elapsed().as_secs_f64();
-                    break Span {
-                        value: (done - d0) as f64 / secs,
-                        n: done - d0,
-                        ctx: ctx_switches() - ctx0,
-                    };
-                }
-                _ => {}
+            if let Some(span) = steady.tick(shared.completed.load(Ordering::SeqCst)) {
+                break span;
             }
         }
     };
@@ -590,8 +615,7 @@ fn lib_pipeline(conn: &Conn, window: usize, round: Duration) -> Span {
     let payload = [0xa5u8; SMALL];
     let mut queue = VecDeque::with_capacity(window);
     let mut done = 0u64;
-    let mut start: Option<(Instant, u64, u64)> = None;
-    let min_measured = 4 * window as u64;
+    let mut steady = SteadyState::new(window, round);
     let result = loop {
         while queue.len() < window {
             queue.push_back(conn.client.submit(ECHO, 0, &payload).expect("submit"));
@@ -601,19 +625,8 @@ fn lib_pipeline(conn: &Conn, window: usize, round: Duration) -> Span {
         debug_assert_eq!(rsp.payload.len(), SMALL);
         done += 1;
         if done.is_multiple_of(64) || window < 64 {
-            match start {
-                None if done >= window as u64 => {
-                    start = Some((Instant::now(), done, ctx_switches()));
-                }
-                Some((t0, d0, ctx0)) if done - d0 >= min_measured && t0.elapsed() >= round => {
-                    let secs = t0.elapsed().as_secs_f64();
-                    break Span {
-                        value: (done - d0) as f64 / secs,
-                        n: done - d0,
-                        ctx: ctx_switches() - ctx0,
-                    };
-                }
-                _ => {}
+            if let Some(span) = steady.tick(done) {
+                break span;
             }
         }
     };
