@@ -1,7 +1,7 @@
 //! The receive side: the loop that reads packets and routes them, and the
 //! handler pool's worker loop.
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -45,7 +45,6 @@ fn recv_packets(
     r: &mut BufReader<Box<dyn Read + Send>>,
     jobs: &JobQueue,
 ) -> Result<()> {
-    let max_len = shared.max_packet_len;
     loop {
         if r.buffer().is_empty() {
             // The batch is parsed: wake the workers it needs.
@@ -54,33 +53,11 @@ fn recv_packets(
         } else {
             shared.more_incoming.store(true, Ordering::SeqCst);
         }
-        let Some(frame) = read_frame_head(r, max_len)? else {
-            return Ok(());
+        let (channel, tag, kind, payload) = match next_packet(shared, r)? {
+            Next::Packet(packet) => packet,
+            Next::Skipped => continue,
+            Next::End => return Ok(()),
         };
-        shared.stats.recv.packets_in.fetch_add(1, Ordering::Relaxed);
-        let (head, payload) = match frame {
-            Frame::TooLarge { len, head } => {
-                skip_oversize(shared, r, len, head)?;
-                shared
-                    .stats
-                    .recv
-                    .bytes_in
-                    .fetch_add(wire_len(len), Ordering::Relaxed);
-                continue;
-            }
-            Frame::Whole(head) => {
-                let payload = read_payload(r, &head)?;
-                shared
-                    .stats
-                    .recv
-                    .bytes_in
-                    .fetch_add(wire_len(head.body_len), Ordering::Relaxed);
-                (head, payload)
-            }
-        };
-        let BodyHead {
-            channel, tag, kind, ..
-        } = head;
         match kind {
             Kind::Control { flags } => {
                 let packet = Packet {
@@ -144,6 +121,65 @@ fn recv_packets(
                 };
                 deliver(shared, channel, tag, res);
             }
+        }
+    }
+}
+
+/// What [`next_packet`] read.
+enum Next {
+    /// A packet: its channel, tag, kind and payload.
+    Packet((u64, u64, Kind, Vec<u8>)),
+    /// An oversize packet, answered or failed and discarded.
+    Skipped,
+    /// The end of the stream, between packets.
+    End,
+}
+
+/// Reads the next packet. A packet already whole in the read buffer is
+/// decoded in place, its payload copied out; anything else (a packet that
+/// is only partly there, or over the limit) is read from the stream field by
+/// field, never past its end.
+fn next_packet(shared: &Shared, r: &mut BufReader<Box<dyn Read + Send>>) -> Result<Next> {
+    let max_len = shared.max_packet_len;
+    let counters = &shared.stats.recv;
+    match Packet::decode(r.buffer(), max_len) {
+        Ok(Some((packet, used))) => {
+            r.consume(used);
+            counters.packets_in.fetch_add(1, Ordering::Relaxed);
+            counters.bytes_in.fetch_add(used as u64, Ordering::Relaxed);
+            let Packet {
+                channel,
+                tag,
+                kind,
+                payload,
+            } = packet;
+            return Ok(Next::Packet((channel, tag, kind, payload)));
+        }
+        // Not all there yet, or oversize: the stream path below handles both.
+        Ok(None) | Err(Error::TooLarge { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let Some(frame) = read_frame_head(r, max_len)? else {
+        return Ok(Next::End);
+    };
+    counters.packets_in.fetch_add(1, Ordering::Relaxed);
+    match frame {
+        Frame::TooLarge { len, head } => {
+            skip_oversize(shared, r, len, head)?;
+            counters
+                .bytes_in
+                .fetch_add(wire_len(len), Ordering::Relaxed);
+            Ok(Next::Skipped)
+        }
+        Frame::Whole(head) => {
+            let payload = read_payload(r, &head)?;
+            counters
+                .bytes_in
+                .fetch_add(wire_len(head.body_len), Ordering::Relaxed);
+            let BodyHead {
+                channel, tag, kind, ..
+            } = head;
+            Ok(Next::Packet((channel, tag, kind, payload)))
         }
     }
 }
