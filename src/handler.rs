@@ -226,7 +226,8 @@ pub(crate) struct Outcome {
 }
 
 /// Runs `handler` on `rq`, turning errors and panics into not-ok outcomes.
-pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Outcome {
+/// `name` is the connection's, for the log.
+pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Request) -> Outcome {
     let (channel, tag, rq_type) = (rq.channel, rq.tag, rq.rq_type);
     match catch_unwind(AssertUnwindSafe(|| handler.handle(rq))) {
         Ok(Ok(reply)) => Outcome {
@@ -241,7 +242,7 @@ pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Out
                 payload: failure.payload,
             },
             Err(err) => {
-                log::debug!("request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
+                log::debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
                 Outcome {
                     ok: false,
                     flags: 0,
@@ -255,7 +256,9 @@ pub(crate) fn run_handler(handler: &Arc<dyn RequestHandler>, rq: Request) -> Out
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_string());
-            log::error!("handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}");
+            log::error!(
+                "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
+            );
             Outcome {
                 ok: false,
                 flags: 0,
@@ -443,21 +446,21 @@ mod tests {
                 _ => Ok(7u64.into()),
             }
         });
-        let out = run_handler(&handler, rq(b"text"));
+        let out = run_handler("test", &handler, rq(b"text"));
         assert!(!out.ok);
         assert_eq!(
             (out.flags, out.payload.as_slice()),
             (0, &b"plain reason"[..])
         );
-        let out = run_handler(&handler, rq(b"failure"));
+        let out = run_handler("test", &handler, rq(b"failure"));
         assert_eq!(
             (out.ok, out.flags, out.payload.as_slice()),
             (false, 0x42, &b"custom"[..])
         );
-        let out = run_handler(&handler, rq(b"panic"));
+        let out = run_handler("test", &handler, rq(b"panic"));
         assert!(!out.ok);
         assert_eq!(out.payload, b"handler panicked: boom");
-        let out = run_handler(&handler, rq(b"other"));
+        let out = run_handler("test", &handler, rq(b"other"));
         assert_eq!((out.ok, out.flags), (true, 7));
     }
 }

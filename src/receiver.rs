@@ -300,7 +300,7 @@ pub(crate) fn run_worker(shared: &Shared, handler: &Arc<dyn RequestHandler>) {
         // block, and then another worker must take the next job.
         jobs.busy(|| {
             let (channel, tag) = (rq.channel, rq.tag);
-            let outcome = run_handler(handler, rq);
+            let outcome = run_handler(&shared.name, handler, rq);
             shared.send_outcome(channel, tag, outcome);
             shared.finish_request(channel, tag);
         });
