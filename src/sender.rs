@@ -10,11 +10,16 @@
 //! - the send thread, once the oldest unwritten byte has waited the packet
 //!   grace, or at once when a flush is urgent;
 //! - a thread about to block for a response (a caller in `wait`, or a handler
-//!   whose reply is the last thing this end owes the peer) writes the queue
-//!   itself when nobody else is writing, which saves a thread hop;
-//! - a request with a large payload is written by its own thread straight
-//!   from the caller's slice, after what was queued before it. Replies never
-//!   are: the thread that queues a reply must not block on the stream.
+//!   whose reply is the last thing this end owes the peer, when there is more
+//!   than one handler thread) writes the queue itself when nobody else is
+//!   writing, which saves a thread hop. Only one thread writes at a time, so
+//!   at most one handler thread can be blocked in a write while the others
+//!   keep serving;
+//! - a request with a large payload is written by its caller straight from
+//!   the caller's slice, after what was queued before it. A large reply is
+//!   never written that way, since the handler thread would have to wait for
+//!   the writer role: it is queued by move, without a copy, and written in
+//!   order by whoever writes next.
 //!
 //! Only one thread writes at a time (`writing`); it keeps writing until the
 //! queue is empty, so bytes appended during a write go out right after it.
@@ -31,8 +36,8 @@ use crate::error::{Error, Result};
 use crate::packet::{Head, Kind, Packet};
 use crate::stats::Counters;
 
-/// Payloads at least this long are written straight from the caller's slice
-/// instead of being copied into the queue.
+/// Payloads at least this long are not copied into the queue: a request's is
+/// written straight from the caller's slice, a reply's is queued by move.
 const DIRECT_WRITE_MIN: usize = 64 << 10;
 /// A spare buffer larger than this is shrunk back after a write.
 const KEEP_BUF_CAPACITY: usize = 1 << 20;
