@@ -663,12 +663,7 @@ fn bench_w1(opts: &Opts) -> Pair {
         }));
         eprint!(".");
     }
-    conn.close();
-    eprintln!();
-    Pair {
-        raw: median_sample(&raw),
-        lib: median_sample(&lib),
-    }
+    finish(conn, &raw, &lib)
 }
 
 fn bench_w2(opts: &Opts) -> Vec<(usize, Pair)> {
@@ -714,11 +709,16 @@ fn bench_w3(opts: &Opts) -> Pair {
         }));
         eprint!(".");
     }
+    finish(conn, &raw, &lib)
+}
+
+/// Ends a workload: closes its connection and takes the medians.
+fn finish(conn: Conn, raw: &[Sample], lib: &[Sample]) -> Pair {
     conn.close();
     eprintln!();
     Pair {
-        raw: median_sample(&raw),
-        lib: median_sample(&lib),
+        raw: median_sample(raw),
+        lib: median_sample(lib),
     }
 }
 

@@ -610,11 +610,10 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<Response> {
-        // The caller blocks right away: write at once, without waking the
-        // send thread to time a grace that will not be needed.
-        let pending = self.submit_inner(channel, rq_type, flags, payload, true, true)?;
-        pending.flush();
-        pending.wait()
+        // The caller blocks right away, and `wait` writes the queue before it
+        // does: no need to wake the send thread to time a grace.
+        self.submit_inner(channel, rq_type, flags, payload, true, true)?
+            .wait()
     }
 
     /// Like [`call`](PacketConnection::call), decoding the ok response into
