@@ -31,7 +31,7 @@
 //!
 //! Also reported, per request (client and server together, since both ends
 //! live in this process): context switches, a proxy for thread hops, read
-//! from `/proc/self/task/*/status`; socket writes (`Stats::flushes`); and
+//! from `/proc/self/task/*/status`; socket writes (`Stats::writes`); and
 //! heap allocations, counted by the global allocator in an untimed pass.
 //! Peak RSS during W2 at 10,000 in flight is the `VmHWM` of
 //! `/proc/self/status` after resetting it through `/proc/self/clear_refs`.
@@ -374,7 +374,7 @@ impl Conn {
     }
 
     fn flushes(&self) -> u64 {
-        self.client.stats().flushes + self.server.stats().flushes
+        self.client.stats().writes + self.server.stats().writes
     }
 
     fn close(self) {
@@ -836,7 +836,7 @@ fn run_only(opts: &Opts, only: &str) {
     if let Some((client, server)) = stats {
         println!(
             "client: {} packets out, {} flushes; server: {} packets out, {} flushes",
-            client.packets_out, client.flushes, server.packets_out, server.flushes
+            client.packets_out, client.writes, server.packets_out, server.writes
         );
     }
     if let Some(conn) = conn {

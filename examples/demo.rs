@@ -100,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let status = child.wait()?;
     println!(
         "closed: {} requests sent, {} ok, {} failed, {} writes; child exited with {status}",
-        stats.requests_sent, stats.responses_ok, stats.responses_failed, stats.flushes
+        stats.requests_sent, stats.responses_ok, stats.responses_failed, stats.writes
     );
     if !status.success() {
         return Err("child failed".into());

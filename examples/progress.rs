@@ -73,7 +73,7 @@ fn main() -> Result<(), Error> {
         stats.requests_sent,
         started.elapsed(),
         failed,
-        stats.flushes
+        stats.writes
     );
     assert_eq!(stats.responses_ok + stats.responses_failed, N_REQUESTS);
     assert_eq!(stats.responses_failed, failed);
@@ -161,7 +161,7 @@ fn progress_line(client: &Stats, server: &Stats, elapsed: Duration) -> String {
         client.pending,
         server.in_progress,
         client.bytes_out >> 10,
-        client.flushes,
+        client.writes,
         client.bytes_in >> 10,
     )
 }

@@ -1,355 +1,24 @@
-//! The connection: configuration, the state its threads share, submitting
-//! requests, and the orderly shutdown.
+//! The connection handle: starting a connection's threads, submitting
+//! requests, waiting for responses, and the orderly shutdown.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{Read, Write};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-
-use crate::error::{Disconnect, Error, Result};
-use crate::handler::{JobQueue, Outcome, RequestHandler};
-use crate::packet::{Kind, DEFAULT_MAX_PACKET_LEN, MAX_HEAD_LEN};
-use crate::pending::{Cell, PendingTable, Response, TagSet};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::outbox::Admission;
+use crate::pending::{Cell, Response};
+use crate::pool::Pool;
 use crate::receiver;
-use crate::sender::{Outbox, WriteFailed};
-use crate::stats::{Counters, Stats};
-
-/// Settings for a [`PacketConnection`], built from `Default` with by-value
-/// setters. Cheap to clone.
-///
-/// # Examples
-///
-/// ```
-/// use std::time::Duration;
-/// use packetstream::{Config, Request};
-///
-/// let config = Config::default()
-///     .name("server")
-///     .packet_grace(Duration::from_millis(2))
-///     .handler_threads(8)
-///     .handler(|rq: Request| Ok(rq.payload.into()));
-/// # let _ = config;
-/// ```
-#[derive(Clone)]
-pub struct Config {
-    pub(crate) name: String,
-    pub(crate) packet_grace: Duration,
-    pub(crate) handler_threads: usize,
-    pub(crate) handler_queue: Option<usize>,
-    pub(crate) max_packet_len: u64,
-    pub(crate) max_queued_bytes: usize,
-    pub(crate) max_queued_packets: usize,
-    pub(crate) handler: Option<Arc<dyn RequestHandler>>,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            name: "packetstream".to_string(),
-            packet_grace: Duration::from_millis(10),
-            handler_threads: 4,
-            handler_queue: None,
-            max_packet_len: DEFAULT_MAX_PACKET_LEN,
-            max_queued_bytes: 8 << 20,
-            max_queued_packets: 1 << 16,
-            handler: None,
-        }
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("name", &self.name)
-            .field("packet_grace", &self.packet_grace)
-            .field("handler_threads", &self.handler_threads)
-            .field("handler_queue", &self.handler_queue_len())
-            .field("max_packet_len", &self.max_packet_len)
-            .field("max_queued_bytes", &self.max_queued_bytes)
-            .field("max_queued_packets", &self.max_queued_packets)
-            .field("handler", &self.handler.is_some())
-            .finish()
-    }
-}
-
-impl Config {
-    /// The connection's name, used in its threads' names
-    /// (`"{name}:recv"`, `"{name}:send"`, `"{name}:handler{idx}"`) and in log
-    /// lines. Default: `"packetstream"`.
-    pub fn name(mut self, name: impl Into<String>) -> Config {
-        self.name = name.into();
-        self
-    }
-
-    /// How long queued packets may wait for company before they are written,
-    /// so that bursts go out in few writes. A caller that blocks for a
-    /// response never waits it out: its queue is written at once. Zero
-    /// writes as soon as the queue is idle. Default: 10 ms, as the reference.
-    pub fn packet_grace(mut self, grace: Duration) -> Config {
-        self.packet_grace = grace;
-        self
-    }
-
-    /// The number of threads that run the handler. Default: 4, as the
-    /// reference. At least 1.
-    pub fn handler_threads(mut self, n: usize) -> Config {
-        self.handler_threads = n.max(1);
-        self
-    }
-
-    /// How many received requests may wait for a handler thread before the
-    /// receive thread stops reading. Their payloads are bounded too, by
-    /// [`max_queued_bytes`](Config::max_queued_bytes). Default: 256.
-    pub fn handler_queue(mut self, n: usize) -> Config {
-        self.handler_queue = Some(n.max(1));
-        self
-    }
-
-    /// The longest packet accepted or sent, its length prefix excluded.
-    /// Checked before any buffer is allocated. Default: 64 MiB.
-    pub fn max_packet_len(mut self, len: u64) -> Config {
-        self.max_packet_len = len;
-        self
-    }
-
-    /// How many unwritten bytes the outgoing queue holds before `submit`
-    /// blocks (and `try_submit_on` fails). Replies and control packets are
-    /// never held back by it. The same budget bounds the payload bytes of
-    /// received requests waiting for a handler thread (one request is always
-    /// let through, however large). Default: 8 MiB.
-    pub fn max_queued_bytes(mut self, n: usize) -> Config {
-        self.max_queued_bytes = n.max(1);
-        self
-    }
-
-    /// How many unwritten packets the outgoing queue holds before `submit`
-    /// blocks. Default: 65536.
-    pub fn max_queued_packets(mut self, n: usize) -> Config {
-        self.max_queued_packets = n.max(1);
-        self
-    }
-
-    /// The handler that serves the peer's requests. Without one, every
-    /// request from the peer gets a not-ok reply, "no request handler".
-    pub fn handler(mut self, handler: impl RequestHandler) -> Config {
-        self.handler = Some(Arc::new(handler));
-        self
-    }
-
-    /// Like [`handler`](Config::handler), for a handler already shared.
-    pub fn shared_handler(mut self, handler: Arc<dyn RequestHandler>) -> Config {
-        self.handler = Some(handler);
-        self
-    }
-
-    fn handler_queue_len(&self) -> usize {
-        self.handler_queue.unwrap_or(DEFAULT_HANDLER_QUEUE)
-    }
-}
-
-/// Requests that may wait for a handler thread, by default. Large enough that
-/// the receive thread rarely blocks on a burst (at 16, the old default of
-/// four per thread, blocking and waking it dominated a pipelined profile);
-/// memory is bounded by the queue's byte budget.
-const DEFAULT_HANDLER_QUEUE: usize = 256;
+use crate::shared::{Hook, Shared};
+use crate::stats::Stats;
+use crate::sync::{deadline_after, ThreadSet};
 
 /// A hook run once when the connection is finished with its stream, or must
 /// unblock its receive thread (on abort or a write error).
 pub type OnClose = Option<Box<dyn FnOnce() + Send>>;
-
-/// The peer's requests being handled here, and whether more are welcome.
-#[derive(Default)]
-pub(crate) struct Dispatch {
-    pub(crate) in_flight: TagSet,
-    /// The peer sent ERQ: it will send no more requests.
-    pub(crate) peer_erq: bool,
-    /// This end is closing: EOF goes out once `in_flight` is empty.
-    pub(crate) closing: bool,
-}
-
-/// How the receive loop ended.
-pub(crate) struct RecvEnd {
-    pub(crate) error: Option<Error>,
-}
-
-/// What the connection's threads share.
-pub(crate) struct Shared {
-    pub(crate) name: String,
-    pub(crate) max_packet_len: u64,
-    pub(crate) handler: Option<Arc<dyn RequestHandler>>,
-    pub(crate) table: PendingTable,
-    pub(crate) outbox: Outbox,
-    pub(crate) dispatch: Mutex<Dispatch>,
-    /// The peer's requests waiting for a handler thread.
-    pub(crate) jobs: JobQueue,
-    /// The receive thread has buffered bytes it has not parsed yet.
-    pub(crate) more_incoming: AtomicBool,
-    /// Whether a handler thread may write the stream itself. Only with more
-    /// than one: while one is blocked on a write the others still take
-    /// requests, so the receive thread never waits on the peer.
-    pub(crate) handlers_write: bool,
-    pub(crate) stats: Counters,
-    recv_end: Mutex<Option<RecvEnd>>,
-    recv_done: Condvar,
-    on_close: Mutex<OnClose>,
-}
-
-impl Shared {
-    /// Queues a reply; a write failure tears the connection down.
-    pub(crate) fn send_outcome(&self, channel: u64, tag: u64, outcome: Outcome) {
-        let Outcome {
-            mut ok,
-            mut flags,
-            mut payload,
-        } = outcome;
-        // Reply bodies past the limit would be refused by the peer.
-        if payload.len() as u64 + MAX_HEAD_LEN as u64 > self.max_packet_len {
-            log::error!(
-                "reply to {channel}:{tag} of {} bytes exceeds limit of {}",
-                payload.len(),
-                self.max_packet_len
-            );
-            payload = format!(
-                "reply of {} bytes exceeds limit of {}",
-                payload.len(),
-                self.max_packet_len
-            )
-            .into_bytes();
-            (ok, flags) = (false, 0);
-        }
-        let counter = if ok {
-            &self.stats.replies.replies_ok
-        } else {
-            &self.stats.replies.replies_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        log::trace!(
-            "==> reply {channel}:{tag} ok={ok} flags={flags:#x} len={}",
-            payload.len()
-        );
-        let kind = Kind::Response { ok, flags };
-        let failed = self
-            .outbox
-            .push_reply(channel, tag, kind, payload, &self.stats);
-        self.check_write(failed);
-    }
-
-    /// A handler finished the peer's request `(channel, tag)`, whose reply
-    /// is queued. If no more replies are about to follow (no request waits
-    /// for a handler, and the receive thread has nothing left to parse),
-    /// write now: the peer may be waiting.
-    pub(crate) fn finish_request(&self, channel: u64, tag: u64) {
-        let (idle, closing) = {
-            let mut dispatch = self.dispatch.lock();
-            dispatch.in_flight.remove(&(channel, tag));
-            (dispatch.in_flight.is_empty(), dispatch.closing)
-        };
-        if idle && closing {
-            self.outbox.push_eof(&self.stats);
-        } else if self.jobs.is_empty() && !self.more_incoming.load(Ordering::SeqCst) {
-            if self.handlers_write {
-                let failed = self.outbox.flush_now(&self.stats);
-                self.check_write(failed);
-            } else {
-                self.outbox.flush_replies_soon();
-            }
-        } else {
-            self.outbox.arm();
-        }
-    }
-
-    /// The receive thread is about to block for more bytes: if no request
-    /// waits for a handler, replies already queued (refusals among them) go
-    /// out now; a handler still running writes its own when it finishes.
-    pub(crate) fn reader_idle(&self) {
-        self.more_incoming.store(false, Ordering::SeqCst);
-        if self.jobs.is_empty() {
-            self.outbox.flush_replies_soon();
-        }
-    }
-
-    pub(crate) fn check_write(&self, failed: WriteFailed) {
-        if let Some(kind) = failed {
-            let n_failed = self.table.fail_all(Disconnect::Io(kind));
-            log::error!(
-                "{}: send side failed ({kind}); failed {n_failed} pending requests",
-                self.name
-            );
-            self.run_on_close();
-        }
-    }
-
-    /// Sends ERQ once.
-    pub(crate) fn end_requests(&self) {
-        if self.outbox.push_erq(&self.stats) {
-            log::debug!("{}: sent end of requests", self.name);
-        }
-    }
-
-    /// Starts the orderly shutdown without waiting: ERQ now, refuse new
-    /// requests from the peer, and EOF once the handlers have answered what
-    /// they hold.
-    pub(crate) fn begin_close(&self) {
-        self.end_requests();
-        let idle = {
-            let mut dispatch = self.dispatch.lock();
-            dispatch.closing = true;
-            dispatch.in_flight.is_empty()
-        };
-        if idle {
-            self.outbox.push_eof(&self.stats);
-        }
-    }
-
-    /// Stops everything now: fails what is pending, drops what is queued and
-    /// unblocks the receive thread where the transport allows it.
-    pub(crate) fn abort(&self) {
-        self.dispatch.lock().closing = true;
-        let n_failed = self.table.fail_all(Disconnect::Local);
-        self.outbox.abort();
-        log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
-        self.run_on_close();
-    }
-
-    pub(crate) fn run_on_close(&self) {
-        let hook = self.on_close.lock().take();
-        if let Some(hook) = hook {
-            hook();
-        }
-    }
-
-    /// Records how the receive loop ended and wakes `join`.
-    pub(crate) fn set_recv_end(&self, end: RecvEnd) {
-        *self.recv_end.lock() = Some(end);
-        self.recv_done.notify_all();
-    }
-
-    fn wait_recv_end(&self, deadline: Option<Instant>) -> bool {
-        let mut end = self.recv_end.lock();
-        while end.is_none() {
-            match deadline {
-                None => self.recv_done.wait(&mut end),
-                Some(deadline) => {
-                    if self.recv_done.wait_until(&mut end, deadline).timed_out() {
-                        return end.is_some();
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    fn take_recv_error(&self) -> Option<Error> {
-        self.recv_end
-            .lock()
-            .as_mut()
-            .and_then(|end| end.error.take())
-    }
-}
 
 /// A bidirectional packet connection: either end sends requests and answers
 /// the other's.
@@ -361,7 +30,7 @@ impl Shared {
 /// connection starts the same shutdown without waiting for it.
 pub struct PacketConnection {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Arc<ThreadSet>,
 }
 
 impl fmt::Debug for PacketConnection {
@@ -412,66 +81,38 @@ impl PacketConnection {
     pub(crate) fn with_on_close(
         recv: Box<dyn Read + Send>,
         send: Box<dyn Write + Send>,
-        on_close: OnClose,
+        on_close: Option<Hook>,
         config: Config,
     ) -> Result<PacketConnection> {
-        let shared = Arc::new(Shared {
-            name: config.name.clone(),
-            max_packet_len: config.max_packet_len,
-            handler: config.handler.clone(),
-            table: PendingTable::new(),
-            outbox: Outbox::new(
-                send,
-                config.packet_grace,
+        let name = &config.name;
+        let threads = Arc::new(ThreadSet::default());
+        let pool = match config.handler {
+            Some(_) => Some(Pool::start(
+                name,
+                config.handler_threads,
+                config.handler_queue,
                 config.max_queued_bytes,
-                config.max_queued_packets,
-                config.max_packet_len,
-            ),
-            dispatch: Mutex::new(Dispatch::default()),
-            jobs: JobQueue::new(
-                config.handler_queue_len(),
-                config.max_queued_bytes,
-                if config.handler.is_some() {
-                    config.handler_threads
-                } else {
-                    0
-                },
-            ),
-            more_incoming: AtomicBool::new(false),
-            handlers_write: config.handler_threads > 1,
-            stats: Counters::default(),
-            recv_end: Mutex::new(None),
-            recv_done: Condvar::new(),
-            on_close: Mutex::new(on_close),
-        });
+                &threads,
+            )?),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(&config, send, pool, on_close));
         let conn = PacketConnection {
             shared: Arc::clone(&shared),
-            threads: Mutex::new(Vec::new()),
+            threads: Arc::clone(&threads),
         };
-        let name = &config.name;
-        let res = (|| -> io::Result<()> {
-            let mut threads = conn.threads.lock();
-            if let Some(handler) = &config.handler {
-                for idx in 0..config.handler_threads {
-                    let (shared, handler) = (Arc::clone(&shared), Arc::clone(handler));
-                    threads.push(spawn(format!("{name}:handler{idx}"), move || {
-                        receiver::run_worker(&shared, &handler)
-                    })?);
-                }
-            }
-            let sender_shared = Arc::clone(&shared);
-            threads.push(spawn(format!("{name}:send"), move || {
-                let failed = sender_shared.outbox.run_send_loop(&sender_shared.stats);
-                sender_shared.check_write(failed);
-            })?);
-            let recv_shared = Arc::clone(&shared);
-            threads.push(spawn(format!("{name}:recv"), move || {
-                receiver::run_recv_loop(&recv_shared, recv)
-            })?);
-            Ok(())
-        })();
-        if let Err(e) = res {
-            shared.jobs.close();
+        let sender = Arc::clone(&shared);
+        let spawned = threads
+            .spawn(format!("{name}:send"), move || sender.run_send_loop())
+            .and_then(|()| {
+                let receiver = Arc::clone(&shared);
+                threads.spawn(format!("{name}:recv"), move || {
+                    receiver::run_recv_loop(&receiver, recv)
+                })
+            });
+        if let Err(e) = spawned {
+            // The threads already started end: the pool is closed, the send
+            // loop sees the side dead.
             shared.abort();
             return Err(Error::Io(e));
         }
@@ -493,7 +134,7 @@ impl PacketConnection {
     /// connection; [`Error::ConnectionLost`] if the connection has failed;
     /// [`Error::TooLarge`] if the packet would exceed the maximum length.
     pub fn submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_inner(0, rq_type, flags, payload, true, false)
+        self.submit_inner(0, rq_type, flags, payload, Admission::Wait, false)
     }
 
     /// Like [`submit`](PacketConnection::submit), on `channel`. Each channel
@@ -510,7 +151,7 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, true, false)
+        self.submit_inner(channel, rq_type, flags, payload, Admission::Wait, false)
     }
 
     /// Like [`submit`](PacketConnection::submit), but fails with
@@ -522,7 +163,7 @@ impl PacketConnection {
     /// As for [`submit`](PacketConnection::submit), and
     /// [`Error::WouldBlock`].
     pub fn try_submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_inner(0, rq_type, flags, payload, false, false)
+        self.submit_inner(0, rq_type, flags, payload, Admission::NoWait, false)
     }
 
     /// Like [`submit_on`](PacketConnection::submit_on), but fails with
@@ -540,7 +181,7 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, false, false)
+        self.submit_inner(channel, rq_type, flags, payload, Admission::NoWait, false)
     }
 
     fn submit_inner(
@@ -549,39 +190,14 @@ impl PacketConnection {
         rq_type: u64,
         flags: u64,
         payload: &[u8],
-        block: bool,
-        will_flush: bool,
+        admission: Admission,
+        then_writes: bool,
     ) -> Result<PendingResponse> {
-        let shared = &self.shared;
-        let (tag, cell) = shared.table.register(channel)?;
-        let kind = Kind::Request { rq_type, flags };
-        match shared.outbox.push_request(
-            channel,
-            tag,
-            kind,
-            payload,
-            block,
-            will_flush,
-            &shared.stats,
-        ) {
-            Ok(failed) => shared.check_write(failed),
-            Err(err) => {
-                shared.table.remove(channel, tag);
-                shared.table.recycle(cell);
-                return Err(err);
-            }
-        }
-        shared
-            .stats
-            .send
-            .requests_sent
-            .fetch_add(1, Ordering::Relaxed);
-        log::trace!(
-            "==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
-            payload.len()
-        );
+        let (tag, cell) =
+            self.shared
+                .submit(channel, rq_type, flags, payload, admission, then_writes)?;
         Ok(PendingResponse {
-            shared: Arc::clone(shared),
+            shared: Arc::clone(&self.shared),
             channel,
             tag,
             cell: Some(cell),
@@ -612,7 +228,7 @@ impl PacketConnection {
     ) -> Result<Response> {
         // The caller blocks right away, and `wait` writes the queue before it
         // does: no need to wake the send thread to time a grace.
-        self.submit_inner(channel, rq_type, flags, payload, true, true)?
+        self.submit_inner(channel, rq_type, flags, payload, Admission::Wait, true)?
             .wait()
     }
 
@@ -656,10 +272,10 @@ impl PacketConnection {
     /// locks), so it can be taken at any time from any thread, for a
     /// progress line or a health check; the `progress` example draws one.
     pub fn stats(&self) -> Stats {
-        let in_progress = self.shared.dispatch.lock().in_flight.len() as u64;
-        self.shared
-            .stats
-            .snapshot(self.shared.table.len() as u64, in_progress)
+        self.shared.stats.snapshot(
+            self.shared.table.len() as u64,
+            self.shared.in_progress() as u64,
+        )
     }
 
     /// Closes the connection in order and waits for the end:
@@ -700,7 +316,7 @@ impl PacketConnection {
     /// [`close`](PacketConnection::close).
     pub fn close_timeout(&self, timeout: Duration) -> Result<()> {
         self.shared.begin_close();
-        let res = self.join_until(Some(Instant::now() + timeout));
+        let res = self.join_until(deadline_after(timeout));
         if matches!(res, Err(Error::Timeout)) {
             self.shared.abort();
         }
@@ -739,28 +355,18 @@ impl PacketConnection {
     }
 
     fn join_until(&self, deadline: Option<Instant>) -> Result<()> {
-        let shared = &self.shared;
-        if !shared.wait_recv_end(deadline) || !shared.outbox.wait_finished(deadline) {
+        if !self.threads.wait_until(deadline) {
             return Err(Error::Timeout);
         }
-        let threads = std::mem::take(&mut *self.threads.lock());
-        let mut panic = None;
-        for handle in threads {
-            if let Err(payload) = handle.join() {
-                panic.get_or_insert(payload);
-            }
-        }
-        shared.run_on_close();
+        let panic = self.threads.join_ended();
+        self.shared.run_on_close();
         if let Some(payload) = panic {
             std::panic::resume_unwind(payload);
         }
-        if let Some(err) = shared.take_recv_error() {
-            return Err(err);
+        match self.shared.take_error() {
+            Some(err) => Err(err),
+            None => Ok(()),
         }
-        if let Some(err) = shared.outbox.take_error() {
-            return Err(Error::Io(err));
-        }
-        Ok(())
     }
 }
 
@@ -770,10 +376,6 @@ impl Drop for PacketConnection {
     fn drop(&mut self) {
         self.shared.begin_close();
     }
-}
-
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name).spawn(f)
 }
 
 /// A handle to the response of a submitted request.
@@ -821,33 +423,34 @@ impl PendingResponse {
     /// [`Error::Failed`] for a not-ok response; [`Error::ConnectionLost`] if
     /// the connection ended first.
     pub fn wait(self) -> Result<Response> {
-        self.wait_deadline(None)
+        let cell = self.cell();
+        if let Some(res) = cell.try_take() {
+            return res;
+        }
+        // About to block, with no deadline to keep: write what this end has
+        // queued now, rather than wait out the grace or a thread hop.
+        self.shared.write_now();
+        cell.wait_until(None).unwrap_or(Err(Error::Timeout))
     }
 
     /// Waits at most `timeout` for the response. On timeout the request stays
-    /// pending and can be waited on again, or cancelled.
+    /// pending and can be waited on again, or cancelled. Returns within the
+    /// timeout whatever the peer does: this thread does no I/O, and the send
+    /// thread is asked to write what is queued at once. A `timeout` too long
+    /// for an `Instant`, such as `Duration::MAX`, means no limit.
     ///
     /// # Errors
     ///
     /// [`Error::Timeout`], or as for [`wait`](PendingResponse::wait). Once the
     /// response has been taken, [`Error::Cancelled`].
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Response> {
-        self.wait_deadline(Some(Instant::now() + timeout))
-    }
-
-    fn wait_deadline(&self, deadline: Option<Instant>) -> Result<Response> {
+        let deadline = deadline_after(timeout);
         let cell = self.cell();
         if let Some(res) = cell.try_take() {
             return res;
         }
-        // About to block: nothing this end has queued may wait for the grace.
-        self.flush();
+        self.shared.outbox.flush_soon(false);
         cell.wait_until(deadline).unwrap_or(Err(Error::Timeout))
-    }
-
-    fn flush(&self) {
-        let failed = self.shared.outbox.flush_now(&self.shared.stats);
-        self.shared.check_write(failed);
     }
 
     /// Takes the response if it has arrived, without blocking.
@@ -878,7 +481,7 @@ impl Drop for PendingResponse {
     fn drop(&mut self) {
         if let Some(cell) = self.cell.take() {
             if !cell.is_ready() {
-                self.shared.table.cancel(self.channel, self.tag);
+                self.shared.table.remove(self.channel, self.tag);
             }
             self.shared.table.recycle(cell);
         }

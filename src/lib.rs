@@ -251,7 +251,7 @@
 //!
 //! The library never prints. [`PacketConnection::stats`] returns a
 //! [`Stats`] snapshot at any time, from any thread: packets and bytes in and
-//! out, writes (flushes), requests sent and received, ok and not-ok
+//! out, writes, requests sent and received, ok and not-ok
 //! responses and replies, requests pending here and requests in progress in
 //! this end's handlers. The `progress` example draws a live progress line
 //! from it. For a trace of every packet, enable the [`log`] crate at `trace`
@@ -482,20 +482,25 @@
 //! line from the stats), `demo`, `blockstore`, `interop` and `bench`.
 
 mod codec;
+mod config;
 mod connection;
 mod error;
 mod handler;
+mod outbox;
 mod packet;
 mod pending;
+mod pool;
 mod protocol;
 mod receiver;
-mod sender;
 mod server;
+mod shared;
 mod stats;
+mod sync;
 mod transport;
 
 pub use crate::codec::{Payload, PayloadReader, PayloadWrite};
-pub use crate::connection::{Config, FromResponse, OnClose, PacketConnection, PendingResponse};
+pub use crate::config::Config;
+pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, Result};
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};

@@ -235,11 +235,6 @@ impl PendingTable {
     /// Stops waiting for `(channel, tag)`: its entry is freed at once, so
     /// that requests the peer never answers cannot pile up. A late response
     /// is recognised by its tag, which was issued and is never reused.
-    pub(crate) fn cancel(&self, channel: u64, tag: u64) {
-        self.inner.lock().entries.remove(&(channel, tag));
-    }
-
-    /// Forgets `(channel, tag)` entirely: its request never left.
     pub(crate) fn remove(&self, channel: u64, tag: u64) {
         self.inner.lock().entries.remove(&(channel, tag));
     }
@@ -343,7 +338,7 @@ mod tests {
     fn cancel_then_late_reply_is_dropped_quietly() {
         let table = PendingTable::new();
         let (tag, _cell) = table.register(0).unwrap();
-        table.cancel(0, tag);
+        table.remove(0, tag);
         assert_eq!(table.len(), 0);
         assert_eq!(table.complete(0, tag, ok(1)), Completion::Cancelled);
         // Tags never issued, on this channel or another, are unknown.

@@ -1,58 +1,51 @@
-//! The receive side: the loop that reads packets and routes them, and the
-//! handler pool's worker loop.
+//! The receive thread: reads packets and hands each to the shared state, a
+//! request to `dispatch`, a response to `deliver`, until the peer's EOF or
+//! an error.
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::connection::{RecvEnd, Shared};
-use crate::error::{Disconnect, Error, Result};
-use crate::handler::{run_handler, JobQueue, Outcome, Request, RequestHandler};
+use crate::error::{Error, Result};
+use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
-use crate::pending::{Completion, Response};
+use crate::pending::Response;
+use crate::shared::Shared;
 
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
-/// The receive thread. Reads until the peer's EOF or an error, then fails
-/// every request still pending and starts this end's orderly close.
-pub(crate) fn run_recv_loop(shared: &Arc<Shared>, recv: Box<dyn Read + Send>) {
-    let jobs = &shared.jobs;
-    let mut reader = BufReader::with_capacity(READ_BUFFER, recv);
-    let res = recv_packets(shared, &mut reader, jobs);
-    // The handler threads end once they have finished the requests already
-    // queued.
-    jobs.close();
-    let why = match &res {
-        Ok(()) => Disconnect::PeerEof,
-        Err(Error::Io(e)) => Disconnect::Io(e.kind()),
-        Err(_) => Disconnect::Protocol,
-    };
-    match &res {
-        Ok(()) => log::debug!("{}: peer EOF", shared.name),
-        Err(e) => log::error!("{}: receive failed: {e}", shared.name),
-    }
-    let n_failed = shared.table.fail_all(why);
-    if n_failed > 0 {
-        log::warn!("{}: {n_failed} requests lost: {why}", shared.name);
-    }
-    shared.begin_close();
-    shared.set_recv_end(RecvEnd { error: res.err() });
+/// The stream, as the receive thread's `BufReader` sees it: every read that
+/// may block first lets the shared state act on what was parsed so far, so
+/// a request that has fully arrived never waits for the next packet.
+struct Watched {
+    stream: Box<dyn Read + Send>,
+    shared: Arc<Shared>,
 }
 
-fn recv_packets(
-    shared: &Shared,
-    r: &mut BufReader<Box<dyn Read + Send>>,
-    jobs: &JobQueue,
-) -> Result<()> {
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.before_read();
+        let n = self.stream.read(buf)?;
+        self.shared.after_read();
+        Ok(n)
+    }
+}
+
+/// The receive thread. Reads until the peer's EOF or an error, then hands
+/// the outcome to [`Shared::receive_ended`].
+pub(crate) fn run_recv_loop(shared: &Arc<Shared>, stream: Box<dyn Read + Send>) {
+    let watched = Watched {
+        stream,
+        shared: Arc::clone(shared),
+    };
+    let mut reader = BufReader::with_capacity(READ_BUFFER, watched);
+    let res = recv_packets(shared, &mut reader);
+    shared.receive_ended(res);
+}
+
+fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<()> {
     loop {
-        if r.buffer().is_empty() {
-            // The batch is parsed: wake the workers it needs.
-            jobs.wake();
-            shared.reader_idle();
-        } else {
-            shared.more_incoming.store(true, Ordering::SeqCst);
-        }
         let (channel, tag, kind, payload) = match next_packet(shared, r)? {
             Next::Packet(packet) => packet,
             Next::Skipped => continue,
@@ -67,12 +60,11 @@ fn recv_packets(
                     payload,
                 };
                 if packet.is_eof() {
-                    log::trace!("<== EOF");
+                    log::trace!("{}: <== EOF", shared.name);
                     return Ok(());
                 }
                 if packet.is_erq() {
-                    log::debug!("{}: peer sent end of requests", shared.name);
-                    shared.dispatch.lock().peer_erq = true;
+                    shared.peer_ended_requests();
                     continue;
                 }
                 log::error!("{}: malformed control packet {packet:?}", shared.name);
@@ -82,21 +74,22 @@ fn recv_packets(
             }
             Kind::Request { rq_type, flags } => {
                 log::trace!(
-                    "<== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
+                    "{}: <== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
+                    shared.name,
                     payload.len()
                 );
-                let rq = Request {
+                shared.dispatch(Request {
                     channel,
                     tag,
                     rq_type,
                     flags,
                     payload,
-                };
-                dispatch(shared, jobs, rq);
+                });
             }
             Kind::Response { ok, flags } => {
                 log::trace!(
-                    "<== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
+                    "{}: <== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
+                    shared.name,
                     payload.len()
                 );
                 let res = if ok {
@@ -119,7 +112,7 @@ fn recv_packets(
                         payload,
                     })
                 };
-                deliver(shared, channel, tag, res);
+                shared.deliver(channel, tag, res);
             }
         }
     }
@@ -139,7 +132,7 @@ enum Next {
 /// decoded in place, its payload copied out; anything else (a packet that
 /// is only partly there, or over the limit) is read from the stream field by
 /// field, never past its end.
-fn next_packet(shared: &Shared, r: &mut BufReader<Box<dyn Read + Send>>) -> Result<Next> {
+fn next_packet(shared: &Shared, r: &mut BufReader<Watched>) -> Result<Next> {
     let max_len = shared.max_packet_len;
     let counters = &shared.stats.recv;
     match Packet::decode(r.buffer(), max_len) {
@@ -184,62 +177,6 @@ fn next_packet(shared: &Shared, r: &mut BufReader<Box<dyn Read + Send>>) -> Resu
     }
 }
 
-fn deliver(shared: &Shared, channel: u64, tag: u64, res: Result<Response>) {
-    match shared.table.complete(channel, tag, res) {
-        Completion::Delivered => {}
-        Completion::Cancelled => log::debug!(
-            "{}: dropped response to cancelled request {channel}:{tag}",
-            shared.name
-        ),
-        Completion::Unknown => log::warn!(
-            "{}: dropped response to unknown request {channel}:{tag}",
-            shared.name
-        ),
-    }
-}
-
-/// Hands a request to the handler pool, or refuses it.
-fn dispatch(shared: &Shared, jobs: &JobQueue, rq: Request) {
-    shared
-        .stats
-        .recv
-        .requests_received
-        .fetch_add(1, Ordering::Relaxed);
-    let (channel, tag) = (rq.channel, rq.tag);
-    let refusal = {
-        let mut dispatch = shared.dispatch.lock();
-        if shared.handler.is_none() {
-            Some("no request handler".to_string())
-        } else if dispatch.peer_erq {
-            Some("requests no longer allowed".to_string())
-        } else if dispatch.closing {
-            Some("connection is closing".to_string())
-        } else if !dispatch.in_flight.insert((channel, tag)) {
-            Some(format!("channel {channel}: tag already in use: {tag}"))
-        } else {
-            None
-        }
-    };
-    match refusal {
-        Some(reason) => refuse(shared, channel, tag, reason),
-        None => jobs.push(rq),
-    }
-}
-
-fn refuse(shared: &Shared, channel: u64, tag: u64, reason: String) {
-    log::warn!(
-        "{}: rejecting request {channel}:{tag}: {reason}",
-        shared.name
-    );
-    let outcome = Outcome {
-        ok: false,
-        flags: 0,
-        payload: reason.into_bytes(),
-    };
-    shared.send_outcome(channel, tag, outcome);
-    shared.outbox.arm();
-}
-
 /// Reads and discards the rest of an oversize packet, answering it if it is
 /// a request and failing the request it answers if it is a response. A
 /// packet whose head cannot be parsed ends the connection.
@@ -272,14 +209,13 @@ fn skip_oversize(
                 .recv
                 .requests_received
                 .fetch_add(1, Ordering::Relaxed);
-            refuse(
-                shared,
+            shared.refuse(
                 channel,
                 tag,
                 format!("packet too large: {len} bytes exceeds limit of {max}"),
             );
         }
-        Kind::Response { .. } => deliver(shared, channel, tag, Err(too_large)),
+        Kind::Response { .. } => shared.deliver(channel, tag, Err(too_large)),
         Kind::Control { .. } => return Err(too_large),
     }
     let remaining = payload_len as u64;
@@ -290,19 +226,4 @@ fn skip_oversize(
         });
     }
     Ok(())
-}
-
-/// A handler thread: runs requests until the receive thread is gone.
-pub(crate) fn run_worker(shared: &Shared, handler: &Arc<dyn RequestHandler>) {
-    let jobs = &shared.jobs;
-    while let Some(rq) = jobs.pop() {
-        // Busy until the reply is out of this thread's hands: writing it may
-        // block, and then another worker must take the next job.
-        jobs.busy(|| {
-            let (channel, tag) = (rq.channel, rq.tag);
-            let outcome = run_handler(&shared.name, handler, rq);
-            shared.send_outcome(channel, tag, outcome);
-            shared.finish_request(channel, tag);
-        });
-    }
 }

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::connection::{Config, PacketConnection};
+use crate::config::Config;
+use crate::connection::PacketConnection;
 use crate::error::{Error, Result};
+use crate::sync::{self, deadline_after};
 
 /// How long the accept thread rests after a failed `accept` (out of file
 /// descriptors, say) before it tries again.
@@ -142,6 +144,8 @@ struct ServerShared {
 struct State {
     stopping: bool,
     acceptor_done: bool,
+    /// The accept thread could not be woken: it ends at the next client.
+    wake_failed: bool,
     accepted: u64,
     /// Live connections by accept order.
     live: BTreeMap<u64, Arc<PacketConnection>>,
@@ -171,7 +175,7 @@ enum Stream {
 }
 
 /// Where to connect to wake the accept thread out of `accept`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Waker {
     Tcp(SocketAddr),
     Unix(net::SocketAddr),
@@ -309,24 +313,33 @@ impl Server {
     ///
     /// As for [`stop`](Server::stop).
     pub fn stop_timeout(mut self, timeout: Duration) -> Result<()> {
-        self.stop_until(Some(Instant::now() + timeout))
+        self.stop_until(deadline_after(timeout))
     }
 
     /// Stops accepting. False if the accept thread may be left blocked in
     /// `accept`: it then ends at the next client it accepts.
-    fn begin_stop(&self) -> bool {
-        self.shared.state.lock().stopping = true;
+    /// Stops accepting and starts the close of every live connection at
+    /// once, without waiting: ERQ goes to every client, new requests are
+    /// refused, and the connections drain side by side. The accept thread is
+    /// woken from another thread, so this never blocks.
+    fn begin_stop(&self) {
+        let live: Vec<Arc<PacketConnection>> = {
+            let mut state = self.shared.state.lock();
+            state.stopping = true;
+            state.live.values().cloned().collect()
+        };
         self.shared.changed.notify_all();
-        match self.waker.wake() {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!(
-                    "{}: cannot connect to {:?} to wake the accept thread: {e}",
-                    self.shared.name,
-                    self.waker
-                );
-                false
-            }
+        for conn in live {
+            conn.begin_close();
+        }
+        let (shared, waker) = (Arc::clone(&self.shared), self.waker.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("{}:wake", shared.name))
+            .spawn(move || wake_acceptor(&shared, &waker));
+        if let Err(e) = spawned {
+            log::warn!("{}: cannot wake the accept thread: {e}", self.shared.name);
+            self.shared.state.lock().wake_failed = true;
+            self.shared.changed.notify_all();
         }
     }
 
@@ -336,53 +349,39 @@ impl Server {
         };
         let shared = &self.shared;
         log::debug!("{}: stopping", shared.name);
-        let woke = self.begin_stop();
+        // Every live connection starts its close at once: ERQ goes to every
+        // client, new requests are refused, and the connections drain side
+        // by side. A connection accepted from now on is refused.
+        self.begin_stop();
         let mut timed_out = false;
-        // Unwoken, the accept thread is left to end by itself; a thread
-        // waiting for a free slot has seen `stopping` all the same.
-        let acceptor_deadline = if woke { deadline } else { Some(Instant::now()) };
-        if shared.wait_until(acceptor_deadline, |state| state.acceptor_done) {
+        // Unwoken, the accept thread is left to end by itself, at the next
+        // client it accepts; a thread waiting for a free slot has seen
+        // `stopping` all the same.
+        let acceptor_ended = |state: &State| state.acceptor_done || state.wake_failed;
+        if !shared.wait_until(deadline, acceptor_ended) {
+            log::warn!("{}: accept thread did not end in time", shared.name);
+            timed_out = true;
+        } else if shared.state.lock().acceptor_done {
             if let Err(panic) = acceptor.join() {
                 std::panic::resume_unwind(panic);
             }
-        } else if woke {
-            log::warn!("{}: accept thread did not end in time", shared.name);
-            timed_out = true;
         }
-        // Nothing new is accepted now (or, after a timeout, anything
-        // accepted later sees `stopping` and is dropped).
-        let live: Vec<(u64, Arc<PacketConnection>)> = shared
-            .state
-            .lock()
-            .live
-            .iter()
-            .map(|(&id, conn)| (id, Arc::clone(conn)))
-            .collect();
-        for (id, conn) in live {
-            let res = match deadline {
-                None => conn.close(),
-                Some(deadline) => {
-                    conn.close_timeout(deadline.saturating_duration_since(Instant::now()))
-                }
-            };
-            match res {
-                Ok(()) => log::debug!("{}: closed connection #{id}", shared.name),
-                Err(Error::Timeout) => {
-                    log::warn!("{}: connection #{id} did not close in time", shared.name);
-                    timed_out = true;
-                }
-                Err(e) => log::warn!("{}: connection #{id} ended with {e}", shared.name),
+        if !shared.wait_until(deadline, |state| state.live.is_empty()) {
+            timed_out = true;
+            let late: Vec<Arc<PacketConnection>> =
+                shared.state.lock().live.values().cloned().collect();
+            for conn in late {
+                log::warn!("{}: did not close in time; aborting", conn.name());
+                conn.abort();
             }
         }
-        if shared.wait_until(deadline, |state| state.live.is_empty()) {
-            let watchers = std::mem::take(&mut shared.state.lock().watchers);
-            for (id, handle) in watchers {
-                if handle.join().is_err() {
-                    log::error!("{}: watch thread of #{id} panicked", shared.name);
-                }
+        // The watch threads that have ended; any still running end by
+        // themselves once their connection does.
+        let done = shared.state.lock().take_done_watchers();
+        for handle in done {
+            if handle.join().is_err() {
+                log::error!("{}: a watch thread panicked", shared.name);
             }
-        } else {
-            timed_out = true;
         }
         log::debug!("{}: stopped", shared.name);
         if timed_out {
@@ -398,10 +397,7 @@ impl Drop for Server {
     /// every live connection begins its orderly close.
     fn drop(&mut self) {
         if self.acceptor.take().is_some() {
-            let _ = self.begin_stop();
-            for conn in self.shared.state.lock().live.values() {
-                conn.begin_close();
-            }
+            self.begin_stop();
         }
     }
 }
@@ -410,17 +406,20 @@ impl ServerShared {
     /// Waits until `done` holds, or the deadline passes (returns false).
     fn wait_until(&self, deadline: Option<Instant>, done: impl Fn(&State) -> bool) -> bool {
         let mut state = self.state.lock();
-        while !done(&state) {
-            match deadline {
-                None => self.changed.wait(&mut state),
-                Some(deadline) => {
-                    if self.changed.wait_until(&mut state, deadline).timed_out() {
-                        return done(&state);
-                    }
-                }
-            }
-        }
-        true
+        sync::wait_until(&self.changed, &mut state, deadline, |state| !done(state))
+    }
+}
+
+/// Connects to the listener's own address, which wakes the accept thread out
+/// of `accept` to see that the server is stopping.
+fn wake_acceptor(shared: &ServerShared, waker: &Waker) {
+    if let Err(e) = waker.wake() {
+        log::warn!(
+            "{}: cannot connect to {waker:?} to wake the accept thread: {e}",
+            shared.name
+        );
+        shared.state.lock().wake_failed = true;
+        shared.changed.notify_all();
     }
 }
 
@@ -477,7 +476,16 @@ fn start_connection(
 ) -> Result<()> {
     let conn_name = format!("{}#{id}", shared.name);
     let conn = Arc::new(stream.into_connection(config.clone().name(conn_name.clone()))?);
-    shared.state.lock().live.insert(id, Arc::clone(&conn));
+    {
+        let mut state = shared.state.lock();
+        if state.stopping {
+            // The stop has already begun closing the connections it knows.
+            drop(state);
+            conn.abort();
+            return Ok(());
+        }
+        state.live.insert(id, Arc::clone(&conn));
+    }
     log::debug!("{conn_name}: accepted");
     let watcher = {
         let (shared, conn) = (Arc::clone(shared), Arc::clone(&conn));

@@ -30,7 +30,7 @@ pub(crate) struct SendCounters {
     pub(crate) packets_out: AtomicU64,
     pub(crate) requests_sent: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
-    pub(crate) flushes: AtomicU64,
+    pub(crate) writes: AtomicU64,
 }
 
 /// Written by the handler threads.
@@ -70,8 +70,9 @@ pub struct Stats {
     pub packets_out: u64,
     /// Bytes written to the stream.
     pub bytes_out: u64,
-    /// Writes of the outgoing queue to the stream, each followed by a flush.
-    pub flushes: u64,
+    /// Writes of the outgoing queue to the stream: each is one batch of
+    /// packets, written and then flushed.
+    pub writes: u64,
     /// Requests this end sent.
     pub requests_sent: u64,
     /// Requests the peer sent to this end.
@@ -99,7 +100,7 @@ impl Counters {
             bytes_in: get(&recv.bytes_in),
             packets_out: get(&send.packets_out),
             bytes_out: get(&send.bytes_out),
-            flushes: get(&send.flushes),
+            writes: get(&send.writes),
             requests_sent: get(&send.requests_sent),
             requests_received: get(&recv.requests_received),
             responses_ok: get(&recv.responses_ok),

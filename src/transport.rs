@@ -8,7 +8,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 
-use crate::connection::{Config, OnClose, PacketConnection};
+use crate::config::Config;
+use crate::connection::{OnClose, PacketConnection};
 use crate::error::{Error, Result};
 
 impl PacketConnection {

@@ -1,0 +1,146 @@
+//! [`Config`]: the settings a connection starts with.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::handler::RequestHandler;
+use crate::packet::DEFAULT_MAX_PACKET_LEN;
+
+/// Settings for a [`PacketConnection`](crate::PacketConnection), built from `Default` with by-value
+/// setters. Cheap to clone.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use packetstream::{Config, Request};
+///
+/// let config = Config::default()
+///     .name("server")
+///     .packet_grace(Duration::from_millis(2))
+///     .handler_threads(8)
+///     .handler(|rq: Request| Ok(rq.payload.into()));
+/// # let _ = config;
+/// ```
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) name: String,
+    pub(crate) packet_grace: Duration,
+    pub(crate) handler_threads: usize,
+    pub(crate) handler_queue: usize,
+    pub(crate) max_packet_len: u64,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) max_queued_packets: usize,
+    pub(crate) handler: Option<Arc<dyn RequestHandler>>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            name: "packetstream".to_string(),
+            packet_grace: Duration::from_millis(10),
+            handler_threads: 4,
+            handler_queue: DEFAULT_HANDLER_QUEUE,
+            max_packet_len: DEFAULT_MAX_PACKET_LEN,
+            max_queued_bytes: 8 << 20,
+            max_queued_packets: 1 << 16,
+            handler: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("packet_grace", &self.packet_grace)
+            .field("handler_threads", &self.handler_threads)
+            .field("handler_queue", &self.handler_queue)
+            .field("max_packet_len", &self.max_packet_len)
+            .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("max_queued_packets", &self.max_queued_packets)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl Config {
+    /// The connection's name, used in its threads' names
+    /// (`"{name}:recv"`, `"{name}:send"`, `"{name}:handler{idx}"`) and in log
+    /// lines. Default: `"packetstream"`.
+    pub fn name(mut self, name: impl Into<String>) -> Config {
+        self.name = name.into();
+        self
+    }
+
+    /// How long queued packets may wait for company before they are written,
+    /// so that bursts go out in few writes. A caller that blocks for a
+    /// response never waits it out: its queue is written at once. Zero
+    /// writes as soon as the queue is idle; a grace too long to add to an
+    /// `Instant` (such as `Duration::MAX`) never runs out, so packets then go
+    /// out only when a caller waits, the queue is full, or ERQ or EOF is
+    /// sent. Default: 10 ms, as the reference.
+    pub fn packet_grace(mut self, grace: Duration) -> Config {
+        self.packet_grace = grace;
+        self
+    }
+
+    /// The number of threads that run the handler. Default: 4, as the
+    /// reference. At least 1.
+    pub fn handler_threads(mut self, n: usize) -> Config {
+        self.handler_threads = n.max(1);
+        self
+    }
+
+    /// How many received requests may wait for a handler thread before the
+    /// receive thread stops reading. Their payloads are bounded too, by
+    /// [`max_queued_bytes`](Config::max_queued_bytes). Default: 256.
+    pub fn handler_queue(mut self, n: usize) -> Config {
+        self.handler_queue = n.max(1);
+        self
+    }
+
+    /// The longest packet accepted or sent, its length prefix excluded.
+    /// Checked before any buffer is allocated. Default: 64 MiB.
+    pub fn max_packet_len(mut self, len: u64) -> Config {
+        self.max_packet_len = len;
+        self
+    }
+
+    /// How many unwritten bytes the outgoing queue holds before `submit`
+    /// blocks (and `try_submit_on` fails). Replies and control packets are
+    /// never held back by it. The same budget bounds the payload bytes of
+    /// received requests waiting for a handler thread (one request is always
+    /// let through, however large). Default: 8 MiB.
+    pub fn max_queued_bytes(mut self, n: usize) -> Config {
+        self.max_queued_bytes = n.max(1);
+        self
+    }
+
+    /// How many unwritten packets the outgoing queue holds before `submit`
+    /// blocks. Default: 65536.
+    pub fn max_queued_packets(mut self, n: usize) -> Config {
+        self.max_queued_packets = n.max(1);
+        self
+    }
+
+    /// The handler that serves the peer's requests. Without one, every
+    /// request from the peer gets a not-ok reply, "no request handler".
+    pub fn handler(mut self, handler: impl RequestHandler) -> Config {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Like [`handler`](Config::handler), for a handler already shared.
+    pub fn shared_handler(mut self, handler: Arc<dyn RequestHandler>) -> Config {
+        self.handler = Some(handler);
+        self
+    }
+}
+
+/// Requests that may wait for a handler thread, by default. Large enough that
+/// the receive thread rarely blocks on a burst (at 16, blocking and waking it
+/// dominated a pipelined profile); memory is bounded by the queue's byte
+/// budget.
+const DEFAULT_HANDLER_QUEUE: usize = 256;

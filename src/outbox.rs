@@ -1,0 +1,675 @@
+//! The send side: the outgoing queue, its phases, who may write it and when.
+//!
+//! The queue plays the part of a `BufWriter` that several threads can fill
+//! while a write is in progress: packets are encoded straight into `buf`, and
+//! the thread that writes swaps `buf` for an empty spare, writes the full one
+//! without holding the lock, and swaps back. Payloads of
+//! [`LARGE_PAYLOAD`] bytes or more are not copied into `buf`: a reply's is
+//! queued by move, as a segment written right after its head, and a
+//! request's is written straight from the caller's slice when the caller may
+//! write.
+//!
+//! The phases are explicit ([`Phase`]) and every admission checks the phase
+//! under the same lock hold that appends the packet, so nothing can slip in
+//! after ERQ or EOF. No thread ever waits for another thread's write: one
+//! thread at a time has the writer role (`writing`), it takes the stream out
+//! of the state for the write, and it keeps writing until the queue is
+//! empty, so bytes appended during a write go out right after it. Which
+//! threads may take the role is in ARCHITECTURE.md ("Who writes").
+
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::packet::{Head, Packet};
+use crate::stats::Counters;
+
+/// Payloads at least this long are not copied into the queue: a request's
+/// is written straight from the caller's slice if the caller may write, a
+/// reply's is queued by move.
+pub(crate) const LARGE_PAYLOAD: usize = 64 << 10;
+/// A spare buffer larger than this is shrunk back after a write.
+const KEEP_BUF_CAPACITY: usize = 1 << 20;
+
+/// Where the send side is in its life. It only moves forward, and `Dead`
+/// can be reached from any phase but `Finished`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Requests, replies and control packets are accepted.
+    Open,
+    /// ERQ is queued: replies are still accepted, requests are not.
+    RequestsEnded,
+    /// EOF is queued, last: nothing more is accepted.
+    EofQueued,
+    /// EOF is written and the stream closed.
+    Finished,
+    /// Aborted, or a write failed: what was queued is dropped and nothing
+    /// more is written.
+    Dead,
+}
+
+/// How a request waits for room in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Waits for room, and may write a large payload itself: for callers
+    /// without a deadline.
+    Wait,
+    /// Never waits and never writes: fails with [`Error::WouldBlock`] when
+    /// the queue is full. Large payloads are copied into the queue.
+    NoWait,
+}
+
+/// A write failed: the outbox is now [`Phase::Dead`]. Returned once, to the
+/// thread whose write failed, which must tear the connection down.
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct WriteFailed(pub(crate) io::ErrorKind);
+
+struct State {
+    phase: Phase,
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+    /// Large payloads queued by move: each goes out right after the first
+    /// `.0` bytes of `buf` (its packet's head).
+    large: Vec<(usize, Vec<u8>)>,
+    spare_large: Vec<(usize, Vec<u8>)>,
+    large_bytes: usize,
+    /// Packets in `buf`.
+    queued_packets: usize,
+    /// Bytes and packets taken by the writer and not yet written: they still
+    /// count against the budget.
+    writing_bytes: usize,
+    writing_packets: usize,
+    /// A thread has the writer role, and the stream with it.
+    writing: bool,
+    /// The stream, while nobody is writing. `None` once closed.
+    stream: Option<Box<dyn Write + Send>>,
+    /// Write without waiting out the grace.
+    urgent: bool,
+    /// Replies or control packets are among the unwritten bytes: the peer
+    /// may be waiting for them.
+    owes_peer: bool,
+    /// When the oldest unwritten byte was queued.
+    since: Option<Instant>,
+    /// The send loop sleeps until a batch's grace runs out; it need not be
+    /// woken for later packets.
+    timer_set: bool,
+    /// The first write error, for `join`.
+    error: Option<io::Error>,
+}
+
+impl State {
+    fn unwritten(&self) -> (usize, usize) {
+        (
+            self.buf.len() + self.large_bytes + self.writing_bytes,
+            self.queued_packets + self.writing_packets,
+        )
+    }
+
+    /// Drops what is queued, refuses everything after, and hands back the
+    /// stream to close if nobody is writing with it.
+    fn kill(&mut self) -> Option<Box<dyn Write + Send>> {
+        self.phase = Phase::Dead;
+        self.buf.clear();
+        self.large.clear();
+        self.large_bytes = 0;
+        self.queued_packets = 0;
+        self.stream.take()
+    }
+}
+
+/// The outgoing queue. See the module doc.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the send loop: bytes queued, an urgent flush, or the end.
+    work: Condvar,
+    /// Wakes requests waiting for room.
+    room: Condvar,
+    grace: Duration,
+    max_bytes: usize,
+    max_packets: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        stream: Box<dyn Write + Send>,
+        grace: Duration,
+        max_bytes: usize,
+        max_packets: usize,
+    ) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                phase: Phase::Open,
+                buf: Vec::new(),
+                spare: Vec::new(),
+                large: Vec::new(),
+                spare_large: Vec::new(),
+                large_bytes: 0,
+                queued_packets: 0,
+                writing_bytes: 0,
+                writing_packets: 0,
+                writing: false,
+                stream: Some(stream),
+                urgent: false,
+                owes_peer: false,
+                since: None,
+                timer_set: false,
+                error: None,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            grace,
+            max_bytes,
+            max_packets,
+        }
+    }
+
+    /// The current phase.
+    pub(crate) fn phase(&self) -> Phase {
+        self.state.lock().phase
+    }
+
+    /// Queues a request, its head already encoded. `then_writes` says the
+    /// caller writes the queue itself right after (it is about to wait for
+    /// the response), so the send loop need not be woken.
+    ///
+    /// With [`Admission::Wait`] and a large payload, the caller writes the
+    /// queue and its payload itself if nobody else is writing; a write that
+    /// fails is returned as `Ok(Some(WriteFailed))`: the request was queued
+    /// and the teardown will end it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once ERQ is queued (or the side has finished or
+    /// died); [`Error::WouldBlock`] for [`Admission::NoWait`] when the queue
+    /// is full.
+    pub(crate) fn push_request(
+        &self,
+        head: &Head,
+        payload: &[u8],
+        admission: Admission,
+        then_writes: bool,
+        stats: &Counters,
+    ) -> Result<Option<WriteFailed>> {
+        let len = head.packet_len(payload.len());
+        let mut st = self.state.lock();
+        loop {
+            if st.phase != Phase::Open {
+                return Err(Error::Closed);
+            }
+            let (bytes, packets) = st.unwritten();
+            let full = bytes > 0 && (bytes + len > self.max_bytes || packets >= self.max_packets);
+            if !full {
+                break;
+            }
+            if admission == Admission::NoWait {
+                return Err(Error::WouldBlock);
+            }
+            // Make room: whoever writes next writes now. The phase is checked
+            // again after the wait.
+            st.urgent = true;
+            self.work.notify_one();
+            self.room.wait(&mut st);
+        }
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        st.buf.extend_from_slice(head.as_bytes());
+        st.queued_packets += 1;
+        if payload.len() >= LARGE_PAYLOAD {
+            if admission == Admission::Wait && !st.writing {
+                // Write what was queued, this head and the payload, without
+                // copying the payload.
+                return Ok(self.drain(st, Some(payload), stats));
+            }
+            let at = st.buf.len();
+            st.large_bytes += payload.len();
+            st.large.push((at, payload.to_vec()));
+        } else {
+            st.buf.extend_from_slice(payload);
+        }
+        if !then_writes {
+            self.start_timer(st);
+        }
+        Ok(None)
+    }
+
+    /// Queues a reply, its head already encoded. Never waits for room.
+    /// Returns false, and drops the reply, once EOF is queued or the side is
+    /// dead. The caller then writes the queue, or starts the grace timer
+    /// with [`arm`](Outbox::arm).
+    pub(crate) fn push_reply(&self, head: &Head, payload: Vec<u8>, stats: &Counters) -> bool {
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
+            return false;
+        }
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        st.owes_peer = true;
+        st.buf.extend_from_slice(head.as_bytes());
+        st.queued_packets += 1;
+        if payload.len() >= LARGE_PAYLOAD {
+            let at = st.buf.len();
+            st.large_bytes += payload.len();
+            st.large.push((at, payload));
+        } else {
+            st.buf.extend_from_slice(&payload);
+        }
+        true
+    }
+
+    /// Queues the end-of-requests packet, to be written at once: later
+    /// requests are refused. Returns false if the requests had already
+    /// ended.
+    pub(crate) fn end_requests(&self, stats: &Counters) -> bool {
+        let mut st = self.state.lock();
+        if st.phase != Phase::Open {
+            return false;
+        }
+        st.phase = Phase::RequestsEnded;
+        self.push_control(st, &Packet::erq(), stats);
+        true
+    }
+
+    /// Queues the EOF packet, last, to be written at once; the stream is
+    /// closed once it is written. Returns false if EOF was already queued or
+    /// the side is dead.
+    pub(crate) fn push_eof(&self, stats: &Counters) -> bool {
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
+            return false;
+        }
+        st.phase = Phase::EofQueued;
+        self.push_control(st, &Packet::eof(), stats);
+        true
+    }
+
+    fn push_control(&self, mut st: MutexGuard<'_, State>, packet: &Packet, stats: &Counters) {
+        packet.encode_into(&mut st.buf);
+        st.queued_packets += 1;
+        st.since.get_or_insert_with(Instant::now);
+        st.urgent = true;
+        st.owes_peer = true;
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        drop(st);
+        self.work.notify_one();
+    }
+
+    /// Makes sure the send loop writes what is queued within the grace: wakes
+    /// it if its timer is not already running.
+    pub(crate) fn arm(&self) {
+        self.start_timer(self.state.lock());
+    }
+
+    fn start_timer(&self, mut st: MutexGuard<'_, State>) {
+        if st.buf.is_empty() {
+            return;
+        }
+        st.since.get_or_insert_with(Instant::now);
+        if !st.timer_set {
+            st.timer_set = true;
+            drop(st);
+            self.work.notify_one();
+        }
+    }
+
+    /// Asks the send loop to write the queue at once, without doing I/O on
+    /// this thread. For threads that must not block in a write: a caller
+    /// with a deadline, or the receive thread (`replies_only`: queued
+    /// requests alone keep their grace).
+    pub(crate) fn flush_soon(&self, replies_only: bool) {
+        let mut st = self.state.lock();
+        if !st.buf.is_empty() && !st.urgent && (st.owes_peer || !replies_only) {
+            st.urgent = true;
+            drop(st);
+            self.work.notify_one();
+        }
+    }
+
+    /// Writes the queue now if nobody else is writing; if somebody is, they
+    /// write it when their current write ends. Blocks while the stream does:
+    /// only for threads that may block without a deadline.
+    pub(crate) fn write_now(&self, stats: &Counters) -> Option<WriteFailed> {
+        let st = self.state.lock();
+        if st.buf.is_empty() || st.writing || st.stream.is_none() {
+            return None;
+        }
+        self.drain(st, None, stats)
+    }
+
+    /// Writes the queue until it is empty, as the one writer. `extra`, if
+    /// any, is written right after the bytes queued so far. The thread that
+    /// writes EOF, or finds the side dead, closes the stream.
+    fn drain(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        mut extra: Option<&[u8]>,
+        stats: &Counters,
+    ) -> Option<WriteFailed> {
+        debug_assert!(!st.writing);
+        let mut stream = st.stream.take()?;
+        st.writing = true;
+        let mut failed = None;
+        while st.phase != Phase::Dead && (!st.buf.is_empty() || extra.is_some()) {
+            let mut batch = std::mem::take(&mut st.spare);
+            std::mem::swap(&mut batch, &mut st.buf);
+            let mut large = std::mem::take(&mut st.spare_large);
+            std::mem::swap(&mut large, &mut st.large);
+            let payload = extra.take();
+            st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
+            st.writing_packets = st.queued_packets;
+            st.large_bytes = 0;
+            st.queued_packets = 0;
+            st.urgent = false;
+            st.owes_peer = false;
+            st.since = None;
+            let res = MutexGuard::unlocked(&mut st, || {
+                let res = write_batch(&mut stream, &batch, &large, payload, stats);
+                // Free the large payloads here, not under the lock.
+                large.clear();
+                res
+            });
+            st.writing_bytes = 0;
+            st.writing_packets = 0;
+            st.spare_large = large;
+            batch.clear();
+            if batch.capacity() > KEEP_BUF_CAPACITY {
+                batch.shrink_to(KEEP_BUF_CAPACITY);
+            }
+            st.spare = batch;
+            self.room.notify_all();
+            if let Err(e) = res {
+                if st.phase != Phase::Dead {
+                    log::debug!("write failed: {e}");
+                    failed = Some(WriteFailed(e.kind()));
+                    st.error.get_or_insert(e);
+                    // Nothing is queued past a failed write.
+                    let _none = st.kill();
+                }
+            }
+        }
+        st.writing = false;
+        if st.phase == Phase::EofQueued && st.buf.is_empty() {
+            st.phase = Phase::Finished;
+        }
+        let ended = matches!(st.phase, Phase::Finished | Phase::Dead);
+        if !ended {
+            st.stream = Some(stream);
+            return failed;
+        }
+        drop(st);
+        // Close the stream: for a pipe, this is what the peer sees as the
+        // end. The send loop may be waiting for this write to end.
+        drop(stream);
+        self.work.notify_one();
+        self.room.notify_all();
+        failed
+    }
+
+    /// Stops sending at once: drops what is queued, refuses everything
+    /// after, closes the stream unless a write is in progress (that writer
+    /// closes it when its write returns), and lets the send loop end.
+    /// Returns false if the side had already finished or died.
+    pub(crate) fn abort(&self) -> bool {
+        let mut st = self.state.lock();
+        if matches!(st.phase, Phase::Finished | Phase::Dead) {
+            return false;
+        }
+        let stream = st.kill();
+        drop(st);
+        drop(stream);
+        self.work.notify_all();
+        self.room.notify_all();
+        true
+    }
+
+    /// Takes the first write error, if any.
+    pub(crate) fn take_error(&self) -> Option<io::Error> {
+        self.state.lock().error.take()
+    }
+
+    /// The send loop. Writes the queue once its oldest byte has waited the
+    /// grace, or at once when asked; returns once EOF is written or the side
+    /// is dead.
+    pub(crate) fn run_send_loop(&self, stats: &Counters) -> Option<WriteFailed> {
+        let mut failed = None;
+        let mut st = self.state.lock();
+        loop {
+            if matches!(st.phase, Phase::Finished | Phase::Dead) {
+                break;
+            }
+            if st.buf.is_empty() || st.writing {
+                st.timer_set = false;
+                self.work.wait(&mut st);
+                continue;
+            }
+            if !st.urgent {
+                let since = *st.since.get_or_insert_with(Instant::now);
+                // A grace too long for an `Instant` never runs out.
+                let deadline = since.checked_add(self.grace);
+                if deadline.is_none_or(|deadline| Instant::now() < deadline) {
+                    st.timer_set = true;
+                    match deadline {
+                        Some(deadline) => {
+                            self.work.wait_until(&mut st, deadline);
+                        }
+                        None => self.work.wait(&mut st),
+                    }
+                    continue;
+                }
+            }
+            if let Some(e) = self.drain(st, None, stats) {
+                failed = Some(e);
+            }
+            st = self.state.lock();
+        }
+        failed
+    }
+}
+
+fn write_batch(
+    stream: &mut Box<dyn Write + Send>,
+    batch: &[u8],
+    large: &[(usize, Vec<u8>)],
+    payload: Option<&[u8]>,
+    stats: &Counters,
+) -> io::Result<()> {
+    let mut pos = 0;
+    let mut n_bytes = batch.len();
+    for (at, payload) in large {
+        stream.write_all(&batch[pos..*at])?;
+        stream.write_all(payload)?;
+        n_bytes += payload.len();
+        pos = *at;
+    }
+    stream.write_all(&batch[pos..])?;
+    if let Some(payload) = payload {
+        stream.write_all(payload)?;
+        n_bytes += payload.len();
+    }
+    stream.flush()?;
+    stats
+        .send
+        .bytes_out
+        .fetch_add(n_bytes as u64, Ordering::Relaxed);
+    stats.send.writes.fetch_add(1, Ordering::Relaxed);
+    log::trace!("==> wrote {n_bytes} bytes");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Kind;
+    use std::sync::Arc;
+
+    /// A writer that records each write call.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn request(tag: u64, payload_len: usize) -> Head {
+        let kind = Kind::Request {
+            rq_type: 1,
+            flags: 0,
+        };
+        Head::new(0, tag, kind, payload_len)
+    }
+
+    fn reply(tag: u64, payload_len: usize) -> Head {
+        let kind = Kind::Response { ok: true, flags: 0 };
+        Head::new(0, tag, kind, payload_len)
+    }
+
+    fn outbox(rec: &Recorder, max_bytes: usize) -> Outbox {
+        Outbox::new(
+            Box::new(rec.clone()),
+            Duration::from_secs(60),
+            max_bytes,
+            1000,
+        )
+    }
+
+    #[test]
+    fn queued_packets_go_out_in_one_write_on_write_now() {
+        let rec = Recorder::default();
+        let outbox = outbox(&rec, 1 << 20);
+        let stats = Counters::default();
+        for tag in 2..12 {
+            let res = outbox.push_request(&request(tag, 3), b"abc", Admission::Wait, false, &stats);
+            assert!(matches!(res, Ok(None)));
+        }
+        assert!(rec.0.lock().is_empty());
+        assert!(outbox.write_now(&stats).is_none());
+        let writes = rec.0.lock();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].len(), 10 * 7);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_no_wait_requests_but_never_replies() {
+        let rec = Recorder::default();
+        let outbox = outbox(&rec, 64);
+        let stats = Counters::default();
+        let res = outbox.push_request(&request(2, 60), &[0; 60], Admission::NoWait, false, &stats);
+        assert!(matches!(res, Ok(None)));
+        let res = outbox.push_request(&request(3, 60), &[0; 60], Admission::NoWait, false, &stats);
+        assert!(matches!(res, Err(Error::WouldBlock)));
+        assert!(outbox.push_reply(&reply(9, 60), vec![0; 60], &stats));
+        assert!(outbox.write_now(&stats).is_none());
+        let want = request(2, 60).packet_len(60) + reply(9, 60).packet_len(60);
+        assert_eq!(rec.0.lock().concat().len(), want);
+    }
+
+    #[test]
+    fn a_large_no_wait_request_is_copied_and_written_by_the_writer_in_order() {
+        let rec = Recorder::default();
+        let outbox = outbox(&rec, 1 << 30);
+        let stats = Counters::default();
+        let big = vec![7u8; LARGE_PAYLOAD];
+        let res = outbox.push_request(
+            &request(2, big.len()),
+            &big,
+            Admission::NoWait,
+            false,
+            &stats,
+        );
+        assert!(matches!(res, Ok(None)));
+        assert!(rec.0.lock().is_empty(), "a no-wait request never writes");
+        assert!(outbox.write_now(&stats).is_none());
+        let mut want = request(2, big.len()).as_bytes().to_vec();
+        want.extend_from_slice(&big);
+        assert_eq!(rec.0.lock().concat(), want);
+    }
+
+    #[test]
+    fn large_replies_are_queued_by_move_and_written_in_order() {
+        let rec = Recorder::default();
+        let outbox = outbox(&rec, 1 << 30);
+        let stats = Counters::default();
+        let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 1];
+        let mut want = Vec::new();
+        for (tag, payload) in [
+            (2, vec![1u8; 10]),
+            (3, big(2)),
+            (4, vec![3; 5]),
+            (5, big(4)),
+        ] {
+            let head = reply(tag, payload.len());
+            want.extend_from_slice(head.as_bytes());
+            want.extend_from_slice(&payload);
+            assert!(outbox.push_reply(&head, payload, &stats));
+        }
+        assert!(outbox.write_now(&stats).is_none());
+        let writes = rec.0.lock();
+        assert_eq!(writes.concat(), want);
+        // The large payloads went out as writes of their own, uncopied.
+        assert!(writes
+            .iter()
+            .any(|w| w.len() == LARGE_PAYLOAD + 1 && w[0] == 2));
+    }
+
+    #[test]
+    fn phases_refuse_what_they_must() {
+        let rec = Recorder::default();
+        let outbox = Outbox::new(Box::new(rec.clone()), Duration::MAX, 1 << 20, 1000);
+        let stats = Counters::default();
+        assert!(outbox.end_requests(&stats));
+        assert!(!outbox.end_requests(&stats));
+        assert_eq!(outbox.phase(), Phase::RequestsEnded);
+        let res = outbox.push_request(&request(2, 0), b"", Admission::Wait, false, &stats);
+        assert!(matches!(res, Err(Error::Closed)));
+        assert!(outbox.push_reply(&reply(9, 0), Vec::new(), &stats));
+        assert!(outbox.push_eof(&stats));
+        assert!(!outbox.push_eof(&stats));
+        assert!(!outbox.push_reply(&reply(10, 0), Vec::new(), &stats));
+        // A grace of Duration::MAX never runs out, but ERQ and EOF are urgent.
+        assert!(outbox.run_send_loop(&stats).is_none());
+        assert_eq!(outbox.phase(), Phase::Finished);
+        let mut want = vec![0x03, 0x01, 0x02, 0x00];
+        want.extend_from_slice(reply(9, 0).as_bytes());
+        want.extend_from_slice(&[0x03, 0x00, 0x02, 0x00]);
+        assert_eq!(rec.0.lock().concat(), want);
+        assert!(!outbox.abort(), "a finished side cannot die");
+    }
+
+    /// A writer that fails every write.
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_once_and_kills_the_side() {
+        let outbox = Outbox::new(Box::new(Broken), Duration::ZERO, 1 << 20, 1000);
+        let stats = Counters::default();
+        let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &stats);
+        assert!(matches!(res, Ok(None)));
+        let failed = outbox.write_now(&stats).expect("the write failed");
+        assert_eq!(failed.0, io::ErrorKind::BrokenPipe);
+        assert_eq!(outbox.phase(), Phase::Dead);
+        assert!(outbox.write_now(&stats).is_none());
+        assert!(outbox.run_send_loop(&stats).is_none());
+        let res = outbox.push_request(&request(3, 1), b"x", Admission::Wait, true, &stats);
+        assert!(matches!(res, Err(Error::Closed)));
+        assert_eq!(
+            outbox.take_error().map(|e| e.kind()),
+            Some(io::ErrorKind::BrokenPipe)
+        );
+    }
+}

@@ -1,0 +1,460 @@
+//! The state a connection's threads share, and every step that changes it:
+//! submitting, taking in the peer's requests, replying, the orderly close,
+//! abort, and the teardown after a write or read fails.
+//!
+//! The threads are in other modules and call in here: the receive loop
+//! (`receiver.rs`), the send loop and the waiting callers (`connection.rs`),
+//! and the handler pool's workers, which run [`Job`]s (`pool.rs`). This
+//! module imports none of them but the pool.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::error::{Disconnect, Error, Result};
+use crate::handler::{run_handler, Outcome, Request, RequestHandler};
+use crate::outbox::{Admission, Outbox, Phase, WriteFailed};
+use crate::packet::{Head, Kind};
+use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
+use crate::pool::{self, Pool};
+use crate::stats::Counters;
+
+/// A hook run once, when the connection is finished with its stream or must
+/// unblock its threads (on abort or a write error).
+pub(crate) type Hook = Box<dyn FnOnce() + Send>;
+
+/// The peer's requests being handled here, and whether more are welcome.
+#[derive(Debug, Default)]
+pub(crate) struct Inbound {
+    in_progress: TagSet,
+    /// The peer sent ERQ: it will send no more requests.
+    peer_ended_requests: bool,
+    /// This end is closing: EOF goes out once `in_progress` is empty.
+    closing: bool,
+}
+
+impl Inbound {
+    /// Takes in the peer's request `(channel, tag)`, or says why not.
+    fn admit(&mut self, has_handler: bool, channel: u64, tag: u64) -> Result<(), String> {
+        if !has_handler {
+            Err("no request handler".to_string())
+        } else if self.peer_ended_requests {
+            Err("requests no longer allowed".to_string())
+        } else if self.closing {
+            Err("connection is closing".to_string())
+        } else if !self.in_progress.insert((channel, tag)) {
+            Err(format!("channel {channel}: tag already in use: {tag}"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One request from the peer, for the handler pool.
+pub(crate) struct Job {
+    shared: Arc<Shared>,
+    rq: Request,
+}
+
+impl pool::Job for Job {
+    fn size(&self) -> usize {
+        self.rq.payload.len()
+    }
+
+    fn run(self) {
+        self.shared.serve(self.rq);
+    }
+}
+
+/// What the connection's threads share. See the module doc.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) max_packet_len: u64,
+    handler: Option<Arc<dyn RequestHandler>>,
+    pub(crate) table: PendingTable,
+    pub(crate) outbox: Outbox,
+    inbound: Mutex<Inbound>,
+    /// The handler pool, if there is a handler.
+    pool: Option<Arc<Pool<Job>>>,
+    /// The receive thread has read bytes it has not parsed yet: more
+    /// requests, and so more replies, may be about to follow.
+    more_incoming: AtomicBool,
+    /// Whether a handler thread may write the stream itself. Only with more
+    /// than one: while one is blocked in a write the others still take
+    /// requests, so the receive thread never waits on the peer.
+    handlers_write: bool,
+    pub(crate) stats: Counters,
+    /// The error that ended the receive side, for `join`.
+    recv_error: Mutex<Option<Error>>,
+    on_close: Mutex<Option<Hook>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: &Config,
+        send: Box<dyn io::Write + Send>,
+        pool: Option<Arc<Pool<Job>>>,
+        on_close: Option<Hook>,
+    ) -> Shared {
+        Shared {
+            name: config.name.clone(),
+            max_packet_len: config.max_packet_len,
+            handler: config.handler.clone(),
+            table: PendingTable::new(),
+            outbox: Outbox::new(
+                send,
+                config.packet_grace,
+                config.max_queued_bytes,
+                config.max_queued_packets,
+            ),
+            inbound: Mutex::new(Inbound::default()),
+            pool,
+            more_incoming: AtomicBool::new(false),
+            handlers_write: config.handler_threads > 1,
+            stats: Counters::default(),
+            recv_error: Mutex::new(None),
+            on_close: Mutex::new(on_close),
+        }
+    }
+
+    /// Sends a request: a new tag and response cell, then the packet into
+    /// the outbox. An error means nothing was sent and no entry is left.
+    pub(crate) fn submit(
+        &self,
+        channel: u64,
+        rq_type: u64,
+        flags: u64,
+        payload: &[u8],
+        admission: Admission,
+        then_writes: bool,
+    ) -> Result<(u64, Arc<Cell>)> {
+        let (tag, cell) = self.table.register(channel)?;
+        let head = Head::new(
+            channel,
+            tag,
+            Kind::Request { rq_type, flags },
+            payload.len(),
+        );
+        let res = if head.body_len > self.max_packet_len {
+            Err(Error::TooLarge {
+                len: head.body_len,
+                max: self.max_packet_len,
+            })
+        } else {
+            self.outbox
+                .push_request(&head, payload, admission, then_writes, &self.stats)
+        };
+        match res {
+            Ok(failed) => {
+                self.stats
+                    .send
+                    .requests_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                log::trace!(
+                    "{}: ==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
+                    self.name,
+                    payload.len()
+                );
+                self.after_write(failed);
+                Ok((tag, cell))
+            }
+            Err(err) => {
+                self.table.remove(channel, tag);
+                self.table.recycle(cell);
+                Err(err)
+            }
+        }
+    }
+
+    /// Queues the reply to the peer's request `(channel, tag)`. A reply
+    /// whose packet would exceed the limit becomes a not-ok reply saying so.
+    fn reply(&self, channel: u64, tag: u64, outcome: Outcome) {
+        let Outcome {
+            mut ok,
+            mut flags,
+            mut payload,
+        } = outcome;
+        let mut head = Head::new(channel, tag, Kind::Response { ok, flags }, payload.len());
+        if head.body_len > self.max_packet_len {
+            let reason = format!(
+                "reply of {} bytes exceeds limit of {}",
+                head.body_len, self.max_packet_len
+            );
+            log::error!("{}: reply to {channel}:{tag}: {reason}", self.name);
+            (ok, flags, payload) = (false, 0, reason.into_bytes());
+            head = Head::new(channel, tag, Kind::Response { ok, flags }, payload.len());
+        }
+        let counter = if ok {
+            &self.stats.replies.replies_ok
+        } else {
+            &self.stats.replies.replies_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        log::trace!(
+            "{}: ==> reply {channel}:{tag} ok={ok} flags={flags:#x} len={}",
+            self.name,
+            payload.len()
+        );
+        if !self.outbox.push_reply(&head, payload, &self.stats) {
+            log::debug!(
+                "{}: dropped reply to {channel}:{tag}: the send side is closed",
+                self.name
+            );
+        }
+    }
+
+    /// Hands a request from the peer to the handler pool, or refuses it.
+    pub(crate) fn dispatch(self: &Arc<Self>, rq: Request) {
+        self.stats
+            .recv
+            .requests_received
+            .fetch_add(1, Ordering::Relaxed);
+        let (channel, tag) = (rq.channel, rq.tag);
+        // A connection has a pool exactly when it has a handler.
+        let admitted = self.inbound.lock().admit(self.pool.is_some(), channel, tag);
+        match (admitted, &self.pool) {
+            (Ok(()), Some(pool)) => pool.push(Job {
+                shared: Arc::clone(self),
+                rq,
+            }),
+            (Ok(()), None) => self.refuse(channel, tag, "no request handler".to_string()),
+            (Err(reason), _) => self.refuse(channel, tag, reason),
+        }
+    }
+
+    /// Answers the peer's request `(channel, tag)` with a not-ok reply,
+    /// without running it.
+    pub(crate) fn refuse(&self, channel: u64, tag: u64, reason: String) {
+        log::warn!("{}: rejecting request {channel}:{tag}: {reason}", self.name);
+        let outcome = Outcome {
+            ok: false,
+            flags: 0,
+            payload: reason.into_bytes(),
+        };
+        self.reply(channel, tag, outcome);
+        self.outbox.arm();
+    }
+
+    /// Runs the handler on a request taken in by `dispatch`, on a worker.
+    fn serve(&self, rq: Request) {
+        let (channel, tag) = (rq.channel, rq.tag);
+        if let (Some(handler), false) = (&self.handler, self.outbox.phase() == Phase::Dead) {
+            let outcome = run_handler(&self.name, handler, rq);
+            self.reply(channel, tag, outcome);
+        }
+        self.finish_request(channel, tag);
+    }
+
+    /// The reply to the peer's request `(channel, tag)` is queued. If it was
+    /// the last one owed before EOF, queue EOF. Otherwise, if no more
+    /// replies are about to follow (no request waits for a handler, and the
+    /// receive thread has nothing left to parse), write now: the peer may be
+    /// waiting.
+    fn finish_request(&self, channel: u64, tag: u64) {
+        let (idle, closing) = {
+            let mut inbound = self.inbound.lock();
+            inbound.in_progress.remove(&(channel, tag));
+            (inbound.in_progress.is_empty(), inbound.closing)
+        };
+        let jobs_queued = self.pool.as_ref().is_some_and(|pool| !pool.is_empty());
+        if idle && closing {
+            self.outbox.push_eof(&self.stats);
+        } else if !jobs_queued && !self.more_incoming.load(Ordering::SeqCst) {
+            if self.handlers_write {
+                self.write_now();
+            } else {
+                self.outbox.flush_soon(true);
+            }
+        } else {
+            self.outbox.arm();
+        }
+    }
+
+    /// Delivers a response from the peer to the request it answers.
+    pub(crate) fn deliver(&self, channel: u64, tag: u64, res: Result<Response>) {
+        match self.table.complete(channel, tag, res) {
+            Completion::Delivered => {}
+            Completion::Cancelled => log::debug!(
+                "{}: dropped response to cancelled request {channel}:{tag}",
+                self.name
+            ),
+            Completion::Unknown => log::warn!(
+                "{}: dropped response to unknown request {channel}:{tag}",
+                self.name
+            ),
+        }
+    }
+
+    /// The peer sent ERQ.
+    pub(crate) fn peer_ended_requests(&self) {
+        log::debug!("{}: peer sent end of requests", self.name);
+        self.inbound.lock().peer_ended_requests = true;
+    }
+
+    /// The receive thread is about to block in `read`: wake the workers for
+    /// the requests it has queued, and have the replies already queued
+    /// (refusals among them) written now, unless a handler is about to
+    /// write them with its own.
+    pub(crate) fn before_read(&self) {
+        self.more_incoming.store(false, Ordering::SeqCst);
+        let jobs_queued = match &self.pool {
+            Some(pool) => {
+                pool.wake();
+                !pool.is_empty()
+            }
+            None => false,
+        };
+        if !jobs_queued {
+            self.outbox.flush_soon(true);
+        }
+    }
+
+    /// The receive thread read bytes that it is about to parse.
+    pub(crate) fn after_read(&self) {
+        self.more_incoming.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the queue on this thread if nobody else is writing. Blocks
+    /// while the stream does: only for threads that may block without a
+    /// deadline.
+    pub(crate) fn write_now(&self) {
+        let failed = self.outbox.write_now(&self.stats);
+        self.after_write(failed);
+    }
+
+    /// Runs the send loop until EOF is written or the side dies.
+    pub(crate) fn run_send_loop(&self) {
+        let failed = self.outbox.run_send_loop(&self.stats);
+        self.after_write(failed);
+    }
+
+    /// The one place a failed write is handled: every pending request fails,
+    /// and the stream is shut down where the transport allows, which ends
+    /// the receive thread.
+    fn after_write(&self, failed: Option<WriteFailed>) {
+        let Some(WriteFailed(kind)) = failed else {
+            return;
+        };
+        let n_failed = self.table.fail_all(Disconnect::Io(kind));
+        log::error!(
+            "{}: send side failed ({kind}); failed {n_failed} pending requests",
+            self.name
+        );
+        self.run_on_close();
+    }
+
+    /// Sends ERQ, once: this end makes no more requests.
+    pub(crate) fn end_requests(&self) {
+        if self.outbox.end_requests(&self.stats) {
+            log::debug!("{}: sent end of requests", self.name);
+        }
+    }
+
+    /// Starts the orderly shutdown without waiting: ERQ now, refuse new
+    /// requests from the peer, and EOF once the handlers have answered what
+    /// they hold. Never blocks.
+    pub(crate) fn begin_close(&self) {
+        self.end_requests();
+        let idle = {
+            let mut inbound = self.inbound.lock();
+            inbound.closing = true;
+            inbound.in_progress.is_empty()
+        };
+        if idle {
+            self.outbox.push_eof(&self.stats);
+        }
+    }
+
+    /// Stops everything now: fails what is pending, drops what is queued,
+    /// stops the handler pool taking new work, and unblocks the receive
+    /// thread where the transport allows it. Never blocks.
+    pub(crate) fn abort(&self) {
+        self.inbound.lock().closing = true;
+        let n_failed = self.table.fail_all(Disconnect::Local);
+        self.outbox.abort();
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
+        log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
+        self.run_on_close();
+    }
+
+    /// The receive loop has ended, with the peer's EOF (`Ok`) or an error:
+    /// fail what is still pending, let the handler threads end once they
+    /// have finished what is queued, and start this end's close.
+    pub(crate) fn receive_ended(&self, res: Result<()>) {
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
+        let why = match &res {
+            Ok(()) => Disconnect::PeerEof,
+            Err(Error::Io(e)) => Disconnect::Io(e.kind()),
+            Err(_) => Disconnect::Protocol,
+        };
+        match &res {
+            Ok(()) => log::debug!("{}: peer EOF", self.name),
+            Err(e) => log::error!("{}: receive failed: {e}", self.name),
+        }
+        let n_failed = self.table.fail_all(why);
+        if n_failed > 0 {
+            log::warn!("{}: {n_failed} requests lost: {why}", self.name);
+        }
+        self.begin_close();
+        *self.recv_error.lock() = res.err();
+    }
+
+    /// Runs the close hook, the first time only.
+    pub(crate) fn run_on_close(&self) {
+        let hook = self.on_close.lock().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// The error that ended the connection, once: the receive side's first,
+    /// then a failed write's.
+    pub(crate) fn take_error(&self) -> Option<Error> {
+        let recv = self.recv_error.lock().take();
+        recv.or_else(|| self.outbox.take_error().map(Error::Io))
+    }
+
+    /// The peer's requests accepted and not yet answered.
+    pub(crate) fn in_progress(&self) -> usize {
+        self.inbound.lock().in_progress.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_for_each_reason_and_names_it() {
+        let mut inbound = Inbound::default();
+        assert_eq!(
+            inbound.admit(false, 0, 2),
+            Err("no request handler".to_string())
+        );
+        assert_eq!(inbound.admit(true, 0, 2), Ok(()));
+        assert_eq!(
+            inbound.admit(true, 0, 2),
+            Err("channel 0: tag already in use: 2".to_string())
+        );
+        // The same tag on another channel is another request.
+        assert_eq!(inbound.admit(true, 5, 2), Ok(()));
+        inbound.closing = true;
+        assert_eq!(
+            inbound.admit(true, 0, 3),
+            Err("connection is closing".to_string())
+        );
+        inbound.peer_ended_requests = true;
+        assert_eq!(
+            inbound.admit(true, 0, 3),
+            Err("requests no longer allowed".to_string())
+        );
+        assert_eq!(inbound.in_progress.len(), 2);
+    }
+}

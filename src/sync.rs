@@ -1,0 +1,123 @@
+//! Waiting with deadlines, and the set of threads a connection or server
+//! owns.
+//!
+//! Every bounded wait in the crate goes through [`wait_until`] with an
+//! `Option<Instant>` made by [`deadline_after`], so a deadline is passed
+//! down to the lowest wait and a huge `Duration` means "no limit" instead of
+//! an overflow.
+
+use std::any::Any;
+use std::io;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+/// The instant `timeout` from now, or `None` ("no limit") if that is past
+/// what an `Instant` can hold.
+pub(crate) fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// Waits on `cv` while `pending` holds, until `deadline` (`None`: for ever).
+/// Returns true if `pending` no longer holds.
+pub(crate) fn wait_until<T>(
+    cv: &Condvar,
+    guard: &mut MutexGuard<'_, T>,
+    deadline: Option<Instant>,
+    mut pending: impl FnMut(&mut T) -> bool,
+) -> bool {
+    match deadline {
+        None => {
+            cv.wait_while(guard, pending);
+            true
+        }
+        Some(deadline) => {
+            cv.wait_while_until(guard, &mut pending, deadline);
+            !pending(guard)
+        }
+    }
+}
+
+/// A panic payload from a joined thread.
+pub(crate) type Panic = Box<dyn Any + Send + 'static>;
+
+/// Threads that someone must be able to wait for with a deadline: each one
+/// counts itself out as it ends, so a waiter can give up at its deadline
+/// and leave the rest to end by themselves, which `JoinHandle::join` cannot.
+#[derive(Default)]
+pub(crate) struct ThreadSet {
+    inner: Mutex<Threads>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct Threads {
+    handles: Vec<JoinHandle<()>>,
+    live: usize,
+}
+
+/// Counts its thread out when dropped, so a panicking thread is counted out
+/// too.
+struct LiveGuard(Arc<ThreadSet>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut inner = self.0.inner.lock();
+        inner.live -= 1;
+        if inner.live == 0 {
+            self.0.ended.notify_all();
+        }
+    }
+}
+
+impl ThreadSet {
+    /// Spawns a named thread that belongs to this set.
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        name: String,
+        body: impl FnOnce() + Send + 'static,
+    ) -> io::Result<()> {
+        self.inner.lock().live += 1;
+        // Made after the count went up: if the spawn fails, the closure is
+        // dropped unrun and the guard counts the thread out again.
+        let guard = LiveGuard(Arc::clone(self));
+        let handle = thread::Builder::new().name(name).spawn(move || {
+            let _guard = guard;
+            body();
+        })?;
+        self.inner.lock().handles.push(handle);
+        Ok(())
+    }
+
+    /// Waits until every thread of the set has ended, or until `deadline`.
+    /// Returns true if they all ended.
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mut inner = self.inner.lock();
+        wait_until(&self.ended, &mut inner, deadline, |inner| inner.live > 0)
+    }
+
+    /// Joins the threads that have ended and returns the first panic among
+    /// them. Threads still running are left alone.
+    pub(crate) fn join_ended(&self) -> Option<Panic> {
+        let handles = {
+            let mut inner = self.inner.lock();
+            // Once none is live, every thread is past its body and about to
+            // exit, so joining it is quick.
+            let all = inner.live == 0;
+            let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.handles)
+                .into_iter()
+                .partition(|handle| all || handle.is_finished());
+            inner.handles = running;
+            ended
+        };
+        let mut panic = None;
+        for handle in handles {
+            if let Err(payload) = handle.join() {
+                panic.get_or_insert(payload);
+            }
+        }
+        panic
+    }
+}
