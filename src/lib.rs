@@ -293,42 +293,32 @@
 //!   fails whatever is still pending and starts this end's close.
 //! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, and
 //!   only if there is a handler. Idle ones sleep on a condition variable;
-//!   the receive thread wakes as many as the batch of requests it has just
-//!   read needs. Each runs the handler, then queues the reply. A handler
+//!   before each read that may block, the receive thread wakes as many as
+//!   the requests it has parsed need, so a request that has arrived whole
+//!   never waits for the next packet. Each runs the handler, then queues the reply. A handler
 //!   thread whose reply is the last one owed to the peer writes the
 //!   outgoing queue itself (with more than one handler thread).
 //! - **`{name}:send`**, the send thread, writes the outgoing queue once its
 //!   oldest byte has waited the packet grace ([`Config::packet_grace`],
 //!   10 ms), so that bursts go out in few writes; at once for ERQ, EOF and
-//!   a full queue. After writing EOF it closes the stream.
+//!   a full queue. The stream is closed once EOF is written.
 //! - **Your threads**: `submit` encodes the request into the outgoing
-//!   queue and returns. `call`, `wait` and `wait_timeout` write the queue
-//!   themselves before they sleep, when no other thread is writing, so a
-//!   caller that waits never waits out the grace. A request with a payload
-//!   of 64 KiB or more is written by its caller straight from its slice; a
-//!   reply that large is queued by move, without a copy.
+//!   queue and returns. `call` and `wait` write the queue themselves before
+//!   they sleep, when no other thread is writing, so a caller that waits
+//!   never waits out the grace; a request with a payload of 64 KiB or more
+//!   is written by its `submit` straight from its slice, when no other
+//!   thread is writing. Calls that take a deadline (`wait_timeout`) and the
+//!   `try_*` calls never write: they leave the queue to the send thread,
+//!   so they return in time whatever the peer does.
 //!
 //! A [`Server`] adds one `{name}:accept` thread, and for its `n`th client a
 //! connection named `{name}#{n}` with its own threads plus a
 //! `{name}#{n}:watch` thread that waits for its end.
 //!
-//! The locks, and the order in which they may be nested:
-//!
-//! 1. the table of pending requests, then one request's response cell;
-//! 2. the outgoing queue's state, then the stream's writer. The writer is
-//!    taken only by the one thread that holds the queue's writer role, with
-//!    the state lock released during the write, so it is never contended;
-//!    the send thread takes it under the state lock only to close the
-//!    stream at the end;
-//! 3. taken alone, never nested: the dispatch lock (the peer's requests in
-//!    progress, whether the peer sent ERQ, whether this end is closing), the
-//!    handler queue's parking lock, the receive thread's end result, the
-//!    close hook, the thread list, and a server's table of connections.
-//!
-//! No lock is held while a handler or a close hook runs, and no lock but the
-//! writer's during I/O. Replies are never refused for lack of space in the
-//! outgoing queue, so an end answering a flood of requests cannot block on
-//! its own replies.
+//! No lock is held while a handler or a close hook runs or while the stream
+//! is read or written, and no thread ever holds two of the crate's locks at
+//! once. Replies are never refused for lack of room in the outgoing queue,
+//! so an end answering a flood of requests cannot block on its own replies.
 //!
 //! ## What a handler may do
 //!
