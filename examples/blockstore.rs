@@ -44,8 +44,8 @@ pub mod service {
     use sha2::{Digest, Sha256};
 
     use packetstream::{
-        impl_payload, Dispatcher, Error, Failure, FromResponse, Fulfil, HandlerError,
-        PayloadReader, PayloadWrite, Reply, RequestType, Response,
+        impl_payload, Dispatcher, Error, Failure, Fulfil, HandlerError, PayloadReader,
+        PayloadWrite, RequestType,
     };
 
     /// ADD: store a block, return its hash.
@@ -62,7 +62,8 @@ pub mod service {
     /// Flags of the not-ok reply to an ADD of a block over the size limit.
     pub const TOO_LARGE: u64 = 0x1;
 
-    /// A SHA-256 hash: on the wire, its 32 raw bytes.
+    /// A SHA-256 hash: on the wire, its 32 raw bytes. As a response, the
+    /// same 32 bytes in the payload (`impl_payload!` makes it a reply).
     #[derive(Clone, Copy, PartialEq, Eq, Hash)]
     pub struct HashCode(pub [u8; 32]);
     impl_payload!(HashCode(0));
@@ -77,22 +78,6 @@ pub mod service {
     impl fmt::Debug for HashCode {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-        }
-    }
-
-    /// A hash as a reply: its 32 bytes in the payload.
-    impl From<HashCode> for Reply {
-        fn from(hash: HashCode) -> Reply {
-            Reply::payload(hash.0.to_vec())
-        }
-    }
-
-    impl FromResponse for HashCode {
-        fn from_response(rsp: Response) -> packetstream::Result<HashCode> {
-            let mut r = PayloadReader::new(&rsp.payload);
-            let hash = HashCode(r.array()?);
-            r.finish()?;
-            Ok(hash)
         }
     }
 

@@ -1,11 +1,19 @@
-//! Payload codecs: the reference's `BSUInt`, `BSData` and `BSString`, and
-//! fixed-width integers through `byteorder`, for typed request and response
-//! payloads. The user-facing guide is on [`PayloadReader`].
+//! Payload codecs for typed request and response payloads: the writer and
+//! reader, the [`Payload`] and [`Encoding`] traits, and `impl_payload!`.
+//! The types named after cs.binary's are in `binary.rs`. The user-facing
+//! guide is on [`Payload`] (the table of types) and [`PayloadReader`].
 
 use byteorder::ByteOrder;
 
 use crate::error::{Error, Result};
 use crate::packet::{parse_varint, MAX_VARINT_LEN};
+
+mod binary;
+
+pub use binary::{
+    BSData, BSSFloat, BSString, BSUInt, BinaryUTF8NUL, Float64BE, Float64LE, Int16BE, Int16LE,
+    Int32BE, Int32LE, UInt16BE, UInt16LE, UInt32BE, UInt32LE, UInt64BE, UInt64LE, UInt8,
+};
 
 /// Appends payload fields to a buffer. Implemented for `Vec<u8>`; every
 /// method is infallible.
@@ -33,8 +41,13 @@ pub trait PayloadWrite {
     fn put_i32<B: ByteOrder>(&mut self, n: i32);
     /// Appends an 8-byte signed integer in byte order `B`.
     fn put_i64<B: ByteOrder>(&mut self, n: i64);
+    /// Appends an 8-byte IEEE 754 binary64 float in byte order `B`.
+    fn put_f64<B: ByteOrder>(&mut self, x: f64);
     /// Appends `value` with its [`Payload`] encoding.
     fn put<T: Payload>(&mut self, value: &T);
+    /// Appends `value` with the encoding `E`: `out.put_as::<UInt16BE, _>(&port)`
+    /// writes a `u16` as cs.binary's `UInt16BE`.
+    fn put_as<E: Encoding<T>, T>(&mut self, value: &T);
 }
 
 impl PayloadWrite for Vec<u8> {
@@ -103,8 +116,16 @@ impl PayloadWrite for Vec<u8> {
         self.put_u64::<B>(n as u64);
     }
 
+    fn put_f64<B: ByteOrder>(&mut self, x: f64) {
+        self.put_u64::<B>(x.to_bits());
+    }
+
     fn put<T: Payload>(&mut self, value: &T) {
         value.encode(self);
+    }
+
+    fn put_as<E: Encoding<T>, T>(&mut self, value: &T) {
+        E::encode_value(value, self);
     }
 }
 
@@ -128,7 +149,11 @@ impl PayloadWrite for Vec<u8> {
 /// Reading checks every length against the bytes that remain before it
 /// takes or allocates anything. Running out of input, an overlong or
 /// too-wide BSUInt, invalid UTF-8 and trailing bytes are all
-/// [`Error::Decode`], whose text names the field and the offset.
+/// [`Error::Decode`], whose text names the field's type and its offset in
+/// the payload. A struct's fields read through [`field`](PayloadReader::field)
+/// (as [`impl_payload!`](crate::impl_payload) does) add the field's name in
+/// front, as the reference's `Pfx` does: `"port: truncated UInt16BE: needs 2
+/// bytes at offset 4, 1 remain"`.
 ///
 /// The [`Payload`] trait ties the two together for whole values, and the
 /// [`impl_payload!`](crate::impl_payload) macro implements it for a struct
@@ -248,9 +273,13 @@ impl<'a> PayloadReader<'a> {
         })
     }
 
+    /// Reads a BSUInt length, then that many bytes, naming `what` in the
+    /// error.
     fn prefixed(&mut self, what: &str) -> Result<&'a [u8]> {
         let start = self.pos;
-        let len = self.bs_uint()?;
+        let len = self
+            .bs_uint()
+            .map_err(|err| in_context(err, &format!("{what} length")))?;
         match usize::try_from(len) {
             Ok(len) if len <= self.remaining() => {
                 let bytes = &self.buf[self.pos..self.pos + len];
@@ -284,10 +313,7 @@ impl<'a> PayloadReader<'a> {
     ///
     /// [`Error::Decode`] if fewer than `N` bytes remain.
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let bytes = self.take(N, "array")?;
-        let mut out = [0; N];
-        out.copy_from_slice(bytes);
-        Ok(out)
+        self.take_array::<N>("array")
     }
 
     /// Takes everything that remains, borrowed.
@@ -360,7 +386,17 @@ impl<'a> PayloadReader<'a> {
         Ok(B::read_i64(self.take(8, "i64")?))
     }
 
-    /// Reads a value with its [`Payload`] decoding.
+    /// Reads an 8-byte IEEE 754 binary64 float in byte order `B`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] if fewer than 8 bytes remain.
+    pub fn f64<B: ByteOrder>(&mut self) -> Result<f64> {
+        Ok(B::read_f64(self.take(8, "f64")?))
+    }
+
+    /// Reads a value with its [`Payload`] decoding. The cursor does not
+    /// move on error.
     ///
     /// # Errors
     ///
@@ -368,6 +404,53 @@ impl<'a> PayloadReader<'a> {
     pub fn read<T: Payload>(&mut self) -> Result<T> {
         let start = self.pos;
         T::decode(self).inspect_err(|_| self.pos = start)
+    }
+
+    /// Reads a `T` with the encoding `E`: `r.read_as::<UInt16BE, _>()`
+    /// reads cs.binary's `UInt16BE` into a `u16`. The cursor does not move
+    /// on error.
+    ///
+    /// # Errors
+    ///
+    /// As `E`'s [`Encoding::decode_value`].
+    pub fn read_as<E: Encoding<T>, T>(&mut self) -> Result<T> {
+        let start = self.pos;
+        E::decode_value(self).inspect_err(|_| self.pos = start)
+    }
+
+    /// Reads one field of a struct with `read`, naming the field in any
+    /// error: a decode error's text gets `"{name}: "` in front, so that
+    /// nested structs read as a path (`"header: size: truncated ..."`). The
+    /// cursor does not move on error.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `read` returns.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use packetstream::{PayloadReader, UInt16BE};
+    ///
+    /// let mut r = PayloadReader::new(b"\x01\x02\x03");
+    /// assert_eq!(r.field("port", |r| r.read_as::<UInt16BE, u16>())?, 0x0102);
+    /// let err = r.field("port", |r| r.read_as::<UInt16BE, u16>()).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "cannot decode payload: port: truncated UInt16BE: needs 2 bytes at offset 2, 1 remain"
+    /// );
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn field<T>(
+        &mut self,
+        name: &str,
+        read: impl FnOnce(&mut PayloadReader<'a>) -> Result<T>,
+    ) -> Result<T> {
+        let start = self.pos;
+        read(self).map_err(|err| {
+            self.pos = start;
+            in_context(err, name)
+        })
     }
 
     /// Ends the read, checking that every byte was used.
@@ -385,6 +468,25 @@ impl<'a> PayloadReader<'a> {
                 self.pos
             )))
         }
+    }
+
+    /// Reads exactly `N` bytes, naming `what` in the error.
+    fn take_array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let bytes = self.take(N, what)?;
+        let mut out = [0; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    /// The input from the cursor on, without moving it.
+    fn peek_rest(&self) -> &'a [u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Skips `n` bytes, which the caller has checked remain.
+    fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.remaining());
+        self.pos += n;
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -405,26 +507,134 @@ impl<'a> PayloadReader<'a> {
     }
 }
 
+/// Puts `context: ` in front of a decode error's text; other errors pass
+/// through.
+fn in_context(err: Error, context: &str) -> Error {
+    match err {
+        Error::Decode(msg) => Error::Decode(format!("{context}: {msg}")),
+        other => other,
+    }
+}
+
 /// A value with a payload encoding: how it is written into a payload and
-/// read back out.
+/// read back out. The types below carry the names of the Python
+/// reference's `cs.binary` classes (release 20240630), so that a protocol
+/// written there with `BinaryMultiValue` can be written here field for
+/// field, with the same bytes on the wire.
 ///
-/// Implemented for the reference's field types and a few compositions:
+/// | Rust type | cs.binary | wire encoding |
+/// |---|---|---|
+/// | [`UInt8`] (a `u8`) | `UInt8` | 1 byte |
+/// | [`UInt16BE`], [`UInt16LE`] (a `u16`) | `UInt16BE`, `UInt16LE` | 2 bytes, big- or little-endian |
+/// | [`UInt32BE`], [`UInt32LE`] (a `u32`) | `UInt32BE`, `UInt32LE` | 4 bytes, big- or little-endian |
+/// | [`UInt64BE`], [`UInt64LE`] (a `u64`) | `UInt64BE`, `UInt64LE` | 8 bytes, big- or little-endian |
+/// | [`Int16BE`], [`Int16LE`] (an `i16`) | `Int16BE`, `Int16LE` | 2 bytes, two's complement |
+/// | [`Int32BE`], [`Int32LE`] (an `i32`) | `Int32BE`, `Int32LE` | 4 bytes, two's complement |
+/// | [`Float64BE`], [`Float64LE`] (an `f64`) | `Float64BE`, `Float64LE` | 8 bytes, IEEE 754 binary64 |
+/// | [`BSUInt`], or a plain `u64` | `BSUInt` | 7-bit groups, most significant first, the high bit set on every byte but the last: 1 to 10 bytes (`128` is `81 00`) |
+/// | [`BSData`], or a plain `Vec<u8>` | `BSData` | BSUInt length, then the bytes |
+/// | [`BSString`], or a plain `String` | `BSString` | BSUInt length of the UTF-8, then the UTF-8 |
+/// | [`BSSFloat`] (an `f64`) | `BSSFloat` | a BSString of Python's `str(float)`: `0.1`, `1e+16`, `-0.0`, `inf`, `nan` |
+/// | [`BinaryUTF8NUL`] (a `String` without NUL) | `BinaryUTF8NUL` | the UTF-8, then a 0 byte |
+/// | `[u8; N]` | `BinaryFixedBytes(name, N)` | `N` bytes |
+/// | `Vec<T>` for any other `T: Payload` | none, see below | BSUInt count, then each item |
+/// | a struct with [`impl_payload!`](crate::impl_payload) | `BinaryMultiValue` | each field in turn |
+/// | `bool` | none | BSUInt 0 or 1 |
+/// | `Option<T>` | none | BSUInt 0; or BSUInt 1, then `T` |
+/// | `()` | none | nothing |
+/// | `(A, B)`, `(A, B, C)`, `(A, B, C, D)` | none | each field in turn |
 ///
-/// | type | encoding |
-/// |---|---|
-/// | `u64` | BSUInt |
-/// | `bool` | BSUInt 0 or 1 |
-/// | `Vec<u8>` | BSData |
-/// | `String` | BSString |
-/// | `[u8; N]` | `N` raw bytes |
-/// | `()` | nothing |
-/// | `Option<T>` | BSUInt 0, or BSUInt 1 then `T` |
-/// | `(A, B)`, `(A, B, C)`, `(A, B, C, D)` | each field in turn |
+/// cs.binary has no signed 8- or 64-bit type, so neither has this table.
+/// Its `BSUInt` is unbounded; here it is a `u64`, and a longer one is a
+/// decode error. A decoded `BSSFloat` is read as Python's `float()` reads
+/// it (surrounding whitespace and `_` between digits allowed).
+/// `BinaryUTF8NUL` is read strictly: the reference also accepts a string
+/// that the end of the input cuts off before its NUL, this crate does not.
 ///
-/// For a struct, [`impl_payload!`](crate::impl_payload) writes the impl;
-/// by hand it is two short methods.
+/// **Lists.** cs.binary's `BinaryListValues` carries no count of its own:
+/// it reads items until its buffer ends, or as many as a count read
+/// elsewhere says. A list here is self-contained: a BSUInt count, then the
+/// items, which is what a Python protocol writes as a `BSUInt` followed by
+/// `BinaryListValues.parse(bfr, count=n, pt=T)` (the repository's
+/// `python/typed_service.py` has that helper, `counted_list`). `Vec<u8>`
+/// stays `BSData`, which has the same bytes as a list of [`UInt8`]. A
+/// decoder refuses a count larger than the bytes that remain, since every
+/// item but a zero-width one takes a byte; so a list of zero-width items
+/// such as `()` cannot be longer than what follows it.
+///
+/// **Newtypes.** Each cs.binary type is a newtype over its Rust value
+/// (`UInt16BE(pub u16)`), converting to and from it with `From`. A
+/// newtype, not a marker: a value of it is a [`Payload`] of its own, so it
+/// nests anywhere a payload does (`Vec<UInt16BE>`, `Option<Int32LE>`, a
+/// tuple, a request type, a response type), and a struct's field types
+/// spell out its wire format. A plain integer or float has no payload
+/// encoding, because it has no single obvious one (`u16` could be either
+/// byte order, `f64` three formats); `u64`, `Vec<u8>` and `String` keep
+/// theirs (BSUInt, BSData, BSString). Each newtype is also an
+/// [`Encoding`] of its plain value, so a struct can keep plain field types
+/// and name the encoding in [`impl_payload!`](crate::impl_payload):
+/// `port as UInt16BE` on a `u16` field. That is how the reference's
+/// `BinaryMultiValue` reads: its attributes hold plain values, and the
+/// field map names their classes.
+///
+/// # Errors
+///
+/// Every decode error is [`Error::Decode`]. Its text names the type and
+/// the offset in the payload, and, for a struct's fields and a list's
+/// items, the path to them: `"samples: item 3: truncated Int32LE: needs 4
+/// bytes at offset 40, 2 remain"`.
 ///
 /// # Examples
+///
+/// A struct written field for field after a `BinaryMultiValue`:
+///
+/// ```
+/// use packetstream::{impl_payload, BinaryUTF8NUL, Payload, UInt16LE};
+///
+/// // Python:
+/// //   Reading = BinaryMultiValue('Reading', dict(
+/// //       sensor=UInt16LE, celsius=Float64BE, note=BSString,
+/// //       raw=counted_list(Int32BE), tag=BinaryUTF8NUL))
+/// #[derive(Debug, PartialEq)]
+/// struct Reading {
+///     sensor: UInt16LE,     // a newtype field: `reading.sensor.0`
+///     celsius: f64,         // a plain field with a named encoding
+///     note: String,         // BSString, String's own encoding
+///     raw: Vec<i32>,        // a list of Int32BE
+///     tag: BinaryUTF8NUL,
+/// }
+/// impl_payload!(Reading {
+///     sensor,
+///     celsius as packetstream::Float64BE,
+///     note,
+///     raw as Vec<packetstream::Int32BE>,
+///     tag,
+/// });
+///
+/// let reading = Reading {
+///     sensor: UInt16LE(7),
+///     celsius: 21.5,
+///     note: "ok".into(),
+///     raw: vec![-1, 2],
+///     tag: BinaryUTF8NUL::new("t1").expect("no NUL"),
+/// };
+/// let bytes = reading.to_bytes();
+/// assert_eq!(
+///     bytes,
+///     b"\x07\x00\x40\x35\x80\x00\x00\x00\x00\x00\x02ok\x02\xff\xff\xff\xff\x00\x00\x00\x02t1\x00"
+/// );
+/// assert_eq!(Reading::from_bytes(&bytes)?, reading);
+///
+/// // A decode error names the field, the type and the offset.
+/// let err = Reading::from_bytes(&bytes[..20]).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "cannot decode payload: raw: item 1: truncated Int32BE: needs 4 bytes at offset 18, 2 remain"
+/// );
+/// # Ok::<(), packetstream::Error>(())
+/// ```
+///
+/// By hand, an implementation is two short methods:
 ///
 /// ```
 /// use packetstream::{Payload, PayloadReader, PayloadWrite, Result};
@@ -442,7 +652,10 @@ impl<'a> PayloadReader<'a> {
 ///     }
 ///
 ///     fn decode(r: &mut PayloadReader<'_>) -> Result<Rename> {
-///         Ok(Rename { from: r.read()?, to: r.read()? })
+///         Ok(Rename {
+///             from: r.field("from", |r| r.read())?,
+///             to: r.field("to", |r| r.read())?,
+///         })
 ///     }
 /// }
 ///
@@ -569,6 +782,134 @@ impl<T: Payload> Payload for Option<T> {
     }
 }
 
+/// A named wire encoding for values of type `T`: the reference's
+/// `parse_value` and `transcribe_value` pair of a cs.binary class, for a
+/// value that is not itself a [`Payload`].
+///
+/// Each cs.binary newtype is the encoding of its plain value
+/// (`UInt16BE: Encoding<u16>`, `BSSFloat: Encoding<f64>`), and lists and
+/// options of encodings compose (`Vec<Int32LE>: Encoding<Vec<i32>>`). It is
+/// what `field as E` means in [`impl_payload!`](crate::impl_payload), and
+/// what [`PayloadWrite::put_as`] and [`PayloadReader::read_as`] take.
+///
+/// # Examples
+///
+/// ```
+/// use packetstream::{Int16LE, PayloadReader, PayloadWrite, UInt32BE};
+///
+/// let mut out = Vec::new();
+/// out.put_as::<UInt32BE, _>(&7);
+/// out.put_as::<Vec<Int16LE>, _>(&vec![-2, 3]);
+/// assert_eq!(out, b"\x00\x00\x00\x07\x02\xfe\xff\x03\x00");
+///
+/// let mut r = PayloadReader::new(&out);
+/// assert_eq!(r.read_as::<UInt32BE, u32>()?, 7);
+/// assert_eq!(r.read_as::<Vec<Int16LE>, Vec<i16>>()?, [-2, 3]);
+/// r.finish()?;
+/// # Ok::<(), packetstream::Error>(())
+/// ```
+pub trait Encoding<T> {
+    /// Appends the encoding of `value` to `out` (cs.binary's
+    /// `transcribe_value`).
+    fn encode_value(value: &T, out: &mut Vec<u8>);
+
+    /// Reads a value from the front of `r` (cs.binary's `parse_value`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] if the input is truncated or invalid.
+    fn decode_value(r: &mut PayloadReader<'_>) -> Result<T>;
+}
+
+/// The largest capacity a list decoder reserves before it has read the
+/// items, whatever count the input claims.
+const LIST_PREALLOC: usize = 1024;
+
+/// Writes a list: its count as a BSUInt, then each item with `item`.
+fn encode_list<T>(items: &[T], out: &mut Vec<u8>, mut item: impl FnMut(&T, &mut Vec<u8>)) {
+    out.put_bs_uint(items.len() as u64);
+    for value in items {
+        item(value, out);
+    }
+}
+
+/// Reads a list written by [`encode_list`], each item with `item`. A count
+/// larger than the bytes that remain is refused before anything is read.
+fn decode_list<'a, T>(
+    r: &mut PayloadReader<'a>,
+    mut item: impl FnMut(&mut PayloadReader<'a>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let start = r.position();
+    let count = r.bs_uint().map_err(|err| in_context(err, "list count"))?;
+    let remaining = r.remaining();
+    let count = match usize::try_from(count) {
+        Ok(count) if count <= remaining => count,
+        _ => {
+            let err = r.error(format!(
+                "list at offset {start} claims {count} items, but only {remaining} bytes remain"
+            ));
+            r.pos = start;
+            return Err(err);
+        }
+    };
+    let mut items = Vec::with_capacity(count.min(LIST_PREALLOC));
+    for idx in 0..count {
+        match r.field(&format!("item {idx}"), &mut item) {
+            Ok(value) => items.push(value),
+            Err(err) => {
+                r.pos = start;
+                return Err(err);
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// A list: a BSUInt count, then each item. `Vec<u8>` is not this but
+/// BSData (the same bytes as a list of [`UInt8`]).
+impl<T: Payload> Payload for Vec<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        encode_list(self, out, T::encode);
+    }
+
+    fn decode(r: &mut PayloadReader<'_>) -> Result<Vec<T>> {
+        decode_list(r, T::decode)
+    }
+}
+
+/// A list of values in the encoding `E`: a BSUInt count, then each item.
+impl<T, E: Encoding<T>> Encoding<Vec<T>> for Vec<E> {
+    fn encode_value(value: &Vec<T>, out: &mut Vec<u8>) {
+        encode_list(value, out, E::encode_value);
+    }
+
+    fn decode_value(r: &mut PayloadReader<'_>) -> Result<Vec<T>> {
+        decode_list(r, E::decode_value)
+    }
+}
+
+/// An optional value in the encoding `E`, as for `Option<T>`'s payload:
+/// BSUInt 0; or BSUInt 1, then the value.
+impl<T, E: Encoding<T>> Encoding<Option<T>> for Option<E> {
+    fn encode_value(value: &Option<T>, out: &mut Vec<u8>) {
+        match value {
+            None => out.put_bs_uint(0),
+            Some(value) => {
+                out.put_bs_uint(1);
+                E::encode_value(value, out);
+            }
+        }
+    }
+
+    fn decode_value(r: &mut PayloadReader<'_>) -> Result<Option<T>> {
+        Ok(if r.read::<bool>()? {
+            Some(r.read_as::<E, T>()?)
+        } else {
+            None
+        })
+    }
+}
+
 macro_rules! tuple_payload {
     ($($name:ident $idx:tt),+) => {
         impl<$($name: Payload),+> Payload for ($($name,)+) {
@@ -587,17 +928,44 @@ tuple_payload!(A 0, B 1);
 tuple_payload!(A 0, B 1, C 2);
 tuple_payload!(A 0, B 1, C 2, D 3);
 
-/// Implements [`Payload`] for a struct, encoding its fields in the order
-/// listed, each with its own `Payload` encoding.
+/// Makes a struct a payload, a response and a reply. It implements:
 ///
-/// Three forms: `impl_payload!(Name { field, .. })` for named fields,
-/// `impl_payload!(Name(0, 1, ..))` for a tuple struct, and
-/// `impl_payload!(Name)` for a unit struct (an empty payload).
+/// - [`Payload`]: the fields in the order listed, each with its own
+///   payload encoding, or with the [`Encoding`] named after `as`;
+/// - [`FromResponse`](crate::FromResponse): an ok response's whole payload
+///   decodes into the struct (its flags are not looked at), so that the
+///   struct can be a [`RequestType::Response`](crate::RequestType::Response)
+///   or the type of [`call_as`](crate::PacketConnection::call_as);
+/// - `From<Struct> for `[`Reply`](crate::Reply): flags 0 and the encoding
+///   as payload, so that a handler or [`Fulfil::fulfil`](crate::Fulfil::fulfil)
+///   can return it.
+///
+/// With [`RequestType`](crate::RequestType) (and
+/// [`Fulfil`](crate::Fulfil) to serve it) the struct is a request type, as
+/// a reference `BaseRequest` subclass over a `BinaryMultiValue` is.
+///
+/// Three forms:
+///
+/// - `impl_payload!(Name { field, other as Enc, .. })` for named fields.
+///   A decode error names the field that failed
+///   (see [`PayloadReader::field`]).
+/// - `impl_payload!(Name(0, 1 as Enc, ..))` for a tuple struct.
+/// - `impl_payload!(Name)` for a unit struct: an empty payload.
+///
+/// `field as Enc` writes and reads the field with `Enc`'s [`Encoding`] of
+/// its type: `port as UInt16BE` on a `u16`, `samples as Vec<Int32LE>` on a
+/// `Vec<i32>`, `ratio as BSSFloat` on an `f64`. Without `as`, the field's
+/// type must be a [`Payload`] itself; the table on [`Payload`] lists them.
+///
+/// Since the macro implements `FromResponse` and `From<Name> for Reply`,
+/// the struct cannot also have hand-written ones. A struct whose response
+/// travels some other way, in the flags say, implements [`Payload`] by
+/// hand (two short methods) and the conversions it wants.
 ///
 /// # Examples
 ///
 /// ```
-/// use packetstream::{impl_payload, Payload};
+/// use packetstream::{impl_payload, Payload, UInt16BE};
 ///
 /// #[derive(Debug, PartialEq)]
 /// struct Put {
@@ -605,6 +973,13 @@ tuple_payload!(A 0, B 1, C 2, D 3);
 ///     value: Vec<u8>,
 /// }
 /// impl_payload!(Put { key, value });
+///
+/// #[derive(Debug, PartialEq)]
+/// struct Endpoint {
+///     host: String,
+///     port: u16,
+/// }
+/// impl_payload!(Endpoint { host, port as UInt16BE });
 ///
 /// #[derive(Debug, PartialEq)]
 /// struct Get(String);
@@ -617,38 +992,94 @@ tuple_payload!(A 0, B 1, C 2, D 3);
 /// let put = Put { key: "k".into(), value: vec![1, 2] };
 /// assert_eq!(put.to_bytes(), b"\x01k\x02\x01\x02");
 /// assert_eq!(Put::from_bytes(&put.to_bytes())?, put);
+/// let endpoint = Endpoint { host: "h".into(), port: 443 };
+/// assert_eq!(endpoint.to_bytes(), b"\x01h\x01\xbb");
 /// assert_eq!(Get::from_bytes(b"\x01k")?, Get("k".into()));
 /// assert_eq!(Ping.to_bytes(), b"");
+/// let err = Endpoint::from_bytes(b"\x01h\x01").unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "cannot decode payload: port: truncated UInt16BE: needs 2 bytes at offset 2, 1 remain"
+/// );
+/// # Ok::<(), packetstream::Error>(())
+/// ```
+///
+/// A struct as a typed response, with no glue:
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use packetstream::{
+///     impl_payload, Config, Dispatcher, Fulfil, HandlerError, PacketConnection, RequestType,
+///     UInt32LE,
+/// };
+///
+/// /// STAT path: how big is it, and who owns it.
+/// struct Stat(String);
+/// impl_payload!(Stat(0));
+///
+/// #[derive(Debug, PartialEq)]
+/// struct StatReply {
+///     size: u64,
+///     owner: String,
+///     mode: UInt32LE,
+/// }
+/// impl_payload!(StatReply { size, owner, mode });
+///
+/// impl RequestType for Stat {
+///     const RQ_TYPE: u64 = 0;
+///     type Response = StatReply;
+/// }
+/// impl Fulfil<()> for Stat {
+///     fn fulfil(self, (): &()) -> Result<StatReply, HandlerError> {
+///         Ok(StatReply { size: self.0.len() as u64, owner: "root".into(), mode: UInt32LE(0o644) })
+///     }
+/// }
+///
+/// let (a, b) = UnixStream::pair()?;
+/// let handler = Dispatcher::new(()).route::<Stat>();
+/// let server = PacketConnection::from_unix_stream(b, Config::default().handler(handler))?;
+/// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+/// let reply = client.request(&Stat("/etc/hosts".into()))?;
+/// assert_eq!(reply, StatReply { size: 10, owner: "root".into(), mode: UInt32LE(0o644) });
+/// client.close()?;
+/// server.join()?;
 /// # Ok::<(), packetstream::Error>(())
 /// ```
 #[macro_export]
 macro_rules! impl_payload {
-    ($ty:ident { $($field:ident),* $(,)? }) => {
+    ($ty:ident { $($field:ident $(as $enc:ty)?),* $(,)? }) => {
         impl $crate::Payload for $ty {
             fn encode(&self, out: &mut ::std::vec::Vec<u8>) {
-                $($crate::Payload::encode(&self.$field, out);)*
+                $(($crate::__payload_field!(encode $($enc)?))(&self.$field, out);)*
                 let _ = out;
             }
 
             fn decode(r: &mut $crate::PayloadReader<'_>) -> $crate::Result<Self> {
                 let _ = &r;
-                ::std::result::Result::Ok($ty { $($field: r.read()?,)* })
+                ::std::result::Result::Ok($ty {
+                    $($field: r.field(
+                        ::std::stringify!($field),
+                        $crate::__payload_field!(decode $($enc)?),
+                    )?,)*
+                })
             }
         }
+        $crate::__payload_response!($ty);
     };
-    ($ty:ident ( $($idx:tt),+ $(,)? )) => {
+    ($ty:ident ( $($idx:tt $(as $enc:ty)?),+ $(,)? )) => {
         impl $crate::Payload for $ty {
             fn encode(&self, out: &mut ::std::vec::Vec<u8>) {
-                $($crate::Payload::encode(&self.$idx, out);)+
+                $(($crate::__payload_field!(encode $($enc)?))(&self.$idx, out);)+
             }
 
             fn decode(r: &mut $crate::PayloadReader<'_>) -> $crate::Result<Self> {
                 ::std::result::Result::Ok($ty($({
                     let _ = $idx;
-                    r.read()?
+                    ($crate::__payload_field!(decode $($enc)?))(r)?
                 }),+))
             }
         }
+        $crate::__payload_response!($ty);
     };
     ($ty:ident) => {
         impl $crate::Payload for $ty {
@@ -656,6 +1087,48 @@ macro_rules! impl_payload {
 
             fn decode(_: &mut $crate::PayloadReader<'_>) -> $crate::Result<Self> {
                 ::std::result::Result::Ok($ty)
+            }
+        }
+        $crate::__payload_response!($ty);
+    };
+}
+
+/// The function that writes or reads one field for
+/// [`impl_payload!`](crate::impl_payload): with the field's own
+/// [`Payload`], or with the [`Encoding`] given.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __payload_field {
+    (encode) => {
+        $crate::Payload::encode
+    };
+    (encode $enc:ty) => {
+        <$enc as $crate::Encoding<_>>::encode_value
+    };
+    (decode) => {
+        $crate::PayloadReader::read
+    };
+    (decode $enc:ty) => {
+        $crate::PayloadReader::read_as::<$enc, _>
+    };
+}
+
+/// Implements [`FromResponse`](crate::FromResponse) and `From<T> for
+/// Reply` for a [`Payload`] type: the reply carries flags 0 and the
+/// encoding, the response's payload decodes whole.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __payload_response {
+    ($ty:ty) => {
+        impl ::std::convert::From<$ty> for $crate::Reply {
+            fn from(value: $ty) -> $crate::Reply {
+                $crate::Reply::payload($crate::Payload::to_bytes(&value))
+            }
+        }
+
+        impl $crate::FromResponse for $ty {
+            fn from_response(rsp: $crate::Response) -> $crate::Result<Self> {
+                <Self as $crate::Payload>::from_bytes(&rsp.payload)
             }
         }
     };
@@ -897,5 +1370,136 @@ mod tests {
         assert_eq!(Unit::from_bytes(b"").unwrap(), Unit);
         assert_eq!(Empty::from_bytes(b"").unwrap(), Empty {});
         assert!(Named::from_bytes(b"\x81\x00\x02n").is_err());
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Outer {
+        tag: u16,
+        inner: Named,
+        ports: Vec<u16>,
+        maybe: Option<i32>,
+    }
+    impl_payload!(Outer {
+        tag as UInt16LE,
+        inner,
+        ports as Vec<UInt16BE>,
+        maybe as Option<Int32BE>,
+    });
+
+    #[derive(Debug, PartialEq)]
+    struct Port(u16, String);
+    impl_payload!(Port(0 as UInt16LE, 1));
+
+    fn outer() -> Outer {
+        Outer {
+            tag: 0x0102,
+            inner: Named {
+                id: 1,
+                name: "n".into(),
+            },
+            ports: vec![80, 443],
+            maybe: Some(-2),
+        }
+    }
+
+    #[test]
+    fn impl_payload_applies_named_encodings_and_nests() {
+        let bytes = outer().to_bytes();
+        assert_eq!(
+            bytes,
+            b"\x02\x01\x01\x01n\x02\x00\x50\x01\xbb\x01\xff\xff\xff\xfe"
+        );
+        assert_eq!(Outer::from_bytes(&bytes).unwrap(), outer());
+        let none = Outer {
+            maybe: None,
+            ..outer()
+        };
+        assert_eq!(none.to_bytes().last(), Some(&0));
+        assert_eq!(Outer::from_bytes(&none.to_bytes()).unwrap(), none);
+        let port = Port(443, "https".into());
+        assert_eq!(port.to_bytes(), b"\xbb\x01\x05https");
+        assert_eq!(Port::from_bytes(&port.to_bytes()).unwrap(), port);
+    }
+
+    #[test]
+    fn decode_errors_name_the_path_to_the_field() {
+        let bytes = outer().to_bytes();
+        let msg = decode_msg(Outer::from_bytes(&bytes[..4]));
+        assert_eq!(
+            msg,
+            "inner: name: truncated BSString: needs 1 bytes at offset 4, 0 remain"
+        );
+        let msg = decode_msg(Outer::from_bytes(&bytes[..8]));
+        assert_eq!(
+            msg,
+            "ports: item 1: truncated UInt16BE: needs 2 bytes at offset 8, 0 remain"
+        );
+        let msg = decode_msg(Outer::from_bytes(&bytes[..12]));
+        assert_eq!(
+            msg,
+            "maybe: truncated Int32BE: needs 4 bytes at offset 11, 1 remain"
+        );
+        // Tuple fields carry no name.
+        let msg = decode_msg(Port::from_bytes(b"\xbb"));
+        assert_eq!(
+            msg,
+            "truncated UInt16LE: needs 2 bytes at offset 0, 1 remain"
+        );
+        // A failed read leaves the cursor where it was.
+        let mut r = PayloadReader::new(&bytes[..8]);
+        assert!(r.read::<Outer>().is_err());
+        assert_eq!(r.position(), 0);
+        r.bytes(5).unwrap();
+        assert!(r.read_as::<Vec<UInt16BE>, Vec<u16>>().is_err());
+        assert_eq!(r.position(), 5);
+    }
+
+    #[test]
+    fn impl_payload_makes_a_response_and_a_reply() {
+        use crate::{FromResponse, Reply, Response};
+
+        let reply = Reply::from(outer());
+        assert_eq!(reply.flags, 0);
+        assert_eq!(reply.payload, outer().to_bytes());
+        // The flags are not looked at; the whole payload must decode.
+        let rsp = Response {
+            flags: 5,
+            payload: reply.payload.clone(),
+        };
+        assert_eq!(Outer::from_response(rsp).unwrap(), outer());
+        let mut long = reply.payload;
+        long.push(0);
+        let rsp = Response {
+            flags: 0,
+            payload: long,
+        };
+        let msg = decode_msg(Outer::from_response(rsp));
+        assert_eq!(msg, "1 unexpected bytes after offset 15");
+        assert_eq!(Reply::from(UInt32BE(7)).payload, b"\x00\x00\x00\x07");
+        assert_eq!(Reply::from(Unit), Reply::default());
+    }
+
+    #[test]
+    fn a_list_longer_than_its_input_is_refused_before_reading_items() {
+        // Zero-width items could otherwise claim 2^60 entries of nothing.
+        let mut bytes = Vec::new();
+        bytes.put_bs_uint(1 << 60);
+        let msg = decode_msg(Vec::<()>::from_bytes(&bytes));
+        assert_eq!(
+            msg,
+            format!(
+                "list at offset 0 claims {} items, but only 0 bytes remain",
+                1u64 << 60
+            )
+        );
+        assert_eq!(Vec::<()>::from_bytes(b"\x00").unwrap(), Vec::<()>::new());
+        let msg = decode_msg(Vec::<u64>::from_bytes(b"\x81"));
+        assert_eq!(
+            msg,
+            "list count: truncated BSUInt at offset 0: input ends after 1 bytes"
+        );
+        // A list of UInt8 has the bytes of a BSData.
+        let bytes = vec![UInt8(1), UInt8(2)].to_bytes();
+        assert_eq!(bytes, vec![1u8, 2].to_bytes());
     }
 }

@@ -488,7 +488,11 @@ mod stats;
 mod sync;
 mod transport;
 
-pub use crate::codec::{Payload, PayloadReader, PayloadWrite};
+pub use crate::codec::{
+    BSData, BSSFloat, BSString, BSUInt, BinaryUTF8NUL, Encoding, Float64BE, Float64LE, Int16BE,
+    Int16LE, Int32BE, Int32LE, Payload, PayloadReader, PayloadWrite, UInt16BE, UInt16LE, UInt32BE,
+    UInt32LE, UInt64BE, UInt64LE, UInt8,
+};
 pub use crate::config::Config;
 pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, Result};

@@ -28,6 +28,7 @@ use crate::pending::Response;
 /// | reference | here |
 /// |---|---|
 /// | `BaseRequest` subclass, a `*Binary` payload | a type implementing [`Payload`] and [`RequestType`] |
+/// | `BinaryMultiValue('Name', dict(a=UInt16BE, b=BSString))` | `struct Name { a: u16, b: String }` with [`impl_payload!(Name { a as UInt16BE, b })`](crate::impl_payload) |
 /// | `rq_type_map = {0: AddRequest, ..}` | [`RequestType::RQ_TYPE`], and [`Dispatcher::route`] |
 /// | `from_request_payload(flags, payload)` | [`RequestType::from_request`] |
 /// | `fulfil(context)` | [`Fulfil::fulfil`] |
@@ -37,11 +38,29 @@ use crate::pending::Response;
 ///
 /// A response type travels as the flags and payload of an ok reply: the
 /// server turns it into a [`Reply`] with `Into<Reply>`, the client decodes
-/// it with [`FromResponse`]. Both are implemented for the reference's reply
-/// shapes (`()`, `u64` in the flags, `Vec<u8>` and `String` in the payload,
-/// `(u64, Vec<u8>)`), and here also for `bool` (flags 0 or 1) and
-/// `Option<Vec<u8>>` (flags 1 and the bytes, or flags 0 for `None`). A
-/// response type of your own implements the two conversions itself.
+/// it with [`FromResponse`]. Both are implemented for:
+///
+/// | response type | flags | payload |
+/// |---|---|---|
+/// | `()` | 0 | empty |
+/// | `u64` | the value | empty |
+/// | `Vec<u8>` | 0 | the bytes |
+/// | `String` | 0 | the UTF-8 |
+/// | `(u64, Vec<u8>)` | the value | the bytes |
+/// | `bool` | 0 or 1 | empty |
+/// | `Option<Vec<u8>>` | 1, or 0 for `None` | the bytes, or empty |
+/// | a struct with [`impl_payload!`](crate::impl_payload) | 0 | its [`Payload`] encoding |
+/// | a cs.binary newtype such as [`UInt32LE`](crate::UInt32LE) or [`BSSFloat`](crate::BSSFloat) | 0 | its encoding |
+///
+/// The first five are the reference's reply shapes (a handler there returns
+/// `None`, an `int`, `bytes`, `str` or `(int, bytes)`). Decoding a payload
+/// type checks that the whole payload is used and ignores the flags; a
+/// reference service whose `fulfil` returns `bytes(SomeBinary(...))`
+/// answers in exactly this shape. A list, an option or a tuple of payloads
+/// is not a response type by itself (`Vec<u8>` and `Option<Vec<u8>>`
+/// already mean something else): put it in a struct. The `typed_service`
+/// example is a service written both here and with the reference's
+/// `BaseRequest`.
 ///
 /// A not-ok reply reaches the caller as [`Error::Failed`], which carries the
 /// reply's flags and its reason. On the serving side, an rq_type with no

@@ -204,7 +204,7 @@ fn an_undecodable_request_payload_is_refused_naming_the_type() {
     assert_eq!(flags, 0);
     assert_eq!(
         reason,
-        "Note (rq_type 2): cannot decode payload: truncated BSString: needs 5 bytes at offset 1, 2 remain"
+        "Note (rq_type 2): cannot decode payload: key: truncated BSString: needs 5 bytes at offset 1, 2 remain"
     );
     // ADD with a byte left over.
     let (_, reason) = failed(client.call(Add::RQ_TYPE, 0, b"\x01\x02").unwrap_err());
