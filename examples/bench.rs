@@ -42,11 +42,11 @@
 //! writes the echo back, a client thread writes a frame and reads the echo.
 //! A run starts once the server serves every client, lasts a 0.5 s warm-up
 //! plus 3 s (1 s with `--many --quick`, or as `--secs` says), and reports:
-//! the calls of those 3 s in req/s, with the p50 and p99 of their durations
-//! (from log buckets, within 3%); the server's threads (its accept thread
-//! and every thread named after its connections) and all the process's,
-//! counted just before the start; and the process's VmRSS halfway through
-//! and VmHWM at the end. Client threads, and the raw server's, have 64 KiB
+//! the calls of those 3 s in req/s, with the p50 and p99 of their
+//! durations (from log buckets, within about 3%); the server's threads (its
+//! accept thread and every thread named after its connections) and all the
+//! process's, counted just before the start; and the process's VmRSS
+//! halfway through and VmHWM at the end. Client threads, and the raw server's, have 64 KiB
 //! stacks: at 1,000 clients the crate's run has 10,000 threads. A client
 //! thread that cannot be spawned, a client that cannot connect, or one
 //! still running 10 s after the end is reported, and its run fails.
@@ -1010,7 +1010,7 @@ struct ManyRun {
 }
 
 /// Call durations in log buckets, 16 to each power of two of nanoseconds:
-/// a percentile read from it (a bucket's midpoint) is within 3%.
+/// a percentile read from it (a bucket's midpoint) is within 3.2%.
 struct Histogram {
     counts: Vec<u32>,
 }
