@@ -1,13 +1,21 @@
-//! Measures this crate against a raw socketpair baseline, in the same run.
+//! Measures this crate against a raw baseline, in the same run.
 //!
 //! ```text
 //! cargo run --release --example bench              # full run, about a minute
-//! cargo run --release --example bench -- --quick   # short run
+//! cargo run --release --example bench -- --quick   # short run, without the many-clients workloads
+//! cargo run --release --example bench -- --many    # the many-clients workloads alone
 //! cargo run --release --example bench -- --only w2:256 --secs 5   # one workload, for profiling
+//! cargo run --release --example bench -- --only raw-many:1000     # one many-clients run, 3 s
+//! cargo run --release --example bench -- --only many:70 --max-connections 64 --secs 2
 //! ```
 //!
-//! Every workload runs over `UnixStream::pair()` against an echo handler,
-//! with the default `Config` (packet grace 10 ms, 4 handler threads):
+//! `--only` takes `w1`, `w2:N`, `w3` or `many:N`, or one of them with a
+//! `raw-` prefix for its raw baseline. `--max-connections M` sets the crate
+//! server's limit in the many-clients workloads (default: the number of
+//! clients), to see what clients past the limit get.
+//!
+//! W1 to W3 run over `UnixStream::pair()` against an echo handler, with the
+//! default `Config` (packet grace 10 ms, 4 handler threads):
 //!
 //! - W1: a lone `call()` with a 32 B payload, one after another. The raw
 //!   baseline is two threads ping-ponging a length-prefixed 32 B message.
@@ -23,16 +31,37 @@
 //!   round trip, 10^6 bytes to the MB), for both the crate and the raw
 //!   ping-pong of 1 MiB.
 //!
-//! Each round of a workload runs the raw baseline and then the crate, so
+//! The many-clients workloads (`many:N`) run N TCP clients on loopback
+//! (N = 200 and 1,000) against one server in this process, each client a
+//! thread calling in a closed loop: a sync 32 B echo, the next as soon as
+//! the last returns. The crate serves them with `Server::serve_tcp` (its
+//! `max_connections` raised to N, the default `Config` otherwise), each
+//! client a `PacketConnection::connect_tcp` doing `call()`. The raw
+//! baseline is a thread per connection on each side, with blocking I/O and
+//! `TCP_NODELAY`: a server thread reads a u32-length-prefixed frame and
+//! writes the echo back, a client thread writes a frame and reads the echo.
+//! A run starts once the server serves every client, lasts a 0.5 s warm-up
+//! plus 3 s (1 s with `--many --quick`, or as `--secs` says), and reports:
+//! the calls of those 3 s in req/s, with the p50 and p99 of their
+//! durations (from log buckets, within about 3%); the server's threads (its
+//! accept thread and every thread named after its connections) and all the
+//! process's, counted just before the start; and the process's VmRSS
+//! halfway through and VmHWM at the end. Client threads, and the raw server's, have 64 KiB
+//! stacks: at 1,000 clients the crate's run has 10,000 threads. A client
+//! thread that cannot be spawned, a client that cannot connect, or one
+//! still running 10 s after the end is reported, and its run fails.
+//!
+//! Each round of W1 to W3 runs the raw baseline and then the crate, so
 //! both see the same machine load; the table shows medians over the rounds
 //! and the crate's ratio to the raw figure. W2 is timed in steady state: from
 //! the moment the first window has turned over until the end of the round,
 //! before the window drains.
 //!
-//! Also reported, per request (client and server together, since both ends
-//! live in this process): context switches, a proxy for thread hops, read
-//! from `/proc/self/task/*/status`; socket writes (`Stats::writes`); and
-//! heap allocations, counted by the global allocator in an untimed pass.
+//! Also reported for W1 to W3, per request (client and server together,
+//! since both ends live in this process): context switches, a proxy for
+//! thread hops, read from `/proc/self/task/*/status`; socket writes
+//! (`Stats::writes`); and heap allocations, counted by the global
+//! allocator in an untimed pass.
 //! Peak RSS during W2 at 10,000 in flight is the `VmHWM` of
 //! `/proc/self/status` after resetting it through `/proc/self/clear_refs`.
 
@@ -42,14 +71,14 @@ use std::alloc::System;
 use std::collections::VecDeque;
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use packetstream::{Config, PacketConnection, Reply, Request};
+use packetstream::{Config, PacketConnection, Reply, Request, Server, ServerConfig};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -76,6 +105,15 @@ struct Opts {
     /// How long one round of one system runs.
     round: Duration,
     only: Option<String>,
+    /// Run the many-clients workloads alone.
+    many_only: bool,
+    /// Leave the many-clients workloads out.
+    skip_many: bool,
+    /// How long each many-clients run is measured, after its warm-up.
+    many_secs: Duration,
+    /// The crate server's `max_connections` in the many-clients workloads.
+    /// Default: the number of clients.
+    max_connections: Option<usize>,
 }
 
 fn parse_args() -> Opts {
@@ -83,6 +121,10 @@ fn parse_args() -> Opts {
         rounds: 7,
         round: Duration::from_millis(300),
         only: None,
+        many_only: false,
+        skip_many: false,
+        many_secs: Duration::from_secs(3),
+        max_connections: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -90,6 +132,16 @@ fn parse_args() -> Opts {
             "--quick" => {
                 opts.rounds = 3;
                 opts.round = Duration::from_millis(100);
+                opts.skip_many = true;
+                opts.many_secs = Duration::from_secs(1);
+            }
+            "--many" => opts.many_only = true,
+            "--max-connections" => {
+                opts.max_connections = Some(
+                    args.next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("--max-connections N"),
+                )
             }
             "--rounds" => {
                 opts.rounds = args
@@ -107,7 +159,7 @@ fn parse_args() -> Opts {
             "--only" => {
                 opts.only = Some(
                     args.next()
-                        .expect("--only w1|w2:N|w3|raw-w1|raw-w2:N|raw-w3"),
+                        .expect("--only w1|w2:N|w3|many:N|raw-w1|raw-w2:N|raw-w3|raw-many:N"),
                 )
             }
             "--secs" => {
@@ -115,6 +167,7 @@ fn parse_args() -> Opts {
                 let secs: f64 = args.next().and_then(|s| s.parse().ok()).expect("--secs S");
                 opts.rounds = 1;
                 opts.round = Duration::from_secs_f64(secs);
+                opts.many_secs = opts.round;
             }
             "--bench" => {} // passed by `cargo bench`
             other => {
@@ -134,6 +187,25 @@ fn main() {
         return;
     }
     let started = Instant::now();
+    if opts.many_only {
+        println!(
+            "packetstream bench, many clients: {} CPUs, default Config (grace 10 ms, 4 handler threads)",
+            thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("Load average at start: {}", loadavg());
+        println!();
+        let many = bench_many(&opts);
+        print_table_head();
+        print_many_rows(&many);
+        println!();
+        print_many_details(&opts, &many);
+        println!(
+            "Total time: {:.1} s; load average at end: {}",
+            started.elapsed().as_secs_f64(),
+            loadavg()
+        );
+        return;
+    }
     println!(
         "packetstream bench: {} rounds of {} ms per system, {} CPUs, default Config (grace 10 ms, 4 handler threads)",
         opts.rounds,
@@ -149,9 +221,13 @@ fn main() {
     let w3 = bench_w3(&opts);
     let rss = peak_rss_w2(&opts, 10_000);
     let allocs = count_allocs();
+    let many = if opts.skip_many {
+        Vec::new()
+    } else {
+        bench_many(&opts)
+    };
 
-    println!("| workload | raw baseline | packetstream | ratio | ctx sw/rq raw | ctx sw/rq crate | writes/rq crate |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    print_table_head();
     println!(
         "| W1 sync call, 32 B | {:.1} µs | {:.1} µs | {:.2}× | {:.2} | {:.2} | {:.2} |",
         w1.raw.value,
@@ -183,6 +259,7 @@ fn main() {
         w3.lib.ctx_per_rq,
         w3.lib.writes_per_rq
     );
+    print_many_rows(&many);
     println!();
     println!("Ratios: W1 is crate time / raw time (lower is better); W2 and W3 are crate rate / raw rate (higher is better).");
     println!(
@@ -194,6 +271,12 @@ fn main() {
         allocs.sync.0, allocs.pipelined.0, allocs.sync.1, allocs.pipelined.1
     );
     println!();
+    if many.is_empty() {
+        println!("Many-clients workloads left out (run them with --many).");
+        println!();
+    } else {
+        print_many_details(&opts, &many);
+    }
 
     let w1_ratio = w1.lib.value / w1.raw.value;
     verdicts.push((
@@ -797,13 +880,48 @@ fn count_allocs() -> Allocs {
     Allocs { sync, pipelined }
 }
 
-/// Runs one workload alone, for profilers: `w1`, `w2:N`, `w3`, or the same
-/// with a `raw-` prefix.
+/// Runs one workload alone, for profilers: `w1`, `w2:N`, `w3`, `many:N`,
+/// or the same with a `raw-` prefix.
 fn run_only(opts: &Opts, only: &str) {
     let (raw, what) = match only.strip_prefix("raw-") {
         Some(rest) => (true, rest),
         None => (false, only),
     };
+    if let Some(("many", clients)) = what.split_once(':') {
+        let clients: usize = clients.parse().expect("many:N");
+        let max_connections = opts.max_connections.unwrap_or(clients);
+        let t0 = Instant::now();
+        let load = loadavg();
+        match run_many(raw, clients, max_connections, opts.many_secs) {
+            Ok(run) => {
+                println!(
+                    "{only}: {} req/s, p50 {}, p99 {}, {} calls measured in {:.1} s",
+                    fmt_rate(run.rps),
+                    fmt_us(run.p50_us),
+                    fmt_us(run.p99_us),
+                    run.calls,
+                    opts.many_secs.as_secs_f64()
+                );
+                println!(
+                    "threads: {} of the server, {} in all; VmRSS {:.1} MiB mid-run, VmHWM {:.1} MiB",
+                    run.server_threads, run.all_threads, run.rss_mib, run.hwm_mib
+                );
+                println!(
+                    "clients connected in {:.2} s; {} with no call measured; longest call {:.1} ms; {:.1} s in all; load average {load} at start, {} at end",
+                    run.connect_secs,
+                    run.idle_clients,
+                    run.longest.as_secs_f64() * 1e3,
+                    t0.elapsed().as_secs_f64(),
+                    loadavg()
+                );
+            }
+            Err(e) => {
+                println!("{only}: failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let conn = (!raw).then(Conn::new);
     let t0 = Instant::now();
     let (value, unit, n) = match what.split_once(':') {
@@ -842,4 +960,791 @@ fn run_only(opts: &Opts, only: &str) {
     if let Some(conn) = conn {
         conn.close();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Many clients: N TCP clients on loopback against one server, each a closed
+// loop of sync calls.
+
+/// Client counts of the many-clients workload.
+const MANY_CLIENTS: [usize; 2] = [200, 1000];
+/// Stack size of the bench's client threads and of the raw server's
+/// threads, thousands of which run at once.
+const MANY_STACK: usize = 64 << 10;
+/// Calls made in the first part of a run are not measured.
+const MANY_WARMUP: Duration = Duration::from_millis(500);
+/// How long connecting every client may take before the bench gives up.
+const MANY_CONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// How long every client, and then the server, may take to end after the
+/// run before the bench gives up.
+const MANY_END_LIMIT: Duration = Duration::from_secs(10);
+/// Client threads started whose connection the server has not accepted
+/// yet, at most: keeps the listener's backlog (128) from overflowing, which
+/// would hold a connect up for a SYN retransmit (1 s).
+const MANY_UNACCEPTED: usize = 64;
+/// The servers' names, which prefix the names of their threads.
+const RAW_SERVER: &str = "raw";
+const LIB_SERVER: &str = "many";
+
+/// What one system measured with N clients.
+struct ManyRun {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Calls measured: begun after the warm-up, ended before the run did.
+    calls: u64,
+    /// The server's threads (accept thread included) and all the process's
+    /// threads, counted just before the start.
+    server_threads: usize,
+    all_threads: usize,
+    /// VmRSS halfway through the run, and VmHWM at its end (reset before
+    /// the server starts), in MiB.
+    rss_mib: f64,
+    hwm_mib: f64,
+    /// From starting the server until it served every client.
+    connect_secs: f64,
+    /// Clients that completed no call in the measured span.
+    idle_clients: usize,
+    /// The longest call of any client, measured or not.
+    longest: Duration,
+}
+
+/// Call durations in log buckets, 16 to each power of two of nanoseconds:
+/// a percentile read from it (a bucket's midpoint) is within 3.2%.
+struct Histogram {
+    counts: Vec<u32>,
+}
+
+const HIST_SUB_BITS: u32 = 4;
+/// Durations are clamped below 2^40 ns, about 18 minutes.
+const HIST_MAX_BITS: u32 = 40;
+const HIST_BUCKETS: usize = ((HIST_MAX_BITS - HIST_SUB_BITS + 1) as usize) << HIST_SUB_BITS;
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; HIST_BUCKETS],
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        let ns = (d.as_nanos() as u64).min((1 << HIST_MAX_BITS) - 1);
+        let idx = if ns < 1 << HIST_SUB_BITS {
+            ns as usize
+        } else {
+            let exp = 63 - ns.leading_zeros();
+            let group = (exp - HIST_SUB_BITS + 1) as usize;
+            let sub = (ns >> (exp - HIST_SUB_BITS)) as usize - (1 << HIST_SUB_BITS);
+            (group << HIST_SUB_BITS) + sub
+        };
+        self.counts[idx] += 1;
+    }
+
+    /// The middle of bucket `idx`, in nanoseconds.
+    fn bucket_mid(idx: usize) -> f64 {
+        let group = idx >> HIST_SUB_BITS;
+        if group == 0 {
+            return idx as f64;
+        }
+        let sub = (idx & ((1 << HIST_SUB_BITS) - 1)) as u64;
+        let low = ((1 << HIST_SUB_BITS) + sub) << (group - 1);
+        low as f64 + (1u64 << (group - 1)) as f64 / 2.0
+    }
+
+    /// The `q` quantile of the merged counts, in microseconds.
+    fn quantile_us(merged: &[u64], q: f64) -> f64 {
+        let total: u64 = merged.iter().sum();
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (idx, &count) in merged.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Histogram::bucket_mid(idx) / 1e3;
+            }
+        }
+        f64::NAN
+    }
+}
+
+/// One client of the workload: makes a call, and ends its connection.
+trait ManyClient {
+    fn call(&mut self) -> Result<(), String>;
+    fn finish(self) -> Result<(), String>;
+}
+
+/// A raw client: writes a frame, reads the echo.
+struct RawClient {
+    stream: BufReader<TcpStream>,
+    frame: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    fn connect(addr: SocketAddr) -> Result<RawClient, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+        Ok(RawClient {
+            stream: BufReader::with_capacity(4096, stream),
+            frame: frame(SMALL),
+            buf: Vec::with_capacity(SMALL),
+        })
+    }
+}
+
+impl ManyClient for RawClient {
+    fn call(&mut self) -> Result<(), String> {
+        let mut w: &TcpStream = self.stream.get_ref();
+        w.write_all(&self.frame)
+            .map_err(|e| format!("write: {e}"))?;
+        let mut len = [0u8; 4];
+        self.stream
+            .read_exact(&mut len)
+            .map_err(|e| format!("reply head: {e}"))?;
+        self.buf.resize(u32::from_le_bytes(len) as usize, 0);
+        self.stream
+            .read_exact(&mut self.buf)
+            .map_err(|e| format!("reply body: {e}"))?;
+        if self.buf.len() != SMALL {
+            return Err(format!("echo of {} bytes, not {SMALL}", self.buf.len()));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl ManyClient for PacketConnection {
+    fn call(&mut self) -> Result<(), String> {
+        let rsp =
+            PacketConnection::call(self, ECHO, 0, &[0xa5; SMALL]).map_err(|e| e.to_string())?;
+        if rsp.payload.len() != SMALL {
+            return Err(format!("echo of {} bytes, not {SMALL}", rsp.payload.len()));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), String> {
+        self.close_timeout(MANY_END_LIMIT)
+            .map_err(|e| format!("close: {e}"))
+    }
+}
+
+/// The raw server: an accept thread, and one thread per connection that
+/// reads a frame and writes its echo, with blocking I/O.
+struct RawServer {
+    addr: SocketAddr,
+    shared: Arc<RawServerShared>,
+    acceptor: JoinHandle<()>,
+}
+
+struct RawServerShared {
+    stopping: AtomicBool,
+    accepted: AtomicU64,
+    /// A clone of each accepted stream, to shut it down on a forced stop,
+    /// and the thread serving it.
+    conns: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+}
+
+impl RawServer {
+    fn start(listener: TcpListener) -> Result<RawServer, String> {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let shared = Arc::new(RawServerShared {
+            stopping: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            conns: Mutex::new(Vec::new()),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("{RAW_SERVER}:accept"))
+                .spawn(move || raw_accept_loop(&listener, &shared))
+                .map_err(|e| format!("cannot spawn the raw accept thread: {e}"))?
+        };
+        Ok(RawServer {
+            addr,
+            shared,
+            acceptor,
+        })
+    }
+}
+
+fn raw_accept_loop(listener: &TcpListener, shared: &RawServerShared) {
+    loop {
+        let stream = listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("raw server: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let id = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+        let clone = match stream.set_nodelay(true).and_then(|()| stream.try_clone()) {
+            Ok(clone) => clone,
+            Err(e) => {
+                eprintln!("raw server: client #{id}: {e}");
+                continue;
+            }
+        };
+        // A client whose thread cannot be spawned sees its stream closed.
+        match thread::Builder::new()
+            .name(format!("{RAW_SERVER}#{id}"))
+            .stack_size(MANY_STACK)
+            .spawn(move || raw_tcp_echo(&stream))
+        {
+            Ok(handle) => shared.conns.lock().expect("lock").push((clone, handle)),
+            Err(e) => eprintln!("raw server: cannot spawn a thread for client #{id}: {e}"),
+        }
+    }
+}
+
+/// Echoes u32-length-prefixed frames until EOF or an error: one buffered
+/// read and one write per frame.
+fn raw_tcp_echo(stream: &TcpStream) {
+    let mut r = BufReader::with_capacity(4096, stream);
+    let mut w = stream;
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).is_err() {
+            return;
+        }
+        buf.clear();
+        buf.extend_from_slice(&len);
+        buf.resize(4 + u32::from_le_bytes(len) as usize, 0);
+        if r.read_exact(&mut buf[4..]).is_err() || w.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+/// The server of a run, raw or the crate's.
+enum ManyServer {
+    Raw(RawServer),
+    Lib(Server),
+}
+
+impl ManyServer {
+    fn accepted(&self) -> usize {
+        match self {
+            ManyServer::Raw(server) => server.shared.accepted.load(Ordering::SeqCst) as usize,
+            ManyServer::Lib(server) => server.accepted() as usize,
+        }
+    }
+
+    /// Connections the server has started serving: a thread of the raw
+    /// server's, or a connection of the crate's with its threads.
+    fn served(&self) -> usize {
+        match self {
+            ManyServer::Raw(server) => server.shared.conns.lock().expect("lock").len(),
+            ManyServer::Lib(server) => server.connections(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            ManyServer::Raw(_) => RAW_SERVER,
+            ManyServer::Lib(_) => LIB_SERVER,
+        }
+    }
+
+    /// Stops the server once its clients have gone; with `force`, cuts
+    /// the connections that remain.
+    fn stop(self, force: bool) -> Result<(), String> {
+        match self {
+            ManyServer::Lib(server) => {
+                let limit = if force {
+                    Duration::from_millis(100)
+                } else {
+                    MANY_END_LIMIT
+                };
+                server
+                    .stop_timeout(limit)
+                    .map_err(|e| format!("server stop: {e}"))
+            }
+            ManyServer::Raw(server) => {
+                let deadline = Instant::now() + MANY_END_LIMIT;
+                server.shared.stopping.store(true, Ordering::SeqCst);
+                // Wakes the accept thread out of `accept`.
+                let _ = TcpStream::connect_timeout(&server.addr, Duration::from_secs(1));
+                let conns = std::mem::take(&mut *server.shared.conns.lock().expect("lock"));
+                if force {
+                    for (stream, _) in &conns {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
+                let mut handles: Vec<JoinHandle<()>> = conns.into_iter().map(|(_, h)| h).collect();
+                handles.push(server.acceptor);
+                let left = join_until(handles, deadline);
+                if left == 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{left} raw server threads still running {MANY_END_LIMIT:?} after the clients ended"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Joins the threads that end by `deadline`; returns how many did not
+/// (they are left running).
+fn join_until(handles: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
+    while Instant::now() < deadline && !handles.iter().all(JoinHandle::is_finished) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut left = 0;
+    for handle in handles {
+        if handle.is_finished() {
+            if handle.join().is_err() {
+                eprintln!("a thread of the many-clients workload panicked");
+            }
+        } else {
+            left += 1;
+        }
+    }
+    left
+}
+
+/// Starts every client at once: `None` until the run starts, then the
+/// start of the measured span and the end of the run, or `Some(None)` when
+/// the run is called off.
+#[derive(Default)]
+struct Gate {
+    go: Mutex<Option<Option<(Instant, Instant)>>>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn open(&self, go: Option<(Instant, Instant)>) {
+        *self.go.lock().expect("lock") = Some(go);
+        self.opened.notify_all();
+    }
+
+    /// Waits for the gate to open, at most `limit`: `None` if the run is
+    /// called off or the gate stays shut.
+    fn wait(&self, limit: Duration) -> Option<(Instant, Instant)> {
+        let deadline = Instant::now() + limit;
+        let mut go = self.go.lock().expect("lock");
+        loop {
+            if let Some(go) = *go {
+                return go;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            go = self.opened.wait_timeout(go, left).expect("lock").0;
+        }
+    }
+}
+
+/// What a client thread tells the bench.
+enum ManyMsg {
+    Connected,
+    ConnectFailed(usize, String),
+    Done(usize, Result<Tally, String>),
+}
+
+/// One client's calls.
+struct Tally {
+    hist: Histogram,
+    calls: u64,
+    longest: Duration,
+}
+
+/// A client thread: connects, waits at the gate, calls in a closed loop
+/// until the end of the run, recording the calls of the measured span, and
+/// ends its connection.
+fn many_client<C: ManyClient>(
+    idx: usize,
+    connect: impl FnOnce() -> Result<C, String>,
+    gate: &Gate,
+    tx: &mpsc::Sender<ManyMsg>,
+) {
+    let mut client = match connect() {
+        Ok(client) => client,
+        Err(e) => {
+            let _ = tx.send(ManyMsg::ConnectFailed(idx, e));
+            return;
+        }
+    };
+    let _ = tx.send(ManyMsg::Connected);
+    let mut tally = Tally {
+        hist: Histogram::new(),
+        calls: 0,
+        longest: Duration::ZERO,
+    };
+    let res = match gate.wait(2 * MANY_CONNECT_LIMIT) {
+        None => Ok(()),
+        Some((warm, stop)) => loop {
+            let t0 = Instant::now();
+            if t0 >= stop {
+                break Ok(());
+            }
+            if let Err(e) = client.call() {
+                break Err(e);
+            }
+            let t1 = Instant::now();
+            let took = t1 - t0;
+            tally.longest = tally.longest.max(took);
+            if t0 >= warm && t1 <= stop {
+                tally.hist.record(took);
+                tally.calls += 1;
+            }
+        },
+    };
+    let res = res.and(client.finish());
+    let _ = tx.send(ManyMsg::Done(idx, res.map(|()| tally)));
+}
+
+/// Threads of this process whose name starts with `{server}#` or is
+/// `{server}:accept`, and all threads of the process.
+fn count_threads(server: &str) -> (usize, usize) {
+    let conn_prefix = format!("{server}#");
+    let accept = format!("{server}:accept");
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return (0, 0);
+    };
+    let (mut ours, mut all) = (0, 0);
+    for task in tasks.flatten() {
+        all += 1;
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim_end();
+        if comm.starts_with(&conn_prefix) || comm == accept {
+            ours += 1;
+        }
+    }
+    (ours, all)
+}
+
+fn sleep_until(t: Instant) {
+    thread::sleep(t.saturating_duration_since(Instant::now()));
+}
+
+/// Runs `clients` clients against the raw server or the crate's (whose
+/// `max_connections` is `max_connections`) for `secs` after a warm-up.
+fn run_many(
+    raw: bool,
+    clients: usize,
+    max_connections: usize,
+    secs: Duration,
+) -> Result<ManyRun, String> {
+    let started = Instant::now();
+    if let Err(e) = fs::write("/proc/self/clear_refs", "5") {
+        eprintln!("cannot reset the RSS high-water mark: {e}");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = if raw {
+        ManyServer::Raw(RawServer::start(listener)?)
+    } else {
+        let config = Config::default().name(LIB_SERVER).handler(|rq: Request| {
+            Ok(Reply {
+                flags: rq.flags,
+                payload: rq.payload,
+            })
+        });
+        let server = Server::serve_tcp(
+            listener,
+            ServerConfig::new(config).max_connections(max_connections),
+        )
+        .map_err(|e| format!("serve: {e}"))?;
+        ManyServer::Lib(server)
+    };
+
+    let gate = Arc::new(Gate::default());
+    let (tx, rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(clients);
+    let mut connected = 0;
+    let mut failure = None;
+    let connect_deadline = started + MANY_CONNECT_LIMIT;
+    let note = |msg: ManyMsg, connected: &mut usize, failure: &mut Option<String>| match msg {
+        ManyMsg::Connected => *connected += 1,
+        ManyMsg::ConnectFailed(idx, e) => {
+            failure.get_or_insert(format!("client {idx}: {e}"));
+        }
+        ManyMsg::Done(..) => {}
+    };
+    for idx in 0..clients {
+        while handles.len() >= server.accepted() + MANY_UNACCEPTED && failure.is_none() {
+            if Instant::now() >= connect_deadline {
+                failure = Some(format!(
+                    "{} client threads started, {} connections accepted by the server after {MANY_CONNECT_LIMIT:?}",
+                    handles.len(),
+                    server.accepted()
+                ));
+                break;
+            }
+            if let Ok(msg) = rx.recv_timeout(Duration::from_millis(1)) {
+                note(msg, &mut connected, &mut failure);
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        let (gate, tx) = (Arc::clone(&gate), tx.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("client{idx}"))
+            .stack_size(MANY_STACK);
+        let spawned = if raw {
+            spawned.spawn(move || many_client(idx, || RawClient::connect(addr), &gate, &tx))
+        } else {
+            spawned.spawn(move || {
+                let connect = || {
+                    PacketConnection::connect_tcp(
+                        addr,
+                        Config::default().name(format!("client{idx}")),
+                    )
+                    .map_err(|e| e.to_string())
+                };
+                many_client(idx, connect, &gate, &tx)
+            })
+        };
+        match spawned {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                failure = Some(format!(
+                    "cannot spawn client thread {idx} of {clients}: {e}"
+                ));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    while failure.is_none() && connected < clients {
+        match rx.recv_timeout(connect_deadline.saturating_duration_since(Instant::now())) {
+            Ok(msg) => note(msg, &mut connected, &mut failure),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                failure = Some(format!(
+                    "{connected} of {clients} clients connected after {MANY_CONNECT_LIMIT:?}"
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                failure = Some(format!(
+                    "{connected} of {clients} clients connected, and every client thread has ended"
+                ));
+            }
+        }
+    }
+    // The run starts once the server serves every client it will take: a
+    // client still in the listener's backlog when the calls start may wait
+    // seconds to be accepted, the accept thread starved of CPU by the
+    // clients already calling.
+    let to_serve = clients.min(max_connections);
+    while failure.is_none() && server.served() < to_serve {
+        if Instant::now() >= connect_deadline {
+            failure = Some(format!(
+                "{} of {clients} clients served after {MANY_CONNECT_LIMIT:?}",
+                server.served()
+            ));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+
+    let mut measured = None;
+    if failure.is_none() {
+        // The threads are counted before the start: reading thousands of
+        // files in /proc takes the main thread a while, which would take
+        // CPU from the run. Every thread of the run exists by now.
+        let (server_threads, all_threads) = count_threads(server.name());
+        let warm = Instant::now() + MANY_WARMUP;
+        let stop = warm + secs;
+        gate.open(Some((warm, stop)));
+        sleep_until(warm + secs / 2);
+        let rss_mib = status_kib("VmRSS:") / 1024.0;
+        sleep_until(stop);
+        let hwm_mib = status_kib("VmHWM:") / 1024.0;
+        measured = Some((server_threads, all_threads, rss_mib, hwm_mib));
+    } else {
+        gate.open(None);
+    }
+
+    // Every client ends by itself once the run is over.
+    let end_deadline = Instant::now() + MANY_END_LIMIT;
+    let left = join_until(handles, end_deadline);
+    let stop_res = if left > 0 {
+        failure.get_or_insert(format!(
+            "{left} of {clients} clients still running {MANY_END_LIMIT:?} after the end of the run"
+        ));
+        // Cutting the server's connections ends the calls still waiting;
+        // those clients are left to end by themselves.
+        server.stop(true)
+    } else {
+        server.stop(false)
+    };
+
+    let mut merged = vec![0u64; HIST_BUCKETS];
+    let (mut calls, mut idle_clients, mut longest) = (0u64, 0, Duration::ZERO);
+    let (mut failed, mut first_error) = (0, None);
+    for msg in rx.try_iter() {
+        match msg {
+            ManyMsg::Done(_, Ok(tally)) => {
+                for (m, c) in merged.iter_mut().zip(&tally.hist.counts) {
+                    *m += u64::from(*c);
+                }
+                calls += tally.calls;
+                idle_clients += usize::from(tally.calls == 0);
+                longest = longest.max(tally.longest);
+            }
+            ManyMsg::Done(idx, Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(format!("client {idx}: {e}"));
+            }
+            msg => note(msg, &mut connected, &mut failure),
+        }
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    if let Some(e) = first_error {
+        return Err(format!("{failed} of {clients} clients failed; {e}"));
+    }
+    stop_res?;
+    let (server_threads, all_threads, rss_mib, hwm_mib) =
+        measured.expect("measured when nothing failed");
+    Ok(ManyRun {
+        rps: calls as f64 / secs.as_secs_f64(),
+        p50_us: Histogram::quantile_us(&merged, 0.50),
+        p99_us: Histogram::quantile_us(&merged, 0.99),
+        calls,
+        server_threads,
+        all_threads,
+        rss_mib,
+        hwm_mib,
+        connect_secs,
+        idle_clients,
+        longest,
+    })
+}
+
+/// One client count: the raw run, then the crate's.
+struct ManyPair {
+    clients: usize,
+    raw: Result<ManyRun, String>,
+    lib: Result<ManyRun, String>,
+}
+
+fn bench_many(opts: &Opts) -> Vec<ManyPair> {
+    MANY_CLIENTS
+        .iter()
+        .map(|&clients| {
+            eprint!("many {clients} ");
+            let raw = run_many(true, clients, clients, opts.many_secs);
+            eprint!(".");
+            let max_connections = opts.max_connections.unwrap_or(clients);
+            let lib = run_many(false, clients, max_connections, opts.many_secs);
+            eprintln!(".");
+            ManyPair { clients, raw, lib }
+        })
+        .collect()
+}
+
+fn print_table_head() {
+    println!("| workload | raw baseline | packetstream | ratio | ctx sw/rq raw | ctx sw/rq crate | writes/rq crate |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// The many-clients rows of the main table: req/s and p99, ratio of req/s.
+fn print_many_rows(many: &[ManyPair]) {
+    for pair in many {
+        let cell = |run: &Result<ManyRun, String>| match run {
+            Ok(run) => format!("{} req/s, p99 {}", fmt_rate(run.rps), fmt_us(run.p99_us)),
+            Err(_) => "failed".to_string(),
+        };
+        let ratio = match (&pair.raw, &pair.lib) {
+            (Ok(raw), Ok(lib)) => format!("{:.2}", lib.rps / raw.rps),
+            _ => "–".to_string(),
+        };
+        println!(
+            "| {} TCP clients (many:{}), sync call 32 B | {} | {} | {ratio} | – | – | – |",
+            pair.clients,
+            pair.clients,
+            cell(&pair.raw),
+            cell(&pair.lib)
+        );
+    }
+}
+
+/// The many-clients table (latency, threads, memory) and the ratio line.
+fn print_many_details(opts: &Opts, many: &[ManyPair]) {
+    println!(
+        "Many clients on TCP loopback, each a closed loop of sync 32 B calls, measured for {:.1} s after {:.1} s of warm-up:",
+        opts.many_secs.as_secs_f64(),
+        MANY_WARMUP.as_secs_f64()
+    );
+    println!("| clients | system | req/s | p50 | p99 | server threads | threads in all | VmRSS mid-run | VmHWM | connect |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut notes = Vec::new();
+    for pair in many {
+        for (system, run) in [("raw", &pair.raw), ("packetstream", &pair.lib)] {
+            match run {
+                Ok(run) => {
+                    println!(
+                        "| {} | {system} | {} | {} | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.2} s |",
+                        pair.clients,
+                        fmt_rate(run.rps),
+                        fmt_us(run.p50_us),
+                        fmt_us(run.p99_us),
+                        run.server_threads,
+                        run.all_threads,
+                        run.rss_mib,
+                        run.hwm_mib,
+                        run.connect_secs
+                    );
+                    if run.idle_clients > 0 {
+                        notes.push(format!(
+                            "{system} with {} clients: {} clients completed no call in the measured span; the longest call took {:.1} ms",
+                            pair.clients,
+                            run.idle_clients,
+                            run.longest.as_secs_f64() * 1e3
+                        ));
+                    }
+                }
+                Err(e) => {
+                    println!("| {} | {system} | failed | | | | | | | |", pair.clients);
+                    notes.push(format!(
+                        "{system} with {} clients failed: {e}",
+                        pair.clients
+                    ));
+                }
+            }
+        }
+    }
+    let ratios: Vec<String> = many
+        .iter()
+        .filter_map(|pair| match (&pair.raw, &pair.lib) {
+            (Ok(raw), Ok(lib)) => Some(format!(
+                "req/s {:.2} and p99 {:.2}× at {} clients",
+                lib.rps / raw.rps,
+                lib.p99_us / raw.p99_us,
+                pair.clients
+            )),
+            _ => None,
+        })
+        .collect();
+    println!();
+    println!("Many clients, crate / raw: {}.", ratios.join("; "));
+    for note in notes {
+        println!("{note}");
+    }
+    println!();
 }
