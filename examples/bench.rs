@@ -456,7 +456,7 @@ impl Conn {
         Conn { client, server }
     }
 
-    fn flushes(&self) -> u64 {
+    fn writes(&self) -> u64 {
         self.client.stats().writes + self.server.stats().writes
     }
 
@@ -516,9 +516,9 @@ struct Span {
 
 /// Runs `body` and returns its figure with the per-request costs.
 fn sample(conn: Option<&Conn>, body: impl FnOnce() -> Span) -> Sample {
-    let w0 = conn.map_or(0, Conn::flushes);
+    let w0 = conn.map_or(0, Conn::writes);
     let Span { value, n, ctx } = body();
-    let writes = conn.map_or(0, Conn::flushes) - w0;
+    let writes = conn.map_or(0, Conn::writes) - w0;
     Sample {
         value,
         ctx_per_rq: ctx as f64 / n as f64,
@@ -953,7 +953,7 @@ fn run_only(opts: &Opts, only: &str) {
     );
     if let Some((client, server)) = stats {
         println!(
-            "client: {} packets out, {} flushes; server: {} packets out, {} flushes",
+            "client: {} packets out, {} writes; server: {} packets out, {} writes",
             client.packets_out, client.writes, server.packets_out, server.writes
         );
     }
