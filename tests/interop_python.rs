@@ -1,5 +1,5 @@
 //! Wire compatibility with the reference, cs.packetstream 20240630, both
-//! ways, between processes.
+//! ways, between processes; and the claims of the guide `talking_to_python`.
 //!
 //! The reference runs in a venv that `python/setup-venv.sh` makes in the
 //! target directory from the pins of `python/requirements.txt` (its first
@@ -25,9 +25,9 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, report};
+use common::{ms, report, LIMIT};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
-use packetstream::{Kind, Packet};
+use packetstream::{Config, Disconnect, Error, Kind, Packet, PacketConnection, Response};
 
 /// What the client of either implementation checks: `echo_reverse` for 4
 /// flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and none,
@@ -39,6 +39,8 @@ const FOREIGN_CHANNEL_CHECKS: usize = 2;
 const PAIRING_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a bad-input run of the Rust server may take.
 const BAD_INPUT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a Python child may take to exit once its connection is closed.
+const CHILD_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the venv's setup or the build of the examples may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(900);
 /// How long the relay holds our EOF before passing it on to the reference,
@@ -46,6 +48,13 @@ const SETUP_DEADLINE: Duration = Duration::from_secs(900);
 const EOF_HOLD: Duration = Duration::from_millis(100);
 /// The relay's limit on one packet.
 const RELAY_MAX_PACKET: u64 = 256 << 20;
+
+/// The word service of `python/word_child.py` and `examples/rust_child.rs`.
+const UPPER: u64 = 0;
+const COUNT: u64 = 1;
+/// Request types of the interop service (`python/README.md`).
+const ECHO: u64 = 1;
+const SLEEP: u64 = 6;
 
 /// Trials named after their functions: `rust` ones need only this crate,
 /// `python` ones the reference.
@@ -63,9 +72,21 @@ fn main() -> ExitCode {
         rust rust_server_ends_with_error_on_length_over_64_bits,
         rust rust_server_ends_with_error_on_absurd_length,
         rust rust_server_ends_with_error_on_truncated_packet,
+        rust guide_shows_the_files_it_names_as_they_are,
         python rust_client_passes_every_check_against_reference_server,
         python reference_client_passes_every_check_against_rust_server,
         python reference_refuses_channel_5_with_not_ok_response_and_keeps_serving,
+        python reference_encodes_the_committed_vectors,
+        python python_child_with_stdout_moved_aside_serves_and_ends_cleanly,
+        python naive_python_child_breaks_the_stream_at_shutdown,
+        python python_handler_exception_is_failed_with_a_fixed_text,
+        python reference_refuses_other_channels_with_a_literal_percent_d,
+        python reference_without_handler_refuses_with_no_request_handler,
+        python python_reply_of_another_shape_is_never_sent,
+        python python_child_killed_mid_request_is_connection_lost,
+        python python_parent_with_rust_child_sees_ok_and_not_ok_replies,
+        python reference_cannot_send_on_other_channels,
+        python python_flags_over_64_bits_end_the_rust_connection,
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -172,6 +193,7 @@ fn build_dirs() -> Result<(PathBuf, PathBuf, String), String> {
 /// The examples the tests run, built with the profile of this test.
 struct Examples {
     interop: PathBuf,
+    rust_child: PathBuf,
 }
 
 /// Builds the examples once.
@@ -189,7 +211,7 @@ fn examples() -> &'static Examples {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.arg("build")
-            .args(["--example", "interop"])
+            .args(["--example", "interop", "--example", "rust_child"])
             .args(["--profile", &profile])
             .arg("--manifest-path")
             .arg(manifest_dir().join("Cargo.toml"))
@@ -212,6 +234,7 @@ fn examples() -> &'static Examples {
         };
         Ok(Examples {
             interop: binary("interop")?,
+            rust_child: binary("rust_child")?,
         })
     });
     match res {
@@ -844,4 +867,372 @@ fn rust_server_ends_with_error_on_truncated_packet() {
         true,
         "malformed packet: stream ended inside a packet",
     );
+}
+
+// The claims of the guide `talking_to_python` (PYTHON.md).
+
+/// A Python script of the `python/` folder run as a child process, with a
+/// connection over its pipes. Its standard error is collected; dropping it
+/// kills the child.
+struct PythonChild {
+    child: Mutex<Child>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl PythonChild {
+    fn start(
+        reference: &Reference,
+        script: &str,
+        args: &[&str],
+    ) -> (PythonChild, PacketConnection) {
+        let mut cmd = reference.script(script, args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn(cmd, None);
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = thread::spawn(move || read_to_end(stderr));
+        let conn = PacketConnection::from_child(&mut child, Config::default().name("parent"))
+            .expect("connection over the child's pipes");
+        let child = PythonChild {
+            child: Mutex::new(child),
+            stderr: Some(stderr),
+        };
+        (child, conn)
+    }
+
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        child.kill().expect("kill the child");
+        // Bounded: the child was just sent SIGKILL.
+        child.wait().expect("wait for the killed child");
+    }
+
+    /// Waits for the child to exit, killing it at the deadline: its status
+    /// (`None` if killed) and its standard error.
+    fn finish(mut self) -> (Option<ExitStatus>, String) {
+        let status = wait_or_kill(&self.child, Instant::now() + CHILD_DEADLINE);
+        let stderr = self.stderr.take().expect("not finished yet");
+        (status, stderr.join().expect("stderr reader"))
+    }
+}
+
+impl Drop for PythonChild {
+    fn drop(&mut self) {
+        if let Some(stderr) = self.stderr.take() {
+            let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(child);
+            let _ = stderr.join();
+        }
+    }
+}
+
+fn call(
+    conn: &PacketConnection,
+    rq_type: u64,
+    flags: u64,
+    payload: &[u8],
+) -> Result<Response, Error> {
+    conn.submit(rq_type, flags, payload)?.wait_timeout(LIMIT)
+}
+
+/// The not-ok reply of a failed call: its channel, flags and payload.
+fn failure(res: Result<Response, Error>) -> (u64, u64, String) {
+    match res {
+        Err(Error::Failed {
+            channel,
+            flags,
+            payload,
+            ..
+        }) => (
+            channel,
+            flags,
+            String::from_utf8_lossy(&payload).into_owned(),
+        ),
+        other => panic!("expected a not-ok reply, got {other:?}"),
+    }
+}
+
+/// Closes the connection and expects the child to exit 0: its stderr.
+fn close_cleanly(conn: PacketConnection, child: PythonChild) -> String {
+    let closed = conn.close_timeout(LIMIT);
+    let (status, stderr) = child.finish();
+    assert!(
+        closed.is_ok(),
+        "close: {closed:?}\nchild stderr:\n{}",
+        tail(&stderr)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "child exited with {status:?}\n{}",
+        tail(&stderr)
+    );
+    stderr
+}
+
+fn python_child_with_stdout_moved_aside_serves_and_ends_cleanly(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let rsp = call(&conn, UPPER, 0, b"hello from rust").unwrap();
+    assert_eq!(
+        (rsp.flags, rsp.payload.as_slice()),
+        (0, &b"HELLO FROM RUST"[..])
+    );
+    let rsp = call(&conn, COUNT, 0, b"one two three").unwrap();
+    assert_eq!((rsp.flags, rsp.payload.len()), (3, 0));
+    let stderr = close_cleanly(conn, child);
+    // The reference printed its progress lines, to standard error.
+    assert!(
+        stderr.contains("PacketConnection[wordsvc]: rq in:"),
+        "no progress line on the child's stderr:\n{}",
+        tail(&stderr)
+    );
+}
+
+fn naive_python_child_breaks_the_stream_at_shutdown(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "naive_child.py", &[]);
+    // It serves well until it shuts down.
+    let rsp = call(&conn, UPPER, 0, b"hello").unwrap();
+    assert_eq!(rsp.payload, b"HELLO");
+    let closed = conn.close_timeout(LIMIT);
+    let (_, stderr) = child.finish();
+    match closed {
+        Err(Error::Malformed { reason }) => {
+            report(format!("naive child: malformed packet: {reason}"))
+        }
+        other => panic!(
+            "expected the stream to break, got {other:?}\nchild stderr:\n{}",
+            tail(&stderr)
+        ),
+    }
+}
+
+fn python_handler_exception_is_failed_with_a_fixed_text(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let (channel, flags, reason) = failure(call(&conn, UPPER, 0, b"\xff"));
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (0, 0, "exception during handler")
+    );
+    // Other request types raise too, with the same reply.
+    let (_, flags, reason) = failure(call(&conn, 7, 0, b""));
+    assert_eq!((flags, reason.as_str()), (0, "exception during handler"));
+    let stderr = close_cleanly(conn, child);
+    // The exception itself went to the child's standard error.
+    assert!(stderr.contains("UnicodeDecodeError"), "{}", tail(&stderr));
+    assert!(
+        stderr.contains("unknown request type 7"),
+        "{}",
+        tail(&stderr)
+    );
+}
+
+fn reference_refuses_other_channels_with_a_literal_percent_d(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let res = conn
+        .submit_on(5, UPPER, 0, b"hello")
+        .and_then(|pending| pending.wait_timeout(LIMIT));
+    let (channel, flags, reason) = failure(res);
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (5, 0, "unknown channel %d")
+    );
+    // The connection goes on.
+    assert_eq!(call(&conn, UPPER, 0, b"still").unwrap().payload, b"STILL");
+    close_cleanly(conn, child);
+}
+
+fn reference_without_handler_refuses_with_no_request_handler(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "quirks_peer.py", &["no-handler"]);
+    let (channel, flags, reason) = failure(call(&conn, ECHO, 9, b"x"));
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (0, 0, "no request handler")
+    );
+    close_cleanly(conn, child);
+}
+
+fn python_reply_of_another_shape_is_never_sent(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "quirks_peer.py", &["bad-reply"]);
+    // The handler returns (flags, str) for rq_type 0.
+    let unanswered = conn.submit(0, 7, b"text").unwrap();
+    // A request sent after it is answered...
+    let rsp = call(&conn, ECHO, 9, b"fine").unwrap();
+    assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"fine"[..]));
+    let stderr = close_cleanly(conn, child);
+    // ...but that one never was: the child finished without answering it.
+    let res = unanswered.wait_timeout(LIMIT);
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(Disconnect::PeerEof))),
+        "got {res:?}"
+    );
+    assert!(stderr.contains("AssertionError"), "{}", tail(&stderr));
+}
+
+fn python_child_killed_mid_request_is_connection_lost(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "interop_peer.py", &["serve"]);
+    let slow = conn.submit(SLEEP, 0, b"20000").unwrap();
+    assert_eq!(call(&conn, ECHO, 1, b"up").unwrap().payload, b"up");
+    child.kill();
+    let res = slow.wait_timeout(LIMIT);
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(Disconnect::PeerEof))),
+        "got {res:?}"
+    );
+    // This end's own ERQ and EOF find the pipe closed.
+    let closed = conn.close_timeout(LIMIT);
+    assert!(matches!(closed, Err(Error::Io(_))), "close: {closed:?}");
+}
+
+fn python_parent_with_rust_child_sees_ok_and_not_ok_replies(reference: &Reference) {
+    let mut cmd = reference.script("rust_parent.py", &[]);
+    cmd.arg(&examples().rust_child);
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, Instant::now() + CHILD_DEADLINE).expect("run rust_parent.py");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "rust_parent.py exited with {status:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        tail(&stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "UPPER: HELLO FROM PYTHON",
+        "COUNT: 3",
+        // A Rust handler's error: flags 0 and its text.
+        "invalid UTF-8: (False, 0, b'invalid utf-8 sequence of 1 bytes from index 0')",
+        // A Rust handler's Failure: its own flags and payload.
+        "type 7: (False, 404, b'unknown request type 7')",
+        "child: exit status 0",
+    ] {
+        assert!(lines.contains(&want), "no line {want:?} in:\n{stdout}");
+    }
+}
+
+fn reference_cannot_send_on_other_channels(reference: &Reference) {
+    let run = run_pairing(
+        reference.script("quirks_peer.py", &["other-channel"]),
+        rust_command(&["serve"]),
+        Link::Pipes,
+    );
+    let stderr = &run.client.stderr;
+    for status in [run.client.status, run.server.status] {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "exited with {status:?}\n{stderr}"
+        );
+    }
+    for want in [
+        "other-channel: channel 5 gives ValueError: unknown channel 5",
+        "other-channel: channel 0 gives (True, 7, b'x')",
+    ] {
+        assert!(stderr.contains(want), "no {want:?} in:\n{}", tail(stderr));
+    }
+    // Nothing went out for channel 5: the server saw the one request.
+    assert!(
+        run.server
+            .stderr
+            .contains("interop serve: clean shutdown after 1 requests"),
+        "{}",
+        run.server.stderr
+    );
+}
+
+fn python_flags_over_64_bits_end_the_rust_connection(reference: &Reference) {
+    let run = run_pairing(
+        reference.script("quirks_peer.py", &["wide-flags"]),
+        rust_command(&["serve"]),
+        Link::Pipes,
+    );
+    let (client, server) = (&run.client, &run.server);
+    assert!(
+        server.status.is_some_and(|s| !s.success()),
+        "server exited with {:?}\n{}",
+        server.status,
+        server.stderr
+    );
+    assert!(
+        server
+            .stderr
+            .contains("malformed packet: request flags exceed 64 bits"),
+        "{}",
+        server.stderr
+    );
+    // The reference cancels its request, but a caller already waiting for
+    // it is never woken; a new wait raises.
+    assert!(
+        client.status.is_some_and(|s| s.success()),
+        "{}",
+        tail(&client.stderr)
+    );
+    for want in [
+        "wide-flags: cancelled=True waiter_blocked=True",
+        "wide-flags: a new wait gives CancellationError",
+    ] {
+        assert!(
+            client.stderr.contains(want),
+            "no {want:?} in:\n{}",
+            tail(&client.stderr)
+        );
+    }
+}
+
+fn reference_encodes_the_committed_vectors(reference: &Reference) {
+    let cmd = reference.script("interop_peer.py", &["vectors"]);
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, Instant::now() + CHILD_DEADLINE).expect("run interop_peer.py");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        tail(&stderr)
+    );
+    let made: serde_json::Value = serde_json::from_str(&stdout).expect("JSON from the peer");
+    let committed =
+        std::fs::read_to_string(manifest_dir().join("tests/data/vectors.json")).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(made.as_array().map(Vec::len), Some(900));
+    assert!(
+        made == committed,
+        "tests/data/vectors.json differs from what the reference encodes"
+    );
+}
+
+/// The guide shows whole files, each after a line `<!-- file: PATH -->`:
+/// each must be the file as it is.
+fn guide_shows_the_files_it_names_as_they_are() {
+    let guide = std::fs::read_to_string(manifest_dir().join("PYTHON.md")).unwrap();
+    let mut lines = guide.lines();
+    let mut shown = Vec::new();
+    while let Some(line) = lines.next() {
+        let Some(path) = line
+            .strip_prefix("<!-- file: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let fence = lines.next().unwrap_or_default();
+        assert!(
+            fence.starts_with("```"),
+            "no code block after the mark for {path}"
+        );
+        let mut block = String::new();
+        for line in lines.by_ref().take_while(|l| *l != "```") {
+            block.push_str(line);
+            block.push('\n');
+        }
+        let file = std::fs::read_to_string(manifest_dir().join(path)).unwrap();
+        assert!(block == file, "PYTHON.md shows {path} otherwise than it is");
+        shown.push(path);
+    }
+    for path in [
+        "python/word_child.py",
+        "python/rust_parent.py",
+        "examples/python_child.rs",
+        "examples/rust_child.rs",
+    ] {
+        assert!(
+            shown.contains(&path),
+            "PYTHON.md does not show {path}: {shown:?}"
+        );
+    }
 }
