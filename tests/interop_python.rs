@@ -892,11 +892,15 @@ impl PythonChild {
         let mut child = spawn(cmd, None);
         let stderr = child.stderr.take().expect("piped stderr");
         let stderr = thread::spawn(move || read_to_end(stderr));
-        let conn = PacketConnection::from_child(&mut child, Config::default().name("parent"))
-            .expect("connection over the child's pipes");
+        // Made first, so that the child is killed should the connection fail.
         let child = PythonChild {
             child: Mutex::new(child),
             stderr: Some(stderr),
+        };
+        let conn = {
+            let mut process = child.child.lock().unwrap();
+            PacketConnection::from_child(&mut process, Config::default().name("parent"))
+                .expect("connection over the child's pipes")
         };
         (child, conn)
     }
