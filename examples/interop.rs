@@ -1,7 +1,7 @@
-//! The interop service and checks of `shared/interop/README.md`, spoken over
-//! this process's standard input (receive) and standard output (send), so
-//! that it can face the reference peer `peer.py` of `cs.packetstream`
-//! 20240630, or another copy of itself.
+//! The interop service and checks of `python/README.md`, spoken over this
+//! process's standard input (receive) and standard output (send), so that
+//! it can face the reference peer `python/interop_peer.py` of
+//! `cs.packetstream` 20240630, or another copy of itself.
 //!
 //! ```text
 //! cargo run --example interop -- serve
@@ -11,8 +11,8 @@
 //! - `serve` answers the interop service until the peer's EOF, finishes what
 //!   is in progress, sends its own EOF and exits 0. Bad input from the peer
 //!   ends it with an error on standard error and exit status 1.
-//! - `client` runs the checks of `peer.py client` against the server on the
-//!   other end, closes the connection in order, prints
+//! - `client` runs the checks of `interop_peer.py client` against the server
+//!   on the other end, closes the connection in order, prints
 //!   `interop: N passed, M failed` and exits 0 only if all passed and the
 //!   shutdown was clean. With `--foreign-channel N` it also sends a request
 //!   on channel `N`, which the reference refuses: the refusal must come back
@@ -65,7 +65,7 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-/// The interop service, as `shared/interop/README.md` describes it.
+/// The interop service, as `python/README.md` describes it.
 fn handle(rq: Request) -> HandlerResult {
     match rq.rq_type {
         ECHO_REVERSE => {
@@ -210,8 +210,8 @@ impl Rng {
     }
 }
 
-/// The checks of `peer.py client`, in its order, and the foreign-channel
-/// checks when asked for.
+/// The checks of `interop_peer.py client`, in its order, and the
+/// foreign-channel checks when asked for.
 fn run_checks(
     conn: &PacketConnection,
     checks: &mut Checks,
@@ -379,7 +379,7 @@ fn client(foreign_channel: Option<u64>) -> ExitCode {
     if let Err(e) = &closed {
         eprintln!("interop client: error: shutdown failed: {e}");
     }
-    // A plain closing line for test runners, as peer.py prints it.
+    // A plain closing line for test runners, as interop_peer.py prints it.
     eprintln!(
         "interop: {} passed, {} failed",
         checks.passed,

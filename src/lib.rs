@@ -449,6 +449,28 @@
 //! are shifted up by one on the wire, so every `u64` is usable. The module
 //! doc of the wire format in the source (`src/packet.rs`) has the grammar.
 //!
+//! # Talking to Python
+//!
+//! A Rust program and a Python program using the reference,
+//! `cs.packetstream` 20240630, talk over a child's pipes, either one the
+//! parent. The repository has a runnable pair for each direction:
+//! `examples/python_child.rs` starts `python/word_child.py`, and
+//! `python/rust_parent.py` starts `examples/rust_child.rs`.
+//!
+//! - Install the reference with the library versions of its time, without
+//!   letting pip resolve them: `python/setup-venv.sh`, which runs
+//!   `pip install --no-deps -r python/requirements.txt` in a new venv.
+//! - A Python child must take its packet stream off standard output before
+//!   its connection starts (`send_fd = os.dup(1)`, then `os.dup2(2, 1)`):
+//!   the reference prints progress lines there, which would otherwise break
+//!   the parent's stream with [`Error::Malformed`].
+//! - A Python handler's exception arrives as [`Error::Failed`] with the
+//!   payload `exception during handler`; a request on a channel other than
+//!   0 gets `unknown channel %d`, literally.
+//!
+//! The guide [`talking_to_python`] has both pairs in full, how failures map
+//! in each direction, and what the reference cannot do.
+//!
 //! # Typed protocols and servers
 //!
 //! Above raw `(rq_type, flags, payload)` requests sits a typed layer, after
@@ -503,6 +525,12 @@ pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::server::{Server, ServerConfig};
 pub use crate::stats::Stats;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
+
+// The guide of `PYTHON.md`, a page of the documentation whose Rust blocks
+// are compiled with the doctests.
+#[cfg(any(doc, doctest))]
+#[doc = include_str!("../PYTHON.md")]
+pub mod talking_to_python {}
 
 /// The README's example, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]

@@ -1,26 +1,33 @@
-//! Wire compatibility with the reference, cs.packetstream 20240630, both ways, between processes.
+//! Wire compatibility with the reference, cs.packetstream 20240630, both
+//! ways, between processes; and the claims of the guide `talking_to_python`.
 //!
-//! The pairings run `examples/interop.rs` and `../shared/interop/peer.py`
-//! (the reference, in the venv that `setup.sh` makes) as child processes.
-//! The Python pairings pass their streams through a relay in this process
-//! that decodes every packet on its way, which lets the tests check the
-//! shutdown order on the wire. The Rust pairing links the two processes by
-//! plain pipes. Every child is killed at a deadline, so a hang is a failure.
+//! The reference runs in a venv that `python/setup-venv.sh` makes in the
+//! target directory from the pins of `python/requirements.txt` (its first
+//! run needs PyPI). The pairings run `examples/interop.rs` and
+//! `python/interop_peer.py` as child processes. The Python pairings pass
+//! their streams through a relay in this process that decodes every packet
+//! on its way, which lets the tests check the shutdown order on the wire.
+//! The Rust pairing links the two processes by plain pipes. Every child is
+//! killed at a deadline, so a hang is a failure.
 //!
-//! Without Python 3 or `../shared/interop`, the Python pairings are skipped
-//! with a printed reason, except under `CI=true`, where that is a failure.
+//! The test has its own harness (`harness = false`, with libtest-mimic):
+//! a test that needs the reference but cannot have it, for want of Python
+//! 3 with venv or of PyPI, is reported as ignored with the reason, which
+//! the standard harness cannot do once a test has started. Under `CI=true`
+//! it fails instead.
 
 mod common;
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::process::{Child, ChildStdin, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, report};
-use packetstream::{Kind, Packet};
+use common::{ms, report, LIMIT};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use packetstream::{Config, Disconnect, Error, Kind, Packet, PacketConnection, Response};
 
 /// What the client of either implementation checks: `echo_reverse` for 4
 /// flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and none,
@@ -32,13 +39,79 @@ const FOREIGN_CHANNEL_CHECKS: usize = 2;
 const PAIRING_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a bad-input run of the Rust server may take.
 const BAD_INPUT_DEADLINE: Duration = Duration::from_secs(30);
-/// How long setup.sh or the build of the example may take.
+/// How long a Python child may take to exit once its connection is closed.
+const CHILD_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the venv's setup or the build of the examples may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(900);
 /// How long the relay holds our EOF before passing it on to the reference,
 /// so that a reference that ended without waiting for it would be seen gone.
 const EOF_HOLD: Duration = Duration::from_millis(100);
 /// The relay's limit on one packet.
 const RELAY_MAX_PACKET: u64 = 256 << 20;
+
+/// The word service of `python/word_child.py` and `examples/rust_child.rs`.
+const UPPER: u64 = 0;
+const COUNT: u64 = 1;
+/// Request types of the interop service (`python/README.md`).
+const ECHO: u64 = 1;
+const SLEEP: u64 = 6;
+
+/// Trials named after their functions: `rust` ones need only this crate,
+/// `python` ones the reference.
+macro_rules! trials {
+    ($($kind:ident $test:ident),* $(,)?) => {
+        vec![$($kind(stringify!($test), $test)),*]
+    };
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let trials = trials![
+        rust rust_client_passes_every_check_against_rust_server_over_pipes,
+        rust rust_server_ends_with_error_on_garbage,
+        rust rust_server_ends_with_error_on_length_over_64_bits,
+        rust rust_server_ends_with_error_on_absurd_length,
+        rust rust_server_ends_with_error_on_truncated_packet,
+        rust guide_shows_the_files_it_names_as_they_are,
+        python rust_client_passes_every_check_against_reference_server,
+        python reference_client_passes_every_check_against_rust_server,
+        python reference_refuses_channel_5_with_not_ok_response_and_keeps_serving,
+        python reference_encodes_the_committed_vectors,
+        python python_child_with_stdout_moved_aside_serves_and_ends_cleanly,
+        python naive_python_child_breaks_the_stream_at_shutdown,
+        python python_handler_exception_is_failed_with_a_fixed_text,
+        python reference_refuses_other_channels_with_a_literal_percent_d,
+        python reference_without_handler_refuses_with_no_request_handler,
+        python python_reply_of_another_shape_is_never_sent,
+        python python_child_killed_mid_request_is_connection_lost,
+        python python_parent_with_rust_child_sees_ok_and_not_ok_replies,
+        python reference_cannot_send_on_other_channels,
+        python python_flags_over_64_bits_end_the_rust_connection,
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn rust(name: &str, test: fn()) -> Trial {
+    Trial::test(name, move || {
+        test();
+        Ok(())
+    })
+}
+
+/// A trial that needs the reference: ignored, with the reason, if it
+/// cannot be had; failed instead under CI.
+fn python(name: &str, test: fn(&Reference)) -> Trial {
+    Trial::ignorable_test(name, move || match reference() {
+        Ok(reference) => {
+            test(reference);
+            Ok(Completion::Completed)
+        }
+        Err(why) if in_ci() => Err(Failed::from(format!(
+            "the interop tests must run under CI, but {why}"
+        ))),
+        Err(why) => Ok(Completion::ignored_with(why)),
+    })
+}
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -60,7 +133,7 @@ fn tail(text: &str) -> &str {
 fn wait_or_kill(child: &Mutex<Child>, deadline: Instant) -> Option<ExitStatus> {
     loop {
         {
-            let mut child = child.lock().unwrap();
+            let mut child = child.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(status) = child.try_wait().expect("try_wait") {
                 return Some(status);
             }
@@ -77,154 +150,164 @@ fn wait_or_kill(child: &Mutex<Child>, deadline: Instant) -> Option<ExitStatus> {
 
 /// Runs `cmd` to completion with a deadline, returning its status and
 /// standard output and error. `None` status if it was killed.
-fn run_with_deadline(mut cmd: Command, deadline: Instant) -> (Option<ExitStatus>, String, String) {
+fn run_with_deadline(
+    mut cmd: Command,
+    deadline: Instant,
+) -> io::Result<(Option<ExitStatus>, String, String)> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
     let child = Mutex::new(child);
-    thread::scope(|s| {
-        let out = s.spawn(move || {
-            let mut text = String::new();
-            let _ = out.read_to_string(&mut text);
-            text
-        });
-        let err = s.spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
+    Ok(thread::scope(|s| {
+        let out = s.spawn(move || read_to_end(out));
+        let err = s.spawn(move || read_to_end(err));
         let status = wait_or_kill(&child, deadline);
         (status, out.join().unwrap(), err.join().unwrap())
-    })
+    }))
 }
 
-/// The example `interop`, built with the profile of this test.
+/// Where cargo put this test binary: `<target>/<profile>/deps/`. Returns
+/// the target directory, the profile's directory and the profile's name.
+fn build_dirs() -> Result<(PathBuf, PathBuf, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("test binary is not in <target>/<profile>/deps")?;
+    let target_dir = profile_dir.parent().ok_or("no target directory")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(name) => name,
+        None => return Err("profile directory has no name".to_string()),
+    };
+    Ok((
+        target_dir.to_path_buf(),
+        profile_dir.to_path_buf(),
+        profile.to_string(),
+    ))
+}
+
+/// The examples the tests run, built with the profile of this test.
+struct Examples {
+    interop: PathBuf,
+    rust_child: PathBuf,
+}
+
+/// Builds the examples once.
 ///
 /// Cargo makes no example binary available to integration tests (there is no
 /// `CARGO_BIN_EXE_` for examples), and `cargo test --test interop_python`
-/// does not build examples at all. So the test runs `cargo build --example
-/// interop` itself, for the profile and target directory this test binary
-/// lives in (`<target>/<profile>/deps/`): that is quick when the example is
-/// up to date, always tests the current source, and cargo allows it while
-/// tests run.
-fn example_binary() -> &'static Path {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let res = BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .ok_or("test binary is not in <target>/<profile>/deps")?;
-        let target_dir = profile_dir.parent().ok_or("no target directory")?;
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev",
-            Some(name) => name,
-            None => return Err("profile directory has no name".to_string()),
-        };
+/// does not build examples at all. So the test runs `cargo build --example`
+/// itself, for the profile and target directory this test binary lives in:
+/// that is quick when the examples are up to date, always tests the current
+/// source, and cargo allows it while tests run.
+fn examples() -> &'static Examples {
+    static EXAMPLES: OnceLock<Result<Examples, String>> = OnceLock::new();
+    let res = EXAMPLES.get_or_init(|| {
+        let (target_dir, profile_dir, profile) = build_dirs()?;
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.arg("build")
-            .args(["--example", "interop", "--profile", profile])
+            .args(["--example", "interop", "--example", "rust_child"])
+            .args(["--profile", &profile])
             .arg("--manifest-path")
             .arg(manifest_dir().join("Cargo.toml"))
             .arg("--target-dir")
-            .arg(target_dir);
-        let (status, _, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE);
+            .arg(&target_dir);
+        let (status, _, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE)
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
         if !status.is_some_and(|s| s.success()) {
             return Err(format!(
-                "cargo build --example interop failed ({status:?}):\n{}",
+                "cargo build of the examples failed ({status:?}):\n{}",
                 tail(&stderr)
             ));
         }
-        let binary = profile_dir.join("examples").join("interop");
-        if !binary.is_file() {
-            return Err(format!("no example binary at {}", binary.display()));
-        }
-        Ok(binary)
+        let binary = |name: &str| {
+            let binary = profile_dir.join("examples").join(name);
+            match binary.is_file() {
+                true => Ok(binary),
+                false => Err(format!("no example binary at {}", binary.display())),
+            }
+        };
+        Ok(Examples {
+            interop: binary("interop")?,
+            rust_child: binary("rust_child")?,
+        })
     });
     match res {
-        Ok(binary) => binary,
+        Ok(examples) => examples,
         Err(e) => panic!("{e}"),
     }
 }
 
-/// The reference's `peer.py` and the venv's python that runs it.
+fn rust_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(&examples().interop);
+    cmd.args(args);
+    cmd
+}
+
+/// The python of the venv that holds the reference.
 struct Reference {
     python: PathBuf,
-    peer: PathBuf,
 }
 
 impl Reference {
-    fn command(&self, mode: &str) -> Command {
+    /// Runs `script` of the `python/` folder with `args`.
+    fn script(&self, script: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.python);
-        cmd.arg(&self.peer)
-            .arg(mode)
-            // peer.py exits with status 3 after this; the deadline is later.
+        cmd.arg(manifest_dir().join("python").join(script))
+            .args(args)
+            // The peers exit with status 3 after this; the deadlines are later.
             .env("PEER_TIMEOUT", "100");
         cmd
     }
 }
 
-fn find_reference() -> Result<Reference, String> {
-    let interop = manifest_dir().join("../shared/interop");
-    let (setup, peer) = (interop.join("setup.sh"), interop.join("peer.py"));
-    if !setup.is_file() || !peer.is_file() {
-        return Err(format!("{} has no setup.sh and peer.py", interop.display()));
-    }
-    let mut probe = Command::new("python3");
-    probe.arg("--version").stdout(Stdio::null());
-    match probe.spawn() {
-        Ok(child) => {
-            let status = wait_or_kill(&Mutex::new(child), Instant::now() + SETUP_DEADLINE);
-            if !status.is_some_and(|s| s.success()) {
-                return Err(format!("python3 --version failed: {status:?}"));
-            }
-        }
-        Err(e) => return Err(format!("python3 not found: {e}")),
-    }
-    let venv = manifest_dir().join("target/interop-venv");
+/// Makes the venv with `python/setup-venv.sh`, or finds it made. The error
+/// says in one line why it cannot be had.
+fn make_venv() -> Result<Reference, String> {
+    let (target_dir, _, _) = build_dirs()?;
+    let setup = manifest_dir().join("python/setup-venv.sh");
     let mut cmd = Command::new("bash");
-    cmd.arg(&setup).arg(&venv);
-    let (status, stdout, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE);
+    cmd.arg(&setup).arg(target_dir.join("python-venv"));
+    let started = Instant::now();
+    let (status, stdout, stderr) = run_with_deadline(cmd, Instant::now() + SETUP_DEADLINE)
+        .map_err(|e| format!("cannot run bash: {e}"))?;
     if !status.is_some_and(|s| s.success()) {
-        return Err(format!(
-            "{} failed ({status:?}):\n{}",
-            setup.display(),
+        report(format!(
+            "python/setup-venv.sh failed ({status:?}):\n{}",
             tail(&stderr)
+        ));
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        return Err(format!(
+            "python/setup-venv.sh failed: {}",
+            last.unwrap_or("no message").trim()
         ));
     }
     let python = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
     if !python.is_file() {
-        return Err(format!("setup.sh printed no python: {stdout:?}"));
+        return Err(format!(
+            "python/setup-venv.sh printed no python: {stdout:?}"
+        ));
     }
-    Ok(Reference { python, peer })
+    report(format!(
+        "the reference's venv is ready, in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        python.display()
+    ));
+    Ok(Reference { python })
 }
 
-/// The reference, made ready once. `None` means skip, after saying why;
-/// under CI, anything missing fails the test instead.
-fn reference() -> Option<&'static Reference> {
+/// The reference, made ready once for all the tests.
+fn reference() -> Result<&'static Reference, String> {
     static REFERENCE: OnceLock<Result<Reference, String>> = OnceLock::new();
-    match REFERENCE.get_or_init(find_reference) {
-        Ok(reference) => Some(reference),
-        Err(why) if in_ci() => panic!("interop tests must run under CI, but: {why}"),
-        Err(why) => {
-            report(format!(
-                "SKIPPED: cannot run the reference implementation: {why}"
-            ));
-            None
-        }
-    }
-}
-
-fn rust_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(example_binary());
-    cmd.args(args);
-    cmd
+    REFERENCE
+        .get_or_init(make_venv)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// A direction on the wire.
@@ -579,39 +662,30 @@ fn assert_shutdown_order(wire: &WireLog) {
     );
 }
 
-#[test]
-fn rust_client_passes_every_check_against_reference_server() {
-    let Some(reference) = reference() else {
-        return;
-    };
+fn rust_client_passes_every_check_against_reference_server(reference: &Reference) {
     let run = run_pairing(
         rust_command(&["client"]),
-        reference.command("serve"),
+        reference.script("interop_peer.py", &["serve"]),
         Link::Relay {
             reference: Side::Server,
         },
     );
-    assert_pairing_passed("rust client vs peer.py serve", &run, CHECKS);
+    assert_pairing_passed("rust client vs interop_peer.py serve", &run, CHECKS);
     assert_shutdown_order(&run.wire);
 }
 
-#[test]
-fn reference_client_passes_every_check_against_rust_server() {
-    let Some(reference) = reference() else {
-        return;
-    };
+fn reference_client_passes_every_check_against_rust_server(reference: &Reference) {
     let run = run_pairing(
-        reference.command("client"),
+        reference.script("interop_peer.py", &["client"]),
         rust_command(&["serve"]),
         Link::Relay {
             reference: Side::Client,
         },
     );
-    assert_pairing_passed("peer.py client vs rust serve", &run, CHECKS);
+    assert_pairing_passed("interop_peer.py client vs rust serve", &run, CHECKS);
     assert_shutdown_order(&run.wire);
 }
 
-#[test]
 fn rust_client_passes_every_check_against_rust_server_over_pipes() {
     let run = run_pairing(
         rust_command(&["client"]),
@@ -621,20 +695,16 @@ fn rust_client_passes_every_check_against_rust_server_over_pipes() {
     assert_pairing_passed("rust client vs rust serve", &run, CHECKS);
 }
 
-#[test]
-fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving() {
-    let Some(reference) = reference() else {
-        return;
-    };
+fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving(reference: &Reference) {
     let run = run_pairing(
         rust_command(&["client", "--foreign-channel", "5"]),
-        reference.command("serve"),
+        reference.script("interop_peer.py", &["serve"]),
         Link::Relay {
             reference: Side::Server,
         },
     );
     assert_pairing_passed(
-        "rust client on channel 5 vs peer.py serve",
+        "rust client on channel 5 vs interop_peer.py serve",
         &run,
         CHECKS + FOREIGN_CHANNEL_CHECKS,
     );
@@ -754,7 +824,6 @@ fn assert_bad_input_ends_server(input: &[u8], close_stdin: bool, reason: &str) {
     );
 }
 
-#[test]
 fn rust_server_ends_with_error_on_garbage() {
     assert_bad_input_ends_server(
         &echo_then(&[0xff; 11]),
@@ -763,7 +832,6 @@ fn rust_server_ends_with_error_on_garbage() {
     );
 }
 
-#[test]
 fn rust_server_ends_with_error_on_length_over_64_bits() {
     assert_bad_input_ends_server(
         &echo_then(&bsuint(1 << 65)),
@@ -772,7 +840,6 @@ fn rust_server_ends_with_error_on_length_over_64_bits() {
     );
 }
 
-#[test]
 fn rust_server_ends_with_error_on_absurd_length() {
     let len = 1u64 << 62;
     assert_bad_input_ends_server(
@@ -782,7 +849,6 @@ fn rust_server_ends_with_error_on_absurd_length() {
     );
 }
 
-#[test]
 fn rust_server_ends_with_error_on_truncated_packet() {
     let mut cut = Vec::new();
     Packet {
@@ -801,4 +867,376 @@ fn rust_server_ends_with_error_on_truncated_packet() {
         true,
         "malformed packet: stream ended inside a packet",
     );
+}
+
+// The claims of the guide `talking_to_python` (PYTHON.md).
+
+/// A Python script of the `python/` folder run as a child process, with a
+/// connection over its pipes. Its standard error is collected; dropping it
+/// kills the child.
+struct PythonChild {
+    child: Mutex<Child>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl PythonChild {
+    fn start(
+        reference: &Reference,
+        script: &str,
+        args: &[&str],
+    ) -> (PythonChild, PacketConnection) {
+        let mut cmd = reference.script(script, args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn(cmd, None);
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = thread::spawn(move || read_to_end(stderr));
+        // Made first, so that the child is killed should the connection fail.
+        let child = PythonChild {
+            child: Mutex::new(child),
+            stderr: Some(stderr),
+        };
+        let conn = {
+            let mut process = child.child.lock().unwrap();
+            PacketConnection::from_child(&mut process, Config::default().name("parent"))
+                .expect("connection over the child's pipes")
+        };
+        (child, conn)
+    }
+
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        child.kill().expect("kill the child");
+        // Bounded: the child was just sent SIGKILL.
+        child.wait().expect("wait for the killed child");
+    }
+
+    /// Waits for the child to exit, killing it at the deadline: its status
+    /// (`None` if killed) and its standard error.
+    fn finish(mut self) -> (Option<ExitStatus>, String) {
+        let status = wait_or_kill(&self.child, Instant::now() + CHILD_DEADLINE);
+        let stderr = self.stderr.take().expect("not finished yet");
+        (status, stderr.join().expect("stderr reader"))
+    }
+}
+
+impl Drop for PythonChild {
+    fn drop(&mut self) {
+        if let Some(stderr) = self.stderr.take() {
+            let mut child = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(child);
+            let _ = stderr.join();
+        }
+    }
+}
+
+fn call(
+    conn: &PacketConnection,
+    rq_type: u64,
+    flags: u64,
+    payload: &[u8],
+) -> Result<Response, Error> {
+    conn.submit(rq_type, flags, payload)?.wait_timeout(LIMIT)
+}
+
+/// The not-ok reply of a failed call: its channel, flags and payload.
+fn failure(res: Result<Response, Error>) -> (u64, u64, String) {
+    match res {
+        Err(Error::Failed {
+            channel,
+            flags,
+            payload,
+            ..
+        }) => (
+            channel,
+            flags,
+            String::from_utf8_lossy(&payload).into_owned(),
+        ),
+        other => panic!("expected a not-ok reply, got {other:?}"),
+    }
+}
+
+/// Closes the connection and expects the child to exit 0: its stderr.
+fn close_cleanly(conn: PacketConnection, child: PythonChild) -> String {
+    let closed = conn.close_timeout(LIMIT);
+    let (status, stderr) = child.finish();
+    assert!(
+        closed.is_ok(),
+        "close: {closed:?}\nchild stderr:\n{}",
+        tail(&stderr)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "child exited with {status:?}\n{}",
+        tail(&stderr)
+    );
+    stderr
+}
+
+fn python_child_with_stdout_moved_aside_serves_and_ends_cleanly(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let rsp = call(&conn, UPPER, 0, b"hello from rust").unwrap();
+    assert_eq!(
+        (rsp.flags, rsp.payload.as_slice()),
+        (0, &b"HELLO FROM RUST"[..])
+    );
+    let rsp = call(&conn, COUNT, 0, b"one two three").unwrap();
+    assert_eq!((rsp.flags, rsp.payload.len()), (3, 0));
+    let stderr = close_cleanly(conn, child);
+    // The reference printed its progress lines, to standard error.
+    assert!(
+        stderr.contains("PacketConnection[wordsvc]: rq in:"),
+        "no progress line on the child's stderr:\n{}",
+        tail(&stderr)
+    );
+}
+
+fn naive_python_child_breaks_the_stream_at_shutdown(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "naive_child.py", &[]);
+    // It serves well until it shuts down.
+    let rsp = call(&conn, UPPER, 0, b"hello").unwrap();
+    assert_eq!(rsp.payload, b"HELLO");
+    let closed = conn.close_timeout(LIMIT);
+    let (_, stderr) = child.finish();
+    match closed {
+        Err(Error::Malformed { reason }) => {
+            report(format!("naive child: malformed packet: {reason}"))
+        }
+        other => panic!(
+            "expected the stream to break, got {other:?}\nchild stderr:\n{}",
+            tail(&stderr)
+        ),
+    }
+}
+
+fn python_handler_exception_is_failed_with_a_fixed_text(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let (channel, flags, reason) = failure(call(&conn, UPPER, 0, b"\xff"));
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (0, 0, "exception during handler")
+    );
+    // Other request types raise too, with the same reply.
+    let (_, flags, reason) = failure(call(&conn, 7, 0, b""));
+    assert_eq!((flags, reason.as_str()), (0, "exception during handler"));
+    let stderr = close_cleanly(conn, child);
+    // The exception itself went to the child's standard error.
+    assert!(stderr.contains("UnicodeDecodeError"), "{}", tail(&stderr));
+    assert!(
+        stderr.contains("unknown request type 7"),
+        "{}",
+        tail(&stderr)
+    );
+}
+
+fn reference_refuses_other_channels_with_a_literal_percent_d(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "word_child.py", &[]);
+    let res = conn
+        .submit_on(5, UPPER, 0, b"hello")
+        .and_then(|pending| pending.wait_timeout(LIMIT));
+    let (channel, flags, reason) = failure(res);
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (5, 0, "unknown channel %d")
+    );
+    // The connection goes on.
+    assert_eq!(call(&conn, UPPER, 0, b"still").unwrap().payload, b"STILL");
+    close_cleanly(conn, child);
+}
+
+fn reference_without_handler_refuses_with_no_request_handler(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "quirks_peer.py", &["no-handler"]);
+    let (channel, flags, reason) = failure(call(&conn, ECHO, 9, b"x"));
+    assert_eq!(
+        (channel, flags, reason.as_str()),
+        (0, 0, "no request handler")
+    );
+    close_cleanly(conn, child);
+}
+
+fn python_reply_of_another_shape_is_never_sent(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "quirks_peer.py", &["bad-reply"]);
+    // The handler returns (flags, str) for rq_type 0.
+    let unanswered = conn.submit(0, 7, b"text").unwrap();
+    // A request sent after it is answered...
+    let rsp = call(&conn, ECHO, 9, b"fine").unwrap();
+    assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"fine"[..]));
+    let stderr = close_cleanly(conn, child);
+    // ...but that one never was: the child finished without answering it.
+    let res = unanswered.wait_timeout(LIMIT);
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(Disconnect::PeerEof))),
+        "got {res:?}"
+    );
+    assert!(stderr.contains("AssertionError"), "{}", tail(&stderr));
+}
+
+fn python_child_killed_mid_request_is_connection_lost(reference: &Reference) {
+    let (child, conn) = PythonChild::start(reference, "interop_peer.py", &["serve"]);
+    let slow = conn.submit(SLEEP, 0, b"20000").unwrap();
+    assert_eq!(call(&conn, ECHO, 1, b"up").unwrap().payload, b"up");
+    child.kill();
+    let res = slow.wait_timeout(LIMIT);
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(Disconnect::PeerEof))),
+        "got {res:?}"
+    );
+    // This end's own ERQ and EOF find the pipe closed.
+    let closed = conn.close_timeout(LIMIT);
+    assert!(matches!(closed, Err(Error::Io(_))), "close: {closed:?}");
+}
+
+fn python_parent_with_rust_child_sees_ok_and_not_ok_replies(reference: &Reference) {
+    let mut cmd = reference.script("rust_parent.py", &[]);
+    cmd.arg(&examples().rust_child);
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, Instant::now() + CHILD_DEADLINE).expect("run rust_parent.py");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "rust_parent.py exited with {status:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        tail(&stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "UPPER: HELLO FROM PYTHON",
+        "COUNT: 3",
+        // A Rust handler's error: flags 0 and its text.
+        "invalid UTF-8: (False, 0, b'invalid utf-8 sequence of 1 bytes from index 0')",
+        // A Rust handler's Failure: its own flags and payload.
+        "type 7: (False, 404, b'unknown request type 7')",
+        "child: exit status 0",
+    ] {
+        assert!(lines.contains(&want), "no line {want:?} in:\n{stdout}");
+    }
+}
+
+fn reference_cannot_send_on_other_channels(reference: &Reference) {
+    let run = run_pairing(
+        reference.script("quirks_peer.py", &["other-channel"]),
+        rust_command(&["serve"]),
+        Link::Pipes,
+    );
+    let stderr = &run.client.stderr;
+    for status in [run.client.status, run.server.status] {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "exited with {status:?}\n{stderr}"
+        );
+    }
+    for want in [
+        "other-channel: channel 5 gives ValueError: unknown channel 5",
+        "other-channel: channel 0 gives (True, 7, b'x')",
+    ] {
+        assert!(stderr.contains(want), "no {want:?} in:\n{}", tail(stderr));
+    }
+    // Nothing went out for channel 5: the server saw the one request.
+    assert!(
+        run.server
+            .stderr
+            .contains("interop serve: clean shutdown after 1 requests"),
+        "{}",
+        run.server.stderr
+    );
+}
+
+fn python_flags_over_64_bits_end_the_rust_connection(reference: &Reference) {
+    let run = run_pairing(
+        reference.script("quirks_peer.py", &["wide-flags"]),
+        rust_command(&["serve"]),
+        Link::Pipes,
+    );
+    let (client, server) = (&run.client, &run.server);
+    assert!(
+        server.status.is_some_and(|s| !s.success()),
+        "server exited with {:?}\n{}",
+        server.status,
+        server.stderr
+    );
+    assert!(
+        server
+            .stderr
+            .contains("malformed packet: request flags exceed 64 bits"),
+        "{}",
+        server.stderr
+    );
+    // The reference cancels its request, but a caller already waiting for
+    // it is never woken; a new wait raises.
+    assert!(
+        client.status.is_some_and(|s| s.success()),
+        "{}",
+        tail(&client.stderr)
+    );
+    for want in [
+        "wide-flags: cancelled=True waiter_blocked=True",
+        "wide-flags: a new wait gives CancellationError",
+    ] {
+        assert!(
+            client.stderr.contains(want),
+            "no {want:?} in:\n{}",
+            tail(&client.stderr)
+        );
+    }
+}
+
+fn reference_encodes_the_committed_vectors(reference: &Reference) {
+    let cmd = reference.script("interop_peer.py", &["vectors"]);
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, Instant::now() + CHILD_DEADLINE).expect("run interop_peer.py");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        tail(&stderr)
+    );
+    let made: serde_json::Value = serde_json::from_str(&stdout).expect("JSON from the peer");
+    let committed =
+        std::fs::read_to_string(manifest_dir().join("tests/data/vectors.json")).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(made.as_array().map(Vec::len), Some(900));
+    assert!(
+        made == committed,
+        "tests/data/vectors.json differs from what the reference encodes"
+    );
+}
+
+/// The guide shows whole files, each after a line `<!-- file: PATH -->`:
+/// each must be the file as it is.
+fn guide_shows_the_files_it_names_as_they_are() {
+    let guide = std::fs::read_to_string(manifest_dir().join("PYTHON.md")).unwrap();
+    let mut lines = guide.lines();
+    let mut shown = Vec::new();
+    while let Some(line) = lines.next() {
+        let Some(path) = line
+            .strip_prefix("<!-- file: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let fence = lines.next().unwrap_or_default();
+        assert!(
+            fence.starts_with("```"),
+            "no code block after the mark for {path}"
+        );
+        let mut block = String::new();
+        for line in lines.by_ref().take_while(|l| *l != "```") {
+            block.push_str(line);
+            block.push('\n');
+        }
+        let file = std::fs::read_to_string(manifest_dir().join(path)).unwrap();
+        assert!(block == file, "PYTHON.md shows {path} otherwise than it is");
+        shown.push(path);
+    }
+    for path in [
+        "python/word_child.py",
+        "python/rust_parent.py",
+        "examples/python_child.rs",
+        "examples/rust_child.rs",
+    ] {
+        assert!(
+            shown.contains(&path),
+            "PYTHON.md does not show {path}: {shown:?}"
+        );
+    }
 }
