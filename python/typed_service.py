@@ -21,7 +21,7 @@
       4 NAMES      nothing; answers the names of the stored Records, in order
 
     Everything human-readable goes to stderr: stdout is the packet stream.
-    The process exits with status 3 after TYPED_TIMEOUT seconds (default
+    The process exits with status 3 after PEER_TIMEOUT seconds (default
     120), so that it never hangs a test run.
 '''
 
@@ -322,7 +322,7 @@ def client():
 def main(argv):
   mode = argv[1] if len(argv) > 1 else ''
   signal.signal(signal.SIGALRM, lambda *_: os._exit(3))
-  signal.alarm(int(os.environ.get('TYPED_TIMEOUT', '120')))
+  signal.alarm(int(os.environ.get('PEER_TIMEOUT', '120')))
   if mode == 'serve':
     return serve()
   if mode == 'client':
