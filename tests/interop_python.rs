@@ -1,13 +1,16 @@
 //! Wire compatibility with the reference, cs.packetstream 20240630, both
-//! ways, between processes; and the claims of the guide `talking_to_python`.
+//! ways, between processes; the typed record service against the
+//! reference's `BaseRequest`; and the claims of the guide `talking_to_python`.
 //!
 //! The reference runs in a venv that `python/setup-venv.sh` makes in the
 //! target directory from the pins of `python/requirements.txt` (its first
-//! run needs PyPI). The pairings run `examples/interop.rs` and
-//! `python/interop_peer.py` as child processes. The Python pairings pass
+//! run needs PyPI). The pairings run a client and a server as child
+//! processes: `examples/interop.rs` and `python/interop_peer.py` for the
+//! interop service, `examples/typed_service.rs` and
+//! `python/typed_service.py` for the typed one. The Python pairings pass
 //! their streams through a relay in this process that decodes every packet
 //! on its way, which lets the tests check the shutdown order on the wire.
-//! The Rust pairing links the two processes by plain pipes. Every child is
+//! The Rust pairings link the two processes by plain pipes. Every child is
 //! killed at a deadline, so a hang is a failure.
 //!
 //! The test has its own harness (`harness = false`, with libtest-mimic):
@@ -29,10 +32,14 @@ use common::{ms, report, LIMIT};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use packetstream::{Config, Disconnect, Error, Kind, Packet, PacketConnection, Response};
 
-/// What the client of either implementation checks: `echo_reverse` for 4
-/// flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and none,
-/// 200 concurrent sleeps and one check for the burst of 5000.
-const CHECKS: usize = 4 * 8 + 9 + 4 + 200 + 1;
+/// What the interop client of either implementation checks: `echo_reverse`
+/// for 4 flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and
+/// none, 200 concurrent sleeps and one check for the burst of 5000.
+const INTEROP_CHECKS: usize = 4 * 8 + 9 + 4 + 200 + 1;
+/// What the typed client of either implementation checks: echo, summarise
+/// and store for each of the 7 records, fetch for each, then names, a fetch
+/// past the end and a truncated store.
+const TYPED_CHECKS: usize = 4 * 7 + 3;
 /// What `--foreign-channel` adds: the refusal, and channel 0 still served.
 const FOREIGN_CHANNEL_CHECKS: usize = 2;
 /// How long a pairing may take before both processes are killed.
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         rust rust_server_ends_with_error_on_absurd_length,
         rust rust_server_ends_with_error_on_truncated_packet,
         rust guide_shows_the_files_it_names_as_they_are,
+        rust typed_rust_client_passes_every_check_against_rust_server_over_pipes,
         python rust_client_passes_every_check_against_reference_server,
         python reference_client_passes_every_check_against_rust_server,
         python reference_refuses_channel_5_with_not_ok_response_and_keeps_serving,
@@ -87,6 +95,8 @@ fn main() -> ExitCode {
         python python_parent_with_rust_child_sees_ok_and_not_ok_replies,
         python reference_cannot_send_on_other_channels,
         python python_flags_over_64_bits_end_the_rust_connection,
+        python typed_rust_client_passes_every_check_against_reference_server,
+        python typed_reference_client_passes_every_check_against_rust_server,
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }
@@ -194,6 +204,7 @@ fn build_dirs() -> Result<(PathBuf, PathBuf, String), String> {
 struct Examples {
     interop: PathBuf,
     rust_child: PathBuf,
+    typed_service: PathBuf,
 }
 
 /// Builds the examples once.
@@ -212,6 +223,7 @@ fn examples() -> &'static Examples {
         let mut cmd = Command::new(cargo);
         cmd.arg("build")
             .args(["--example", "interop", "--example", "rust_child"])
+            .args(["--example", "typed_service"])
             .args(["--profile", &profile])
             .arg("--manifest-path")
             .arg(manifest_dir().join("Cargo.toml"))
@@ -235,6 +247,7 @@ fn examples() -> &'static Examples {
         Ok(Examples {
             interop: binary("interop")?,
             rust_child: binary("rust_child")?,
+            typed_service: binary("typed_service")?,
         })
     });
     match res {
@@ -243,8 +256,9 @@ fn examples() -> &'static Examples {
     }
 }
 
-fn rust_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(&examples().interop);
+/// Runs `example`, a binary of [`examples`], with `args`.
+fn rust_command(example: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(example);
     cmd.args(args);
     cmd
 }
@@ -568,21 +582,21 @@ fn run_pairing(mut client: Command, mut server: Command, link: Link) -> PairingR
     }
 }
 
-/// The counts of the client's closing line, `interop: N passed, M failed`.
-fn closing_line(stderr: &str) -> Option<(usize, usize)> {
-    let line = stderr.lines().rev().find(|l| l.starts_with("interop: "))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
+/// The counts of the client's closing line, `SERVICE: N passed, M failed`,
+/// the last line that starts with `SERVICE: `.
+fn closing_line(stderr: &str, service: &str) -> Option<(usize, usize)> {
+    let prefix = format!("{service}: ");
+    let line = stderr.lines().rev().find(|l| l.starts_with(&prefix))?;
+    let words: Vec<&str> = line[prefix.len()..].split_whitespace().collect();
     match words.as_slice() {
-        ["interop:", passed, "passed,", failed, "failed"] => {
-            Some((passed.parse().ok()?, failed.parse().ok()?))
-        }
+        [passed, "passed,", failed, "failed"] => Some((passed.parse().ok()?, failed.parse().ok()?)),
         _ => None,
     }
 }
 
-/// Both processes exited 0 in time, and the client passed `n_checks`
-/// checks and failed none.
-fn assert_pairing_passed(name: &str, run: &PairingRun, n_checks: usize) {
+/// Both processes exited 0 in time, and the client of `service` (`interop`
+/// or `typed`) passed `n_checks` checks and failed none.
+fn assert_pairing_passed(name: &str, run: &PairingRun, service: &str, n_checks: usize) {
     let both = format!(
         "client stderr:\n{}\nserver stderr:\n{}",
         tail(&run.client.stderr),
@@ -605,7 +619,7 @@ fn assert_pairing_passed(name: &str, run: &PairingRun, n_checks: usize) {
         run.server.status
     );
     assert_eq!(
-        closing_line(&run.client.stderr),
+        closing_line(&run.client.stderr, service),
         Some((n_checks, 0)),
         "{name}: client's closing line\n{both}"
     );
@@ -664,40 +678,50 @@ fn assert_shutdown_order(wire: &WireLog) {
 
 fn rust_client_passes_every_check_against_reference_server(reference: &Reference) {
     let run = run_pairing(
-        rust_command(&["client"]),
+        rust_command(&examples().interop, &["client"]),
         reference.script("interop_peer.py", &["serve"]),
         Link::Relay {
             reference: Side::Server,
         },
     );
-    assert_pairing_passed("rust client vs interop_peer.py serve", &run, CHECKS);
+    assert_pairing_passed(
+        "rust client vs interop_peer.py serve",
+        &run,
+        "interop",
+        INTEROP_CHECKS,
+    );
     assert_shutdown_order(&run.wire);
 }
 
 fn reference_client_passes_every_check_against_rust_server(reference: &Reference) {
     let run = run_pairing(
         reference.script("interop_peer.py", &["client"]),
-        rust_command(&["serve"]),
+        rust_command(&examples().interop, &["serve"]),
         Link::Relay {
             reference: Side::Client,
         },
     );
-    assert_pairing_passed("interop_peer.py client vs rust serve", &run, CHECKS);
+    assert_pairing_passed(
+        "interop_peer.py client vs rust serve",
+        &run,
+        "interop",
+        INTEROP_CHECKS,
+    );
     assert_shutdown_order(&run.wire);
 }
 
 fn rust_client_passes_every_check_against_rust_server_over_pipes() {
     let run = run_pairing(
-        rust_command(&["client"]),
-        rust_command(&["serve"]),
+        rust_command(&examples().interop, &["client"]),
+        rust_command(&examples().interop, &["serve"]),
         Link::Pipes,
     );
-    assert_pairing_passed("rust client vs rust serve", &run, CHECKS);
+    assert_pairing_passed("rust client vs rust serve", &run, "interop", INTEROP_CHECKS);
 }
 
 fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving(reference: &Reference) {
     let run = run_pairing(
-        rust_command(&["client", "--foreign-channel", "5"]),
+        rust_command(&examples().interop, &["client", "--foreign-channel", "5"]),
         reference.script("interop_peer.py", &["serve"]),
         Link::Relay {
             reference: Side::Server,
@@ -706,7 +730,8 @@ fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving(reference:
     assert_pairing_passed(
         "rust client on channel 5 vs interop_peer.py serve",
         &run,
-        CHECKS + FOREIGN_CHANNEL_CHECKS,
+        "interop",
+        INTEROP_CHECKS + FOREIGN_CHANNEL_CHECKS,
     );
     let to_server = packets(&run.wire, Dir::ToServer);
     let to_client = packets(&run.wire, Dir::ToClient);
@@ -729,6 +754,73 @@ fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving(reference:
         }]
     );
     assert_shutdown_order(&run.wire);
+}
+
+// The typed record service, written with `RequestType` in
+// `examples/typed_service.rs` and with the reference's `BaseRequest` over
+// `BinaryMultiValue` in `python/typed_service.py`.
+
+fn typed_rust_client_passes_every_check_against_reference_server(reference: &Reference) {
+    let run = run_pairing(
+        rust_command(&examples().typed_service, &["client"]),
+        reference.script("typed_service.py", &["serve"]),
+        Link::Relay {
+            reference: Side::Server,
+        },
+    );
+    assert_pairing_passed(
+        "typed_service client vs typed_service.py serve",
+        &run,
+        "typed",
+        TYPED_CHECKS,
+    );
+    // Every STORE reached the reference's own BaseRequest classes.
+    assert!(
+        run.server
+            .stderr
+            .contains("serve: clean shutdown, 7 records stored"),
+        "server stderr:\n{}",
+        tail(&run.server.stderr)
+    );
+    assert_shutdown_order(&run.wire);
+}
+
+fn typed_reference_client_passes_every_check_against_rust_server(reference: &Reference) {
+    let run = run_pairing(
+        reference.script("typed_service.py", &["client"]),
+        rust_command(&examples().typed_service, &["serve"]),
+        Link::Relay {
+            reference: Side::Client,
+        },
+    );
+    assert_pairing_passed(
+        "typed_service.py client vs typed_service serve",
+        &run,
+        "typed",
+        TYPED_CHECKS,
+    );
+    assert!(
+        run.server
+            .stderr
+            .contains(&format!("clean shutdown after {TYPED_CHECKS} requests")),
+        "server stderr:\n{}",
+        tail(&run.server.stderr)
+    );
+    assert_shutdown_order(&run.wire);
+}
+
+fn typed_rust_client_passes_every_check_against_rust_server_over_pipes() {
+    let run = run_pairing(
+        rust_command(&examples().typed_service, &["client"]),
+        rust_command(&examples().typed_service, &["serve"]),
+        Link::Pipes,
+    );
+    assert_pairing_passed(
+        "typed_service client vs typed_service serve",
+        &run,
+        "typed",
+        TYPED_CHECKS,
+    );
 }
 
 /// A BSUInt, as the wire carries it.
@@ -767,7 +859,7 @@ fn echo_then(bad: &[u8]) -> Vec<u8> {
 /// that needs the stream to end before it notices bad bytes is then killed
 /// at the deadline, and the test fails.
 fn assert_bad_input_ends_server(input: &[u8], close_stdin: bool, reason: &str) {
-    let mut cmd = rust_command(&["serve"]);
+    let mut cmd = rust_command(&examples().interop, &["serve"]);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1116,7 +1208,7 @@ fn python_parent_with_rust_child_sees_ok_and_not_ok_replies(reference: &Referenc
 fn reference_cannot_send_on_other_channels(reference: &Reference) {
     let run = run_pairing(
         reference.script("quirks_peer.py", &["other-channel"]),
-        rust_command(&["serve"]),
+        rust_command(&examples().interop, &["serve"]),
         Link::Pipes,
     );
     let stderr = &run.client.stderr;
@@ -1145,7 +1237,7 @@ fn reference_cannot_send_on_other_channels(reference: &Reference) {
 fn python_flags_over_64_bits_end_the_rust_connection(reference: &Reference) {
     let run = run_pairing(
         reference.script("quirks_peer.py", &["wide-flags"]),
-        rust_command(&["serve"]),
+        rust_command(&examples().interop, &["serve"]),
         Link::Pipes,
     );
     let (client, server) = (&run.client, &run.server);
