@@ -3,9 +3,10 @@
     cs.binary type (release 20240630) and the bytes cs.binary encodes them
     into. tests/binary_codec.rs checks the Rust types against them.
 
-    Run it with the interop venv's python (see ../shared/interop/setup.sh):
+    Run it with the python of the venv that setup-venv.sh makes:
 
-        target/interop-venv/bin/python python/binary_vectors.py \
+        python/setup-venv.sh
+        target/python-venv/bin/python python/binary_vectors.py \
             > tests/data/binary_vectors.json
 
     The output is deterministic (a fixed random seed), so a rerun changes
