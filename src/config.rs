@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::Disconnect;
 use crate::handler::RequestHandler;
 use crate::packet::DEFAULT_MAX_PACKET_LEN;
 
@@ -33,7 +34,14 @@ pub struct Config {
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_queued_packets: usize,
     pub(crate) handler: Option<Arc<dyn RequestHandler>>,
+    pub(crate) on_end: Option<EndHook>,
+    pub(crate) on_peer_end_requests: Option<EventHook>,
 }
+
+/// The hook of [`Config::on_end`].
+pub(crate) type EndHook = Arc<dyn Fn(Disconnect) + Send + Sync>;
+/// The hook of [`Config::on_peer_end_requests`].
+pub(crate) type EventHook = Arc<dyn Fn() + Send + Sync>;
 
 impl Default for Config {
     fn default() -> Config {
@@ -46,6 +54,8 @@ impl Default for Config {
             max_queued_bytes: 8 << 20,
             max_queued_packets: 1 << 16,
             handler: None,
+            on_end: None,
+            on_peer_end_requests: None,
         }
     }
 }
@@ -61,6 +71,8 @@ impl fmt::Debug for Config {
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("max_queued_packets", &self.max_queued_packets)
             .field("handler", &self.handler.is_some())
+            .field("on_end", &self.on_end.is_some())
+            .field("on_peer_end_requests", &self.on_peer_end_requests.is_some())
             .finish()
     }
 }
@@ -135,6 +147,50 @@ impl Config {
     /// Like [`handler`](Config::handler), for a handler already shared.
     pub fn shared_handler(mut self, handler: Arc<dyn RequestHandler>) -> Config {
         self.handler = Some(handler);
+        self
+    }
+
+    /// A hook run once, when the connection has ended: both its receive and
+    /// send sides are done, and every request it took with it has failed.
+    /// It gets how the connection ended: [`Disconnect::PeerEof`] for the
+    /// orderly end, anything else for a crash, an error or an abort. It runs
+    /// on one of the connection's threads, so it must not block for long,
+    /// nor call `close` or `join` on its own connection. Like asyncio's
+    /// `connection_lost`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::os::unix::net::UnixStream;
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    /// use packetstream::{Config, Disconnect, PacketConnection};
+    ///
+    /// let (a, b) = UnixStream::pair()?;
+    /// let (ended_tx, ended) = mpsc::channel();
+    /// let ended_tx = std::sync::Mutex::new(ended_tx);
+    /// let client = PacketConnection::from_unix_stream(
+    ///     a,
+    ///     Config::default().on_end(move |why| {
+    ///         let _ = ended_tx.lock().unwrap().send(why);
+    ///     }),
+    /// )?;
+    /// drop(b); // the peer vanishes without its EOF
+    /// let why = ended.recv_timeout(Duration::from_secs(10)).unwrap();
+    /// assert_eq!(why, Disconnect::StreamEnded);
+    /// # let _ = client.close();
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn on_end(mut self, hook: impl Fn(Disconnect) + Send + Sync + 'static) -> Config {
+        self.on_end = Some(Arc::new(hook));
+        self
+    }
+
+    /// A hook run when the peer's end-of-requests packet (ERQ) arrives: it
+    /// will send no more requests. Runs on the receive thread, so it must
+    /// not block for long.
+    pub fn on_peer_end_requests(mut self, hook: impl Fn() + Send + Sync + 'static) -> Config {
+        self.on_peer_end_requests = Some(Arc::new(hook));
         self
     }
 }

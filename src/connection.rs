@@ -7,18 +7,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, RequestId, Result};
 use crate::outbox::Admission;
 use crate::pending::{Cell, Response};
 use crate::pool::Pool;
 use crate::receiver;
-use crate::shared::{Hook, Shared};
+use crate::shared::{Hook, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
 
 /// A hook run once when the connection is finished with its stream, or must
 /// unblock its receive thread (on abort or a write error).
 pub type OnClose = Option<Box<dyn FnOnce() + Send>>;
+
+/// What a constructor hands over: the two halves of the stream, and what to
+/// run to interrupt them (on abort or a failed write) and to release them
+/// (once the connection has ended).
+pub(crate) struct Streams {
+    pub(crate) recv: Box<dyn Read + Send>,
+    pub(crate) send: Box<dyn Write + Send>,
+    pub(crate) interrupt: Option<Hook>,
+    pub(crate) release: Option<Hook>,
+}
 
 /// A bidirectional packet connection: either end sends requests and answers
 /// the other's.
@@ -75,15 +85,22 @@ impl PacketConnection {
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
-        PacketConnection::with_on_close(Box::new(recv), Box::new(send), None, config)
+        let streams = Streams {
+            recv: Box::new(recv),
+            send: Box::new(send),
+            interrupt: None,
+            release: None,
+        };
+        PacketConnection::start(streams, config)
     }
 
-    pub(crate) fn with_on_close(
-        recv: Box<dyn Read + Send>,
-        send: Box<dyn Write + Send>,
-        on_close: Option<Hook>,
-        config: Config,
-    ) -> Result<PacketConnection> {
+    pub(crate) fn start(streams: Streams, config: Config) -> Result<PacketConnection> {
+        let Streams {
+            recv,
+            send,
+            interrupt,
+            release,
+        } = streams;
         let name = &config.name;
         let threads = Arc::new(ThreadSet::default());
         let pool = match config.handler {
@@ -96,7 +113,7 @@ impl PacketConnection {
             )?),
             None => None,
         };
-        let shared = Arc::new(Shared::new(&config, send, pool, on_close));
+        let shared = Arc::new(Shared::new(&config, send, pool, interrupt, release));
         let conn = PacketConnection {
             shared: Arc::clone(&shared),
             threads: Arc::clone(&threads),
@@ -200,6 +217,7 @@ impl PacketConnection {
             shared: Arc::clone(&self.shared),
             channel,
             tag,
+            rq_type,
             cell: Some(cell),
         })
     }
@@ -230,6 +248,63 @@ impl PacketConnection {
         // does: no need to wake the send thread to time a grace.
         self.submit_inner(channel, rq_type, flags, payload, Admission::Wait, true)?
             .wait()
+    }
+
+    /// Like [`call`](PacketConnection::call), but gives up at `timeout`:
+    /// it waits for room in the outgoing queue and for the response only
+    /// until then, and never writes the stream itself, so it returns in time
+    /// whatever the peer does. On a timeout the request is given up as
+    /// [`PendingResponse::cancel`] does: its entry is freed and a late
+    /// response is dropped; the peer may still act on it. A `timeout` too
+    /// long for an `Instant`, such as `Duration::MAX`, means no limit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], naming the request and how long it waited;
+    /// [`Error::WouldBlock`] if the outgoing queue stayed full until the
+    /// deadline (nothing was sent); otherwise as for
+    /// [`call`](PacketConnection::call).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::os::unix::net::UnixStream;
+    /// # use std::time::Duration;
+    /// # use packetstream::{Config, Error, PacketConnection, Request};
+    /// # let (a, b) = UnixStream::pair()?;
+    /// let server = PacketConnection::from_unix_stream(b, Config::default().handler(
+    ///     |rq: Request| {
+    ///         std::thread::sleep(Duration::from_millis(rq.flags));
+    ///         Ok(().into())
+    ///     },
+    /// ))?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// client.call_timeout(7, 0, b"", Duration::from_secs(10))?;
+    /// let err = client.call_timeout(7, 500, b"", Duration::from_millis(50)).unwrap_err();
+    /// assert!(err.is_timeout());
+    /// assert!(err.to_string().starts_with("request 0:3 (rq_type 7) timed out after"));
+    /// # client.close()?;
+    /// # server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn call_timeout(
+        &self,
+        rq_type: u64,
+        flags: u64,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Response> {
+        let started = Instant::now();
+        let deadline = deadline_after(timeout);
+        self.submit_inner(
+            0,
+            rq_type,
+            flags,
+            payload,
+            Admission::Until(deadline),
+            false,
+        )?
+        .wait_deadline(started, deadline)
     }
 
     /// Like [`call`](PacketConnection::call), decoding the ok response into
@@ -317,7 +392,7 @@ impl PacketConnection {
     pub fn close_timeout(&self, timeout: Duration) -> Result<()> {
         self.shared.begin_close();
         let res = self.join_until(deadline_after(timeout));
-        if matches!(res, Err(Error::Timeout)) {
+        if matches!(res, Err(Error::Timeout { .. })) {
             self.shared.abort();
         }
         res
@@ -355,18 +430,51 @@ impl PacketConnection {
     }
 
     fn join_until(&self, deadline: Option<Instant>) -> Result<()> {
+        let started = Instant::now();
         if !self.threads.wait_until(deadline) {
-            return Err(Error::Timeout);
+            return Err(Error::Timeout {
+                request: None,
+                waited: started.elapsed(),
+            });
         }
-        let panic = self.threads.join_ended();
-        self.shared.run_on_close();
-        if let Some(payload) = panic {
+        if let Some(payload) = self.threads.join_ended() {
             std::panic::resume_unwind(payload);
         }
-        match self.shared.take_error() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
+        self.shared.result()
+    }
+
+    /// Where the connection is in its life: whether either end has ended
+    /// its requests, whether it is closing, and whether and how it has
+    /// ended. Cheap, and callable from any thread.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::os::unix::net::UnixStream;
+    /// # use packetstream::{Config, Disconnect, PacketConnection};
+    /// # let (a, b) = UnixStream::pair()?;
+    /// # let server = PacketConnection::from_unix_stream(b, Config::default())?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// assert!(client.status().is_open());
+    /// client.end_requests();
+    /// assert!(client.status().requests_ended);
+    /// client.close()?;
+    /// assert_eq!(client.status().ended, Some(Disconnect::PeerEof));
+    /// # server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// Takes the bytes the receive thread read past the peer's EOF packet,
+    /// once the connection has ended (empty before, and after the first
+    /// call). They belong to whatever the peer sends next on the same
+    /// stream, such as the next connection over the same pair of pipes:
+    /// start it with these bytes in front of the stream, as
+    /// [`PacketConnection::new`] allows with `Read::chain`.
+    pub fn take_unread(&self) -> Vec<u8> {
+        self.shared.take_unread()
     }
 }
 
@@ -386,6 +494,7 @@ pub struct PendingResponse {
     shared: Arc<Shared>,
     channel: u64,
     tag: u64,
+    rq_type: u64,
     cell: Option<Arc<Cell>>,
 }
 
@@ -394,6 +503,7 @@ impl fmt::Debug for PendingResponse {
         f.debug_struct("PendingResponse")
             .field("channel", &self.channel)
             .field("tag", &self.tag)
+            .field("rq_type", &self.rq_type)
             .field("ready", &self.is_ready())
             .finish()
     }
@@ -430,7 +540,7 @@ impl PendingResponse {
         // About to block, with no deadline to keep: write what this end has
         // queued now, rather than wait out the grace or a thread hop.
         self.shared.write_now();
-        cell.wait_until(None).unwrap_or(Err(Error::Timeout))
+        cell.wait()
     }
 
     /// Waits at most `timeout` for the response. On timeout the request stays
@@ -442,15 +552,27 @@ impl PendingResponse {
     /// # Errors
     ///
     /// [`Error::Timeout`], or as for [`wait`](PendingResponse::wait). Once the
-    /// response has been taken, [`Error::Cancelled`].
+    /// response has been taken, [`Error::ResponseTaken`].
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Response> {
-        let deadline = deadline_after(timeout);
+        self.wait_deadline(Instant::now(), deadline_after(timeout))
+    }
+
+    fn wait_deadline(&self, started: Instant, deadline: Option<Instant>) -> Result<Response> {
         let cell = self.cell();
         if let Some(res) = cell.try_take() {
             return res;
         }
         self.shared.outbox.flush_soon(false);
-        cell.wait_until(deadline).unwrap_or(Err(Error::Timeout))
+        cell.wait_until(deadline).unwrap_or_else(|| {
+            Err(Error::Timeout {
+                request: Some(RequestId {
+                    channel: self.channel,
+                    tag: self.tag,
+                    rq_type: self.rq_type,
+                }),
+                waited: started.elapsed(),
+            })
+        })
     }
 
     /// Takes the response if it has arrived, without blocking.

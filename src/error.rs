@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -10,6 +11,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// A request that the peer answered "not ok" is an `Err` too
 /// ([`Error::Failed`]), so that `?` works at call sites.
+///
+/// A request ends in exactly one of these ways, which say whether the peer
+/// may have acted on it:
+///
+/// | outcome | sent? | the peer may have acted on it |
+/// |---|---|---|
+/// | `Ok(Response)`, [`Error::Failed`], [`Error::ResponseTooLarge`] | yes | yes: it answered |
+/// | [`Error::ConnectionLost`] | yes, or partly | maybe |
+/// | [`Error::Unsent`] | no: the connection ended first | no |
+/// | [`Error::Closed`], [`Error::WouldBlock`], [`Error::TooLarge`] | no: refused by `submit` | no |
+/// | [`Error::Timeout`] from a wait | yes; still pending | maybe |
+///
+/// [`Error::was_sent`] tells the two groups apart, which is what a retry
+/// needs.
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -20,19 +35,30 @@ pub enum Error {
     #[error("i/o error on packet stream: {0}")]
     Io(#[from] io::Error),
     /// The peer sent bytes that are not a valid packet, or a packet this end
-    /// cannot accept. The connection's receive side ends.
+    /// cannot accept. The connection's receive side ends; `close` or `join`
+    /// returns this.
     #[error("malformed packet: {reason}")]
     Malformed {
         /// What was wrong, in a few words.
         reason: &'static str,
     },
     /// A packet is longer than the configured maximum, checked before any
-    /// buffer is allocated. Returned by `submit` for an oversize payload, and
-    /// by `join` when the peer announced an oversize packet it then failed to
-    /// send.
+    /// buffer is allocated. Per request: `submit` refuses an oversize
+    /// request, and nothing is sent. Per connection: `close` or `join`
+    /// returns it when the peer announced an oversize packet that could not
+    /// be skipped.
     #[error("packet of {len} bytes exceeds limit of {max}")]
     TooLarge {
         /// The length of the packet, length prefix excluded.
+        len: u64,
+        /// The limit in force.
+        max: u64,
+    },
+    /// The peer's response to the request is longer than the configured
+    /// maximum: it was read past and dropped, and only this request fails.
+    #[error("response of {len} bytes exceeds limit of {max}")]
+    ResponseTooLarge {
+        /// The length of the response packet, length prefix excluded.
         len: u64,
         /// The limit in force.
         max: u64,
@@ -49,28 +75,41 @@ pub enum Error {
         /// The response payload: by convention a short UTF-8 reason.
         payload: Vec<u8>,
     },
-    /// The connection ended before a response arrived.
+    /// The connection ended after the request was written, before its
+    /// response arrived: the peer may or may not have acted on it. The
+    /// [`Disconnect`] says how the connection ended.
     #[error("connection lost before a response arrived: {0}")]
     ConnectionLost(Disconnect),
-    /// The connection does not accept new requests: `end_requests`, `close`
-    /// or `abort` was called, or the connection has ended.
+    /// The connection ended before the request was written: the peer never
+    /// saw it, so it is safe to send again elsewhere.
+    #[error("request not sent, connection ended: {0}")]
+    Unsent(Disconnect),
+    /// `submit` refused the request, and nothing was sent: this end has
+    /// ended its requests (`end_requests`, `close`, `abort`, or a peer's
+    /// EOF), or the connection has ended.
     #[error("connection is not accepting new requests")]
     Closed,
-    /// A bounded wait ran out of time. For
-    /// [`PendingResponse::wait_timeout`](crate::PendingResponse::wait_timeout)
-    /// the request is still pending and can be waited on again.
-    #[error("timed out")]
-    Timeout,
+    /// A bounded wait ran out of time. For a request
+    /// ([`PendingResponse::wait_timeout`](crate::PendingResponse::wait_timeout),
+    /// [`call_timeout`](crate::PacketConnection::call_timeout)) it names the
+    /// request.
+    #[error("{}", timeout_text(.request.as_ref(), .waited))]
+    Timeout {
+        /// The request that timed out, if the wait was for one.
+        request: Option<RequestId>,
+        /// How long the wait lasted.
+        waited: Duration,
+    },
     /// [`try_submit`](crate::PacketConnection::try_submit) or
     /// [`try_submit_on`](crate::PacketConnection::try_submit_on) found the
-    /// outgoing queue full.
+    /// outgoing queue full. Nothing was sent.
     #[error("outgoing queue is full")]
     WouldBlock,
-    /// The request was cancelled locally with
-    /// [`PendingResponse::cancel`](crate::PendingResponse::cancel), or its
-    /// response was already taken.
-    #[error("request was cancelled or its response already taken")]
-    Cancelled,
+    /// The response was already taken from this
+    /// [`PendingResponse`](crate::PendingResponse), by an earlier
+    /// `wait_timeout` or `try_wait`.
+    #[error("response already taken")]
+    ResponseTaken,
     /// A payload could not be decoded: an ok response into the type asked
     /// for, or a payload read with [`PayloadReader`](crate::PayloadReader)
     /// that is truncated or invalid. The text says what and where.
@@ -78,18 +117,47 @@ pub enum Error {
     Decode(String),
 }
 
-/// Why a connection ended, as reported to callers whose requests it took
-/// with it. `Copy`, so that every waiter gets its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which request an [`Error::Timeout`] was waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    /// The request's channel.
+    pub channel: u64,
+    /// The request's tag.
+    pub tag: u64,
+    /// The request's type.
+    pub rq_type: u64,
+}
+
+fn timeout_text(request: Option<&RequestId>, waited: &Duration) -> String {
+    match request {
+        Some(RequestId {
+            channel,
+            tag,
+            rq_type,
+        }) => format!("request {channel}:{tag} (rq_type {rq_type}) timed out after {waited:?}"),
+        None => format!("timed out after {waited:?}"),
+    }
+}
+
+/// How a connection ended: given to every request it took with it
+/// ([`Error::ConnectionLost`], [`Error::Unsent`]), to the
+/// [`on_end`](crate::Config::on_end) hook, and by
+/// [`PacketConnection::status`](crate::PacketConnection::status). `Copy`, so
+/// that every waiter gets its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Disconnect {
-    /// The peer sent its EOF packet, or closed the stream between packets.
+    /// The peer sent its EOF packet: the orderly end.
     PeerEof,
+    /// The stream ended without the peer's EOF packet: the peer crashed,
+    /// was killed, exited without closing, or never spoke.
+    StreamEnded,
     /// The peer sent a malformed, truncated or oversize packet.
     Protocol,
     /// Reading or writing the stream failed with this kind of error.
     Io(io::ErrorKind),
-    /// This end closed the connection, or aborted it.
+    /// This end aborted the connection (`abort`, or a `close_timeout` or
+    /// server stop that ran out of time).
     Local,
 }
 
@@ -97,9 +165,10 @@ impl fmt::Display for Disconnect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Disconnect::PeerEof => f.write_str("peer sent EOF"),
+            Disconnect::StreamEnded => f.write_str("stream ended without EOF"),
             Disconnect::Protocol => f.write_str("protocol error from peer"),
             Disconnect::Io(kind) => write!(f, "i/o error: {kind}"),
-            Disconnect::Local => f.write_str("closed locally"),
+            Disconnect::Local => f.write_str("aborted locally"),
         }
     }
 }
@@ -124,10 +193,31 @@ impl Error {
         }
     }
 
-    /// True if this is [`Error::ConnectionLost`] or [`Error::Closed`]: the
-    /// connection is gone and retrying on it is pointless.
+    /// True if this is [`Error::ConnectionLost`], [`Error::Unsent`] or
+    /// [`Error::Closed`]: the connection is gone and retrying on it is
+    /// pointless.
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, Error::ConnectionLost(_) | Error::Closed)
+        matches!(
+            self,
+            Error::ConnectionLost(_) | Error::Unsent(_) | Error::Closed
+        )
+    }
+
+    /// True if this is [`Error::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// False if the request this error ended was certainly never written to
+    /// the stream ([`Error::Unsent`], [`Error::Closed`],
+    /// [`Error::WouldBlock`], [`Error::TooLarge`]), so the peer never saw it
+    /// and sending it again elsewhere is safe. True when the peer may have
+    /// acted on it.
+    pub fn was_sent(&self) -> bool {
+        !matches!(
+            self,
+            Error::Unsent(_) | Error::Closed | Error::WouldBlock | Error::TooLarge { .. }
+        )
     }
 }
 
@@ -139,6 +229,11 @@ impl fmt::Debug for Error {
             Error::Malformed { reason } => {
                 f.debug_struct("Malformed").field("reason", reason).finish()
             }
+            Error::ResponseTooLarge { len, max } => f
+                .debug_struct("ResponseTooLarge")
+                .field("len", len)
+                .field("max", max)
+                .finish(),
             Error::TooLarge { len, max } => f
                 .debug_struct("TooLarge")
                 .field("len", len)
@@ -157,10 +252,15 @@ impl fmt::Debug for Error {
                 .field("payload", &reason_text(payload))
                 .finish(),
             Error::ConnectionLost(why) => f.debug_tuple("ConnectionLost").field(why).finish(),
+            Error::Unsent(why) => f.debug_tuple("Unsent").field(why).finish(),
             Error::Closed => f.write_str("Closed"),
-            Error::Timeout => f.write_str("Timeout"),
+            Error::Timeout { request, waited } => f
+                .debug_struct("Timeout")
+                .field("request", request)
+                .field("waited", waited)
+                .finish(),
             Error::WouldBlock => f.write_str("WouldBlock"),
-            Error::Cancelled => f.write_str("Cancelled"),
+            Error::ResponseTaken => f.write_str("ResponseTaken"),
             Error::Decode(msg) => f.debug_tuple("Decode").field(msg).finish(),
         }
     }
@@ -171,9 +271,9 @@ impl From<Error> for io::Error {
     fn from(err: Error) -> io::Error {
         match err {
             Error::Io(e) => e,
-            Error::Timeout => io::Error::new(io::ErrorKind::TimedOut, err),
+            Error::Timeout { .. } => io::Error::new(io::ErrorKind::TimedOut, err),
             Error::WouldBlock => io::Error::new(io::ErrorKind::WouldBlock, err),
-            Error::ConnectionLost(_) | Error::Closed => {
+            Error::ConnectionLost(_) | Error::Unsent(_) | Error::Closed => {
                 io::Error::new(io::ErrorKind::NotConnected, err)
             }
             other => io::Error::other(other),

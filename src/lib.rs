@@ -215,7 +215,7 @@
 //! # use std::os::unix::net::UnixStream;
 //! # use std::sync::{mpsc, Mutex};
 //! # use std::time::Duration;
-//! # use packetstream::{Config, Error, PacketConnection, Request};
+//! # use packetstream::{Config, Disconnect, Error, PacketConnection, Request};
 //! let (a, b) = UnixStream::pair()?;
 //! let (started_tx, started) = mpsc::channel::<()>();
 //! let (release, held) = mpsc::channel::<()>();
@@ -241,9 +241,12 @@
 //! assert!(client.submit(1, 0, b"").unwrap_err().is_disconnect());
 //!
 //! drop(release);
-//! // The peer is gone, so this end's own ERQ and EOF cannot be written.
-//! assert!(matches!(client.close(), Err(Error::Io(_))));
-//! server.join()?;
+//! // The peer went without its EOF: that is how this connection ended.
+//! assert!(matches!(
+//!     client.close(),
+//!     Err(Error::ConnectionLost(Disconnect::StreamEnded))
+//! ));
+//! assert!(server.join().is_err()); // it was aborted
 //! # Ok::<(), packetstream::Error>(())
 //! ```
 //!
@@ -517,12 +520,13 @@ pub use crate::codec::{
 };
 pub use crate::config::Config;
 pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResponse};
-pub use crate::error::{Disconnect, Error, Result};
+pub use crate::error::{Disconnect, Error, RequestId, Result};
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
 pub use crate::pending::Response;
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::server::{Server, ServerConfig};
+pub use crate::shared::Status;
 pub use crate::stats::Stats;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
 

@@ -18,13 +18,13 @@
 //! threads may take the role is in ARCHITECTURE.md ("Who writes").
 
 use std::io::{self, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::packet::{Head, Packet};
+use crate::packet::{parse_varint, read_body_head, Head, Kind, Packet};
 use crate::stats::Counters;
 
 /// Payloads at least this long are not copied into the queue: a request's
@@ -57,6 +57,10 @@ pub(crate) enum Admission {
     /// Waits for room, and may write a large payload itself: for callers
     /// without a deadline.
     Wait,
+    /// Waits for room until the deadline (`None`: for ever), then fails
+    /// with [`Error::WouldBlock`]; never writes. Large payloads are copied
+    /// into the queue.
+    Until(Option<Instant>),
     /// Never waits and never writes: fails with [`Error::WouldBlock`] when
     /// the queue is full. Large payloads are copied into the queue.
     NoWait,
@@ -66,7 +70,7 @@ pub(crate) enum Admission {
 /// thread whose write failed, which must tear the connection down.
 #[must_use]
 #[derive(Debug)]
-pub(crate) struct WriteFailed(pub(crate) io::ErrorKind);
+pub(crate) struct WriteFailed(pub(crate) io::Error);
 
 struct State {
     phase: Phase,
@@ -79,6 +83,11 @@ struct State {
     large_bytes: usize,
     /// Packets in `buf`.
     queued_packets: usize,
+    /// Bytes ever queued, and bytes ever taken by a writer. A request whose
+    /// packet ends at or before `taken_total` was written, or was being
+    /// written; see [`PendingTable::fail_all`](crate::pending::PendingTable::fail_all).
+    queued_total: u64,
+    taken_total: u64,
     /// Bytes and packets taken by the writer and not yet written: they still
     /// count against the budget.
     writing_bytes: usize,
@@ -97,8 +106,6 @@ struct State {
     /// The send loop sleeps until a batch's grace runs out; it need not be
     /// woken for later packets.
     timer_set: bool,
-    /// The first write error, for `join`.
-    error: Option<io::Error>,
 }
 
 impl State {
@@ -149,6 +156,8 @@ impl Outbox {
                 spare_large: Vec::new(),
                 large_bytes: 0,
                 queued_packets: 0,
+                queued_total: 0,
+                taken_total: 0,
                 writing_bytes: 0,
                 writing_packets: 0,
                 writing: false,
@@ -157,7 +166,6 @@ impl Outbox {
                 owes_peer: false,
                 since: None,
                 timer_set: false,
-                error: None,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -181,6 +189,9 @@ impl Outbox {
     /// fails is returned as `Ok(Some(WriteFailed))`: the request was queued
     /// and the teardown will end it.
     ///
+    /// Once queued, where the packet ends in the stream of queued bytes is
+    /// stored in `queued_end`, under the queue's lock.
+    ///
     /// # Errors
     ///
     /// [`Error::Closed`] once ERQ is queued (or the side has finished or
@@ -192,6 +203,7 @@ impl Outbox {
         payload: &[u8],
         admission: Admission,
         then_writes: bool,
+        queued_end: &AtomicU64,
         stats: &Counters,
     ) -> Result<Option<WriteFailed>> {
         let len = head.packet_len(payload.len());
@@ -205,18 +217,25 @@ impl Outbox {
             if !full {
                 break;
             }
-            if admission == Admission::NoWait {
-                return Err(Error::WouldBlock);
-            }
             // Make room: whoever writes next writes now. The phase is checked
             // again after the wait.
             st.urgent = true;
             self.work.notify_one();
-            self.room.wait(&mut st);
+            match admission {
+                Admission::NoWait => return Err(Error::WouldBlock),
+                Admission::Wait | Admission::Until(None) => self.room.wait(&mut st),
+                Admission::Until(Some(deadline)) => {
+                    if self.room.wait_until(&mut st, deadline).timed_out() {
+                        return Err(Error::WouldBlock);
+                    }
+                }
+            }
         }
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
+        st.queued_total += len as u64;
+        queued_end.store(st.queued_total, Ordering::SeqCst);
         if payload.len() >= LARGE_PAYLOAD {
             if admission == Admission::Wait && !st.writing {
                 // Write what was queued, this head and the payload, without
@@ -248,6 +267,7 @@ impl Outbox {
         st.owes_peer = true;
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
+        st.queued_total += head.packet_len(payload.len()) as u64;
         if payload.len() >= LARGE_PAYLOAD {
             let at = st.buf.len();
             st.large_bytes += payload.len();
@@ -285,7 +305,9 @@ impl Outbox {
     }
 
     fn push_control(&self, mut st: MutexGuard<'_, State>, packet: &Packet, stats: &Counters) {
+        let before = st.buf.len();
         packet.encode_into(&mut st.buf);
+        st.queued_total += (st.buf.len() - before) as u64;
         st.queued_packets += 1;
         st.since.get_or_insert_with(Instant::now);
         st.urgent = true;
@@ -357,6 +379,7 @@ impl Outbox {
             std::mem::swap(&mut large, &mut st.large);
             let payload = extra.take();
             st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
+            st.taken_total += st.writing_bytes as u64;
             st.writing_packets = st.queued_packets;
             st.large_bytes = 0;
             st.queued_packets = 0;
@@ -380,9 +403,7 @@ impl Outbox {
             self.room.notify_all();
             if let Err(e) = res {
                 if st.phase != Phase::Dead {
-                    log::debug!("write failed: {e}");
-                    failed = Some(WriteFailed(e.kind()));
-                    st.error.get_or_insert(e);
+                    failed = Some(WriteFailed(e));
                     // Nothing is queued past a failed write.
                     let _none = st.kill();
                 }
@@ -409,23 +430,45 @@ impl Outbox {
     /// Stops sending at once: drops what is queued, refuses everything
     /// after, closes the stream unless a write is in progress (that writer
     /// closes it when its write returns), and lets the send loop end.
-    /// Returns false if the side had already finished or died.
-    pub(crate) fn abort(&self) -> bool {
+    /// Returns how far the writers got in the stream of queued bytes.
+    pub(crate) fn abort(&self) -> u64 {
         let mut st = self.state.lock();
+        let written_to = st.taken_total;
         if matches!(st.phase, Phase::Finished | Phase::Dead) {
-            return false;
+            return written_to;
         }
         let stream = st.kill();
         drop(st);
         drop(stream);
         self.work.notify_all();
         self.room.notify_all();
-        true
+        written_to
     }
 
-    /// Takes the first write error, if any.
-    pub(crate) fn take_error(&self) -> Option<io::Error> {
-        self.state.lock().error.take()
+    /// How far the writers have got in the stream of queued bytes: the
+    /// bytes written, or being written.
+    pub(crate) fn written_to(&self) -> u64 {
+        self.state.lock().taken_total
+    }
+
+    /// The peer has stopped serving: queues ERQ if this end's requests had
+    /// not ended, and drops the requests not yet taken by a writer, which
+    /// could now only be refused or ignored. Replies stay: the peer may still
+    /// be reading them. Returns how far the writers had got, as
+    /// [`abort`](Outbox::abort) does.
+    pub(crate) fn end_requests_dropping_unsent(&self, stats: &Counters) -> u64 {
+        let mut st = self.state.lock();
+        let written_to = st.taken_total;
+        match st.phase {
+            Phase::Open => {
+                st.phase = Phase::RequestsEnded;
+                drop_requests(&mut st);
+                self.push_control(st, &Packet::erq(), stats);
+            }
+            Phase::RequestsEnded => drop_requests(&mut st),
+            _ => {}
+        }
+        written_to
     }
 
     /// The send loop. Writes the queue once its oldest byte has waited the
@@ -467,6 +510,65 @@ impl Outbox {
     }
 }
 
+/// Removes the request packets from what is queued, keeping every other
+/// packet, in order. The queue holds only whole packets, each a head in
+/// `buf` followed by its payload, in `buf` or in a large segment that starts
+/// right after the head.
+fn drop_requests(st: &mut State) {
+    // The packets, as (start, end in `buf`, has a large segment, keep).
+    let mut packets = Vec::new();
+    let mut n_segments = 0;
+    let mut pos = 0;
+    while pos < st.buf.len() {
+        let parsed = parse_varint(&st.buf[pos..])
+            .ok()
+            .flatten()
+            .and_then(|(len, prefix)| {
+                let mut rest = &st.buf[pos + prefix..];
+                let head = read_body_head(&mut rest, len as u64).ok()?;
+                Some((prefix + len as usize - head.payload_len, head))
+            });
+        let Some((head_len, head)) = parsed else {
+            // Not reached: the queue holds only packets this end encoded.
+            log::error!("cannot parse the outgoing queue; keeping it whole");
+            return;
+        };
+        let payload_at = pos + head_len;
+        let external = head.payload_len > 0
+            && st
+                .large
+                .get(n_segments)
+                .is_some_and(|(at, _)| *at == payload_at);
+        let end = if external {
+            payload_at
+        } else {
+            payload_at + head.payload_len
+        };
+        let keep = !matches!(head.kind, Kind::Request { .. });
+        packets.push((pos, end, external, keep));
+        n_segments += usize::from(external);
+        pos = end;
+    }
+    let mut segments = std::mem::take(&mut st.large).into_iter();
+    let mut kept = Vec::with_capacity(st.buf.len());
+    let (mut n_packets, mut large_bytes) = (0, 0);
+    for (start, end, external, keep) in packets {
+        let segment = if external { segments.next() } else { None };
+        if !keep {
+            continue;
+        }
+        kept.extend_from_slice(&st.buf[start..end]);
+        n_packets += 1;
+        if let Some((_, payload)) = segment {
+            large_bytes += payload.len();
+            st.large.push((kept.len(), payload));
+        }
+    }
+    st.buf = kept;
+    st.queued_packets = n_packets;
+    st.large_bytes = large_bytes;
+}
+
 fn write_batch(
     stream: &mut Box<dyn Write + Send>,
     batch: &[u8],
@@ -500,7 +602,6 @@ fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::Kind;
     use std::sync::Arc;
 
     /// A writer that records each write call.
@@ -544,8 +645,16 @@ mod tests {
         let rec = Recorder::default();
         let outbox = outbox(&rec, 1 << 20);
         let stats = Counters::default();
+        let end = AtomicU64::new(0);
         for tag in 2..12 {
-            let res = outbox.push_request(&request(tag, 3), b"abc", Admission::Wait, false, &stats);
+            let res = outbox.push_request(
+                &request(tag, 3),
+                b"abc",
+                Admission::Wait,
+                false,
+                &end,
+                &stats,
+            );
             assert!(matches!(res, Ok(None)));
         }
         assert!(rec.0.lock().is_empty());
@@ -560,9 +669,24 @@ mod tests {
         let rec = Recorder::default();
         let outbox = outbox(&rec, 64);
         let stats = Counters::default();
-        let res = outbox.push_request(&request(2, 60), &[0; 60], Admission::NoWait, false, &stats);
+        let end = AtomicU64::new(0);
+        let res = outbox.push_request(
+            &request(2, 60),
+            &[0; 60],
+            Admission::NoWait,
+            false,
+            &end,
+            &stats,
+        );
         assert!(matches!(res, Ok(None)));
-        let res = outbox.push_request(&request(3, 60), &[0; 60], Admission::NoWait, false, &stats);
+        let res = outbox.push_request(
+            &request(3, 60),
+            &[0; 60],
+            Admission::NoWait,
+            false,
+            &end,
+            &stats,
+        );
         assert!(matches!(res, Err(Error::WouldBlock)));
         assert!(outbox.push_reply(&reply(9, 60), vec![0; 60], &stats));
         assert!(outbox.write_now(&stats).is_none());
@@ -575,12 +699,14 @@ mod tests {
         let rec = Recorder::default();
         let outbox = outbox(&rec, 1 << 30);
         let stats = Counters::default();
+        let end = AtomicU64::new(0);
         let big = vec![7u8; LARGE_PAYLOAD];
         let res = outbox.push_request(
             &request(2, big.len()),
             &big,
             Admission::NoWait,
             false,
+            &end,
             &stats,
         );
         assert!(matches!(res, Ok(None)));
@@ -623,10 +749,11 @@ mod tests {
         let rec = Recorder::default();
         let outbox = Outbox::new(Box::new(rec.clone()), Duration::MAX, 1 << 20, 1000);
         let stats = Counters::default();
+        let end = AtomicU64::new(0);
         assert!(outbox.end_requests(&stats));
         assert!(!outbox.end_requests(&stats));
         assert_eq!(outbox.phase(), Phase::RequestsEnded);
-        let res = outbox.push_request(&request(2, 0), b"", Admission::Wait, false, &stats);
+        let res = outbox.push_request(&request(2, 0), b"", Admission::Wait, false, &end, &stats);
         assert!(matches!(res, Err(Error::Closed)));
         assert!(outbox.push_reply(&reply(9, 0), Vec::new(), &stats));
         assert!(outbox.push_eof(&stats));
@@ -639,7 +766,56 @@ mod tests {
         want.extend_from_slice(reply(9, 0).as_bytes());
         want.extend_from_slice(&[0x03, 0x00, 0x02, 0x00]);
         assert_eq!(rec.0.lock().concat(), want);
-        assert!(!outbox.abort(), "a finished side cannot die");
+        outbox.abort();
+        assert_eq!(
+            outbox.phase(),
+            Phase::Finished,
+            "a finished side cannot die"
+        );
+    }
+
+    #[test]
+    fn when_the_peer_stops_serving_unwritten_requests_are_dropped_and_replies_kept() {
+        let rec = Recorder::default();
+        let outbox = outbox(&rec, 1 << 30);
+        let stats = Counters::default();
+        let (end_a, end_b) = (AtomicU64::new(0), AtomicU64::new(0));
+        let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 3];
+        // Written first: request 2.
+        let res = outbox.push_request(&request(2, 1), b"a", Admission::Wait, true, &end_a, &stats);
+        assert!(matches!(res, Ok(None)));
+        assert!(outbox.write_now(&stats).is_none());
+        let written = rec.0.lock().concat().len() as u64;
+        // Queued, not written: request 3, a reply, a large request, a large
+        // reply.
+        let mut want = Vec::new();
+        let res = outbox.push_request(&request(3, 2), b"bb", Admission::Wait, true, &end_b, &stats);
+        assert!(matches!(res, Ok(None)));
+        let head = reply(7, 3);
+        want.extend_from_slice(head.as_bytes());
+        want.extend_from_slice(b"ccc");
+        assert!(outbox.push_reply(&head, b"ccc".to_vec(), &stats));
+        let large = big(4);
+        let res = outbox.push_request(
+            &request(4, large.len()),
+            &large,
+            Admission::NoWait,
+            true,
+            &end_b,
+            &stats,
+        );
+        assert!(matches!(res, Ok(None)));
+        let head = reply(8, LARGE_PAYLOAD + 3);
+        want.extend_from_slice(head.as_bytes());
+        want.extend_from_slice(&big(5));
+        assert!(outbox.push_reply(&head, big(5), &stats));
+        let written_to = outbox.end_requests_dropping_unsent(&stats);
+        assert_eq!(written_to, written);
+        assert!(end_a.load(Ordering::SeqCst) <= written_to);
+        assert!(end_b.load(Ordering::SeqCst) > written_to);
+        want.extend_from_slice(&[0x03, 0x01, 0x02, 0x00]);
+        assert!(outbox.write_now(&stats).is_none());
+        assert_eq!(&rec.0.lock().concat()[written as usize..], &want[..]);
     }
 
     /// A writer that fails every write.
@@ -658,18 +834,15 @@ mod tests {
     fn a_failed_write_is_reported_once_and_kills_the_side() {
         let outbox = Outbox::new(Box::new(Broken), Duration::ZERO, 1 << 20, 1000);
         let stats = Counters::default();
-        let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &stats);
+        let end = AtomicU64::new(0);
+        let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &end, &stats);
         assert!(matches!(res, Ok(None)));
         let failed = outbox.write_now(&stats).expect("the write failed");
-        assert_eq!(failed.0, io::ErrorKind::BrokenPipe);
+        assert_eq!(failed.0.kind(), io::ErrorKind::BrokenPipe);
         assert_eq!(outbox.phase(), Phase::Dead);
         assert!(outbox.write_now(&stats).is_none());
         assert!(outbox.run_send_loop(&stats).is_none());
-        let res = outbox.push_request(&request(3, 1), b"x", Admission::Wait, true, &stats);
+        let res = outbox.push_request(&request(3, 1), b"x", Admission::Wait, true, &end, &stats);
         assert!(matches!(res, Err(Error::Closed)));
-        assert_eq!(
-            outbox.take_error().map(|e| e.kind()),
-            Some(io::ErrorKind::BrokenPipe)
-        );
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +42,11 @@ enum Slot {
 pub(crate) struct Cell {
     slot: Mutex<Slot>,
     ready: Condvar,
+    /// Where the request's packet ends in the stream of bytes this end has
+    /// queued (see `Outbox`), or 0 before it is queued: against how far the
+    /// writers have got when the connection ends, this says whether the
+    /// request was written.
+    pub(crate) queued_end: AtomicU64,
 }
 
 impl Cell {
@@ -48,6 +54,7 @@ impl Cell {
         Cell {
             slot: Mutex::new(Slot::Empty),
             ready: Condvar::new(),
+            queued_end: AtomicU64::new(0),
         }
     }
 
@@ -62,7 +69,7 @@ impl Cell {
     fn take(slot: &mut Slot) -> Option<Result<Response>> {
         match std::mem::replace(slot, Slot::Taken) {
             Slot::Ready(res) => Some(res),
-            Slot::Taken => Some(Err(Error::Cancelled)),
+            Slot::Taken => Some(Err(Error::ResponseTaken)),
             Slot::Empty => {
                 *slot = Slot::Empty;
                 None
@@ -77,6 +84,14 @@ impl Cell {
 
     pub(crate) fn is_ready(&self) -> bool {
         !matches!(*self.slot.lock(), Slot::Empty)
+    }
+
+    /// Blocks until the result is there.
+    pub(crate) fn wait(&self) -> Result<Response> {
+        let mut slot = self.slot.lock();
+        self.ready
+            .wait_while(&mut slot, |s| matches!(s, Slot::Empty));
+        Cell::take(&mut slot).unwrap_or(Err(Error::ResponseTaken))
     }
 
     /// Blocks until the result is there, or until `deadline`.
@@ -116,7 +131,7 @@ struct Inner {
     next_tags: HashMap<u64, u64>,
     next_tag0: u64,
     /// Set once the connection can no longer deliver responses.
-    closed: Option<Disconnect>,
+    closed: bool,
     /// Cells whose handles are gone, for reuse. The receive thread may hold
     /// a clone for a moment after filling one, so they are checked for sole
     /// ownership when taken, not when returned.
@@ -159,6 +174,7 @@ fn take_free_cell(free: &mut VecDeque<Arc<Cell>>) -> Option<Arc<Cell>> {
         let mut cell = free.pop_back()?;
         if let Some(only) = Arc::get_mut(&mut cell) {
             *only.slot.get_mut() = Slot::Empty;
+            *only.queued_end.get_mut() = 0;
             return Some(cell);
         }
         free.push_front(cell);
@@ -181,7 +197,7 @@ impl PendingTable {
                 entries: TagMap::default(),
                 next_tags: HashMap::new(),
                 next_tag0: FIRST_TAG0,
-                closed: None,
+                closed: false,
                 free: VecDeque::new(),
             }),
         }
@@ -192,11 +208,11 @@ impl PendingTable {
     ///
     /// # Errors
     ///
-    /// [`Error::ConnectionLost`] once the connection has ended.
+    /// [`Error::Closed`] once the connection has ended.
     pub(crate) fn register(&self, channel: u64) -> Result<(u64, Arc<Cell>)> {
         let mut inner = self.inner.lock();
-        if let Some(why) = inner.closed {
-            return Err(Error::ConnectionLost(why));
+        if inner.closed {
+            return Err(Error::Closed);
         }
         let next = if channel == 0 {
             &mut inner.next_tag0
@@ -239,17 +255,27 @@ impl PendingTable {
         self.inner.lock().entries.remove(&(channel, tag));
     }
 
-    /// Fails every pending request with [`Error::ConnectionLost`] and refuses
-    /// new ones. Returns how many waiters it failed.
-    pub(crate) fn fail_all(&self, why: Disconnect) -> usize {
+    /// Fails every pending request and refuses new ones: with
+    /// [`Error::ConnectionLost`] if its packet ends at or before
+    /// `written_to` in the stream of queued bytes (it was written, or was
+    /// being written), else with [`Error::Unsent`]. Returns how many waiters
+    /// it failed.
+    pub(crate) fn fail_all(&self, why: Disconnect, written_to: u64) -> usize {
         let entries = {
             let mut inner = self.inner.lock();
-            inner.closed.get_or_insert(why);
+            inner.closed = true;
             std::mem::take(&mut inner.entries)
         };
         let mut n_failed = 0;
         for (_, cell) in entries {
-            cell.fill(Err(Error::ConnectionLost(why)));
+            // 0: not queued yet, and now it never will be.
+            let end = cell.queued_end.load(Ordering::SeqCst);
+            let err = if end != 0 && end <= written_to {
+                Error::ConnectionLost(why)
+            } else {
+                Error::Unsent(why)
+            };
+            cell.fill(Err(err));
             n_failed += 1;
         }
         n_failed
@@ -305,7 +331,7 @@ mod tests {
         assert!(cell.is_ready());
         assert_eq!(cell.wait_until(None).unwrap().unwrap().flags, 9);
         // A second take reports the result as gone.
-        assert!(matches!(cell.try_take(), Some(Err(Error::Cancelled))));
+        assert!(matches!(cell.try_take(), Some(Err(Error::ResponseTaken))));
     }
 
     #[test]
@@ -348,21 +374,25 @@ mod tests {
     }
 
     #[test]
-    fn fail_all_wakes_every_waiter_and_refuses_new_requests() {
+    fn fail_all_tells_written_from_unsent_wakes_every_waiter_and_refuses_new_requests() {
         let table = PendingTable::new();
         let cells: Vec<_> = (0..5).map(|_| table.register(0).unwrap().1).collect();
-        assert_eq!(table.fail_all(Disconnect::PeerEof), 5);
-        for cell in cells {
-            let res = cell.wait_until(Some(Instant::now() + Duration::from_secs(5)));
-            assert!(matches!(
-                res,
-                Some(Err(Error::ConnectionLost(Disconnect::PeerEof)))
-            ));
+        // The first three were written (the writers reached byte 30), the
+        // fourth was queued after them, the fifth never reached the queue.
+        for (idx, cell) in cells.iter().enumerate().take(4) {
+            cell.queued_end
+                .store(10 * (idx as u64 + 1), Ordering::SeqCst);
         }
-        assert!(matches!(
-            table.register(0),
-            Err(Error::ConnectionLost(Disconnect::PeerEof))
-        ));
+        assert_eq!(table.fail_all(Disconnect::PeerEof, 30), 5);
+        for (idx, cell) in cells.into_iter().enumerate() {
+            let res = cell.wait_until(Some(Instant::now() + Duration::from_secs(5)));
+            match res {
+                Some(Err(Error::ConnectionLost(Disconnect::PeerEof))) => assert!(idx < 3),
+                Some(Err(Error::Unsent(Disconnect::PeerEof))) => assert!(idx >= 3),
+                other => panic!("request {idx}: {other:?}"),
+            }
+        }
+        assert!(matches!(table.register(0), Err(Error::Closed)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Disconnect, Error, Result};
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::Response;
@@ -41,15 +41,23 @@ pub(crate) fn run_recv_loop(shared: &Arc<Shared>, stream: Box<dyn Read + Send>) 
     };
     let mut reader = BufReader::with_capacity(READ_BUFFER, watched);
     let res = recv_packets(shared, &mut reader);
-    shared.receive_ended(res);
+    // Bytes past the peer's EOF packet belong to whatever the peer sends
+    // next on this stream, such as another connection.
+    let unread = match res {
+        Ok(Disconnect::PeerEof) => reader.buffer().to_vec(),
+        _ => Vec::new(),
+    };
+    shared.receive_ended(res, unread);
 }
 
-fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<()> {
+/// Reads until the peer's EOF packet (`PeerEof`), the end of the stream
+/// between packets (`StreamEnded`), or an error.
+fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Disconnect> {
     loop {
         let (channel, tag, kind, payload) = match next_packet(shared, r)? {
             Next::Packet(packet) => packet,
             Next::Skipped => continue,
-            Next::End => return Ok(()),
+            Next::End => return Ok(Disconnect::StreamEnded),
         };
         match kind {
             Kind::Control { flags } => {
@@ -61,7 +69,7 @@ fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<()> 
                 };
                 if packet.is_eof() {
                     log::trace!("{}: <== EOF", shared.name);
-                    return Ok(());
+                    return Ok(Disconnect::PeerEof);
                 }
                 if packet.is_erq() {
                     shared.peer_ended_requests();
@@ -215,7 +223,9 @@ fn skip_oversize(
                 format!("packet too large: {len} bytes exceeds limit of {max}"),
             );
         }
-        Kind::Response { .. } => shared.deliver(channel, tag, Err(too_large)),
+        Kind::Response { .. } => {
+            shared.deliver(channel, tag, Err(Error::ResponseTooLarge { len, max }))
+        }
         Kind::Control { .. } => return Err(too_large),
     }
     let remaining = payload_len as u64;

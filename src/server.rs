@@ -347,6 +347,7 @@ impl Server {
         let Some(acceptor) = self.acceptor.take() else {
             return Ok(());
         };
+        let started = Instant::now();
         let shared = &self.shared;
         log::debug!("{}: stopping", shared.name);
         // Every live connection starts its close at once: ERQ goes to every
@@ -385,7 +386,10 @@ impl Server {
         }
         log::debug!("{}: stopped", shared.name);
         if timed_out {
-            Err(Error::Timeout)
+            Err(Error::Timeout {
+                request: None,
+                waited: started.elapsed(),
+            })
         } else {
             Ok(())
         }

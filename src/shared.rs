@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Result};
 use crate::handler::{run_handler, Outcome, Request, RequestHandler};
 use crate::outbox::{Admission, Outbox, Phase, WriteFailed};
@@ -22,8 +22,7 @@ use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
 use crate::pool::{self, Pool};
 use crate::stats::Counters;
 
-/// A hook run once, when the connection is finished with its stream or must
-/// unblock its threads (on abort or a write error).
+/// A hook run at most once.
 pub(crate) type Hook = Box<dyn FnOnce() + Send>;
 
 /// The peer's requests being handled here, and whether more are welcome.
@@ -87,9 +86,105 @@ pub(crate) struct Shared {
     /// requests, so the receive thread never waits on the peer.
     handlers_write: bool,
     pub(crate) stats: Counters,
-    /// The error that ended the receive side, for `join`.
-    recv_error: Mutex<Option<Error>>,
-    on_close: Mutex<Option<Hook>>,
+    life: Mutex<Life>,
+    /// Unblocks the connection's threads on abort or a failed write, where
+    /// the transport allows it (a socket's shutdown). Never run by an
+    /// orderly close, so a stream the caller kept stays usable.
+    interrupt: Mutex<Option<Hook>>,
+    /// Run once the connection has ended, before `on_end`.
+    release: Mutex<Option<Hook>>,
+    /// Run once the connection has ended.
+    on_end: Option<EndHook>,
+    on_peer_end_requests: Option<EventHook>,
+}
+
+/// How the connection is ending. The receive loop and the send loop each
+/// report their end; when both have, the connection has ended.
+#[derive(Default)]
+struct Life {
+    aborted: bool,
+    /// Why the receive loop ended, and the error, if it was one.
+    recv_end: Option<Disconnect>,
+    recv_error: Option<Error>,
+    /// A write failed before the peer's EOF arrived.
+    write_error: Option<Error>,
+    loops_ended: u8,
+    ended: Option<Disconnect>,
+    /// Bytes read past the peer's EOF packet.
+    unread: Vec<u8>,
+}
+
+impl Life {
+    /// How the connection ended, once both loops have: an abort first, then
+    /// what ended the receive side unless that was the peer's EOF, then a
+    /// failed write. So a peer that crashes gives `StreamEnded` whether or
+    /// not a write to it failed first.
+    fn why(&self) -> Disconnect {
+        if self.aborted {
+            return Disconnect::Local;
+        }
+        match (self.recv_end, &self.write_error) {
+            (Some(why), _) if why != Disconnect::PeerEof => why,
+            (_, Some(Error::Io(e))) => Disconnect::Io(e.kind()),
+            _ => Disconnect::PeerEof,
+        }
+    }
+
+    /// What `close` and `join` return for this ending.
+    fn result(&self) -> Result<()> {
+        let why = self.ended.unwrap_or_else(|| self.why());
+        let detail = match why {
+            Disconnect::PeerEof => return Ok(()),
+            Disconnect::Protocol | Disconnect::Io(_) => {
+                self.recv_error.as_ref().or(self.write_error.as_ref())
+            }
+            _ => None,
+        };
+        Err(detail.map_or(Error::ConnectionLost(why), replicate))
+    }
+}
+
+/// A copy of an error that ended a connection, so that every `close` and
+/// `join` can return it.
+fn replicate(err: &Error) -> Error {
+    match err {
+        Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
+        Error::Malformed { reason } => Error::Malformed { reason },
+        Error::TooLarge { len, max } => Error::TooLarge {
+            len: *len,
+            max: *max,
+        },
+        other => Error::ConnectionLost(match other {
+            Error::ConnectionLost(why) => *why,
+            _ => Disconnect::Protocol,
+        }),
+    }
+}
+
+/// A snapshot of where a connection is in its life, from
+/// [`PacketConnection::status`](crate::PacketConnection::status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// This end has ended its requests (ERQ sent or queued, by
+    /// `end_requests`, `close`, an abort, or the peer's end): `submit` fails
+    /// with [`Error::Closed`].
+    pub requests_ended: bool,
+    /// The peer has sent ERQ: it will make no more requests.
+    pub peer_requests_ended: bool,
+    /// The orderly close has begun, by this end or after the peer's EOF:
+    /// requests from the peer are refused, and EOF goes out once those in
+    /// progress are answered.
+    pub closing: bool,
+    /// The connection has ended, and how. Once set, it never changes.
+    pub ended: Option<Disconnect>,
+}
+
+impl Status {
+    /// True while both ends may still make requests of each other.
+    pub fn is_open(&self) -> bool {
+        !self.requests_ended && !self.closing && self.ended.is_none()
+    }
 }
 
 impl Shared {
@@ -97,7 +192,8 @@ impl Shared {
         config: &Config,
         send: Box<dyn io::Write + Send>,
         pool: Option<Arc<Pool<Job>>>,
-        on_close: Option<Hook>,
+        interrupt: Option<Hook>,
+        release: Option<Hook>,
     ) -> Shared {
         Shared {
             name: config.name.clone(),
@@ -115,8 +211,11 @@ impl Shared {
             more_incoming: AtomicBool::new(false),
             handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
-            recv_error: Mutex::new(None),
-            on_close: Mutex::new(on_close),
+            life: Mutex::new(Life::default()),
+            interrupt: Mutex::new(interrupt),
+            release: Mutex::new(release),
+            on_end: config.on_end.clone(),
+            on_peer_end_requests: config.on_peer_end_requests.clone(),
         }
     }
 
@@ -144,8 +243,14 @@ impl Shared {
                 max: self.max_packet_len,
             })
         } else {
-            self.outbox
-                .push_request(&head, payload, admission, then_writes, &self.stats)
+            self.outbox.push_request(
+                &head,
+                payload,
+                admission,
+                then_writes,
+                &cell.queued_end,
+                &self.stats,
+            )
         };
         match res {
             Ok(failed) => {
@@ -292,6 +397,9 @@ impl Shared {
     pub(crate) fn peer_ended_requests(&self) {
         log::debug!("{}: peer sent end of requests", self.name);
         self.inbound.lock().peer_ended_requests = true;
+        if let Some(hook) = &self.on_peer_end_requests {
+            hook();
+        }
     }
 
     /// The receive thread is about to block in `read`: wake the workers for
@@ -329,21 +437,35 @@ impl Shared {
     pub(crate) fn run_send_loop(&self) {
         let failed = self.outbox.run_send_loop(&self.stats);
         self.after_write(failed);
+        self.loop_ended();
     }
 
     /// The one place a failed write is handled: every pending request fails,
-    /// and the stream is shut down where the transport allows, which ends
+    /// and the stream is interrupted where the transport allows, which ends
     /// the receive thread.
     fn after_write(&self, failed: Option<WriteFailed>) {
-        let Some(WriteFailed(kind)) = failed else {
+        let Some(WriteFailed(e)) = failed else {
             return;
         };
-        let n_failed = self.table.fail_all(Disconnect::Io(kind));
-        log::error!(
-            "{}: send side failed ({kind}); failed {n_failed} pending requests",
-            self.name
-        );
-        self.run_on_close();
+        let kind = e.kind();
+        let n_failed = self
+            .table
+            .fail_all(Disconnect::Io(kind), self.outbox.written_to());
+        {
+            let mut life = self.life.lock();
+            // After the peer's EOF, a write that fails is no error: the peer
+            // has gone, as it said it would.
+            if life.recv_end != Some(Disconnect::PeerEof) {
+                log::error!(
+                    "{}: send side failed ({e}); failed {n_failed} pending requests",
+                    self.name
+                );
+                life.write_error.get_or_insert(Error::Io(e));
+            } else {
+                log::debug!("{}: write after the peer's EOF failed: {e}", self.name);
+            }
+        }
+        self.interrupt();
     }
 
     /// Sends ERQ, once: this end makes no more requests.
@@ -358,6 +480,12 @@ impl Shared {
     /// they hold. Never blocks.
     pub(crate) fn begin_close(&self) {
         self.end_requests();
+        self.close_inbound();
+    }
+
+    /// Refuses new requests from the peer, and queues EOF once none is in
+    /// progress.
+    fn close_inbound(&self) {
         let idle = {
             let mut inbound = self.inbound.lock();
             inbound.closing = true;
@@ -368,57 +496,117 @@ impl Shared {
         }
     }
 
-    /// Stops everything now: fails what is pending, drops what is queued,
-    /// stops the handler pool taking new work, and unblocks the receive
-    /// thread where the transport allows it. Never blocks.
+    /// Stops everything now: drops what is queued, fails what is pending,
+    /// stops the handler pool taking new work, and interrupts the stream
+    /// where the transport allows it. Never blocks.
     pub(crate) fn abort(&self) {
+        {
+            let mut life = self.life.lock();
+            if life.ended.is_some() {
+                return;
+            }
+            life.aborted = true;
+        }
         self.inbound.lock().closing = true;
-        let n_failed = self.table.fail_all(Disconnect::Local);
-        self.outbox.abort();
+        let written_to = self.outbox.abort();
+        let n_failed = self.table.fail_all(Disconnect::Local, written_to);
         if let Some(pool) = &self.pool {
             pool.close();
         }
         log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
-        self.run_on_close();
+        self.interrupt();
     }
 
-    /// The receive loop has ended, with the peer's EOF (`Ok`) or an error:
-    /// fail what is still pending, let the handler threads end once they
-    /// have finished what is queued, and start this end's close.
-    pub(crate) fn receive_ended(&self, res: Result<()>) {
+    /// The receive loop has ended, with the peer's EOF, the end of the
+    /// stream, or an error: this end's requests end (those not yet written
+    /// are dropped, since nobody will answer them), what is pending fails,
+    /// the handler threads end once they have finished what is queued, and
+    /// this end's close begins.
+    pub(crate) fn receive_ended(&self, res: Result<Disconnect>, unread: Vec<u8>) {
         if let Some(pool) = &self.pool {
             pool.close();
         }
         let why = match &res {
-            Ok(()) => Disconnect::PeerEof,
+            Ok(why) => *why,
             Err(Error::Io(e)) => Disconnect::Io(e.kind()),
             Err(_) => Disconnect::Protocol,
         };
         match &res {
-            Ok(()) => log::debug!("{}: peer EOF", self.name),
+            Ok(Disconnect::PeerEof) => log::debug!("{}: peer EOF", self.name),
+            Ok(why) => log::warn!("{}: {why}", self.name),
             Err(e) => log::error!("{}: receive failed: {e}", self.name),
         }
-        let n_failed = self.table.fail_all(why);
+        {
+            let mut life = self.life.lock();
+            life.recv_end = Some(why);
+            life.recv_error = res.err();
+            life.unread = unread;
+        }
+        let written_to = self.outbox.end_requests_dropping_unsent(&self.stats);
+        let n_failed = self.table.fail_all(why, written_to);
         if n_failed > 0 {
             log::warn!("{}: {n_failed} requests lost: {why}", self.name);
         }
-        self.begin_close();
-        *self.recv_error.lock() = res.err();
+        self.close_inbound();
+        self.loop_ended();
     }
 
-    /// Runs the close hook, the first time only.
-    pub(crate) fn run_on_close(&self) {
-        let hook = self.on_close.lock().take();
+    /// One of the two loops has ended; after the second, the connection
+    /// has, and the hooks run.
+    fn loop_ended(&self) {
+        let why = {
+            let mut life = self.life.lock();
+            life.loops_ended += 1;
+            if life.loops_ended < 2 {
+                return;
+            }
+            let why = life.why();
+            life.ended = Some(why);
+            why
+        };
+        log::debug!("{}: ended: {why}", self.name);
+        // Nothing is left to interrupt: dropping the hook unrun closes what
+        // it held (a socket's last descriptor of ours).
+        drop(self.interrupt.lock().take());
+        let release = self.release.lock().take();
+        if let Some(release) = release {
+            release();
+        }
+        if let Some(hook) = &self.on_end {
+            hook(why);
+        }
+    }
+
+    /// Runs the interrupt hook, the first time only.
+    fn interrupt(&self) {
+        let hook = self.interrupt.lock().take();
         if let Some(hook) = hook {
             hook();
         }
     }
 
-    /// The error that ended the connection, once: the receive side's first,
-    /// then a failed write's.
-    pub(crate) fn take_error(&self) -> Option<Error> {
-        let recv = self.recv_error.lock().take();
-        recv.or_else(|| self.outbox.take_error().map(Error::Io))
+    /// What `close` and `join` return, once the connection has ended.
+    pub(crate) fn result(&self) -> Result<()> {
+        self.life.lock().result()
+    }
+
+    /// Bytes the receive thread read past the peer's EOF packet, once.
+    pub(crate) fn take_unread(&self) -> Vec<u8> {
+        std::mem::take(&mut self.life.lock().unread)
+    }
+
+    /// Where the connection is in its life.
+    pub(crate) fn status(&self) -> Status {
+        let (peer_requests_ended, closing) = {
+            let inbound = self.inbound.lock();
+            (inbound.peer_ended_requests, inbound.closing)
+        };
+        Status {
+            requests_ended: self.outbox.phase() != Phase::Open,
+            peer_requests_ended,
+            closing,
+            ended: self.life.lock().ended,
+        }
     }
 
     /// The peer's requests accepted and not yet answered.

@@ -7,15 +7,61 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Child;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::config::Config;
-use crate::connection::{OnClose, PacketConnection};
+use crate::connection::{OnClose, PacketConnection, Streams};
 use crate::error::{Error, Result};
+use crate::shared::Hook;
+
+/// A socket used both ways: cloned for the receive and send halves, and
+/// shut down to interrupt them on abort.
+trait Socket: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown(&self) -> io::Result<()>;
+}
+
+impl Socket for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Both)
+    }
+}
+
+impl Socket for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, Shutdown::Both)
+    }
+}
+
+fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
+    let recv = socket.try_clone()?;
+    let send = socket.try_clone()?;
+    Ok(Streams {
+        recv: Box::new(recv),
+        send: Box::new(send),
+        interrupt: Some(Box::new(move || {
+            let _ = socket.shutdown();
+        })),
+        release: None,
+    })
+}
 
 impl PacketConnection {
     /// Starts a connection over a Unix stream socket, used both ways.
-    /// Aborting the connection shuts the socket down, which unblocks its
-    /// receive thread.
+    ///
+    /// The connection owns `stream` and closes its descriptors when it has
+    /// ended. An orderly close leaves the socket open, so a clone the caller
+    /// kept (`try_clone`) can carry another connection afterwards; aborting
+    /// shuts the socket down, for every clone, which unblocks the
+    /// connection's threads.
     ///
     /// # Errors
     ///
@@ -40,17 +86,13 @@ impl PacketConnection {
     /// # Ok::<(), packetstream::Error>(())
     /// ```
     pub fn from_unix_stream(stream: UnixStream, config: Config) -> Result<PacketConnection> {
-        let recv = stream.try_clone()?;
-        let send = stream.try_clone()?;
-        let on_close: OnClose = Some(Box::new(move || {
-            let _ = stream.shutdown(Shutdown::Both);
-        }));
-        PacketConnection::with_on_close(Box::new(recv), Box::new(send), on_close, config)
+        PacketConnection::start(socket_streams(stream)?, config)
     }
 
     /// Starts a connection over a TCP stream, used both ways, with Nagle's
     /// algorithm turned off (the connection batches its own writes).
-    /// Aborting the connection shuts the socket down.
+    /// Ownership and shutdown are as for
+    /// [`from_unix_stream`](PacketConnection::from_unix_stream).
     ///
     /// # Errors
     ///
@@ -58,12 +100,7 @@ impl PacketConnection {
     /// thread cannot be spawned.
     pub fn from_tcp_stream(stream: TcpStream, config: Config) -> Result<PacketConnection> {
         stream.set_nodelay(true)?;
-        let recv = stream.try_clone()?;
-        let send = stream.try_clone()?;
-        let on_close: OnClose = Some(Box::new(move || {
-            let _ = stream.shutdown(Shutdown::Both);
-        }));
-        PacketConnection::with_on_close(Box::new(recv), Box::new(send), on_close, config)
+        PacketConnection::start(socket_streams(stream)?, config)
     }
 
     /// Starts a connection over one file descriptor used both ways, such as
@@ -172,9 +209,9 @@ impl PacketConnection {
     }
 
     /// Starts a connection over streams made on demand by `connect`, which
-    /// returns `(recv, send, on_close)`. `on_close`, if given, runs once when
-    /// the connection is finished with the streams, or must unblock its
-    /// receive thread (on abort).
+    /// returns `(recv, send, on_close)`. `on_close`, if given, runs once:
+    /// when the connection has ended, or earlier, on abort or a failed
+    /// write, to unblock its receive thread.
     ///
     /// The order is `(recv, send, on_close)`, as the reference's docstring
     /// says (its code unpacks the first two the other way round).
@@ -207,6 +244,22 @@ impl PacketConnection {
         W: Write + Send + 'static,
     {
         let (recv, send, on_close) = connect()?;
-        PacketConnection::with_on_close(Box::new(recv), Box::new(send), on_close, config)
+        // One hook, two occasions: whichever comes first runs it.
+        let hook = Arc::new(Mutex::new(on_close));
+        let run = |hook: Arc<Mutex<OnClose>>| -> Hook {
+            Box::new(move || {
+                let hook = hook.lock().take();
+                if let Some(hook) = hook {
+                    hook();
+                }
+            })
+        };
+        let streams = Streams {
+            recv: Box::new(recv),
+            send: Box::new(send),
+            interrupt: Some(run(Arc::clone(&hook))),
+            release: Some(run(hook)),
+        };
+        PacketConnection::start(streams, config)
     }
 }

@@ -453,7 +453,7 @@ fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
         stalled.stats().in_progress >= 3
     });
     let res = within("close_timeout", move || stalled.close_timeout(ms(200)));
-    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
     // The server's own requests: none. The client's wait on the stalled server
     // ends once the client closes with a deadline too.
     let res = within("client close_timeout", move || {
@@ -479,23 +479,48 @@ fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
 }
 
 #[test]
-fn abort_fails_pending_requests_at_once() {
-    let (client, server) = pair();
-    let pending: Vec<_> = (0..5)
+fn abort_fails_pending_requests_at_once_telling_written_from_unsent() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
+    // A grace that never runs out: nothing is written until a caller waits.
+    let client = PacketConnection::from_unix_stream(
+        a,
+        Config::default()
+            .name("client")
+            .packet_grace(std::time::Duration::MAX),
+    )
+    .unwrap();
+    let written: Vec<_> = (0..3)
+        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
+        .collect();
+    // A wait has the queue written; the handlers now sleep on them.
+    assert!(written[0].wait_timeout(ms(50)).unwrap_err().is_timeout());
+    wait_for("the requests in progress", LIMIT, || {
+        server.stats().in_progress == 3
+    });
+    let unsent: Vec<_> = (0..3)
         .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
         .collect();
     client.abort();
-    for p in pending {
+    for (p, want) in written
+        .into_iter()
+        .map(|p| (p, Error::ConnectionLost(Disconnect::Local)))
+        .chain(
+            unsent
+                .into_iter()
+                .map(|p| (p, Error::Unsent(Disconnect::Local))),
+        )
+    {
         let res = p.wait_timeout(LIMIT);
-        assert!(
-            matches!(res, Err(Error::ConnectionLost(Disconnect::Local))),
-            "{res:?}"
-        );
+        assert_eq!(format!("{res:?}"), format!("{:?}", Err::<(), _>(want)));
     }
-    assert!(client.submit(ECHO, 0, b"").is_err());
+    assert!(matches!(client.submit(ECHO, 0, b""), Err(Error::Closed)));
     within("joins after abort", move || {
         // The socket was shut down, so both sides end without the EOF dance.
-        let _ = client.join();
+        assert!(matches!(
+            client.join(),
+            Err(Error::ConnectionLost(Disconnect::Local))
+        ));
         let _ = server.join();
     });
 }

@@ -72,7 +72,7 @@ fn oversize_response_fails_its_request_only() {
     peer.send(&response(t1, true, 0, &vec![1; 1 << 20]));
     peer.send(&response(t2, true, 0, b"fine"));
     match first.wait_timeout(PATIENCE) {
-        Err(Error::TooLarge { max, .. }) => assert_eq!(max, MAX),
+        Err(Error::ResponseTooLarge { max, .. }) => assert_eq!(max, MAX),
         other => panic!("{other:?}"),
     }
     assert_eq!(second.wait_timeout(PATIENCE).unwrap().payload, b"fine");
@@ -93,8 +93,12 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
         wire.extend_from_slice(tail);
         peer.stream.write_all(&wire).unwrap();
         peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        // Lost if it was written before the bad bytes arrived, unsent if
+        // not.
         match pending.wait_timeout(PATIENCE) {
-            Err(Error::ConnectionLost(Disconnect::Protocol)) => {}
+            Err(
+                Error::ConnectionLost(Disconnect::Protocol) | Error::Unsent(Disconnect::Protocol),
+            ) => {}
             other => panic!("tail {tail:?}: {other:?}"),
         }
         match conn.close_timeout(PATIENCE) {
@@ -216,7 +220,7 @@ fn wait_timeout_leaves_the_request_pending_and_cancel_frees_it() {
     let kept = client.submit(1, 0, b"kept").unwrap();
     assert!(matches!(
         kept.wait_timeout(Duration::from_millis(5)),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     assert!(!kept.is_ready());
     let mut dropped = Vec::new();
@@ -452,7 +456,7 @@ fn scripted_exchange(
         for res in [res, other] {
             match res {
                 Ok(()) => {}
-                Err(Error::Timeout) => panic!("{what}: close timed out"),
+                Err(Error::Timeout { .. }) => panic!("{what}: close timed out"),
                 Err(e) => assert!(!harmless, "{what}: {e:?}"),
             }
         }
@@ -633,7 +637,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         tally.requests += N;
         let res = conn.close_timeout(PATIENCE);
         assert!(
-            !matches!(res, Err(Error::Timeout)),
+            !matches!(res, Err(Error::Timeout { .. })),
             "{what}: close timed out"
         );
         let status = child.into_inner().unwrap().wait().unwrap();

@@ -240,8 +240,13 @@ fn peer_eof_fails_what_is_pending() {
 fn stream_end_without_eof_fails_what_is_pending() {
     every_pending_request_fails(
         |peer| peer.stream.shutdown(Shutdown::Write).unwrap(),
-        Disconnect::PeerEof,
-        |res| res.unwrap(),
+        Disconnect::StreamEnded,
+        |res| {
+            assert!(
+                matches!(res, Err(Error::ConnectionLost(Disconnect::StreamEnded))),
+                "{res:?}"
+            )
+        },
     );
 }
 

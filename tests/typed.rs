@@ -364,7 +364,10 @@ fn server_holds_clients_beyond_max_connections_until_a_slot_frees() {
     // nobody serves it while the first is open.
     let second = connect(addr);
     let waiting = second.submit_request(&Add(1)).unwrap();
-    assert!(matches!(waiting.wait_timeout(ms(300)), Err(Error::Timeout)));
+    assert!(matches!(
+        waiting.wait_timeout(ms(300)),
+        Err(Error::Timeout { .. })
+    ));
     assert_eq!(server.connections(), 1);
     assert_eq!(server.accepted(), 1);
     within("closing the first client", move || {
@@ -421,7 +424,7 @@ fn stop_timeout_gives_up_on_a_client_that_never_answers() {
     let res = within("a bounded stop", move || {
         server.stop_timeout(Duration::from_millis(300))
     });
-    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
     // The silent client got the server's ERQ and EOF, then the shutdown.
     silent.set_read_timeout(Some(LIMIT)).unwrap();
     let mut got = Vec::new();

@@ -5,8 +5,10 @@
 use std::fmt::Display;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use packetstream::{Config, HandlerResult, Kind, Packet, PacketConnection, Reply, Request};
@@ -39,27 +41,218 @@ pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
 
 /// Runs `f` on its own thread and returns its result, failing the test if
 /// it takes longer than `patience`; `on_timeout` then runs first, to unstick
-/// it. The thread is joined when it finishes in time.
+/// it. The thread is joined when it finishes in time, and a panic in it is
+/// the test's panic.
 pub fn within_or<T: Send + 'static>(
     what: &str,
     patience: Duration,
     f: impl FnOnce() -> T + Send + 'static,
     on_timeout: impl FnOnce(),
 ) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(patience) {
-        Ok(value) => {
-            handle.join().expect("finished thread joins");
-            value
-        }
-        Err(_) => {
+    match timed(patience, f) {
+        Timed::Done(value, _) => value,
+        Timed::Stuck(_) => {
             on_timeout();
             panic!("{what} did not finish within {patience:?}: hang");
         }
     }
+}
+
+/// What [`timed`] saw.
+pub enum Timed<T> {
+    /// `f` returned this value after this long (measured on its thread).
+    Done(T, Duration),
+    /// `f` had not returned when the patience ran out: it is still running.
+    Stuck(Running<T>),
+}
+
+/// A call that [`timed`] gave up waiting for, still running on its thread.
+pub struct Running<T> {
+    rx: mpsc::Receiver<(T, Duration)>,
+    handle: JoinHandle<()>,
+}
+
+impl<T> Running<T> {
+    /// Waits at most `patience` more (after the caller has done what should
+    /// unstick the call). Joins the thread and returns the value if it ended;
+    /// `None` leaves it running.
+    pub fn finish_within(self, patience: Duration) -> Option<(T, Duration)> {
+        match self.rx.recv_timeout(patience) {
+            Ok(value) => {
+                let _ = self.handle.join();
+                Some(value)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(panic) = self.handle.join() {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+        }
+    }
+}
+
+/// Runs `f` on its own thread and waits at most `patience` for it. Returns
+/// its value and how long it ran, or the running call: a hang is the
+/// caller's to report and to unstick. A panic in `f` is the caller's panic.
+pub fn timed<T: Send + 'static>(
+    patience: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Timed<T> {
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let start = Instant::now();
+        let value = f();
+        let _ = tx.send((value, start.elapsed()));
+    });
+    match rx.recv_timeout(patience) {
+        Ok((value, elapsed)) => {
+            handle.join().expect("finished thread joins");
+            Timed::Done(value, elapsed)
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the thread sends before it ends"),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => Timed::Stuck(Running { rx, handle }),
+    }
+}
+
+/// A gate that threads wait at until the test opens it: a handler that
+/// "never returns" for as long as the test needs, whose thread can still
+/// end (and be joined) when the test is done. A wait gives up after
+/// `LIMIT`, so that a gate left shut cannot hang a test run.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<GateState>, Condvar)>);
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    entered: usize,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts this thread in, then blocks until the gate is open.
+    pub fn pass(&self) {
+        let deadline = Instant::now() + LIMIT;
+        let mut st = self.state();
+        st.entered += 1;
+        self.0 .1.notify_all();
+        while !st.open {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            st = self
+                .0
+                 .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets every waiting thread, and every later one, through.
+    pub fn open(&self) {
+        self.state().open = true;
+        self.0 .1.notify_all();
+    }
+
+    /// How many threads have reached the gate so far.
+    pub fn entered(&self) -> usize {
+        self.state().entered
+    }
+
+    /// Waits until `n` threads have reached the gate, failing the test after
+    /// `patience`.
+    pub fn wait_entered(&self, n: usize, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        let mut st = self.state();
+        while st.entered < n {
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{} of {n} threads reached the gate within {patience:?}",
+                st.entered
+            );
+            st = self
+                .0
+                 .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Reads `inner`, dropping everything up to and including the first
+/// `marker`: a child copy of a test binary prints the harness's lines on
+/// its standard output before its own bytes.
+pub struct SkipPast<R> {
+    inner: R,
+    marker: &'static [u8],
+    seen: Vec<u8>,
+    found: bool,
+}
+
+impl<R> SkipPast<R> {
+    pub fn new(inner: R, marker: &'static [u8]) -> SkipPast<R> {
+        SkipPast {
+            inner,
+            marker,
+            seen: Vec::new(),
+            found: false,
+        }
+    }
+}
+
+impl<R: Read> Read for SkipPast<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while !self.found {
+            let mut byte = [0u8];
+            if self.inner.read(&mut byte)? == 0 {
+                return Ok(0);
+            }
+            self.seen.push(byte[0]);
+            self.found = self.seen.ends_with(self.marker);
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Starts a copy of this test binary that runs test `name` alone, with the
+/// variables `env` set, its standard input and output piped and its
+/// standard error discarded. The test `name` looks for its variable and
+/// plays its part; in a normal run it returns at once.
+pub fn spawn_self(name: &str, env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--test-threads=1", "--nocapture"]);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The length of `packet`'s body on the wire: what a packet length limit
+/// counts (the length prefix excluded).
+pub fn body_len(packet: &Packet) -> u64 {
+    let mut wire = Vec::new();
+    packet.encode_into(&mut wire);
+    let prefix = wire.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    (wire.len() - prefix) as u64
 }
 
 /// Polls `cond` until it holds, failing the test after `patience`.
@@ -171,19 +364,22 @@ impl RawPeer {
     /// The next packet, or `None` at the end of the stream. Panics on a read
     /// timeout.
     pub fn recv(&mut self) -> Option<Packet> {
+        self.try_recv().expect("raw peer read within the limit")
+    }
+
+    /// The next packet, `None` at the end of the stream, or the read error
+    /// (a timeout after the peer's patience).
+    pub fn try_recv(&mut self) -> std::io::Result<Option<Packet>> {
         loop {
             if let Some((packet, used)) = Packet::decode(&self.buf, u64::MAX).unwrap() {
                 self.buf.drain(..used);
-                return Some(packet);
+                return Ok(Some(packet));
             }
             let mut chunk = [0u8; 4096];
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .expect("raw peer read within the limit");
+            let n = self.stream.read(&mut chunk)?;
             if n == 0 {
                 assert!(self.buf.is_empty(), "stream ended inside a packet");
-                return None;
+                return Ok(None);
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
