@@ -3,9 +3,12 @@
 //! fetches a block by hash, CONTAINS, LEN and FLUSH.
 //!
 //! ```text
-//! blockstore serve ADDR [--file PATH]     serve on TCP host:port, or on a Unix
-//!                                         socket if ADDR has a '/'; stops when
-//!                                         standard input ends (Ctrl-D)
+//! blockstore serve ADDR [--stdin-stop] [--file PATH]
+//!                                         serve on TCP host:port, or on a Unix
+//!                                         socket if ADDR has a '/', until
+//!                                         killed; with --stdin-stop, stop in
+//!                                         order when standard input ends
+//!                                         (Ctrl-D)
 //! blockstore serve-stdio [--file PATH]    serve over standard input and output
 //! blockstore client ADDR [LOAD]           run a load against a server
 //! blockstore client-child [LOAD]          start `serve-stdio` as a child process
@@ -467,7 +470,10 @@ fn open_store(args: &[String]) -> std::result::Result<BlockStore, String> {
     }
 }
 
-fn serve(addr: &str, store: BlockStore) -> std::result::Result<(), String> {
+/// Serves until the process is killed, or with `stdin_stop` until standard
+/// input ends: a server under `nohup`, a service manager or a script's `&`
+/// has `/dev/null` there, and must not stop at once.
+fn serve(addr: &str, store: BlockStore, stdin_stop: bool) -> std::result::Result<(), String> {
     let dispatcher = Arc::new(store.dispatcher());
     let config = ServerConfig::new(
         Config::default()
@@ -482,10 +488,16 @@ fn serve(addr: &str, store: BlockStore) -> std::result::Result<(), String> {
         Server::serve_tcp(listener, config)
     }
     .map_err(|e| e.to_string())?;
+    if !stdin_stop {
+        eprintln!("blockstore: serving on {addr} until killed; FLUSH to save stored blocks");
+        loop {
+            thread::park();
+        }
+    }
     eprintln!("blockstore: serving on {addr}; end standard input (Ctrl-D) to stop");
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).map_err(|e| e.to_string())?;
     eprintln!("blockstore: stopping");
-    server.stop().map_err(|e| e.to_string())?;
+    server.stop();
     if addr.contains('/') {
         let _ = std::fs::remove_file(addr);
     }
@@ -556,12 +568,15 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["serve", addr, ..] => open_store(&args[2..]).and_then(|store| serve(addr, store)),
+        ["serve", addr, "--stdin-stop", ..] => {
+            open_store(&args[3..]).and_then(|store| serve(addr, store, true))
+        }
+        ["serve", addr, ..] => open_store(&args[2..]).and_then(|store| serve(addr, store, false)),
         ["serve-stdio", ..] => open_store(&args[1..]).and_then(serve_stdio),
         ["client", addr, ..] => parse_load(&args[2..]).and_then(|load| client(addr, load)),
         ["client-child", ..] => parse_load(&args[1..]).and_then(client_child),
         _ => Err(
-            "usage: blockstore serve ADDR [--file PATH] | serve-stdio [--file PATH] \
+            "usage: blockstore serve ADDR [--stdin-stop] [--file PATH] | serve-stdio [--file PATH] \
                   | client ADDR [LOAD] | client-child [LOAD]"
                 .to_string(),
         ),

@@ -443,6 +443,17 @@ impl PacketConnection {
         self.shared.result()
     }
 
+    /// Waits for the connection's threads until `deadline` and joins those
+    /// that have ended; true if all have. For a server, once the connection
+    /// has ended: a thread's panic is logged, not raised.
+    pub(crate) fn reap(&self, deadline: Option<Instant>) -> bool {
+        let all = self.threads.wait_until(deadline);
+        if self.threads.join_ended().is_some() {
+            log::error!("{}: a thread panicked", self.shared.name);
+        }
+        all
+    }
+
     /// Where the connection is in its life: whether either end has ended
     /// its requests, whether it is closing, and whether and how it has
     /// ended. Cheap, and callable from any thread.

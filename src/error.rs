@@ -203,6 +203,14 @@ impl Error {
         )
     }
 
+    /// True if the peer refused the request for load, not for what it asked:
+    /// a not-ok reply with [`BUSY_FLAGS`](crate::BUSY_FLAGS), such as a
+    /// server's "server full". The request was not run; it may be sent
+    /// again later.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Failed { flags, .. } if *flags == crate::server::BUSY_FLAGS)
+    }
+
     /// True if this is [`Error::Timeout`].
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout { .. })

@@ -525,7 +525,7 @@ pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, R
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
 pub use crate::pending::Response;
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
-pub use crate::server::{Server, ServerConfig};
+pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig, BUSY_FLAGS};
 pub use crate::shared::Status;
 pub use crate::stats::Stats;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};

@@ -130,6 +130,8 @@ impl State {
 
 /// The outgoing queue. See the module doc.
 pub(crate) struct Outbox {
+    /// The connection's name, for the log.
+    name: String,
     state: Mutex<State>,
     /// Wakes the send loop: bytes queued, an urgent flush, or the end.
     work: Condvar,
@@ -142,12 +144,14 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     pub(crate) fn new(
+        name: &str,
         stream: Box<dyn Write + Send>,
         grace: Duration,
         max_bytes: usize,
         max_packets: usize,
     ) -> Outbox {
         Outbox {
+            name: name.to_string(),
             state: Mutex::new(State {
                 phase: Phase::Open,
                 buf: Vec::new(),
@@ -307,6 +311,7 @@ impl Outbox {
     fn push_control(&self, mut st: MutexGuard<'_, State>, packet: &Packet, stats: &Counters) {
         let before = st.buf.len();
         packet.encode_into(&mut st.buf);
+        log::trace!("{}: ==> queued {packet:?}", self.name);
         st.queued_total += (st.buf.len() - before) as u64;
         st.queued_packets += 1;
         st.since.get_or_insert_with(Instant::now);
@@ -387,7 +392,7 @@ impl Outbox {
             st.owes_peer = false;
             st.since = None;
             let res = MutexGuard::unlocked(&mut st, || {
-                let res = write_batch(&mut stream, &batch, &large, payload, stats);
+                let res = write_batch(&self.name, &mut stream, &batch, &large, payload, stats);
                 // Free the large payloads here, not under the lock.
                 large.clear();
                 res
@@ -462,10 +467,10 @@ impl Outbox {
         match st.phase {
             Phase::Open => {
                 st.phase = Phase::RequestsEnded;
-                drop_requests(&mut st);
+                drop_requests(&self.name, &mut st);
                 self.push_control(st, &Packet::erq(), stats);
             }
-            Phase::RequestsEnded => drop_requests(&mut st),
+            Phase::RequestsEnded => drop_requests(&self.name, &mut st),
             _ => {}
         }
         written_to
@@ -514,7 +519,7 @@ impl Outbox {
 /// packet, in order. The queue holds only whole packets, each a head in
 /// `buf` followed by its payload, in `buf` or in a large segment that starts
 /// right after the head.
-fn drop_requests(st: &mut State) {
+fn drop_requests(name: &str, st: &mut State) {
     // The packets, as (start, end in `buf`, has a large segment, keep).
     let mut packets = Vec::new();
     let mut n_segments = 0;
@@ -530,7 +535,7 @@ fn drop_requests(st: &mut State) {
             });
         let Some((head_len, head)) = parsed else {
             // Not reached: the queue holds only packets this end encoded.
-            log::error!("cannot parse the outgoing queue; keeping it whole");
+            log::error!("{name}: cannot parse the outgoing queue; keeping it whole");
             return;
         };
         let payload_at = pos + head_len;
@@ -570,6 +575,7 @@ fn drop_requests(st: &mut State) {
 }
 
 fn write_batch(
+    name: &str,
     stream: &mut Box<dyn Write + Send>,
     batch: &[u8],
     large: &[(usize, Vec<u8>)],
@@ -595,7 +601,7 @@ fn write_batch(
         .bytes_out
         .fetch_add(n_bytes as u64, Ordering::Relaxed);
     stats.send.writes.fetch_add(1, Ordering::Relaxed);
-    log::trace!("==> wrote {n_bytes} bytes");
+    log::trace!("{name}: ==> wrote {n_bytes} bytes");
     Ok(())
 }
 
@@ -633,6 +639,7 @@ mod tests {
 
     fn outbox(rec: &Recorder, max_bytes: usize) -> Outbox {
         Outbox::new(
+            "test",
             Box::new(rec.clone()),
             Duration::from_secs(60),
             max_bytes,
@@ -747,7 +754,7 @@ mod tests {
     #[test]
     fn phases_refuse_what_they_must() {
         let rec = Recorder::default();
-        let outbox = Outbox::new(Box::new(rec.clone()), Duration::MAX, 1 << 20, 1000);
+        let outbox = Outbox::new("test", Box::new(rec.clone()), Duration::MAX, 1 << 20, 1000);
         let stats = Counters::default();
         let end = AtomicU64::new(0);
         assert!(outbox.end_requests(&stats));
@@ -832,7 +839,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_reported_once_and_kills_the_side() {
-        let outbox = Outbox::new(Box::new(Broken), Duration::ZERO, 1 << 20, 1000);
+        let outbox = Outbox::new("test", Box::new(Broken), Duration::ZERO, 1 << 20, 1000);
         let stats = Counters::default();
         let end = AtomicU64::new(0);
         let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &end, &stats);

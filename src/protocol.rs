@@ -362,6 +362,21 @@ impl PacketConnection {
         self.submit_request(rq)?.wait()
     }
 
+    /// Like [`request`](PacketConnection::request), but gives up at
+    /// `timeout`, as [`call_timeout`](PacketConnection::call_timeout) does.
+    ///
+    /// # Errors
+    ///
+    /// As for [`call_timeout`](PacketConnection::call_timeout), and
+    /// [`Error::Decode`] if the response does not decode.
+    pub fn request_timeout<R: RequestType>(
+        &self,
+        rq: &R,
+        timeout: Duration,
+    ) -> Result<R::Response> {
+        decode_response::<R>(self.call_timeout(R::RQ_TYPE, rq.flags(), &rq.to_bytes(), timeout))
+    }
+
     /// Sends a typed request and returns at once with a handle to its typed
     /// response, so that many can be in flight.
     ///

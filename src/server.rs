@@ -1,23 +1,27 @@
 //! Listening and connecting: a [`Server`] that accepts clients on a TCP or
-//! Unix listener and serves each on its own connection with a shared
-//! handler, and the client side's connect helpers.
+//! Unix listener and serves each on a connection of its own, and the client
+//! side's connect helpers.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{self, BufReader, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
 use std::os::unix::net::{self, UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::Config;
 use crate::connection::PacketConnection;
-use crate::error::{Error, Result};
-use crate::sync::{self, deadline_after};
+use crate::error::{Disconnect, Error, Result};
+use crate::packet::{Kind, Packet};
+use crate::sync::{self, deadline_after, ThreadSet};
 
 /// How long the accept thread rests after a failed `accept` (out of file
 /// descriptors, say) before it tries again.
@@ -26,15 +30,97 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// How long `stop` waits for the connection that wakes the accept thread.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Settings for a [`Server`]: the [`Config`] every connection is started
-/// with (its handler shared by all of them), and how many connections may
-/// be open at once.
+/// How long a client refused at the connection limit has to send its first
+/// requests, which are answered "server full", before it is sent EOF.
+const REFUSAL_WAIT: Duration = Duration::from_millis(200);
+
+/// Refused clients waiting for their refusal; past this, a client's stream is
+/// closed at once.
+const REFUSAL_QUEUE: usize = 64;
+
+/// The flags of the not-ok reply this crate sends when it refuses a request
+/// for load, not for what it asks: a server at its connection limit. The
+/// request was not run, and may be sent again later; see
+/// [`Error::is_busy`].
+pub const BUSY_FLAGS: u64 = u64::MAX;
+
+/// What the server knows of a client when it accepts it: given to the
+/// per-client factory of [`ServerConfig::per_client`] and kept in its
+/// [`Client`] handle.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientInfo {
+    /// The client's number on this server: 1 for the first accepted, never
+    /// reused. The connection is named `"{server}#{id}"`.
+    pub id: u64,
+    /// The client's address, as the listener reported it.
+    pub peer_addr: PeerAddr,
+}
+
+/// A client's address.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum PeerAddr {
+    /// A TCP client.
+    Tcp(SocketAddr),
+    /// A Unix socket client (usually unnamed).
+    Unix(net::SocketAddr),
+}
+
+/// A handle to one client of a [`Server`]: who it is, and its connection,
+/// through which the server can make requests of the client or close it.
+/// Cheap to clone; from [`Server::clients`], and given to the hooks.
+#[derive(Clone)]
+pub struct Client {
+    info: ClientInfo,
+    conn: Arc<PacketConnection>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.info.id)
+            .field("peer_addr", &self.info.peer_addr)
+            .field("connection", &self.conn.name())
+            .finish()
+    }
+}
+
+impl Client {
+    /// The client's number on this server.
+    pub fn id(&self) -> u64 {
+        self.info.id
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> &PeerAddr {
+        &self.info.peer_addr
+    }
+
+    /// What the server knew of the client when it accepted it.
+    pub fn info(&self) -> &ClientInfo {
+        &self.info
+    }
+
+    /// The connection to the client: submit requests to it, or close it.
+    pub fn connection(&self) -> &PacketConnection {
+        &self.conn
+    }
+}
+
+type Factory = Arc<dyn Fn(&ClientInfo) -> Config + Send + Sync>;
+type ClientHook = Arc<dyn Fn(&Client) + Send + Sync>;
+type CloseHook = Arc<dyn Fn(&Client, Disconnect) + Send + Sync>;
+
+/// Settings for a [`Server`]: how each client's connection is configured,
+/// how many may be open at once, and the hooks run as clients come and go.
 ///
 /// # Examples
 ///
 /// ```
 /// use packetstream::{Config, Request, ServerConfig};
 ///
+/// // Every client is served alike, by one shared handler.
 /// let config = ServerConfig::new(
 ///     Config::default()
 ///         .name("echo")
@@ -42,31 +128,88 @@ const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// )
 /// .max_connections(16);
 /// # let _ = config;
+///
+/// // Each client gets a handler of its own, which knows whom it serves.
+/// let config = ServerConfig::per_client("greeter", |client| {
+///     let greeting = format!("hello, client {} at {:?}", client.id, client.peer_addr);
+///     Config::default().handler(move |_: Request| Ok(greeting.clone().into()))
+/// });
+/// # let _ = config;
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
-    conn: Config,
+    name: String,
+    factory: Factory,
     max_connections: usize,
+    on_accept: Option<ClientHook>,
+    on_close: Option<CloseHook>,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("name", &self.name)
+            .field("max_connections", &self.max_connections)
+            .field("on_accept", &self.on_accept.is_some())
+            .field("on_close", &self.on_close.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerConfig {
-    /// Settings that start each connection with `conn`. Its name names the
-    /// server's threads and, with a `#N` suffix, each connection.
+    /// Settings that start every client's connection with a clone of
+    /// `conn`, its handler shared by all. `conn`'s name names the server's
+    /// threads and, with a `#N` suffix, each connection.
     pub fn new(conn: Config) -> ServerConfig {
+        let name = conn.name.clone();
+        ServerConfig::per_client(name, move |_| conn.clone())
+    }
+
+    /// Settings that start each client's connection with the [`Config`]
+    /// `factory` makes for it: its own handler and state. `name` names the
+    /// server's threads, and with a `#N` suffix each connection, whatever
+    /// name the factory's `Config` has. The factory runs on the accept
+    /// thread, so it should be quick.
+    pub fn per_client(
+        name: impl Into<String>,
+        factory: impl Fn(&ClientInfo) -> Config + Send + Sync + 'static,
+    ) -> ServerConfig {
         ServerConfig {
-            conn,
+            name: name.into(),
+            factory: Arc::new(factory),
             max_connections: 64,
+            on_accept: None,
+            on_close: None,
         }
     }
 
-    /// The most connections served at once. At the limit the server stops
-    /// accepting: further clients wait in the listener's backlog until a
-    /// connection ends. Each connection runs
-    /// [`handler_threads`](Config::handler_threads) + 2 threads, plus one
-    /// that waits for its end, so this bounds the server's threads too.
-    /// Default: 64. At least 1.
+    /// The most connections served at once. A client past the limit is not
+    /// left waiting: it is accepted and refused, its first requests answered
+    /// not ok with [`BUSY_FLAGS`] and the text `"server full: N
+    /// connections"`, then sent EOF. Each connection runs
+    /// [`handler_threads`](Config::handler_threads) + 2 threads, so this
+    /// bounds the server's threads too. Default: 64. At least 1.
     pub fn max_connections(mut self, n: usize) -> ServerConfig {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// A hook run on the accept thread for each client accepted, once its
+    /// connection is running: for instance, to greet it with a request.
+    pub fn on_accept(mut self, hook: impl Fn(&Client) + Send + Sync + 'static) -> ServerConfig {
+        self.on_accept = Some(Arc::new(hook));
+        self
+    }
+
+    /// A hook run once for each client whose connection has ended, with how
+    /// it ended: [`Disconnect::PeerEof`] for an orderly end. It runs on one
+    /// of that connection's threads, after the connection's own
+    /// [`on_end`](Config::on_end).
+    pub fn on_close(
+        mut self,
+        hook: impl Fn(&Client, Disconnect) + Send + Sync + 'static,
+    ) -> ServerConfig {
+        self.on_close = Some(Arc::new(hook));
         self
     }
 }
@@ -78,20 +221,17 @@ impl From<Config> for ServerConfig {
 }
 
 /// A server: accepts clients on a listener, serves each on its own
-/// [`PacketConnection`] with the handler of its [`ServerConfig`], and stops
-/// in order.
+/// [`PacketConnection`], can make requests of them, and stops in order.
 ///
 /// Threads: one accept thread, `"{name}:accept"`; each connection's own
-/// threads, named `"{name}#{n}:..."` for the `n`th client accepted; and for
-/// each connection one `"{name}#{n}:watch"` thread that waits for its end
-/// and frees its slot. At most
-/// `1 + max_connections * (handler_threads + 3)` threads in all.
+/// threads, named `"{name}#{n}:..."` for the `n`th client accepted; and,
+/// while clients past the connection limit are being refused, one
+/// `"{name}:refuse"` thread.
 ///
-/// [`stop`](Server::stop) stops accepting, then closes every live
-/// connection in the order they were accepted, each with the orderly close
-/// of [`PacketConnection::close`] (requests in progress are answered, then
-/// EOF both ways), and joins every thread. Dropping the server starts the
-/// same without waiting.
+/// [`stop`](Server::stop) stops accepting, starts the orderly close of every
+/// connection at once (ERQ to every client, so no connection starts a new
+/// request; what is in progress is answered; EOF both ways) and waits for
+/// them to end. Dropping the server starts the same without waiting.
 ///
 /// # Examples
 ///
@@ -123,7 +263,7 @@ pub struct Server {
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.config.name)
             .field("listening", &self.waker)
             .field("connections", &self.connections())
             .field("accepted", &self.accepted())
@@ -132,12 +272,13 @@ impl fmt::Debug for Server {
 }
 
 struct ServerShared {
-    name: String,
-    max_connections: usize,
+    config: ServerConfig,
     state: Mutex<State>,
     /// Signalled when a connection ends, on stop, and when the accept
     /// thread ends.
     changed: Condvar,
+    /// The refusing thread, while there is one.
+    threads: Arc<ThreadSet>,
 }
 
 #[derive(Default)]
@@ -147,21 +288,15 @@ struct State {
     /// The accept thread could not be woken: it ends at the next client.
     wake_failed: bool,
     accepted: u64,
-    /// Live connections by accept order.
-    live: BTreeMap<u64, Arc<PacketConnection>>,
-    /// The watch threads not yet joined, by connection.
-    watchers: BTreeMap<u64, JoinHandle<()>>,
-    /// Connections whose watch thread has finished, to be joined.
-    done: Vec<u64>,
-}
-
-impl State {
-    fn take_done_watchers(&mut self) -> Vec<JoinHandle<()>> {
-        let done = std::mem::take(&mut self.done);
-        done.iter()
-            .filter_map(|id| self.watchers.remove(id))
-            .collect()
-    }
+    refused: u64,
+    /// Live clients by id, in accept order.
+    live: BTreeMap<u64, Client>,
+    /// Connections that have ended, whose threads are yet to be joined.
+    ended: Vec<Arc<PacketConnection>>,
+    /// Connections that ended before they were recorded as live.
+    ended_early: BTreeMap<u64, Disconnect>,
+    /// Where refused clients wait for the refusing thread, while it runs.
+    refusals: Option<Sender<Stream>>,
 }
 
 enum Listener {
@@ -182,10 +317,14 @@ enum Waker {
 }
 
 impl Listener {
-    fn accept(&self) -> io::Result<Stream> {
+    fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
         match self {
-            Listener::Tcp(listener) => listener.accept().map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(listener) => listener.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(listener) => listener
+                .accept()
+                .map(|(s, addr)| (Stream::Tcp(s), PeerAddr::Tcp(addr))),
+            Listener::Unix(listener) => listener
+                .accept()
+                .map(|(s, addr)| (Stream::Unix(s), PeerAddr::Unix(addr))),
         }
     }
 
@@ -213,6 +352,56 @@ impl Stream {
             Stream::Tcp(stream) => PacketConnection::from_tcp_stream(stream, config),
             Stream::Unix(stream) => PacketConnection::from_unix_stream(stream, config),
         }
+    }
+
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+
+    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(Some(timeout)),
+            Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl io::Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl io::Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -247,19 +436,20 @@ impl Server {
 
     fn serve(listener: Listener, config: ServerConfig) -> Result<Server> {
         let waker = listener.waker()?;
+        let name = config.name.clone();
         let shared = Arc::new(ServerShared {
-            name: config.conn.name.clone(),
-            max_connections: config.max_connections,
+            config,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            threads: Arc::new(ThreadSet::default()),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
-                .name(format!("{}:accept", shared.name))
-                .spawn(move || run_accept_loop(&shared, &listener, &config.conn))?
+                .name(format!("{name}:accept"))
+                .spawn(move || run_accept_loop(&shared, &listener))?
         };
-        log::debug!("{}: serving on {waker:?}", shared.name);
+        log::debug!("{name}: serving on {waker:?}");
         Ok(Server {
             shared,
             acceptor: Some(acceptor),
@@ -272,38 +462,50 @@ impl Server {
         self.shared.state.lock().live.len()
     }
 
-    /// How many clients have been accepted so far.
+    /// How many clients have been accepted and served so far.
     pub fn accepted(&self) -> u64 {
         self.shared.state.lock().accepted
     }
 
-    /// Stops accepting, closes every live connection in accept order with
-    /// [`PacketConnection::close`], and joins every thread. Waits as long as
-    /// the clients take to answer the close with their EOF: see
-    /// [`stop_timeout`](Server::stop_timeout) for a bounded wait.
+    /// How many clients have been refused at the connection limit so far.
+    pub fn refused(&self) -> u64 {
+        self.shared.state.lock().refused
+    }
+
+    /// The clients connected now, in the order they were accepted.
+    pub fn clients(&self) -> Vec<Client> {
+        self.shared.state.lock().live.values().cloned().collect()
+    }
+
+    /// The client with this id, if it is still connected.
+    pub fn client(&self, id: u64) -> Option<Client> {
+        self.shared.state.lock().live.get(&id).cloned()
+    }
+
+    /// Stops accepting, starts the orderly close of every connection at once
+    /// (ERQ goes to every client, new requests are refused, what is in
+    /// progress is answered, then EOF both ways), and waits for every
+    /// connection to end. Waits as long as the clients take to answer with
+    /// their EOF: see [`stop_timeout`](Server::stop_timeout) for a bounded
+    /// wait.
     ///
     /// The accept thread is woken out of `accept` by a connection to the
-    /// listener's own address. Should that fail (a Unix socket whose path
-    /// was removed), the thread is logged and left to end at the next
-    /// client it accepts, instead of being joined.
-    ///
-    /// # Errors
-    ///
-    /// None yet; errors of single connections (a client that vanished) are
-    /// logged, not returned. The `Result` leaves room for failures of the
-    /// server itself.
+    /// listener's own address, made from another thread. Should that fail
+    /// (a Unix socket whose path was removed), the accept thread is left to
+    /// end at the next client it accepts.
     ///
     /// # Panics
     ///
     /// Re-raises a panic of the accept thread.
-    pub fn stop(mut self) -> Result<()> {
-        self.stop_until(None)
+    pub fn stop(mut self) {
+        let _ended_in_time = self.stop_until(None);
     }
 
     /// Like [`stop`](Server::stop), but gives up waiting at `timeout`:
-    /// connections not closed by then are aborted (their pending requests
-    /// fail with [`Error::ConnectionLost`]) and threads still running are
-    /// left to end by themselves.
+    /// connections not ended by then are aborted (their pending requests
+    /// fail) and threads still running are left to end by themselves. A
+    /// `timeout` too long for an `Instant`, such as `Duration::MAX`, means no
+    /// limit.
     ///
     /// # Errors
     ///
@@ -313,86 +515,85 @@ impl Server {
     ///
     /// As for [`stop`](Server::stop).
     pub fn stop_timeout(mut self, timeout: Duration) -> Result<()> {
-        self.stop_until(deadline_after(timeout))
+        let started = Instant::now();
+        if self.stop_until(deadline_after(timeout)) {
+            Ok(())
+        } else {
+            Err(Error::Timeout {
+                request: None,
+                waited: started.elapsed(),
+            })
+        }
     }
 
-    /// Stops accepting. False if the accept thread may be left blocked in
-    /// `accept`: it then ends at the next client it accepts.
     /// Stops accepting and starts the close of every live connection at
-    /// once, without waiting: ERQ goes to every client, new requests are
-    /// refused, and the connections drain side by side. The accept thread is
-    /// woken from another thread, so this never blocks.
+    /// once, without waiting. The accept thread is woken from another
+    /// thread, so this never blocks.
     fn begin_stop(&self) {
-        let live: Vec<Arc<PacketConnection>> = {
+        let live: Vec<Client> = {
             let mut state = self.shared.state.lock();
             state.stopping = true;
             state.live.values().cloned().collect()
         };
         self.shared.changed.notify_all();
-        for conn in live {
-            conn.begin_close();
+        for client in live {
+            client.conn.begin_close();
         }
         let (shared, waker) = (Arc::clone(&self.shared), self.waker.clone());
         let spawned = thread::Builder::new()
-            .name(format!("{}:wake", shared.name))
+            .name(format!("{}:wake", shared.config.name))
             .spawn(move || wake_acceptor(&shared, &waker));
         if let Err(e) = spawned {
-            log::warn!("{}: cannot wake the accept thread: {e}", self.shared.name);
+            log::warn!(
+                "{}: cannot wake the accept thread: {e}",
+                self.shared.config.name
+            );
             self.shared.state.lock().wake_failed = true;
             self.shared.changed.notify_all();
         }
     }
 
-    fn stop_until(&mut self, deadline: Option<Instant>) -> Result<()> {
+    /// Stops the server; false if the deadline passed first.
+    fn stop_until(&mut self, deadline: Option<Instant>) -> bool {
         let Some(acceptor) = self.acceptor.take() else {
-            return Ok(());
+            return true;
         };
-        let started = Instant::now();
         let shared = &self.shared;
-        log::debug!("{}: stopping", shared.name);
-        // Every live connection starts its close at once: ERQ goes to every
-        // client, new requests are refused, and the connections drain side
-        // by side. A connection accepted from now on is refused.
+        let name = &shared.config.name;
+        log::debug!("{name}: stopping");
         self.begin_stop();
-        let mut timed_out = false;
-        // Unwoken, the accept thread is left to end by itself, at the next
-        // client it accepts; a thread waiting for a free slot has seen
-        // `stopping` all the same.
+        let mut in_time = true;
         let acceptor_ended = |state: &State| state.acceptor_done || state.wake_failed;
         if !shared.wait_until(deadline, acceptor_ended) {
-            log::warn!("{}: accept thread did not end in time", shared.name);
-            timed_out = true;
+            log::warn!("{name}: accept thread did not end in time");
+            in_time = false;
         } else if shared.state.lock().acceptor_done {
             if let Err(panic) = acceptor.join() {
                 std::panic::resume_unwind(panic);
             }
         }
         if !shared.wait_until(deadline, |state| state.live.is_empty()) {
-            timed_out = true;
-            let late: Vec<Arc<PacketConnection>> =
-                shared.state.lock().live.values().cloned().collect();
-            for conn in late {
-                log::warn!("{}: did not close in time; aborting", conn.name());
-                conn.abort();
+            in_time = false;
+            let late: Vec<Client> = shared.state.lock().live.values().cloned().collect();
+            for client in late {
+                log::warn!("{}: did not close in time; aborting", client.conn.name());
+                client.conn.abort();
             }
         }
-        // The watch threads that have ended; any still running end by
-        // themselves once their connection does.
-        let done = shared.state.lock().take_done_watchers();
-        for handle in done {
-            if handle.join().is_err() {
-                log::error!("{}: a watch thread panicked", shared.name);
-            }
-        }
-        log::debug!("{}: stopped", shared.name);
-        if timed_out {
-            Err(Error::Timeout {
-                request: None,
-                waited: started.elapsed(),
-            })
+        // Join what has ended by the deadline; the rest end by themselves.
+        let reap_deadline = if in_time {
+            deadline
         } else {
-            Ok(())
+            Some(Instant::now())
+        };
+        in_time &= shared.threads.wait_until(reap_deadline);
+        shared.threads.join_ended();
+        let ended = std::mem::take(&mut shared.state.lock().ended);
+        for conn in ended {
+            in_time &= conn.reap(reap_deadline);
         }
+        log::debug!("{name}: stopped");
+        in_time
     }
 }
 
@@ -412,6 +613,30 @@ impl ServerShared {
         let mut state = self.state.lock();
         sync::wait_until(&self.changed, &mut state, deadline, |state| !done(state))
     }
+
+    /// The connection of client `id` has ended: it leaves the live set, and
+    /// the close hook runs.
+    fn connection_ended(&self, id: u64, why: Disconnect) {
+        let client = {
+            let mut state = self.state.lock();
+            match state.live.remove(&id) {
+                Some(client) => {
+                    state.ended.push(Arc::clone(&client.conn));
+                    client
+                }
+                None => {
+                    // Not recorded yet: `start_connection` sees this.
+                    state.ended_early.insert(id, why);
+                    return;
+                }
+            }
+        };
+        self.changed.notify_all();
+        log::debug!("{}: client ended: {why}", client.conn.name());
+        if let Some(hook) = &self.config.on_close {
+            hook(&client, why);
+        }
+    }
 }
 
 /// Connects to the listener's own address, which wakes the accept thread out
@@ -420,31 +645,26 @@ fn wake_acceptor(shared: &ServerShared, waker: &Waker) {
     if let Err(e) = waker.wake() {
         log::warn!(
             "{}: cannot connect to {waker:?} to wake the accept thread: {e}",
-            shared.name
+            shared.config.name
         );
         shared.state.lock().wake_failed = true;
         shared.changed.notify_all();
     }
 }
 
-fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener, config: &Config) {
-    let name = &shared.name;
+fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
+    let name = &shared.config.name;
     loop {
-        let reaped = {
-            let mut state = shared.state.lock();
-            while state.live.len() >= shared.max_connections && !state.stopping {
-                shared.changed.wait(&mut state);
+        let ended = std::mem::take(&mut shared.state.lock().ended);
+        for conn in ended {
+            // The connection has ended, so its threads are ending: join the
+            // ones that have, keep the rest for later.
+            if !conn.reap(Some(Instant::now())) {
+                shared.state.lock().ended.push(conn);
             }
-            if state.stopping {
-                break;
-            }
-            state.take_done_watchers()
-        };
-        for handle in reaped {
-            let _ = handle.join();
         }
-        let stream = match listener.accept() {
-            Ok(stream) => stream,
+        let (stream, peer_addr) = match listener.accept() {
+            Ok(accepted) => accepted,
             Err(e) => {
                 let mut state = shared.state.lock();
                 if state.stopping {
@@ -460,64 +680,178 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener, config: &Con
             if state.stopping {
                 break;
             }
+            if state.live.len() >= shared.config.max_connections {
+                state.refused += 1;
+                drop(state);
+                refuse(shared, stream);
+                continue;
+            }
             state.accepted += 1;
             state.accepted
         };
-        if let Err(e) = start_connection(shared, id, stream, config) {
+        let info = ClientInfo { id, peer_addr };
+        if let Err(e) = start_connection(shared, info, stream) {
             log::warn!("{name}: cannot serve client #{id}: {e}");
         }
     }
-    shared.state.lock().acceptor_done = true;
+    let mut state = shared.state.lock();
+    state.acceptor_done = true;
+    // The refusing thread ends once it has refused whoever waits.
+    state.refusals = None;
+    drop(state);
     shared.changed.notify_all();
     log::debug!("{name}: accept thread ends");
 }
 
-fn start_connection(
-    shared: &Arc<ServerShared>,
-    id: u64,
-    stream: Stream,
-    config: &Config,
-) -> Result<()> {
-    let conn_name = format!("{}#{id}", shared.name);
-    let conn = Arc::new(stream.into_connection(config.clone().name(conn_name.clone()))?);
-    {
+fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream) -> Result<()> {
+    let id = info.id;
+    let conn_name = format!("{}#{id}", shared.config.name);
+    let mut config = (shared.config.factory)(&info).name(conn_name.clone());
+    let own_hook = config.on_end.take();
+    let server = Arc::downgrade(shared);
+    config = config.on_end(move |why| {
+        if let Some(hook) = &own_hook {
+            hook(why);
+        }
+        if let Some(server) = Weak::upgrade(&server) {
+            server.connection_ended(id, why);
+        }
+    });
+    let conn = Arc::new(stream.into_connection(config)?);
+    let client = Client { info, conn };
+    let (stopping, ended_early) = {
         let mut state = shared.state.lock();
-        if state.stopping {
-            // The stop has already begun closing the connections it knows.
-            drop(state);
-            conn.abort();
-            return Ok(());
+        let ended_early = state.ended_early.remove(&id);
+        if ended_early.is_some() {
+            state.ended.push(Arc::clone(&client.conn));
+        } else {
+            state.live.insert(id, client.clone());
         }
-        state.live.insert(id, Arc::clone(&conn));
-    }
-    log::debug!("{conn_name}: accepted");
-    let watcher = {
-        let (shared, conn) = (Arc::clone(shared), Arc::clone(&conn));
-        thread::Builder::new()
-            .name(format!("{conn_name}:watch"))
-            .spawn(move || {
-                match conn.join() {
-                    Ok(()) => log::debug!("{}: client finished", conn.name()),
-                    Err(e) => log::warn!("{}: connection ended with {e}", conn.name()),
-                }
-                let mut state = shared.state.lock();
-                state.live.remove(&id);
-                state.done.push(id);
-                drop(state);
-                shared.changed.notify_all();
-            })
+        (state.stopping, ended_early)
     };
-    match watcher {
-        Ok(handle) => {
-            shared.state.lock().watchers.insert(id, handle);
-            Ok(())
+    log::debug!("{conn_name}: accepted");
+    if let Some(why) = ended_early {
+        if let Some(hook) = &shared.config.on_close {
+            hook(&client, why);
         }
-        Err(e) => {
-            conn.abort();
-            shared.state.lock().live.remove(&id);
-            Err(Error::Io(e))
+        return Ok(());
+    }
+    if stopping {
+        // The stop may have begun closing the connections it knew before
+        // this one was recorded.
+        client.conn.begin_close();
+    }
+    if let Some(hook) = &shared.config.on_accept {
+        hook(&client);
+    }
+    Ok(())
+}
+
+/// Hands a client past the connection limit to the refusing thread, started
+/// if need be; with too many waiting already, closes it at once.
+fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
+    let mut state = shared.state.lock();
+    let tx = match &state.refusals {
+        Some(tx) => tx.clone(),
+        None => {
+            let (tx, rx) = crossbeam_channel::bounded(REFUSAL_QUEUE);
+            let name = shared.config.name.clone();
+            let reason = format!("server full: {} connections", shared.config.max_connections);
+            let server = Arc::downgrade(shared);
+            let spawned = shared.threads.spawn(format!("{name}:refuse"), move || {
+                run_refusals(&server, &name, &reason, &rx);
+            });
+            if let Err(e) = spawned {
+                log::warn!("{}: cannot start refusing: {e}", shared.config.name);
+                stream.shutdown();
+                return;
+            }
+            state.refusals = Some(tx.clone());
+            tx
+        }
+    };
+    let res = tx.try_send(stream);
+    drop(state);
+    if let Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) = res {
+        log::warn!(
+            "{}: too many clients to refuse; closing one",
+            shared.config.name
+        );
+        stream.shutdown();
+    }
+}
+
+/// The refusing thread: refuses the clients handed to it, one at a time,
+/// until there have been none for a while, or the server has gone.
+fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Receiver<Stream>) {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(stream) => {
+                if let Err(e) = refuse_one(&stream, reason) {
+                    log::debug!("{name}: refusing a client: {e}");
+                }
+                stream.shutdown();
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                // The accept thread hands clients over under this lock, so
+                // none can slip in between the check and the end.
+                let mut state = server.state.lock();
+                if rx.is_empty() {
+                    state.refusals = None;
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// Tells one client that the server is full: ERQ, a not-ok reply with
+/// [`BUSY_FLAGS`] to each request it sends within [`REFUSAL_WAIT`], then
+/// EOF.
+fn refuse_one(stream: &Stream, reason: &str) -> io::Result<()> {
+    stream.set_timeouts(REFUSAL_WAIT)?;
+    let mut wire = Vec::new();
+    Packet::erq().encode_into(&mut wire);
+    let mut writer = stream;
+    writer.write_all(&wire)?;
+    let deadline = Instant::now() + REFUSAL_WAIT;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(left)?;
+        let packet = match Packet::read_from(&mut reader, 1 << 20) {
+            Ok(Some(packet)) => packet,
+            // The end, a timeout, or bytes not worth reading on.
+            _ => break,
+        };
+        if packet.is_eof() {
+            break;
+        }
+        if let Kind::Request { .. } = packet.kind {
+            wire.clear();
+            Packet {
+                channel: packet.channel,
+                tag: packet.tag,
+                kind: Kind::Response {
+                    ok: false,
+                    flags: BUSY_FLAGS,
+                },
+                payload: reason.as_bytes().to_vec(),
+            }
+            .encode_into(&mut wire);
+            writer.write_all(&wire)?;
+        }
+    }
+    wire.clear();
+    Packet::eof().encode_into(&mut wire);
+    writer.write_all(&wire)
 }
 
 impl PacketConnection {
@@ -541,6 +875,56 @@ impl PacketConnection {
     /// ```
     pub fn connect_tcp(addr: impl ToSocketAddrs, config: Config) -> Result<PacketConnection> {
         PacketConnection::from_tcp_stream(TcpStream::connect(addr)?, config)
+    }
+
+    /// Like [`connect_tcp`](PacketConnection::connect_tcp), but gives up
+    /// connecting at `timeout`, over all the addresses `addr` resolves to.
+    /// Resolving a host name is not bounded by it: pass a `SocketAddr` for a
+    /// strict bound.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if no address answered in time; [`Error::Io`] if
+    /// every address refused, or as for
+    /// [`from_tcp_stream`](PacketConnection::from_tcp_stream).
+    pub fn connect_tcp_timeout(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+        config: Config,
+    ) -> Result<PacketConnection> {
+        let started = Instant::now();
+        let deadline = deadline_after(timeout);
+        let mut last = None;
+        for addr in addr.to_socket_addrs()? {
+            let left = match deadline {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+                None => Duration::MAX,
+            };
+            if left.is_zero() {
+                break;
+            }
+            let res = if deadline.is_some() {
+                TcpStream::connect_timeout(&addr, left)
+            } else {
+                TcpStream::connect(addr)
+            };
+            match res {
+                Ok(stream) => return PacketConnection::from_tcp_stream(stream, config),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => last = None,
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(Error::Io(e)),
+            None if started.elapsed() >= timeout => Err(Error::Timeout {
+                request: None,
+                waited: started.elapsed(),
+            }),
+            None => Err(Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no address to connect to",
+            ))),
+        }
     }
 
     /// Connects to a Unix socket server and starts a connection over the

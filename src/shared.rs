@@ -201,6 +201,7 @@ impl Shared {
             handler: config.handler.clone(),
             table: PendingTable::new(),
             outbox: Outbox::new(
+                &config.name,
                 send,
                 config.packet_grace,
                 config.max_queued_bytes,

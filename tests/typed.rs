@@ -16,7 +16,7 @@ use packetstream::{
     PacketConnection, Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
 };
 
-use common::{ms, threads_named, wait_for, within, LIMIT};
+use common::{threads_named, wait_for, within, LIMIT};
 
 /// The service's context: a running total, and a hook to hold a request
 /// in its handler.
@@ -356,28 +356,37 @@ fn stop_answers_requests_in_progress_then_closes_every_connection() {
 }
 
 #[test]
-fn server_holds_clients_beyond_max_connections_until_a_slot_frees() {
+fn a_client_beyond_max_connections_is_refused_at_once_as_server_full() {
     let (server, addr, _) = tcp_server("srv-c", 1);
     let first = connect(addr);
     assert_eq!(first.request(&Add(1)).unwrap(), 1);
-    // The second client's connect completes in the listener's backlog, but
-    // nobody serves it while the first is open.
+    // The second client is not left in the backlog: its first request is
+    // refused for load, by name, and then the server ends the connection.
     let second = connect(addr);
-    let waiting = second.submit_request(&Add(1)).unwrap();
-    assert!(matches!(
-        waiting.wait_timeout(ms(300)),
-        Err(Error::Timeout { .. })
-    ));
-    assert_eq!(server.connections(), 1);
-    assert_eq!(server.accepted(), 1);
+    let err = second
+        .submit_request(&Add(1))
+        .unwrap()
+        .wait_timeout(LIMIT)
+        .unwrap_err();
+    assert!(err.is_busy(), "{err:?}");
+    assert_eq!(
+        err.failure_reason().as_deref(),
+        Some("server full: 1 connections")
+    );
+    within("the refused client's end", move || {
+        assert_eq!(second.join().ok(), Some(()));
+    });
+    assert_eq!((server.accepted(), server.refused()), (1, 1));
+    // Once the first leaves, a new client is served.
     within("closing the first client", move || {
         first.close_timeout(LIMIT).unwrap()
     });
-    assert_eq!(waiting.wait_timeout(LIMIT).unwrap(), 2);
-    assert_eq!(server.accepted(), 2);
+    wait_for("the slot to free", LIMIT, || server.connections() == 0);
+    let third = connect(addr);
+    assert_eq!(third.request(&Add(1)).unwrap(), 2);
     within("stopping", move || {
         server.stop_timeout(LIMIT).unwrap();
-        second.join().unwrap();
+        third.join().unwrap();
     });
 }
 
