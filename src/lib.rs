@@ -183,7 +183,7 @@
 //! # Ok::<(), packetstream::Error>(())
 //! ```
 //!
-//! # Shutdown and errors
+//! # Shutdown
 //!
 //! A connection ends in order, as the reference's does: each end sends
 //! end-of-requests (ERQ) when it will make no more requests, finishes the
@@ -199,17 +199,46 @@
 //! - [`end_requests`](PacketConnection::end_requests) sends ERQ alone:
 //!   responses still arrive, new requests fail with [`Error::Closed`].
 //! - [`abort`](PacketConnection::abort) stops at once: pending requests
-//!   fail, queued packets are dropped, no EOF is sent.
+//!   fail, queued packets are dropped, no EOF is sent, and a socket is shut
+//!   down.
 //! - Dropping a connection starts `close` without waiting for it.
 //!
-//! Errors come in two kinds. Per request: [`Error::Failed`] (the peer
-//! answered not ok), [`Error::ConnectionLost`] (the connection ended first,
-//! and [`Disconnect`] says how), [`Error::Timeout`], [`Error::Cancelled`],
-//! and from `submit` [`Error::Closed`], [`Error::WouldBlock`] and
-//! [`Error::TooLarge`]. Per connection: the first [`Error::Io`],
-//! [`Error::Malformed`] or [`Error::TooLarge`] that ended it, returned once
-//! by `close` or `join`. [`Error::is_disconnect`] tells whether retrying on
-//! this connection is pointless.
+//! An orderly close never shuts down or closes a stream the caller still
+//! holds: the connection drops only its own descriptors, so a socket or
+//! pipes the caller kept can carry the next connection.
+//! [`take_unread`](PacketConnection::take_unread) hands over any bytes read
+//! past the peer's EOF, which belong to that next connection.
+//!
+//! # Endings
+//!
+//! Every request ends exactly once, in one of these ways, each with its
+//! `Display` text; the table on [`Error`] says which of them the peer may
+//! have acted on, and [`Error::was_sent`] tells them apart for a retry:
+//!
+//! | outcome | when | text |
+//! |---|---|---|
+//! | `Ok(`[`Response`]`)` | the peer answered ok | |
+//! | [`Error::Failed`] | the peer answered not ok | `request 0:2 failed remotely (flags 0x0): REASON` |
+//! | [`Error::ResponseTooLarge`] | the answer was over [`Config::max_packet_len`] | `response of N bytes exceeds limit of M` |
+//! | [`Error::ConnectionLost`] | sent, and the connection ended first | `connection lost before a response arrived: HOW` |
+//! | [`Error::Unsent`] | the connection ended before it was written | `request not sent, connection ended: HOW` |
+//! | [`Error::Timeout`] | a wait with a deadline ran out | `request 0:2 (rq_type 1) timed out after 200ms` |
+//! | [`Error::Closed`] | `submit` after this end's requests ended | `connection is not accepting new requests` |
+//! | [`Error::WouldBlock`] | `try_submit` on a full queue | `outgoing queue is full` |
+//! | [`Error::TooLarge`] | `submit` of a packet over the limit | `packet of N bytes exceeds limit of M` |
+//!
+//! A connection ends once, in one of the ways of [`Disconnect`], which
+//! every request it took with it carries, which [`Config::on_end`] gets,
+//! and which [`status`](PacketConnection::status) reports. `close` and
+//! `join` return `Ok` for the orderly end only:
+//!
+//! | [`Disconnect`] | text | `close` and `join` return |
+//! |---|---|---|
+//! | `PeerEof` | `peer sent EOF` | `Ok(())` |
+//! | `StreamEnded`: the peer crashed, exited or never spoke | `stream ended without EOF` | `Err(ConnectionLost(StreamEnded))` |
+//! | `Protocol`: bad bytes from the peer | `protocol error from peer` | `Err(Malformed { .. })` or `Err(TooLarge { .. })` |
+//! | `Io(kind)`: reading or writing failed | `i/o error: KIND` | `Err(Io(..))` |
+//! | `Local`: this end aborted | `aborted locally` | `Err(ConnectionLost(Local))` |
 //!
 //! ```
 //! # use std::os::unix::net::UnixStream;
@@ -229,26 +258,61 @@
 //!         Ok(().into())
 //!     }),
 //! )?;
-//! let client = PacketConnection::from_unix_stream(a, Config::default())?;
+//! let (ended_tx, ended) = mpsc::channel();
+//! let ended_tx = Mutex::new(ended_tx);
+//! let client = PacketConnection::from_unix_stream(
+//!     a,
+//!     Config::default().on_end(move |why| {
+//!         let _ = ended_tx.lock().unwrap().send(why);
+//!     }),
+//! )?;
 //! let pending = client.submit(1, 0, b"")?;
 //! started.recv_timeout(Duration::from_secs(10)).expect("request reached the handler");
 //!
-//! server.abort(); // the server goes away without answering
+//! server.abort(); // the server goes away without answering or its EOF
 //! match pending.wait_timeout(Duration::from_secs(10)) {
-//!     Err(err @ Error::ConnectionLost(_)) => assert!(err.is_disconnect()),
+//!     Err(err @ Error::ConnectionLost(Disconnect::StreamEnded)) => assert!(err.was_sent()),
 //!     other => panic!("expected a lost connection, got {other:?}"),
 //! }
-//! assert!(client.submit(1, 0, b"").unwrap_err().is_disconnect());
-//!
-//! drop(release);
-//! // The peer went without its EOF: that is how this connection ended.
+//! assert_eq!(ended.recv_timeout(Duration::from_secs(10)), Ok(Disconnect::StreamEnded));
+//! assert!(matches!(client.submit(1, 0, b""), Err(Error::Closed)));
 //! assert!(matches!(
 //!     client.close(),
 //!     Err(Error::ConnectionLost(Disconnect::StreamEnded))
 //! ));
+//! drop(release);
 //! assert!(server.join().is_err()); // it was aborted
 //! # Ok::<(), packetstream::Error>(())
 //! ```
+//!
+//! [`Config::on_peer_end_requests`] tells when the peer's ERQ arrives, and
+//! [`call_timeout`](PacketConnection::call_timeout) is `call` with a
+//! deadline.
+//!
+//! # Servers
+//!
+//! A [`Server`] accepts clients on a TCP or Unix listener and serves each on
+//! a connection of its own:
+//!
+//! - [`ServerConfig::new`] serves every client alike, with one handler;
+//!   [`ServerConfig::per_client`] builds each client's [`Config`] from its
+//!   [`ClientInfo`] (id and peer address), so a handler has state of its own
+//!   and knows whom it serves.
+//! - [`Server::clients`] lists the live clients. Each [`Client`] handle holds
+//!   the client's connection, through which the server can make requests of
+//!   the client (the protocol is symmetric) or close it.
+//! - [`ServerConfig::on_accept`] and [`ServerConfig::on_close`] run as
+//!   clients come and go; `on_close` gets how the connection ended.
+//! - At [`ServerConfig::max_connections`], a new client is refused at once,
+//!   not parked: its first requests get a not-ok "server full" reply
+//!   ([`Error::is_busy`]), then EOF.
+//! - [`Server::stop`] starts the orderly close of every connection at once
+//!   and waits for them; [`Server::stop_timeout`] aborts those still open at
+//!   its deadline.
+//!
+//! The `notify` example is a server that pushes a notification to every
+//! connected client; the `blockstore` example is a typed service served this
+//! way.
 //!
 //! # Observability
 //!
@@ -474,27 +538,27 @@
 //! The guide [`talking_to_python`] has both pairs in full, how failures map
 //! in each direction, and what the reference cannot do.
 //!
-//! # Typed protocols and servers
+//! # Typed protocols
 //!
 //! Above raw `(rq_type, flags, payload)` requests sits a typed layer, after
 //! the reference's `BaseRequest` and `HasPacketConnection`: a protocol is a
 //! set of [`RequestType`]s, each with its `rq_type`, its [`Payload`]
-//! encoding (BSUInt, BSData, BSString and fixed-width fields through
-//! [`PayloadWrite`] and [`PayloadReader`], or [`impl_payload!`] for a
-//! struct of such fields) and its response type. A [`Dispatcher`] serves
-//! them through [`Fulfil::fulfil`], and [`PacketConnection::request`] calls
-//! them. [`Server`] accepts clients on a TCP or Unix listener, one
-//! connection each with a shared handler, and
-//! [`PacketConnection::connect_tcp`] connects to one. The `blockstore`
-//! example is a content-addressed block store built this way.
+//! encoding (the cs.binary types of the table on [`Payload`], or
+//! [`impl_payload!`] for a struct of them) and its response type. A
+//! [`Dispatcher`] serves them through [`Fulfil::fulfil`], and
+//! [`PacketConnection::request`] calls them. The `blockstore` example is a
+//! content-addressed block store built this way, and `typed_service` is one
+//! service written both here and in Python.
 //!
 //! # Examples
 //!
 //! The repository's `examples/` directory has one program per use, each
 //! runnable with `cargo run --example NAME`: `subprocess` (a parent and a
 //! child over pipes, the one to copy), `socketpair_test` (how to test a
-//! service), `tcp` (a server and its clients), `progress` (a live progress
-//! line from the stats), `demo`, `blockstore`, `interop` and `bench`.
+//! service), `tcp` (a server and its clients), `notify` (a server that
+//! calls its clients), `progress` (a live progress line from the stats),
+//! `python_child` and `rust_child` (a Python peer on either end),
+//! `typed_service`, `demo`, `blockstore`, `interop` and `bench`.
 
 mod codec;
 mod config;
