@@ -4,12 +4,14 @@
 //! cargo run --release --example bench              # full run, about a minute
 //! cargo run --release --example bench -- --quick   # short run, without the many-clients workloads
 //! cargo run --release --example bench -- --many    # the many-clients workloads alone
+//! cargo run --release --example bench -- --no-many # the full run without them
+//! cargo run --release --example bench -- --only hol   # head-of-line delay behind 256 MiB
 //! cargo run --release --example bench -- --only w2:256 --secs 5   # one workload, for profiling
 //! cargo run --release --example bench -- --only raw-many:1000     # one many-clients run, 3 s
 //! cargo run --release --example bench -- --only many:70 --max-connections 64 --secs 2
 //! ```
 //!
-//! `--only` takes `w1`, `w2:N`, `w3` or `many:N`, or one of them with a
+//! `--only` takes `w1`, `w2:N`, `w3`, `hol` or `many:N`, or one of them with a
 //! `raw-` prefix for its raw baseline. `--max-connections M` sets the crate
 //! server's limit in the many-clients workloads (default: the number of
 //! clients), to see what clients past the limit get.
@@ -136,6 +138,7 @@ fn parse_args() -> Opts {
                 opts.many_secs = Duration::from_secs(1);
             }
             "--many" => opts.many_only = true,
+            "--no-many" => opts.skip_many = true,
             "--max-connections" => {
                 opts.max_connections = Some(
                     args.next()
@@ -159,7 +162,7 @@ fn parse_args() -> Opts {
             "--only" => {
                 opts.only = Some(
                     args.next()
-                        .expect("--only w1|w2:N|w3|many:N|raw-w1|raw-w2:N|raw-w3|raw-many:N"),
+                        .expect("--only w1|w2:N|w3|hol|many:N|raw-w1|raw-w2:N|raw-w3|raw-many:N"),
                 )
             }
             "--secs" => {
@@ -880,8 +883,73 @@ fn count_allocs() -> Allocs {
     Allocs { sync, pipelined }
 }
 
-/// Runs one workload alone, for profilers: `w1`, `w2:N`, `w3`, `many:N`,
-/// or the same with a `raw-` prefix.
+/// Head-of-line: a 32 B request followed at once, on the same connection,
+/// by a 256 MiB one, as one write from the caller; reports how long the
+/// small request's answer takes, against the same request alone.
+/// `--rounds` sets the number of samples.
+fn head_of_line(opts: &Opts) {
+    const BIG: usize = 256 << 20;
+    const SMALL_RQ: u64 = 1;
+    const BIG_RQ: u64 = 2;
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default()
+            .name("hol-server")
+            .max_packet_len(BIG as u64 + 64)
+            .handler(|rq: Request| match rq.rq_type {
+                SMALL_RQ => Ok(rq.payload.into()),
+                _ => Ok(().into()),
+            }),
+    )
+    .expect("server");
+    let client = Arc::new(
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default()
+                .name("hol-client")
+                .max_packet_len(BIG as u64 + 64)
+                .max_queued_bytes(2 * BIG),
+        )
+        .expect("client"),
+    );
+    let big = vec![7u8; BIG];
+    let samples = opts.rounds.max(30);
+    let (mut alone, mut behind) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        client.call(SMALL_RQ, 0, &[1; SMALL]).expect("small alone");
+        alone.push(t0.elapsed());
+        // The small request is queued; the big one's submit writes it, its
+        // own head and its payload in one go, from this thread, while
+        // another thread waits for the small one's answer.
+        let t0 = Instant::now();
+        let small = client.submit(SMALL_RQ, 0, &[1; SMALL]).expect("small");
+        let waiter = thread::spawn(move || {
+            small.wait_timeout(Duration::from_secs(60)).expect("small behind");
+            t0.elapsed()
+        });
+        let big_rq = client.submit(BIG_RQ, 0, &big).expect("big");
+        behind.push(waiter.join().expect("waiter"));
+        big_rq.wait_timeout(Duration::from_secs(60)).expect("big");
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    println!(
+        "hol: a 32 B request alone: median {:?}, p99 {:?}; with a 256 MiB request right behind it: median {:?}, p99 {:?} ({samples} samples each)",
+        pct(&mut alone, 0.5),
+        pct(&mut alone, 0.99),
+        pct(&mut behind, 0.5),
+        pct(&mut behind, 0.99)
+    );
+    drop(client);
+    let _ = server.close_timeout(Duration::from_secs(60));
+}
+
+/// Runs one workload alone, for profilers: `w1`, `w2:N`, `w3`, `hol`,
+/// `many:N`, or the same with a `raw-` prefix.
 fn run_only(opts: &Opts, only: &str) {
     let (raw, what) = match only.strip_prefix("raw-") {
         Some(rest) => (true, rest),
@@ -920,6 +988,10 @@ fn run_only(opts: &Opts, only: &str) {
                 std::process::exit(1);
             }
         }
+        return;
+    }
+    if what == "hol" {
+        head_of_line(opts);
         return;
     }
     let conn = (!raw).then(Conn::new);

@@ -56,7 +56,10 @@ impl PacketConnection {
     /// Starts a connection that receives from `recv` and sends to `send`.
     ///
     /// `recv` is read through a `BufReader` on the receive thread; `send` is
-    /// written in batches, so neither needs buffering of its own.
+    /// written in batches, so neither needs buffering of its own. The
+    /// connection owns both and drops them once it has ended. It cannot
+    /// interrupt a read or write blocked in them: see
+    /// [`abort`](PacketConnection::abort) for what that means.
     ///
     /// # Errors
     ///
@@ -404,10 +407,29 @@ impl PacketConnection {
         self.shared.begin_close();
     }
 
-    /// Stops at once: every pending request fails with
-    /// [`Error::ConnectionLost`], queued packets are dropped, no EOF is sent,
-    /// and the stream is shut down where the transport allows it (sockets).
-    /// Does not wait for the threads.
+    /// Stops at once: every pending request fails, with
+    /// [`Error::ConnectionLost`] if it was written and [`Error::Unsent`] if
+    /// not; queued packets are dropped, no EOF is sent, and the stream is
+    /// interrupted where the transport allows it. Never blocks, and does not
+    /// wait for the threads.
+    ///
+    /// What it can interrupt depends on the transport:
+    ///
+    /// - sockets (`from_unix_stream`, `from_tcp_stream`, `connect_*`, a
+    ///   server's connections): the socket is shut down, so a read or write
+    ///   blocked in the kernel returns at once and every thread ends;
+    /// - [`connect_with`](PacketConnection::connect_with): its `on_close`
+    ///   hook runs, and interrupts what it can;
+    /// - anything else (`new` over any `Read` and `Write`, pipes, file
+    ///   descriptors, `stdio`, `from_child`): nothing in the kernel can be
+    ///   interrupted. Our send stream is closed unless a write is in
+    ///   progress; a write in progress ends when the peer reads or closes
+    ///   its end, and the receive thread when the peer writes or closes. For
+    ///   a child, killing it ends both.
+    ///
+    /// Either way every call with a deadline, the `try_*` calls, `drop` and
+    /// this one return in time: only the threads are left to end by
+    /// themselves.
     pub fn abort(&self) {
         self.shared.abort();
     }

@@ -26,9 +26,7 @@ struct Watched {
 impl Read for Watched {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.shared.before_read();
-        let n = self.stream.read(buf)?;
-        self.shared.after_read();
-        Ok(n)
+        self.stream.read(buf)
     }
 }
 
@@ -54,6 +52,9 @@ pub(crate) fn run_recv_loop(shared: &Arc<Shared>, stream: Box<dyn Read + Send>) 
 /// between packets (`StreamEnded`), or an error.
 fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Disconnect> {
     loop {
+        // Bytes read and not parsed yet: more requests, and so more replies,
+        // may follow at once. A read that may block says otherwise.
+        shared.more_incoming(!r.buffer().is_empty());
         let (channel, tag, kind, payload) = match next_packet(shared, r)? {
             Next::Packet(packet) => packet,
             Next::Skipped => continue,

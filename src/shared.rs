@@ -421,9 +421,9 @@ impl Shared {
         }
     }
 
-    /// The receive thread read bytes that it is about to parse.
-    pub(crate) fn after_read(&self) {
-        self.more_incoming.store(true, Ordering::SeqCst);
+    /// Whether the receive thread has bytes it has not parsed yet.
+    pub(crate) fn more_incoming(&self, more: bool) {
+        self.more_incoming.store(more, Ordering::SeqCst);
     }
 
     /// Writes the queue on this thread if nobody else is writing. Blocks
