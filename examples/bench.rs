@@ -926,7 +926,9 @@ fn head_of_line(opts: &Opts) {
         let t0 = Instant::now();
         let small = client.submit(SMALL_RQ, 0, &[1; SMALL]).expect("small");
         let waiter = thread::spawn(move || {
-            small.wait_timeout(Duration::from_secs(60)).expect("small behind");
+            small
+                .wait_timeout(Duration::from_secs(60))
+                .expect("small behind");
             t0.elapsed()
         });
         let big_rq = client.submit(BIG_RQ, 0, &big).expect("big");
