@@ -12,7 +12,7 @@ use crate::outbox::Admission;
 use crate::pending::{Cell, Response};
 use crate::pool::Pool;
 use crate::receiver;
-use crate::shared::{Hook, Shared, Status};
+use crate::shared::{Hook, Job, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
 
@@ -98,6 +98,16 @@ impl PacketConnection {
     }
 
     pub(crate) fn start(streams: Streams, config: Config) -> Result<PacketConnection> {
+        PacketConnection::start_in(streams, config, None)
+    }
+
+    /// Starts a connection whose handler runs on `pool`, shared with other
+    /// connections, instead of a pool of its own.
+    pub(crate) fn start_in(
+        streams: Streams,
+        config: Config,
+        shared_pool: Option<&Arc<Pool<Job>>>,
+    ) -> Result<PacketConnection> {
         let Streams {
             recv,
             send,
@@ -106,15 +116,14 @@ impl PacketConnection {
         } = streams;
         let name = &config.name;
         let threads = Arc::new(ThreadSet::default());
-        let pool = match config.handler {
-            Some(_) => Some(Pool::start(
-                name,
-                config.handler_threads,
-                config.handler_queue,
-                config.max_queued_bytes,
-                &threads,
-            )?),
-            None => None,
+        let pool = match (&config.handler, shared_pool) {
+            (None, _) => None,
+            (Some(_), Some(pool)) => Some((Arc::clone(pool), false)),
+            (Some(_), None) => {
+                let pool =
+                    Pool::start(name, config.handler_threads, config.handler_queue, &threads)?;
+                Some((pool, true))
+            }
         };
         let shared = Arc::new(Shared::new(&config, send, pool, interrupt, release));
         let conn = PacketConnection {

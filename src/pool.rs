@@ -1,17 +1,22 @@
-//! The handler pool: a bounded queue of jobs, the worker threads that run
-//! them, and the policy for waking workers.
+//! The handler pool: a queue of jobs, the worker threads that run them, the
+//! policy for waking workers, and the quota that bounds what one producer
+//! may have queued.
 //!
 //! The pool knows nothing of connections: a job is anything that implements
 //! [`Job`]. A connection's job is one request from its peer, carrying the
-//! connection's shared state with it.
+//! connection's shared state with it. One pool serves one connection, or
+//! every connection of a server.
 //!
-//! A bounded crossbeam channel holds the jobs, so the thread that queues them
-//! (a receive thread) blocks when the workers fall behind, which slows the
-//! peer down. Idle workers park on a condvar instead of spinning, and the
-//! queuing thread wakes one only when the jobs queued plus the workers busy in
-//! a job outnumber the workers awake: a burst of quick jobs is served by the
-//! workers already awake, and a job never waits behind a long-running one
-//! while a worker sleeps.
+//! Each producer (a connection's receive thread) holds a [`Quota`]: it
+//! blocks when it has too many jobs, or too many bytes, queued and not yet
+//! started, which slows its peer down without holding up other producers of
+//! the same pool. The queue itself is therefore bounded by the quotas.
+//!
+//! Idle workers park on a condvar instead of spinning, and a producer wakes
+//! one only when the jobs queued plus the workers busy in a job outnumber the
+//! workers awake: a burst of quick jobs is served by the workers already
+//! awake, and a job never waits behind a long-running one while a worker
+//! sleeps.
 
 use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -24,9 +29,6 @@ use crate::sync::ThreadSet;
 
 /// Work for the pool.
 pub(crate) trait Job: Send + 'static {
-    /// The bytes this job holds, counted against the pool's byte budget.
-    fn size(&self) -> usize;
-
     /// Does the work, on a worker thread.
     fn run(self);
 }
@@ -44,12 +46,6 @@ pub(crate) struct Pool<J> {
     n_parked: AtomicUsize,
     /// Workers inside a job.
     n_busy: AtomicUsize,
-    /// Bytes of the queued jobs, and their budget.
-    n_bytes: AtomicUsize,
-    max_bytes: usize,
-    /// A pusher waits on `room` for the bytes to drop.
-    pusher_waiting: AtomicBool,
-    room: Condvar,
     closed: AtomicBool,
     parked: Mutex<()>,
     wake: Condvar,
@@ -57,21 +53,26 @@ pub(crate) struct Pool<J> {
 
 impl<J: Job> Pool<J> {
     /// Starts `n_workers` workers, named `"{name}:handler{idx}"`, in
-    /// `threads`. At most `capacity` jobs, and `max_bytes` of them (one job
-    /// is always let in, however large), wait for a worker.
+    /// `threads`, with room for `capacity` queued jobs.
     pub(crate) fn start(
         name: &str,
         n_workers: usize,
         capacity: usize,
-        max_bytes: usize,
         threads: &Arc<ThreadSet>,
     ) -> io::Result<Arc<Pool<J>>> {
-        let pool: Arc<Pool<J>> = Arc::new(Pool::new(capacity, max_bytes, n_workers));
+        let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity));
         for idx in 0..n_workers {
             let worker = Arc::clone(&pool);
             let spawned = threads.spawn(format!("{name}:handler{idx}"), move || {
                 while let Some(job) = worker.pop() {
-                    worker.busy(|| job.run());
+                    worker.busy(|| {
+                        // Counted busy now: if what is still queued needs
+                        // another worker, wake it, rather than leave it to
+                        // the producer's next wake-up, which may be long in
+                        // coming if this job is slow.
+                        worker.wake();
+                        job.run()
+                    });
                 }
             });
             if let Err(e) = spawned {
@@ -82,7 +83,8 @@ impl<J: Job> Pool<J> {
         Ok(pool)
     }
 
-    fn new(capacity: usize, max_bytes: usize, n_workers: usize) -> Pool<J> {
+    fn new(n_workers: usize, capacity: usize) -> Pool<J> {
+        // An array, allocated once: queuing a job allocates nothing.
         let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
         Pool {
             tx,
@@ -90,35 +92,18 @@ impl<J: Job> Pool<J> {
             n_workers,
             n_parked: AtomicUsize::new(0),
             n_busy: AtomicUsize::new(0),
-            n_bytes: AtomicUsize::new(0),
-            max_bytes,
-            pusher_waiting: AtomicBool::new(false),
-            room: Condvar::new(),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
         }
     }
 
-    /// Queues a job without waking a worker: the caller calls
-    /// [`wake`](Pool::wake) once it has queued a batch, so a batch costs a few
-    /// wake-ups, not one each. If the queue is full, by count or by bytes,
-    /// wakes workers, then blocks until there is room.
+    /// Queues a job without waking a worker: the producer calls
+    /// [`wake`](Pool::wake) once it has queued a batch, so a batch costs a
+    /// few wake-ups, not one each. Blocks only if the whole pool's queue is
+    /// full (each producer's own [`Quota`] usually stops it first), after
+    /// waking workers.
     pub(crate) fn push(&self, job: J) {
-        let size = job.size();
-        if self.n_bytes.load(Ordering::SeqCst) + size > self.max_bytes && !self.rx.is_empty() {
-            self.wake();
-            let mut guard = self.parked.lock();
-            self.pusher_waiting.store(true, Ordering::SeqCst);
-            while self.n_bytes.load(Ordering::SeqCst) + size > self.max_bytes
-                && !self.rx.is_empty()
-                && !self.closed.load(Ordering::SeqCst)
-            {
-                self.room.wait(&mut guard);
-            }
-            self.pusher_waiting.store(false, Ordering::SeqCst);
-        }
-        self.n_bytes.fetch_add(size, Ordering::SeqCst);
         if let Err(err) = self.tx.try_send(job) {
             self.wake();
             // The receiver lives in `self`, so the channel never disconnects.
@@ -155,11 +140,6 @@ impl<J: Job> Pool<J> {
     fn pop(&self) -> Option<J> {
         loop {
             if let Ok(job) = self.rx.try_recv() {
-                self.n_bytes.fetch_sub(job.size(), Ordering::SeqCst);
-                if self.pusher_waiting.load(Ordering::SeqCst) {
-                    let _guard = self.parked.lock();
-                    self.room.notify_one();
-                }
                 return Some(job);
             }
             let mut guard = self.parked.lock();
@@ -178,11 +158,6 @@ impl<J: Job> Pool<J> {
         }
     }
 
-    /// True if no job waits for a worker.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
-
     /// Runs `f` counted as busy.
     fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
         self.n_busy.fetch_add(1, Ordering::SeqCst);
@@ -197,6 +172,79 @@ impl<J: Job> Pool<J> {
         let _guard = self.parked.lock();
         self.n_parked.store(0, Ordering::SeqCst);
         self.wake.notify_all();
+    }
+}
+
+/// What one producer may have queued and not yet started: `max_jobs` jobs
+/// and `max_bytes` bytes (one job is always let in, however large).
+pub(crate) struct Quota {
+    jobs: AtomicUsize,
+    bytes: AtomicUsize,
+    max_jobs: usize,
+    max_bytes: usize,
+    /// The producer waits on `room`.
+    waiting: AtomicBool,
+    closed: AtomicBool,
+    lock: Mutex<()>,
+    room: Condvar,
+}
+
+impl Quota {
+    pub(crate) fn new(max_jobs: usize, max_bytes: usize) -> Quota {
+        Quota {
+            jobs: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_jobs: max_jobs.max(1),
+            max_bytes,
+            waiting: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            room: Condvar::new(),
+        }
+    }
+
+    fn full(&self, size: usize) -> bool {
+        let jobs = self.jobs.load(Ordering::SeqCst);
+        jobs > 0
+            && (jobs >= self.max_jobs || self.bytes.load(Ordering::SeqCst) + size > self.max_bytes)
+    }
+
+    /// Counts a job of `size` bytes in, first waiting for room if the quota
+    /// is full; `wake` is called before waiting, so that workers drain what
+    /// is queued. Returns at once once the quota is closed.
+    pub(crate) fn acquire(&self, size: usize, wake: impl Fn()) {
+        if self.full(size) {
+            wake();
+            let mut guard = self.lock.lock();
+            self.waiting.store(true, Ordering::SeqCst);
+            while self.full(size) && !self.closed.load(Ordering::SeqCst) {
+                self.room.wait(&mut guard);
+            }
+            self.waiting.store(false, Ordering::SeqCst);
+        }
+        self.jobs.fetch_add(1, Ordering::SeqCst);
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+    }
+
+    /// Counts a job of `size` bytes out, when a worker takes it.
+    pub(crate) fn release(&self, size: usize) {
+        self.jobs.fetch_sub(1, Ordering::SeqCst);
+        self.bytes.fetch_sub(size, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            let _guard = self.lock.lock();
+            self.room.notify_one();
+        }
+    }
+
+    /// Jobs counted in and not yet out.
+    pub(crate) fn queued(&self) -> usize {
+        self.jobs.load(Ordering::SeqCst)
+    }
+
+    /// Lets a waiting producer go, and every later one through.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _guard = self.lock.lock();
         self.room.notify_all();
     }
 }
@@ -209,20 +257,21 @@ mod tests {
     use crossbeam_channel::RecvTimeoutError;
 
     /// A job that reports its id when done, after waiting for `gate` if it
-    /// has one.
+    /// has one, counting itself out of `quota` first, as a connection's job
+    /// does.
     struct TestJob {
         id: u64,
         size: usize,
+        quota: Option<Arc<Quota>>,
         done: Sender<u64>,
         gate: Option<Receiver<()>>,
     }
 
     impl Job for TestJob {
-        fn size(&self) -> usize {
-            self.size
-        }
-
         fn run(self) {
+            if let Some(quota) = &self.quota {
+                quota.release(self.size);
+            }
             if let Some(gate) = &self.gate {
                 let _ = gate.recv_timeout(Duration::from_secs(30));
             }
@@ -230,10 +279,11 @@ mod tests {
         }
     }
 
-    fn job(id: u64, size: usize, done: &Sender<u64>) -> TestJob {
+    fn job(id: u64, done: &Sender<u64>) -> TestJob {
         TestJob {
             id,
-            size,
+            size: 0,
+            quota: None,
             done: done.clone(),
             gate: None,
         }
@@ -250,7 +300,7 @@ mod tests {
     #[test]
     fn a_new_job_is_not_stuck_behind_a_long_one() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 2, 16, 1 << 20, &threads).unwrap();
+        let pool = Pool::start("t", 2, 16, &threads).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
         wait_until("both workers to park", || {
@@ -258,14 +308,14 @@ mod tests {
         });
         pool.push(TestJob {
             gate: Some(gate),
-            ..job(0, 0, &done_tx)
+            ..job(0, &done_tx)
         });
         pool.wake();
         wait_until("the long job to start", || {
             pool.n_busy.load(Ordering::SeqCst) == 1
         });
         // The second worker must wake for this one.
-        pool.push(job(1, 0, &done_tx));
+        pool.push(job(1, &done_tx));
         pool.wake();
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(1));
         drop(release);
@@ -276,33 +326,71 @@ mod tests {
     }
 
     #[test]
-    fn queued_bytes_are_bounded_and_the_pusher_waits_for_room() {
+    fn queued_jobs_are_not_stranded_behind_jobs_that_block() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 1, 100, 1000, &threads).unwrap();
+        let pool = Pool::start("t", 3, 16, &threads).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
-        // The worker is held inside job 0; one job is always let in,
-        // however large, so job 1 queues even though it is over budget.
-        pool.push(TestJob {
-            gate: Some(gate),
-            ..job(0, 10, &done_tx)
+        wait_until("the workers to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 3
         });
+        for id in 0..3 {
+            pool.push(TestJob {
+                gate: Some(gate.clone()),
+                ..job(id, &done_tx)
+            });
+        }
+        // One wake-up from the producer, for a batch that needs one worker
+        // by count; each job then blocks, and every one must still start.
+        pool.wake();
+        wait_until("all three jobs to start", || {
+            pool.n_busy.load(Ordering::SeqCst) == 3
+        });
+        drop(release);
+        let mut done: Vec<u64> = (0..3)
+            .map(|_| done_rx.recv_timeout(Duration::from_secs(30)).unwrap())
+            .collect();
+        done.sort();
+        assert_eq!(done, [0, 1, 2]);
+        pool.close();
+        assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+    }
+
+    #[test]
+    fn a_quota_bounds_what_its_producer_has_queued_and_the_producer_waits_for_room() {
+        let threads = Arc::new(ThreadSet::default());
+        let pool = Pool::start("t", 1, 100, &threads).unwrap();
+        let quota = Arc::new(Quota::new(100, 1000));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        let sized = |id, size, gate| TestJob {
+            size,
+            quota: Some(Arc::clone(&quota)),
+            gate,
+            ..job(id, &done_tx)
+        };
+        // The worker is held inside job 0, which has left the quota.
+        quota.acquire(10, || pool.wake());
+        pool.push(sized(0, 10, Some(gate)));
         pool.wake();
         wait_until("job 0 to start", || pool.n_busy.load(Ordering::SeqCst) == 1);
-        pool.push(job(1, 5000, &done_tx));
+        // One job is always let in, however large.
+        quota.acquire(5000, || pool.wake());
+        pool.push(sized(1, 5000, None));
         std::thread::scope(|s| {
-            // As a receive thread does, the pusher wakes the workers for
+            // As a receive thread does, the producer wakes the workers for
             // what it has queued.
-            let pusher = s.spawn(|| {
-                pool.push(job(2, 600, &done_tx));
-                pool.wake();
-                pool.push(job(3, 600, &done_tx));
-                pool.wake();
+            let producer = s.spawn(|| {
+                for id in [2, 3] {
+                    quota.acquire(600, || pool.wake());
+                    pool.push(sized(id, 600, None));
+                    pool.wake();
+                }
             });
-            wait_until("the pusher to block", || {
-                pool.pusher_waiting.load(Ordering::SeqCst)
+            wait_until("the producer to wait", || {
+                quota.waiting.load(Ordering::SeqCst)
             });
-            assert_eq!(pool.rx.len(), 1, "only job 1 is queued while over budget");
+            assert_eq!(quota.queued(), 1, "only job 1 is queued while over budget");
             drop(release);
             let mut got = Vec::new();
             while got.len() < 4 {
@@ -311,9 +399,9 @@ mod tests {
                     Err(RecvTimeoutError::Timeout) => panic!("jobs stalled: {got:?}"),
                     Err(RecvTimeoutError::Disconnected) => unreachable!(),
                 }
-                assert!(pool.n_bytes.load(Ordering::SeqCst) <= 5000);
+                assert!(quota.bytes.load(Ordering::SeqCst) <= 5000);
             }
-            pusher.join().unwrap();
+            producer.join().unwrap();
             assert_eq!(got, [0, 1, 2, 3]);
         });
         pool.close();
@@ -321,13 +409,26 @@ mod tests {
     }
 
     #[test]
+    fn closing_a_quota_lets_its_waiting_producer_go() {
+        let quota = Quota::new(1, 1 << 20);
+        quota.acquire(1, || {});
+        std::thread::scope(|s| {
+            let producer = s.spawn(|| quota.acquire(1, || {}));
+            wait_until("the producer to wait", || {
+                quota.waiting.load(Ordering::SeqCst)
+            });
+            quota.close();
+            producer.join().unwrap();
+        });
+    }
+
+    #[test]
     fn close_lets_workers_finish_what_is_queued_then_end() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::new(16, 1 << 20, 1);
-        let pool = Arc::new(pool);
+        let pool = Arc::new(Pool::new(1, 16));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         for id in 0..5 {
-            pool.push(job(id, 0, &done_tx));
+            pool.push(job(id, &done_tx));
         }
         pool.close();
         let worker = Arc::clone(&pool);

@@ -144,6 +144,18 @@ enum Next {
 fn next_packet(shared: &Shared, r: &mut BufReader<Watched>) -> Result<Next> {
     let max_len = shared.max_packet_len;
     let counters = &shared.stats.recv;
+    if r.buffer().is_empty() {
+        // Fill the buffer first, so that a packet that arrives whole is
+        // decoded in place.
+        loop {
+            match r.fill_buf() {
+                Ok([]) => return Ok(Next::End),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+    }
     match Packet::decode(r.buffer(), max_len) {
         Ok(Some((packet, used))) => {
             r.consume(used);

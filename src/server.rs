@@ -21,7 +21,10 @@ use crate::config::Config;
 use crate::connection::PacketConnection;
 use crate::error::{Disconnect, Error, Result};
 use crate::packet::{Kind, Packet};
+use crate::pool::Pool;
+use crate::shared::Job;
 use crate::sync::{self, deadline_after, ThreadSet};
+use crate::transport;
 
 /// How long the accept thread rests after a failed `accept` (out of file
 /// descriptors, say) before it tries again.
@@ -33,6 +36,11 @@ const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client refused at the connection limit has to send its first
 /// requests, which are answered "server full", before it is sent EOF.
 const REFUSAL_WAIT: Duration = Duration::from_millis(200);
+
+/// Jobs the handler threads of a server share may hold queued, from every
+/// connection together; each connection holds at most its own
+/// [`handler_queue`](Config::handler_queue) of them.
+const SHARED_QUEUE: usize = 4096;
 
 /// Refused clients waiting for their refusal; past this, a client's stream is
 /// closed at once.
@@ -141,6 +149,7 @@ pub struct ServerConfig {
     name: String,
     factory: Factory,
     max_connections: usize,
+    handler_threads: usize,
     on_accept: Option<ClientHook>,
     on_close: Option<CloseHook>,
 }
@@ -150,6 +159,7 @@ impl fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("name", &self.name)
             .field("max_connections", &self.max_connections)
+            .field("handler_threads", &self.handler_threads)
             .field("on_accept", &self.on_accept.is_some())
             .field("on_close", &self.on_close.is_some())
             .finish_non_exhaustive()
@@ -178,6 +188,7 @@ impl ServerConfig {
             name: name.into(),
             factory: Arc::new(factory),
             max_connections: 64,
+            handler_threads: default_handler_threads(),
             on_accept: None,
             on_close: None,
         }
@@ -186,11 +197,21 @@ impl ServerConfig {
     /// The most connections served at once. A client past the limit is not
     /// left waiting: it is accepted and refused, its first requests answered
     /// not ok with [`BUSY_FLAGS`] and the text `"server full: N
-    /// connections"`, then sent EOF. Each connection runs
-    /// [`handler_threads`](Config::handler_threads) + 2 threads, so this
-    /// bounds the server's threads too. Default: 64. At least 1.
+    /// connections"`, then sent EOF. Each connection runs 2 threads (its
+    /// handlers run on the server's shared pool), so this bounds the
+    /// server's threads too. Default: 64. At least 1.
     pub fn max_connections(mut self, n: usize) -> ServerConfig {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// The threads that run the handlers of every connection, shared: a
+    /// connection adds only its receive and send threads. The
+    /// [`handler_threads`](Config::handler_threads) of the connections'
+    /// `Config` are not used. Default: twice the processors, and at least
+    /// 4. At least 1.
+    pub fn handler_threads(mut self, n: usize) -> ServerConfig {
+        self.handler_threads = n.max(1);
         self
     }
 
@@ -214,6 +235,13 @@ impl ServerConfig {
     }
 }
 
+/// Twice the processors, and at least 4: handlers that wait on I/O leave
+/// others runnable.
+fn default_handler_threads() -> usize {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cpus).max(4)
+}
+
 impl From<Config> for ServerConfig {
     fn from(conn: Config) -> ServerConfig {
         ServerConfig::new(conn)
@@ -223,10 +251,12 @@ impl From<Config> for ServerConfig {
 /// A server: accepts clients on a listener, serves each on its own
 /// [`PacketConnection`], can make requests of them, and stops in order.
 ///
-/// Threads: one accept thread, `"{name}:accept"`; each connection's own
-/// threads, named `"{name}#{n}:..."` for the `n`th client accepted; and,
-/// while clients past the connection limit are being refused, one
-/// `"{name}:refuse"` thread.
+/// Threads: one accept thread, `"{name}:accept"`; the handler threads
+/// every connection shares, `"{name}:handler{idx}"`
+/// ([`ServerConfig::handler_threads`]); each connection's receive and send
+/// threads, named `"{name}#{n}:recv"` and `"{name}#{n}:send"` for the `n`th
+/// client accepted; and, while clients past the connection limit are being
+/// refused, one `"{name}:refuse"` thread.
 ///
 /// [`stop`](Server::stop) stops accepting, starts the orderly close of every
 /// connection at once (ERQ to every client, so no connection starts a new
@@ -273,11 +303,13 @@ impl fmt::Debug for Server {
 
 struct ServerShared {
     config: ServerConfig,
+    /// The handler threads every connection shares.
+    pool: Arc<Pool<Job>>,
     state: Mutex<State>,
     /// Signalled when a connection ends, on stop, and when the accept
     /// thread ends.
     changed: Condvar,
-    /// The refusing thread, while there is one.
+    /// The handler threads, and the refusing thread while there is one.
     threads: Arc<ThreadSet>,
 }
 
@@ -289,6 +321,8 @@ struct State {
     wake_failed: bool,
     accepted: u64,
     refused: u64,
+    /// Connections being started by the accept thread, not yet recorded.
+    starting: usize,
     /// Live clients by id, in accept order.
     live: BTreeMap<u64, Client>,
     /// Connections that have ended, whose threads are yet to be joined.
@@ -347,11 +381,12 @@ impl Listener {
 }
 
 impl Stream {
-    fn into_connection(self, config: Config) -> Result<PacketConnection> {
-        match self {
-            Stream::Tcp(stream) => PacketConnection::from_tcp_stream(stream, config),
-            Stream::Unix(stream) => PacketConnection::from_unix_stream(stream, config),
-        }
+    fn into_connection(self, config: Config, pool: &Arc<Pool<Job>>) -> Result<PacketConnection> {
+        let streams = match self {
+            Stream::Tcp(stream) => transport::tcp_streams(stream)?,
+            Stream::Unix(stream) => transport::unix_streams(stream)?,
+        };
+        PacketConnection::start_in(streams, config, Some(pool))
     }
 
     fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
@@ -437,17 +472,27 @@ impl Server {
     fn serve(listener: Listener, config: ServerConfig) -> Result<Server> {
         let waker = listener.waker()?;
         let name = config.name.clone();
+        let threads = Arc::new(ThreadSet::default());
+        let pool = Pool::start(&name, config.handler_threads, SHARED_QUEUE, &threads)?;
         let shared = Arc::new(ServerShared {
             config,
+            pool,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            threads: Arc::new(ThreadSet::default()),
+            threads,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name(format!("{name}:accept"))
-                .spawn(move || run_accept_loop(&shared, &listener))?
+                .spawn(move || run_accept_loop(&shared, &listener))
+        };
+        let acceptor = match acceptor {
+            Ok(acceptor) => acceptor,
+            Err(e) => {
+                shared.pool.close();
+                return Err(Error::Io(e));
+            }
         };
         log::debug!("{name}: serving on {waker:?}");
         Ok(Server {
@@ -572,7 +617,12 @@ impl Server {
                 std::panic::resume_unwind(panic);
             }
         }
-        if !shared.wait_until(deadline, |state| state.live.is_empty()) {
+        if shared.wait_until(deadline, |state| {
+            state.live.is_empty() && state.starting == 0
+        }) {
+            // No connection is left to queue work for the handler threads.
+            shared.pool.close();
+        } else {
             in_time = false;
             let late: Vec<Client> = shared.state.lock().live.values().cloned().collect();
             for client in late {
@@ -604,6 +654,14 @@ impl Drop for Server {
         if self.acceptor.take().is_some() {
             self.begin_stop();
         }
+    }
+}
+
+impl Drop for ServerShared {
+    /// The server and every connection of it are gone: so is all work for
+    /// the handler threads.
+    fn drop(&mut self) {
+        self.pool.close();
     }
 }
 
@@ -687,6 +745,7 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
                 continue;
             }
             state.accepted += 1;
+            state.starting += 1;
             state.accepted
         };
         let info = ClientInfo { id, peer_addr };
@@ -708,41 +767,50 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     let conn_name = format!("{}#{id}", shared.config.name);
     let mut config = (shared.config.factory)(&info).name(conn_name.clone());
     let own_hook = config.on_end.take();
-    let server = Arc::downgrade(shared);
+    // A strong reference, dropped with the hook once it has run: a server
+    // lives as long as a connection of its may still end.
+    let server = Arc::clone(shared);
     config = config.on_end(move |why| {
         if let Some(hook) = &own_hook {
             hook(why);
         }
-        if let Some(server) = Weak::upgrade(&server) {
-            server.connection_ended(id, why);
-        }
+        server.connection_ended(id, why);
     });
-    let conn = Arc::new(stream.into_connection(config)?);
-    let client = Client { info, conn };
-    let (stopping, ended_early) = {
-        let mut state = shared.state.lock();
-        let ended_early = state.ended_early.remove(&id);
-        if ended_early.is_some() {
-            state.ended.push(Arc::clone(&client.conn));
-        } else {
-            state.live.insert(id, client.clone());
+    let started = stream.into_connection(config, &shared.pool);
+    let mut state = shared.state.lock();
+    state.starting -= 1;
+    let conn = match started {
+        Ok(conn) => Arc::new(conn),
+        Err(e) => {
+            drop(state);
+            return Err(e);
         }
-        (state.stopping, ended_early)
     };
+    let client = Client { info, conn };
+    let ended_early = state.ended_early.remove(&id);
+    let stopping = state.stopping;
+    if ended_early.is_some() || stopping {
+        state.ended.push(Arc::clone(&client.conn));
+    } else {
+        state.live.insert(id, client.clone());
+    }
+    drop(state);
     log::debug!("{conn_name}: accepted");
+    if stopping {
+        // The stop began while this one was starting, and may already have
+        // let the handler threads go.
+        client.conn.abort();
+    }
     if let Some(why) = ended_early {
         if let Some(hook) = &shared.config.on_close {
             hook(&client, why);
         }
         return Ok(());
     }
-    if stopping {
-        // The stop may have begun closing the connections it knew before
-        // this one was recorded.
-        client.conn.begin_close();
-    }
-    if let Some(hook) = &shared.config.on_accept {
-        hook(&client);
+    if !stopping {
+        if let Some(hook) = &shared.config.on_accept {
+            hook(&client);
+        }
     }
     Ok(())
 }

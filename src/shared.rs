@@ -19,7 +19,7 @@ use crate::handler::{run_handler, Outcome, Request, RequestHandler};
 use crate::outbox::{Admission, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, Kind};
 use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Pool, Quota};
 use crate::stats::Counters;
 
 /// A hook run at most once.
@@ -59,11 +59,8 @@ pub(crate) struct Job {
 }
 
 impl pool::Job for Job {
-    fn size(&self) -> usize {
-        self.rq.payload.len()
-    }
-
     fn run(self) {
+        self.shared.quota.release(self.rq.payload.len());
         self.shared.serve(self.rq);
     }
 }
@@ -76,8 +73,12 @@ pub(crate) struct Shared {
     pub(crate) table: PendingTable,
     pub(crate) outbox: Outbox,
     inbound: Mutex<Inbound>,
-    /// The handler pool, if there is a handler.
+    /// The handler pool, if there is a handler: this connection's own, or
+    /// its server's.
     pool: Option<Arc<Pool<Job>>>,
+    owns_pool: bool,
+    /// What this connection may have queued in the pool.
+    quota: Quota,
     /// The receive thread has read bytes it has not parsed yet: more
     /// requests, and so more replies, may be about to follow.
     more_incoming: AtomicBool,
@@ -93,8 +94,8 @@ pub(crate) struct Shared {
     interrupt: Mutex<Option<Hook>>,
     /// Run once the connection has ended, before `on_end`.
     release: Mutex<Option<Hook>>,
-    /// Run once the connection has ended.
-    on_end: Option<EndHook>,
+    /// Run once the connection has ended, then dropped, with what it holds.
+    on_end: Mutex<Option<EndHook>>,
     on_peer_end_requests: Option<EventHook>,
 }
 
@@ -191,10 +192,14 @@ impl Shared {
     pub(crate) fn new(
         config: &Config,
         send: Box<dyn io::Write + Send>,
-        pool: Option<Arc<Pool<Job>>>,
+        pool: Option<(Arc<Pool<Job>>, bool)>,
         interrupt: Option<Hook>,
         release: Option<Hook>,
     ) -> Shared {
+        let (pool, owns_pool) = match pool {
+            Some((pool, owned)) => (Some(pool), owned),
+            None => (None, false),
+        };
         Shared {
             name: config.name.clone(),
             max_packet_len: config.max_packet_len,
@@ -209,13 +214,15 @@ impl Shared {
             ),
             inbound: Mutex::new(Inbound::default()),
             pool,
+            owns_pool,
+            quota: Quota::new(config.handler_queue, config.max_queued_bytes),
             more_incoming: AtomicBool::new(false),
             handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
             life: Mutex::new(Life::default()),
             interrupt: Mutex::new(interrupt),
             release: Mutex::new(release),
-            on_end: config.on_end.clone(),
+            on_end: Mutex::new(config.on_end.clone()),
             on_peer_end_requests: config.on_peer_end_requests.clone(),
         }
     }
@@ -322,10 +329,15 @@ impl Shared {
         // A connection has a pool exactly when it has a handler.
         let admitted = self.inbound.lock().admit(self.pool.is_some(), channel, tag);
         match (admitted, &self.pool) {
-            (Ok(()), Some(pool)) => pool.push(Job {
-                shared: Arc::clone(self),
-                rq,
-            }),
+            (Ok(()), Some(pool)) => {
+                // Blocks while this connection has too much queued: that is
+                // the backpressure on the peer.
+                self.quota.acquire(rq.payload.len(), || pool.wake());
+                pool.push(Job {
+                    shared: Arc::clone(self),
+                    rq,
+                });
+            }
             (Ok(()), None) => self.refuse(channel, tag, "no request handler".to_string()),
             (Err(reason), _) => self.refuse(channel, tag, reason),
         }
@@ -365,7 +377,7 @@ impl Shared {
             inbound.in_progress.remove(&(channel, tag));
             (inbound.in_progress.is_empty(), inbound.closing)
         };
-        let jobs_queued = self.pool.as_ref().is_some_and(|pool| !pool.is_empty());
+        let jobs_queued = self.quota.queued() > 0;
         if idle && closing {
             self.outbox.push_eof(&self.stats);
         } else if !jobs_queued && !self.more_incoming.load(Ordering::SeqCst) {
@@ -409,13 +421,10 @@ impl Shared {
     /// write them with its own.
     pub(crate) fn before_read(&self) {
         self.more_incoming.store(false, Ordering::SeqCst);
-        let jobs_queued = match &self.pool {
-            Some(pool) => {
-                pool.wake();
-                !pool.is_empty()
-            }
-            None => false,
-        };
+        if let Some(pool) = &self.pool {
+            pool.wake();
+        }
+        let jobs_queued = self.quota.queued() > 0;
         if !jobs_queued {
             self.outbox.flush_soon(true);
         }
@@ -511,9 +520,7 @@ impl Shared {
         self.inbound.lock().closing = true;
         let written_to = self.outbox.abort();
         let n_failed = self.table.fail_all(Disconnect::Local, written_to);
-        if let Some(pool) = &self.pool {
-            pool.close();
-        }
+        self.close_pool();
         log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
         self.interrupt();
     }
@@ -524,9 +531,7 @@ impl Shared {
     /// the handler threads end once they have finished what is queued, and
     /// this end's close begins.
     pub(crate) fn receive_ended(&self, res: Result<Disconnect>, unread: Vec<u8>) {
-        if let Some(pool) = &self.pool {
-            pool.close();
-        }
+        self.close_pool();
         let why = match &res {
             Ok(why) => *why,
             Err(Error::Io(e)) => Disconnect::Io(e.kind()),
@@ -552,6 +557,16 @@ impl Shared {
         self.loop_ended();
     }
 
+    /// No more jobs come from this connection: its own pool's workers end
+    /// once they have run what is queued, and a receive thread waiting for
+    /// room goes on.
+    fn close_pool(&self) {
+        self.quota.close();
+        if let (Some(pool), true) = (&self.pool, self.owns_pool) {
+            pool.close();
+        }
+    }
+
     /// One of the two loops has ended; after the second, the connection
     /// has, and the hooks run.
     fn loop_ended(&self) {
@@ -573,7 +588,8 @@ impl Shared {
         if let Some(release) = release {
             release();
         }
-        if let Some(hook) = &self.on_end {
+        let hook = self.on_end.lock().take();
+        if let Some(hook) = hook {
             hook(why);
         }
     }

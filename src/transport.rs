@@ -41,6 +41,18 @@ impl Socket for TcpStream {
     }
 }
 
+/// The streams of a Unix socket, for a connection that owns it.
+pub(crate) fn unix_streams(stream: UnixStream) -> io::Result<Streams> {
+    socket_streams(stream)
+}
+
+/// The streams of a TCP socket, for a connection that owns it, with Nagle's
+/// algorithm turned off (the connection batches its own writes).
+pub(crate) fn tcp_streams(stream: TcpStream) -> io::Result<Streams> {
+    stream.set_nodelay(true)?;
+    socket_streams(stream)
+}
+
 fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let recv = socket.try_clone()?;
     let send = socket.try_clone()?;
@@ -86,7 +98,7 @@ impl PacketConnection {
     /// # Ok::<(), packetstream::Error>(())
     /// ```
     pub fn from_unix_stream(stream: UnixStream, config: Config) -> Result<PacketConnection> {
-        PacketConnection::start(socket_streams(stream)?, config)
+        PacketConnection::start(unix_streams(stream)?, config)
     }
 
     /// Starts a connection over a TCP stream, used both ways, with Nagle's
@@ -99,8 +111,7 @@ impl PacketConnection {
     /// [`Error::Io`] if the socket cannot be cloned or configured, or a
     /// thread cannot be spawned.
     pub fn from_tcp_stream(stream: TcpStream, config: Config) -> Result<PacketConnection> {
-        stream.set_nodelay(true)?;
-        PacketConnection::start(socket_streams(stream)?, config)
+        PacketConnection::start(tcp_streams(stream)?, config)
     }
 
     /// Starts a connection over one file descriptor used both ways, such as

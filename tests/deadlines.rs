@@ -24,7 +24,7 @@ use common::{
 };
 use packetstream::{
     Config, Error, HandlerResult, Kind, Packet, PacketConnection, PendingResponse, Reply, Request,
-    Server,
+    Server, ServerConfig,
 };
 
 /// The deadline given to every call that takes one.
@@ -1779,10 +1779,10 @@ fn stop_with_busy_clients(
             echo(rq)
         }
     };
-    let config = Config::default()
-        .name(unique_name("st"))
-        .handler_threads(2)
-        .handler(handler);
+    // One handler thread per client, so that every client has a request in
+    // progress at once.
+    let config = ServerConfig::new(Config::default().name(unique_name("st")).handler(handler))
+        .handler_threads(CLIENTS);
     let (server, connect): (Server, Box<dyn Fn() -> PacketConnection + Sync>) = match listen {
         Listen::Tcp => {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
