@@ -34,6 +34,8 @@ pub struct Config {
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_queued_packets: usize,
     pub(crate) handler: Option<Arc<dyn RequestHandler>>,
+    /// The handler runs on the receive thread.
+    pub(crate) inline: bool,
     pub(crate) on_end: Option<EndHook>,
     pub(crate) on_peer_end_requests: Option<EventHook>,
 }
@@ -54,6 +56,7 @@ impl Default for Config {
             max_queued_bytes: 8 << 20,
             max_queued_packets: 1 << 16,
             handler: None,
+            inline: false,
             on_end: None,
             on_peer_end_requests: None,
         }
@@ -71,6 +74,7 @@ impl fmt::Debug for Config {
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("max_queued_packets", &self.max_queued_packets)
             .field("handler", &self.handler.is_some())
+            .field("inline", &self.inline)
             .field("on_end", &self.on_end.is_some())
             .field("on_peer_end_requests", &self.on_peer_end_requests.is_some())
             .finish()
@@ -137,16 +141,62 @@ impl Config {
         self
     }
 
-    /// The handler that serves the peer's requests. Without one, every
-    /// request from the peer gets a not-ok reply, "no request handler".
+    /// The handler that serves the peer's requests, on a pool of handler
+    /// threads. Without one, every request from the peer gets a not-ok
+    /// reply, "no request handler".
     pub fn handler(mut self, handler: impl RequestHandler) -> Config {
         self.handler = Some(Arc::new(handler));
+        self.inline = false;
         self
     }
 
     /// Like [`handler`](Config::handler), for a handler already shared.
     pub fn shared_handler(mut self, handler: Arc<dyn RequestHandler>) -> Config {
         self.handler = Some(handler);
+        self.inline = false;
+        self
+    }
+
+    /// A handler that runs on the receive thread itself, as each request
+    /// is read: no handler threads, no hop between threads, and its reply
+    /// is written by the receive thread at once, without blocking (on a
+    /// socket; elsewhere by the send thread). For cheap handlers, such as a
+    /// lookup in memory or an echo, this is the fastest way to serve.
+    ///
+    /// While it runs, this connection reads nothing: no other request, and
+    /// no response to this end's own requests. So an inline handler must
+    /// not:
+    ///
+    /// - block, sleep or take long: it holds up every request behind it on
+    ///   this connection (a server's other connections go on);
+    /// - wait for a response on its own connection (`call`, `wait`,
+    ///   `request`): the thread that would read it is the one waiting, so it
+    ///   would wait for ever (submitting without waiting is fine);
+    /// - call `close` or `join` on its own connection.
+    ///
+    /// A panic is caught and sent as a not-ok reply, as with
+    /// [`handler`](Config::handler).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::os::unix::net::UnixStream;
+    /// use packetstream::{Config, PacketConnection, Request};
+    ///
+    /// let (a, b) = UnixStream::pair()?;
+    /// let server = PacketConnection::from_unix_stream(
+    ///     b,
+    ///     Config::default().inline_handler(|rq: Request| Ok(rq.payload.into())),
+    /// )?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// assert_eq!(client.call(1, 0, b"echo")?.payload, b"echo");
+    /// client.close()?;
+    /// server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn inline_handler(mut self, handler: impl RequestHandler) -> Config {
+        self.handler = Some(Arc::new(handler));
+        self.inline = true;
         self
     }
 

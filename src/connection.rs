@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, RequestId, Result};
-use crate::outbox::Admission;
+use crate::outbox::{Admission, Control};
 use crate::pending::{Cell, Response};
 use crate::pool::Pool;
 use crate::receiver;
@@ -26,6 +26,8 @@ pub type OnClose = Option<Box<dyn FnOnce() + Send>>;
 pub(crate) struct Streams {
     pub(crate) recv: Box<dyn Read + Send>,
     pub(crate) send: Box<dyn Write + Send>,
+    /// For a socket: shutdown and non-blocking writes.
+    pub(crate) control: Option<Arc<dyn Control>>,
     pub(crate) interrupt: Option<Hook>,
     pub(crate) release: Option<Hook>,
 }
@@ -91,6 +93,7 @@ impl PacketConnection {
         let streams = Streams {
             recv: Box::new(recv),
             send: Box::new(send),
+            control: None,
             interrupt: None,
             release: None,
         };
@@ -111,6 +114,7 @@ impl PacketConnection {
         let Streams {
             recv,
             send,
+            control,
             interrupt,
             release,
         } = streams;
@@ -118,6 +122,7 @@ impl PacketConnection {
         let threads = Arc::new(ThreadSet::default());
         let pool = match (&config.handler, shared_pool) {
             (None, _) => None,
+            (Some(_), _) if config.inline => None,
             (Some(_), Some(pool)) => Some((Arc::clone(pool), false)),
             (Some(_), None) => {
                 let pool =
@@ -125,7 +130,9 @@ impl PacketConnection {
                 Some((pool, true))
             }
         };
-        let shared = Arc::new(Shared::new(&config, send, pool, interrupt, release));
+        let shared = Arc::new(Shared::new(
+            &config, send, control, pool, interrupt, release,
+        ));
         let conn = PacketConnection {
             shared: Arc::clone(&shared),
             threads: Arc::clone(&threads),

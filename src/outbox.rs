@@ -19,6 +19,7 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -96,6 +97,9 @@ struct State {
     writing: bool,
     /// The stream, while nobody is writing. `None` once closed.
     stream: Option<Box<dyn Write + Send>>,
+    /// Switches the stream to non-blocking writes and back, where the
+    /// transport allows it (sockets). Dropped with the stream.
+    control: Option<Arc<dyn Control>>,
     /// Write without waiting out the grace.
     urgent: bool,
     /// Replies or control packets are among the unwritten bytes: the peer
@@ -124,6 +128,7 @@ impl State {
         self.large.clear();
         self.large_bytes = 0;
         self.queued_packets = 0;
+        self.control = None;
         self.stream.take()
     }
 }
@@ -146,6 +151,7 @@ impl Outbox {
     pub(crate) fn new(
         name: &str,
         stream: Box<dyn Write + Send>,
+        control: Option<Arc<dyn Control>>,
         grace: Duration,
         max_bytes: usize,
         max_packets: usize,
@@ -166,6 +172,7 @@ impl Outbox {
                 writing_packets: 0,
                 writing: false,
                 stream: Some(stream),
+                control,
                 urgent: false,
                 owes_peer: false,
                 since: None,
@@ -364,19 +371,66 @@ impl Outbox {
         self.drain(st, None, stats)
     }
 
+    /// Writes the queue now if nobody else is writing, without blocking:
+    /// only as much as the stream takes at once, the rest left at the front
+    /// of the queue for the send thread. For the thread that reads, which
+    /// must never block in a write: two ends whose readers both blocked in
+    /// writes could wait on each other for ever. Where the transport cannot
+    /// write without blocking, the send thread is asked to write instead.
+    /// With `replies_only`, nothing happens unless replies or control packets
+    /// are queued: requests alone keep their grace.
+    pub(crate) fn write_now_nonblocking(
+        &self,
+        replies_only: bool,
+        stats: &Counters,
+    ) -> Option<WriteFailed> {
+        let st = self.state.lock();
+        if st.buf.is_empty() || st.writing || st.stream.is_none() || (replies_only && !st.owes_peer)
+        {
+            return None;
+        }
+        match st.control.clone() {
+            Some(control) => self.drain_with(st, Mode::NonBlocking(&*control), stats),
+            None => {
+                drop(st);
+                self.flush_soon(replies_only);
+                None
+            }
+        }
+    }
+
     /// Writes the queue until it is empty, as the one writer. `extra`, if
     /// any, is written right after the bytes queued so far. The thread that
     /// writes EOF, or finds the side dead, closes the stream.
     fn drain(
         &self,
+        st: MutexGuard<'_, State>,
+        extra: Option<&[u8]>,
+        stats: &Counters,
+    ) -> Option<WriteFailed> {
+        self.drain_with(st, Mode::Blocking(extra), stats)
+    }
+
+    fn drain_with(
+        &self,
         mut st: MutexGuard<'_, State>,
-        mut extra: Option<&[u8]>,
+        mode: Mode<'_>,
         stats: &Counters,
     ) -> Option<WriteFailed> {
         debug_assert!(!st.writing);
         let mut stream = st.stream.take()?;
         st.writing = true;
+        let (mut extra, control) = match mode {
+            Mode::Blocking(extra) => (extra, None),
+            Mode::NonBlocking(control) => (None, Some(control)),
+        };
         let mut failed = None;
+        if let Some(control) = control {
+            if let Err(e) = control.set_nonblocking(true) {
+                failed = Some(WriteFailed(e));
+                let _none = st.kill();
+            }
+        }
         while st.phase != Phase::Dead && (!st.buf.is_empty() || extra.is_some()) {
             let mut batch = std::mem::take(&mut st.spare);
             std::mem::swap(&mut batch, &mut st.buf);
@@ -391,14 +445,28 @@ impl Outbox {
             st.urgent = false;
             st.owes_peer = false;
             st.since = None;
+            let mut written = 0;
             let res = MutexGuard::unlocked(&mut st, || {
-                let res = write_batch(&self.name, &mut stream, &batch, &large, payload, stats);
-                // Free the large payloads here, not under the lock.
-                large.clear();
-                res
+                write_batch(
+                    &self.name,
+                    &mut stream,
+                    &batch,
+                    &large,
+                    payload,
+                    &mut written,
+                    stats,
+                )
             });
+            let stuck = control.is_some()
+                && matches!(&res, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if stuck && st.phase != Phase::Dead {
+                // The stream takes no more for now: what is left goes back
+                // to the front of the queue, for the send thread.
+                requeue(&mut st, &batch, &mut large, written);
+            }
             st.writing_bytes = 0;
             st.writing_packets = 0;
+            large.clear();
             st.spare_large = large;
             batch.clear();
             if batch.capacity() > KEEP_BUF_CAPACITY {
@@ -406,10 +474,24 @@ impl Outbox {
             }
             st.spare = batch;
             self.room.notify_all();
-            if let Err(e) = res {
-                if st.phase != Phase::Dead {
+            match res {
+                Err(_) if stuck => {
+                    st.urgent = true;
+                    self.work.notify_one();
+                    break;
+                }
+                Err(e) if st.phase != Phase::Dead => {
                     failed = Some(WriteFailed(e));
                     // Nothing is queued past a failed write.
+                    let _none = st.kill();
+                }
+                _ => {}
+            }
+        }
+        if let (Some(control), None) = (control, &failed) {
+            if let Err(e) = control.set_nonblocking(false) {
+                if st.phase != Phase::Dead {
+                    failed = Some(WriteFailed(e));
                     let _none = st.kill();
                 }
             }
@@ -423,7 +505,9 @@ impl Outbox {
             st.stream = Some(stream);
             return failed;
         }
+        let control = st.control.take();
         drop(st);
+        drop(control);
         // Close the stream: for a pipe, this is what the peer sees as the
         // end. The send loop may be waiting for this write to end.
         drop(stream);
@@ -580,29 +664,123 @@ fn write_batch(
     batch: &[u8],
     large: &[(usize, Vec<u8>)],
     payload: Option<&[u8]>,
+    written: &mut usize,
     stats: &Counters,
 ) -> io::Result<()> {
+    let res = write_pieces(stream, batch, large, payload, written).and_then(|()| stream.flush());
+    if *written > 0 {
+        stats
+            .send
+            .bytes_out
+            .fetch_add(*written as u64, Ordering::Relaxed);
+        stats.send.writes.fetch_add(1, Ordering::Relaxed);
+        log::trace!("{name}: ==> wrote {written} bytes");
+    }
+    res
+}
+
+/// Writes the batch, its large segments in place, then `payload`, counting
+/// the bytes written in `written`, so that a write that stops short (a
+/// non-blocking stream that is full) can be resumed.
+fn write_pieces(
+    stream: &mut Box<dyn Write + Send>,
+    batch: &[u8],
+    large: &[(usize, Vec<u8>)],
+    payload: Option<&[u8]>,
+    written: &mut usize,
+) -> io::Result<()> {
     let mut pos = 0;
-    let mut n_bytes = batch.len();
-    for (at, payload) in large {
-        stream.write_all(&batch[pos..*at])?;
-        stream.write_all(payload)?;
-        n_bytes += payload.len();
+    for (at, segment) in large {
+        write_counted(stream, &batch[pos..*at], written)?;
+        write_counted(stream, segment, written)?;
         pos = *at;
     }
-    stream.write_all(&batch[pos..])?;
+    write_counted(stream, &batch[pos..], written)?;
     if let Some(payload) = payload {
-        stream.write_all(payload)?;
-        n_bytes += payload.len();
+        write_counted(stream, payload, written)?;
     }
-    stream.flush()?;
-    stats
-        .send
-        .bytes_out
-        .fetch_add(n_bytes as u64, Ordering::Relaxed);
-    stats.send.writes.fetch_add(1, Ordering::Relaxed);
-    log::trace!("{name}: ==> wrote {n_bytes} bytes");
     Ok(())
+}
+
+fn write_counted(
+    stream: &mut Box<dyn Write + Send>,
+    mut buf: &[u8],
+    written: &mut usize,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *written += n;
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Puts what a write left of `batch` and its `large` segments, past its
+/// first `written` bytes, back at the front of the queue. Only for writes
+/// without a caller's payload.
+fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, written: usize) {
+    let mut rest = Vec::with_capacity(batch.len() + st.buf.len());
+    let mut rest_large = Vec::new();
+    let mut rest_large_bytes = 0;
+    // Walk the pieces in order, skipping the written bytes.
+    let mut skip = written;
+    let mut pos = 0;
+    let take = |piece: &[u8], skip: &mut usize| -> usize {
+        let n = (*skip).min(piece.len());
+        *skip -= n;
+        n
+    };
+    for (at, segment) in large.drain(..) {
+        let bytes = &batch[pos..at];
+        let n = take(bytes, &mut skip);
+        rest.extend_from_slice(&bytes[n..]);
+        let n = take(&segment, &mut skip);
+        if n == 0 {
+            rest_large_bytes += segment.len();
+            rest_large.push((rest.len(), segment));
+        } else if n < segment.len() {
+            // Partly written: the rest of it is copied, once.
+            rest.extend_from_slice(&segment[n..]);
+        }
+        pos = at;
+    }
+    let bytes = &batch[pos..];
+    let n = take(bytes, &mut skip);
+    rest.extend_from_slice(&bytes[n..]);
+    let shift = rest.len();
+    rest.extend_from_slice(&st.buf);
+    st.buf = rest;
+    for (at, segment) in st.large.drain(..) {
+        rest_large.push((at + shift, segment));
+    }
+    st.large = rest_large;
+    st.large_bytes += rest_large_bytes;
+    // The packets of the batch count as queued again, with what came since.
+    st.queued_packets += st.writing_packets;
+}
+
+/// How [`Outbox::drain_with`] writes.
+enum Mode<'a> {
+    /// Blocking writes, with the caller's payload after the queue.
+    Blocking(Option<&'a [u8]>),
+    /// Non-blocking writes, switched on and off through the control.
+    NonBlocking(&'a dyn Control),
+}
+
+/// What a connection can do to its socket besides reading and writing it.
+pub(crate) trait Control: Send + Sync {
+    /// Shuts the socket down both ways, which unblocks every read and write.
+    fn shutdown(&self);
+
+    /// Switches non-blocking mode on or off, for every descriptor of the
+    /// socket.
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
 }
 
 #[cfg(test)]
@@ -641,6 +819,7 @@ mod tests {
         Outbox::new(
             "test",
             Box::new(rec.clone()),
+            None,
             Duration::from_secs(60),
             max_bytes,
             1000,
@@ -754,7 +933,14 @@ mod tests {
     #[test]
     fn phases_refuse_what_they_must() {
         let rec = Recorder::default();
-        let outbox = Outbox::new("test", Box::new(rec.clone()), Duration::MAX, 1 << 20, 1000);
+        let outbox = Outbox::new(
+            "test",
+            Box::new(rec.clone()),
+            None,
+            Duration::MAX,
+            1 << 20,
+            1000,
+        );
         let stats = Counters::default();
         let end = AtomicU64::new(0);
         assert!(outbox.end_requests(&stats));
@@ -825,6 +1011,93 @@ mod tests {
         assert_eq!(&rec.0.lock().concat()[written as usize..], &want[..]);
     }
 
+    /// A socket-like stream that takes `room` bytes while non-blocking, then
+    /// would block; blocking, it takes everything.
+    #[derive(Clone, Default)]
+    struct Tight {
+        inner: Arc<Mutex<TightState>>,
+    }
+
+    #[derive(Default)]
+    struct TightState {
+        nonblocking: bool,
+        room: usize,
+        wire: Vec<u8>,
+        switches: Vec<bool>,
+    }
+
+    impl Write for Tight {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut st = self.inner.lock();
+            let n = if st.nonblocking {
+                if st.room == 0 {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                buf.len().min(st.room)
+            } else {
+                buf.len()
+            };
+            st.room -= n.min(st.room);
+            st.wire.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Control for Tight {
+        fn shutdown(&self) {}
+        fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+            let mut st = self.inner.lock();
+            st.nonblocking = on;
+            st.switches.push(on);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_non_blocking_write_that_stops_short_leaves_the_rest_in_order_for_the_next_writer() {
+        let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 10];
+        // Stop inside the first small reply, inside the large one, and
+        // between packets.
+        for room in [3, 20, LARGE_PAYLOAD / 2, LARGE_PAYLOAD + 40] {
+            let tight = Tight::default();
+            tight.inner.lock().room = room;
+            let control: Arc<dyn Control> = Arc::new(tight.clone());
+            let outbox = Outbox::new(
+                "test",
+                Box::new(tight.clone()),
+                Some(control),
+                Duration::from_secs(60),
+                1 << 30,
+                1000,
+            );
+            let stats = Counters::default();
+            let mut want = Vec::new();
+            for (tag, payload) in [(2, vec![1u8; 30]), (3, big(2)), (4, vec![3; 5])] {
+                let head = reply(tag, payload.len());
+                want.extend_from_slice(head.as_bytes());
+                want.extend_from_slice(&payload);
+                assert!(outbox.push_reply(&head, payload, &stats));
+            }
+            assert!(outbox.write_now_nonblocking(true, &stats).is_none());
+            assert_eq!(
+                tight.inner.lock().wire,
+                want[..room.min(want.len())],
+                "room {room}"
+            );
+            assert_eq!(tight.inner.lock().switches, [true, false]);
+            // A reply queued meanwhile goes after the rest.
+            let head = reply(5, 2);
+            want.extend_from_slice(head.as_bytes());
+            want.extend_from_slice(b"zz");
+            assert!(outbox.push_reply(&head, b"zz".to_vec(), &stats));
+            assert!(outbox.write_now(&stats).is_none());
+            assert_eq!(tight.inner.lock().wire, want, "room {room}");
+        }
+    }
+
     /// A writer that fails every write.
     struct Broken;
 
@@ -839,7 +1112,14 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_reported_once_and_kills_the_side() {
-        let outbox = Outbox::new("test", Box::new(Broken), Duration::ZERO, 1 << 20, 1000);
+        let outbox = Outbox::new(
+            "test",
+            Box::new(Broken),
+            None,
+            Duration::ZERO,
+            1 << 20,
+            1000,
+        );
         let stats = Counters::default();
         let end = AtomicU64::new(0);
         let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &end, &stats);

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Result};
 use crate::handler::{run_handler, Outcome, Request, RequestHandler};
-use crate::outbox::{Admission, Outbox, Phase, WriteFailed};
+use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, Kind};
 use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
 use crate::pool::{self, Pool, Quota};
@@ -61,7 +61,7 @@ pub(crate) struct Job {
 impl pool::Job for Job {
     fn run(self) {
         self.shared.quota.release(self.rq.payload.len());
-        self.shared.serve(self.rq);
+        self.shared.serve(self.rq, false);
     }
 }
 
@@ -73,8 +73,8 @@ pub(crate) struct Shared {
     pub(crate) table: PendingTable,
     pub(crate) outbox: Outbox,
     inbound: Mutex<Inbound>,
-    /// The handler pool, if there is a handler: this connection's own, or
-    /// its server's.
+    /// The handler pool, if there is a handler that is not inline: this
+    /// connection's own, or its server's.
     pool: Option<Arc<Pool<Job>>>,
     owns_pool: bool,
     /// What this connection may have queued in the pool.
@@ -192,6 +192,7 @@ impl Shared {
     pub(crate) fn new(
         config: &Config,
         send: Box<dyn io::Write + Send>,
+        control: Option<Arc<dyn Control>>,
         pool: Option<(Arc<Pool<Job>>, bool)>,
         interrupt: Option<Hook>,
         release: Option<Hook>,
@@ -208,6 +209,7 @@ impl Shared {
             outbox: Outbox::new(
                 &config.name,
                 send,
+                control,
                 config.packet_grace,
                 config.max_queued_bytes,
                 config.max_queued_packets,
@@ -326,10 +328,16 @@ impl Shared {
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
         let (channel, tag) = (rq.channel, rq.tag);
-        // A connection has a pool exactly when it has a handler.
-        let admitted = self.inbound.lock().admit(self.pool.is_some(), channel, tag);
-        match (admitted, &self.pool) {
-            (Ok(()), Some(pool)) => {
+        let admitted = self
+            .inbound
+            .lock()
+            .admit(self.handler.is_some(), channel, tag);
+        if let Err(reason) = admitted {
+            self.refuse(channel, tag, reason);
+            return;
+        }
+        match &self.pool {
+            Some(pool) => {
                 // Blocks while this connection has too much queued: that is
                 // the backpressure on the peer.
                 self.quota.acquire(rq.payload.len(), || pool.wake());
@@ -338,8 +346,8 @@ impl Shared {
                     rq,
                 });
             }
-            (Ok(()), None) => self.refuse(channel, tag, "no request handler".to_string()),
-            (Err(reason), _) => self.refuse(channel, tag, reason),
+            // An inline handler, on this thread.
+            None => self.serve(rq, true),
         }
     }
 
@@ -356,22 +364,24 @@ impl Shared {
         self.outbox.arm();
     }
 
-    /// Runs the handler on a request taken in by `dispatch`, on a worker.
-    fn serve(&self, rq: Request) {
+    /// Runs the handler on a request taken in by `dispatch`: on a worker, or
+    /// on the thread that reads (`reading`) for an inline handler.
+    fn serve(&self, rq: Request, reading: bool) {
         let (channel, tag) = (rq.channel, rq.tag);
         if let (Some(handler), false) = (&self.handler, self.outbox.phase() == Phase::Dead) {
             let outcome = run_handler(&self.name, handler, rq);
             self.reply(channel, tag, outcome);
         }
-        self.finish_request(channel, tag);
+        self.finish_request(channel, tag, reading);
     }
 
     /// The reply to the peer's request `(channel, tag)` is queued. If it was
     /// the last one owed before EOF, queue EOF. Otherwise, if no more
     /// replies are about to follow (no request waits for a handler, and the
     /// receive thread has nothing left to parse), write now: the peer may be
-    /// waiting.
-    fn finish_request(&self, channel: u64, tag: u64) {
+    /// waiting. The thread that reads (`reading`) never blocks in that
+    /// write.
+    fn finish_request(&self, channel: u64, tag: u64, reading: bool) {
         let (idle, closing) = {
             let mut inbound = self.inbound.lock();
             inbound.in_progress.remove(&(channel, tag));
@@ -380,14 +390,16 @@ impl Shared {
         let jobs_queued = self.quota.queued() > 0;
         if idle && closing {
             self.outbox.push_eof(&self.stats);
-        } else if !jobs_queued && !self.more_incoming.load(Ordering::SeqCst) {
-            if self.handlers_write {
-                self.write_now();
-            } else {
-                self.outbox.flush_soon(true);
-            }
-        } else {
+        } else if jobs_queued || self.more_incoming.load(Ordering::SeqCst) {
+            // More replies are about to follow: `before_read` or the grace
+            // writes them together.
             self.outbox.arm();
+        } else if reading {
+            self.write_nonblocking(true);
+        } else if self.handlers_write {
+            self.write_now();
+        } else {
+            self.outbox.flush_soon(true);
         }
     }
 
@@ -426,7 +438,7 @@ impl Shared {
         }
         let jobs_queued = self.quota.queued() > 0;
         if !jobs_queued {
-            self.outbox.flush_soon(true);
+            self.write_nonblocking(true);
         }
     }
 
@@ -440,6 +452,13 @@ impl Shared {
     /// deadline.
     pub(crate) fn write_now(&self) {
         let failed = self.outbox.write_now(&self.stats);
+        self.after_write(failed);
+    }
+
+    /// Writes the queue on the thread that reads, without blocking; with
+    /// `replies_only`, only if replies are queued.
+    fn write_nonblocking(&self, replies_only: bool) {
+        let failed = self.outbox.write_now_nonblocking(replies_only, &self.stats);
         self.after_write(failed);
     }
 

@@ -14,21 +14,28 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::connection::{OnClose, PacketConnection, Streams};
 use crate::error::{Error, Result};
+use crate::outbox::Control;
 use crate::shared::Hook;
 
-/// A socket used both ways: cloned for the receive and send halves, and
-/// shut down to interrupt them on abort.
-trait Socket: Read + Write + Send + Sized + 'static {
+/// A socket used both ways: cloned for the receive and send halves, shut
+/// down to interrupt them on abort, and written without blocking by the
+/// thread that reads.
+trait Socket: Read + Write + Control + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
-    fn shutdown(&self) -> io::Result<()>;
 }
 
 impl Socket for UnixStream {
     fn try_clone(&self) -> io::Result<Self> {
         UnixStream::try_clone(self)
     }
-    fn shutdown(&self) -> io::Result<()> {
-        UnixStream::shutdown(self, Shutdown::Both)
+}
+
+impl Control for UnixStream {
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, Shutdown::Both);
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, on)
     }
 }
 
@@ -36,8 +43,14 @@ impl Socket for TcpStream {
     fn try_clone(&self) -> io::Result<Self> {
         TcpStream::try_clone(self)
     }
-    fn shutdown(&self) -> io::Result<()> {
-        TcpStream::shutdown(self, Shutdown::Both)
+}
+
+impl Control for TcpStream {
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, Shutdown::Both);
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        TcpStream::set_nonblocking(self, on)
     }
 }
 
@@ -56,12 +69,13 @@ pub(crate) fn tcp_streams(stream: TcpStream) -> io::Result<Streams> {
 fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let recv = socket.try_clone()?;
     let send = socket.try_clone()?;
+    let control: Arc<dyn Control> = Arc::new(socket);
+    let interrupt = Arc::clone(&control);
     Ok(Streams {
         recv: Box::new(recv),
         send: Box::new(send),
-        interrupt: Some(Box::new(move || {
-            let _ = socket.shutdown();
-        })),
+        control: Some(control),
+        interrupt: Some(Box::new(move || interrupt.shutdown())),
         release: None,
     })
 }
@@ -268,6 +282,7 @@ impl PacketConnection {
         let streams = Streams {
             recv: Box::new(recv),
             send: Box::new(send),
+            control: None,
             interrupt: Some(run(Arc::clone(&hook))),
             release: Some(run(hook)),
         };
