@@ -432,12 +432,13 @@ impl PacketConnection {
     /// What it can interrupt depends on the transport:
     ///
     /// - sockets (`from_unix_stream`, `from_tcp_stream`, `connect_*`, a
-    ///   server's connections): the socket is shut down, so a read or write
-    ///   blocked in the kernel returns at once and every thread ends;
+    ///   server's connections, and `from_fd` or `from_borrowed_fd` of a
+    ///   socket): the socket is shut down, so a read or write blocked in the
+    ///   kernel returns at once and every thread ends;
     /// - [`connect_with`](PacketConnection::connect_with): its `on_close`
     ///   hook runs, and interrupts what it can;
-    /// - anything else (`new` over any `Read` and `Write`, pipes, file
-    ///   descriptors, `stdio`, `from_child`): nothing in the kernel can be
+    /// - anything else (`new` over any `Read` and `Write`, pipes,
+    ///   `from_fds`, `stdio`, `from_child`): nothing in the kernel can be
     ///   interrupted. Our send stream is closed unless a write is in
     ///   progress; a write in progress ends when the peer reads or closes
     ///   its end, and the receive thread when the peer writes or closes. For

@@ -150,11 +150,14 @@ pub enum Disconnect {
     /// The peer sent its EOF packet: the orderly end.
     PeerEof,
     /// The stream ended without the peer's EOF packet: the peer crashed,
-    /// was killed, exited without closing, or never spoke.
+    /// was killed, exited without closing, or never spoke. A read or write
+    /// that finds the peer's side closed (a broken pipe, a reset
+    /// connection) means the same, whichever side notices first.
     StreamEnded,
     /// The peer sent a malformed, truncated or oversize packet.
     Protocol,
-    /// Reading or writing the stream failed with this kind of error.
+    /// Reading or writing the stream failed with this kind of error, other
+    /// than finding the peer's side closed.
     Io(io::ErrorKind),
     /// This end aborted the connection (`abort`, or a `close_timeout` or
     /// server stop that ran out of time).

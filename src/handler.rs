@@ -230,21 +230,21 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
             flags: reply.flags,
             payload: reply.payload,
         },
-        Ok(Err(err)) => match err.downcast::<Failure>() {
-            Ok(failure) => Outcome {
-                ok: false,
-                flags: failure.flags,
-                payload: failure.payload,
-            },
-            Err(err) => {
-                log::debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
-                Outcome {
+        Ok(Err(err)) => {
+            log::debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
+            match err.downcast::<Failure>() {
+                Ok(failure) => Outcome {
+                    ok: false,
+                    flags: failure.flags,
+                    payload: failure.payload,
+                },
+                Err(err) => Outcome {
                     ok: false,
                     flags: 0,
                     payload: err.to_string().into_bytes(),
-                }
+                },
             }
-        },
+        }
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()

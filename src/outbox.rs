@@ -389,7 +389,11 @@ impl Outbox {
         {
             return None;
         }
-        match st.control.clone() {
+        match st
+            .control
+            .clone()
+            .filter(|control| control.nonblocking_writes())
+        {
             Some(control) => self.drain_with(st, Mode::NonBlocking(&*control), stats),
             None => {
                 drop(st);
@@ -554,7 +558,9 @@ impl Outbox {
                 drop_requests(&self.name, &mut st);
                 self.push_control(st, &Packet::erq(), stats);
             }
-            Phase::RequestsEnded => drop_requests(&self.name, &mut st),
+            // ERQ, and perhaps EOF, are queued behind requests the peer
+            // will not serve.
+            Phase::RequestsEnded | Phase::EofQueued => drop_requests(&self.name, &mut st),
             _ => {}
         }
         written_to
@@ -781,6 +787,11 @@ pub(crate) trait Control: Send + Sync {
     /// Switches non-blocking mode on or off, for every descriptor of the
     /// socket.
     fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+
+    /// Whether [`set_nonblocking`](Control::set_nonblocking) may be used.
+    fn nonblocking_writes(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

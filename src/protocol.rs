@@ -320,16 +320,9 @@ where
     R: Fulfil<C>,
     R::Response: Into<Reply>,
 {
-    let typed = R::from_request(rq.flags, &rq.payload).map_err(|err| {
-        log::debug!(
-            "request {}:{} {} (rq_type {}): {err}",
-            rq.channel,
-            rq.tag,
-            R::name(),
-            rq.rq_type
-        );
-        Failure::new(0, format!("{} (rq_type {}): {err}", R::name(), rq.rq_type))
-    })?;
+    // The connection logs the failure, with its name.
+    let typed = R::from_request(rq.flags, &rq.payload)
+        .map_err(|err| Failure::new(0, format!("{} (rq_type {}): {err}", R::name(), rq.rq_type)))?;
     Ok(typed.fulfil(context)?.into())
 }
 
@@ -337,15 +330,7 @@ impl<C: ?Sized + Send + Sync + 'static> RequestHandler for Dispatcher<C> {
     fn handle(&self, rq: Request) -> HandlerResult {
         match self.routes.get(&rq.rq_type) {
             Some(&(_, route)) => route(&self.context, &rq),
-            None => {
-                log::debug!(
-                    "request {}:{}: unknown rq_type {}",
-                    rq.channel,
-                    rq.tag,
-                    rq.rq_type
-                );
-                Err(Failure::new(0, format!("unknown rq_type {}", rq.rq_type)).into())
-            }
+            None => Err(Failure::new(0, format!("unknown rq_type {}", rq.rq_type)).into()),
         }
     }
 }

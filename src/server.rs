@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{self, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
 };
@@ -389,24 +389,13 @@ impl Stream {
         PacketConnection::start_in(streams, config, Some(pool))
     }
 
-    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+    fn set_nonblocking(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
                 s.set_nodelay(true)?;
-                s.set_read_timeout(Some(timeout))?;
-                s.set_write_timeout(Some(timeout))
+                s.set_nonblocking(true)
             }
-            Stream::Unix(s) => {
-                s.set_read_timeout(Some(timeout))?;
-                s.set_write_timeout(Some(timeout))
-            }
-        }
-    }
-
-    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(Some(timeout)),
-            Stream::Unix(s) => s.set_read_timeout(Some(timeout)),
+            Stream::Unix(s) => s.set_nonblocking(true),
         }
     }
 
@@ -801,15 +790,15 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
         // let the handler threads go.
         client.conn.abort();
     }
-    if let Some(why) = ended_early {
-        if let Some(hook) = &shared.config.on_close {
-            hook(&client, why);
-        }
-        return Ok(());
-    }
+    // Every client accepted is reported, before its end if that came first.
     if !stopping {
         if let Some(hook) = &shared.config.on_accept {
             hook(&client);
+        }
+    }
+    if let Some(why) = ended_early {
+        if let Some(hook) = &shared.config.on_close {
+            hook(&client, why);
         }
     }
     Ok(())
@@ -849,78 +838,148 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
     }
 }
 
-/// The refusing thread: refuses the clients handed to it, one at a time,
-/// until there have been none for a while, or the server has gone.
+/// The refusing thread: refuses the clients handed to it, all at once, each
+/// within [`REFUSAL_WAIT`], until there have been none for a while, or the
+/// server has gone.
 fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Receiver<Stream>) {
+    let mut refusing: Vec<Refusal> = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(stream) => {
-                if let Err(e) = refuse_one(&stream, reason) {
-                    log::debug!("{name}: refusing a client: {e}");
+        if refusing.is_empty() {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(stream) => refusing.extend(Refusal::start(name, stream)),
+                Err(RecvTimeoutError::Timeout) => {
+                    let Some(server) = server.upgrade() else {
+                        return;
+                    };
+                    // The accept thread hands clients over under this lock,
+                    // so none can slip in between the check and the end.
+                    let mut state = server.state.lock();
+                    if rx.is_empty() {
+                        state.refusals = None;
+                        return;
+                    }
+                    continue;
                 }
-                stream.shutdown();
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Timeout) => {
-                let Some(server) = server.upgrade() else {
-                    return;
-                };
-                // The accept thread hands clients over under this lock, so
-                // none can slip in between the check and the end.
-                let mut state = server.state.lock();
-                if rx.is_empty() {
-                    state.refusals = None;
-                    return;
-                }
+        }
+        refusing.extend(
+            rx.try_iter()
+                .filter_map(|stream| Refusal::start(name, stream)),
+        );
+        let mut progress = false;
+        refusing.retain_mut(|refusal| match refusal.poll(reason) {
+            Ok(true) => true,
+            Ok(false) => {
+                progress = true;
+                true
             }
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(e) => {
+                log::debug!("{name}: refused a client: {e}");
+                refusal.finish();
+                false
+            }
+        });
+        if !progress {
+            // Nothing to read: rest a little, or until a new client comes.
+            if let Ok(stream) = rx.recv_timeout(REFUSAL_POLL) {
+                refusing.extend(Refusal::start(name, stream));
+            }
         }
     }
 }
 
-/// Tells one client that the server is full: ERQ, a not-ok reply with
-/// [`BUSY_FLAGS`] to each request it sends within [`REFUSAL_WAIT`], then
-/// EOF.
-fn refuse_one(stream: &Stream, reason: &str) -> io::Result<()> {
-    stream.set_timeouts(REFUSAL_WAIT)?;
-    let mut wire = Vec::new();
-    Packet::erq().encode_into(&mut wire);
-    let mut writer = stream;
-    writer.write_all(&wire)?;
-    let deadline = Instant::now() + REFUSAL_WAIT;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        stream.set_read_timeout(left)?;
-        let packet = match Packet::read_from(&mut reader, 1 << 20) {
-            Ok(Some(packet)) => packet,
-            // The end, a timeout, or bytes not worth reading on.
-            _ => break,
-        };
-        if packet.is_eof() {
-            break;
-        }
-        if let Kind::Request { .. } = packet.kind {
-            wire.clear();
-            Packet {
-                channel: packet.channel,
-                tag: packet.tag,
-                kind: Kind::Response {
-                    ok: false,
-                    flags: BUSY_FLAGS,
-                },
-                payload: reason.as_bytes().to_vec(),
+/// How often the refusing thread looks at clients that have sent nothing.
+const REFUSAL_POLL: Duration = Duration::from_millis(2);
+
+/// One client being told that the server is full: ERQ at once, a not-ok
+/// reply with [`BUSY_FLAGS`] to each request it sends within
+/// [`REFUSAL_WAIT`], then EOF. Its socket is non-blocking, so no client can
+/// hold up the others.
+struct Refusal {
+    stream: Stream,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+impl Refusal {
+    fn start(name: &str, stream: Stream) -> Option<Refusal> {
+        let mut wire = Vec::new();
+        Packet::erq().encode_into(&mut wire);
+        let res = stream
+            .set_nonblocking()
+            .and_then(|()| (&stream).write_all(&wire));
+        match res {
+            Ok(()) => Some(Refusal {
+                stream,
+                buf: Vec::new(),
+                deadline: Instant::now() + REFUSAL_WAIT,
+            }),
+            Err(e) => {
+                log::debug!("{name}: cannot refuse a client: {e}");
+                stream.shutdown();
+                None
             }
-            .encode_into(&mut wire);
-            writer.write_all(&wire)?;
         }
     }
-    wire.clear();
-    Packet::eof().encode_into(&mut wire);
-    writer.write_all(&wire)
+
+    /// Reads what the client has sent and answers its requests. `Ok(true)`:
+    /// still waiting for it; `Ok(false)`: it sent something; `Err`: done
+    /// with it (its time is up, it ended, or it cannot be read or written).
+    fn poll(&mut self, reason: &str) -> io::Result<bool> {
+        let mut chunk = [0u8; 4096];
+        let n = match (&self.stream).read(&mut chunk) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= self.deadline {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                return Ok(true);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        self.buf.extend_from_slice(&chunk[..n]);
+        let mut wire = Vec::new();
+        let mut used = 0;
+        while let Some((packet, n)) = Packet::decode(&self.buf[used..], REFUSAL_MAX_PACKET)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        {
+            used += n;
+            if packet.is_eof() {
+                (&self.stream).write_all(&wire)?;
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if let Kind::Request { .. } = packet.kind {
+                Packet {
+                    channel: packet.channel,
+                    tag: packet.tag,
+                    kind: Kind::Response {
+                        ok: false,
+                        flags: BUSY_FLAGS,
+                    },
+                    payload: reason.as_bytes().to_vec(),
+                }
+                .encode_into(&mut wire);
+            }
+        }
+        self.buf.drain(..used);
+        (&self.stream).write_all(&wire)?;
+        Ok(false)
+    }
+
+    /// Sends EOF, as far as the socket takes it, and shuts the socket down.
+    fn finish(&self) {
+        let mut wire = Vec::new();
+        Packet::eof().encode_into(&mut wire);
+        let _ = (&self.stream).write_all(&wire);
+        self.stream.shutdown();
+    }
 }
+
+/// The longest packet a refused client may send.
+const REFUSAL_MAX_PACKET: u64 = 1 << 20;
 
 impl PacketConnection {
     /// Connects to a TCP server and starts a connection over the stream.

@@ -126,7 +126,7 @@ impl Life {
         }
         match (self.recv_end, &self.write_error) {
             (Some(why), _) if why != Disconnect::PeerEof => why,
-            (_, Some(Error::Io(e))) => Disconnect::Io(e.kind()),
+            (_, Some(Error::Io(e))) => broken(e),
             _ => Disconnect::PeerEof,
         }
     }
@@ -142,6 +142,20 @@ impl Life {
             _ => None,
         };
         Err(detail.map_or(Error::ConnectionLost(why), replicate))
+    }
+}
+
+/// How an I/O error ends a connection: the peer's side closing under a read
+/// or a write (a crash, a kill, an exit without EOF) is the stream ending
+/// without EOF, whichever side noticed first; anything else is an I/O
+/// error.
+fn broken(e: &io::Error) -> Disconnect {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::UnexpectedEof => Disconnect::StreamEnded,
+        kind => Disconnect::Io(kind),
     }
 }
 
@@ -476,10 +490,7 @@ impl Shared {
         let Some(WriteFailed(e)) = failed else {
             return;
         };
-        let kind = e.kind();
-        let n_failed = self
-            .table
-            .fail_all(Disconnect::Io(kind), self.outbox.written_to());
+        let n_failed = self.table.fail_all(broken(&e), self.outbox.written_to());
         {
             let mut life = self.life.lock();
             // After the peer's EOF, a write that fails is no error: the peer
@@ -553,7 +564,7 @@ impl Shared {
         self.close_pool();
         let why = match &res {
             Ok(why) => *why,
-            Err(Error::Io(e)) => Disconnect::Io(e.kind()),
+            Err(Error::Io(e)) => broken(e),
             Err(_) => Disconnect::Protocol,
         };
         match &res {

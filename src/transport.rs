@@ -54,6 +54,22 @@ impl Control for TcpStream {
     }
 }
 
+/// A descriptor given to `from_fd`: shut down on abort, never switched to
+/// non-blocking writes.
+struct FdSocket(UnixStream);
+
+impl Control for FdSocket {
+    fn shutdown(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+    fn set_nonblocking(&self, _: bool) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn nonblocking_writes(&self) -> bool {
+        false
+    }
+}
+
 /// The streams of a Unix socket, for a connection that owns it.
 pub(crate) fn unix_streams(stream: UnixStream) -> io::Result<Streams> {
     socket_streams(stream)
@@ -129,7 +145,9 @@ impl PacketConnection {
     }
 
     /// Starts a connection over one file descriptor used both ways, such as
-    /// a socket. The connection owns `fd` and closes it when done.
+    /// a socket. The connection owns `fd` and closes it when done. If it is a
+    /// socket, aborting shuts it down, which unblocks the connection's
+    /// threads (and ends every other descriptor of the socket too).
     ///
     /// # Errors
     ///
@@ -137,7 +155,19 @@ impl PacketConnection {
     /// cannot be spawned.
     pub fn from_fd(fd: OwnedFd, config: Config) -> Result<PacketConnection> {
         let recv = fd.try_clone()?;
-        PacketConnection::from_fds(recv, fd, config)
+        // Shut down on abort, if it is a socket (for anything else the call
+        // fails, harmlessly). Its blocking mode is left alone: the
+        // descriptor may be shared beyond this process.
+        let control: Arc<dyn Control> = Arc::new(FdSocket(UnixStream::from(fd.try_clone()?)));
+        let interrupt = Arc::clone(&control);
+        let streams = Streams {
+            recv: Box::new(File::from(recv)),
+            send: Box::new(File::from(fd)),
+            control: Some(control),
+            interrupt: Some(Box::new(move || interrupt.shutdown())),
+            release: None,
+        };
+        PacketConnection::start(streams, config)
     }
 
     /// Starts a connection over a file descriptor the caller keeps: it is
