@@ -1522,12 +1522,20 @@ fn run_many(
     let server = if raw {
         ManyServer::Raw(RawServer::start(listener)?)
     } else {
-        let config = Config::default().name(LIB_SERVER).handler(|rq: Request| {
+        let echo = |rq: Request| {
             Ok(Reply {
                 flags: rq.flags,
                 payload: rq.payload,
             })
-        });
+        };
+        // An echo is the cheap handler that runs best inline, as the raw
+        // server's does; PACKETSTREAM_BENCH_POOL=1 runs it on the pool.
+        let config = Config::default().name(LIB_SERVER);
+        let config = if std::env::var_os("PACKETSTREAM_BENCH_POOL").is_some() {
+            config.handler(echo)
+        } else {
+            config.inline_handler(echo)
+        };
         let server = Server::serve_tcp(
             listener,
             ServerConfig::new(config).max_connections(max_connections),

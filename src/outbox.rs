@@ -371,9 +371,9 @@ impl Outbox {
         self.drain(st, None, stats)
     }
 
-    /// Writes the queue now if nobody else is writing, without blocking:
-    /// only as much as the stream takes at once, the rest left at the front
-    /// of the queue for the send thread. For the thread that reads, which
+    /// Writes the queue now if nobody else is writing, without blocking for
+    /// long: only as much as the stream takes within its write timeout, the
+    /// rest left at the front of the queue for the send thread. For the thread that reads, which
     /// must never block in a write: two ends whose readers both blocked in
     /// writes could wait on each other for ever. Where the transport cannot
     /// write without blocking, the send thread is asked to write instead.
@@ -389,13 +389,9 @@ impl Outbox {
         {
             return None;
         }
-        match st
-            .control
-            .clone()
-            .filter(|control| control.nonblocking_writes())
-        {
-            Some(control) => self.drain_with(st, Mode::NonBlocking(&*control), stats),
-            None => {
+        match st.control.as_ref().is_some_and(|c| c.bounded_writes()) {
+            true => self.drain_with(st, Mode::Bounded, stats),
+            false => {
                 drop(st);
                 self.flush_soon(replies_only);
                 None
@@ -424,17 +420,14 @@ impl Outbox {
         debug_assert!(!st.writing);
         let mut stream = st.stream.take()?;
         st.writing = true;
-        let (mut extra, control) = match mode {
-            Mode::Blocking(extra) => (extra, None),
-            Mode::NonBlocking(control) => (None, Some(control)),
+        let (mut extra, bounded) = match mode {
+            Mode::Blocking(extra) => (extra, false),
+            Mode::Bounded => (None, true),
         };
+        // With bounded writes on, a write that cannot go on returns after a
+        // moment: a bounded writer gives up, any other tries again.
+        let retry = !bounded && st.control.as_ref().is_some_and(|c| c.bounded_writes());
         let mut failed = None;
-        if let Some(control) = control {
-            if let Err(e) = control.set_nonblocking(true) {
-                failed = Some(WriteFailed(e));
-                let _none = st.kill();
-            }
-        }
         while st.phase != Phase::Dead && (!st.buf.is_empty() || extra.is_some()) {
             let mut batch = std::mem::take(&mut st.spare);
             std::mem::swap(&mut batch, &mut st.buf);
@@ -454,15 +447,13 @@ impl Outbox {
                 write_batch(
                     &self.name,
                     &mut stream,
-                    &batch,
-                    &large,
-                    payload,
+                    (&batch, &large, payload),
+                    retry,
                     &mut written,
                     stats,
                 )
             });
-            let stuck = control.is_some()
-                && matches!(&res, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            let stuck = bounded && matches!(&res, Err(e) if would_block(e));
             if stuck && st.phase != Phase::Dead {
                 // The stream takes no more for now: what is left goes back
                 // to the front of the queue, for the send thread.
@@ -490,14 +481,6 @@ impl Outbox {
                     let _none = st.kill();
                 }
                 _ => {}
-            }
-        }
-        if let (Some(control), None) = (control, &failed) {
-            if let Err(e) = control.set_nonblocking(false) {
-                if st.phase != Phase::Dead {
-                    failed = Some(WriteFailed(e));
-                    let _none = st.kill();
-                }
             }
         }
         st.writing = false;
@@ -664,16 +647,27 @@ fn drop_requests(name: &str, st: &mut State) {
     st.large_bytes = large_bytes;
 }
 
+/// A write that stopped because the stream takes no more for now.
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A batch: its bytes, its large segments, and a caller's payload after
+/// them.
+type Pieces<'a> = (&'a [u8], &'a [(usize, Vec<u8>)], Option<&'a [u8]>);
+
 fn write_batch(
     name: &str,
     stream: &mut Box<dyn Write + Send>,
-    batch: &[u8],
-    large: &[(usize, Vec<u8>)],
-    payload: Option<&[u8]>,
+    pieces: Pieces<'_>,
+    retry: bool,
     written: &mut usize,
     stats: &Counters,
 ) -> io::Result<()> {
-    let res = write_pieces(stream, batch, large, payload, written).and_then(|()| stream.flush());
+    let res = write_pieces(stream, pieces, retry, written).and_then(|()| stream.flush());
     if *written > 0 {
         stats
             .send
@@ -685,25 +679,25 @@ fn write_batch(
     res
 }
 
-/// Writes the batch, its large segments in place, then `payload`, counting
-/// the bytes written in `written`, so that a write that stops short (a
-/// non-blocking stream that is full) can be resumed.
+/// Writes the batch, its large segments in place, then the payload,
+/// counting the bytes written in `written`, so that a write that stops
+/// short (a bounded write to a full socket) can be resumed. With `retry`, a
+/// write that stops short is tried again.
 fn write_pieces(
     stream: &mut Box<dyn Write + Send>,
-    batch: &[u8],
-    large: &[(usize, Vec<u8>)],
-    payload: Option<&[u8]>,
+    (batch, large, payload): Pieces<'_>,
+    retry: bool,
     written: &mut usize,
 ) -> io::Result<()> {
     let mut pos = 0;
     for (at, segment) in large {
-        write_counted(stream, &batch[pos..*at], written)?;
-        write_counted(stream, segment, written)?;
+        write_counted(stream, &batch[pos..*at], retry, written)?;
+        write_counted(stream, segment, retry, written)?;
         pos = *at;
     }
-    write_counted(stream, &batch[pos..], written)?;
+    write_counted(stream, &batch[pos..], retry, written)?;
     if let Some(payload) = payload {
-        write_counted(stream, payload, written)?;
+        write_counted(stream, payload, retry, written)?;
     }
     Ok(())
 }
@@ -711,6 +705,7 @@ fn write_pieces(
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
+    retry: bool,
     written: &mut usize,
 ) -> io::Result<()> {
     while !buf.is_empty() {
@@ -721,6 +716,7 @@ fn write_counted(
                 buf = &buf[n..];
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if retry && would_block(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -773,10 +769,13 @@ fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, writ
 
 /// How [`Outbox::drain_with`] writes.
 enum Mode<'a> {
-    /// Blocking writes, with the caller's payload after the queue.
+    /// Writes that block as long as the stream does, with the caller's
+    /// payload after the queue.
     Blocking(Option<&'a [u8]>),
-    /// Non-blocking writes, switched on and off through the control.
-    NonBlocking(&'a dyn Control),
+    /// Writes that give up when the stream takes nothing for a moment
+    /// (see [`Control::bounded_writes`]), leaving the rest to the send
+    /// thread.
+    Bounded,
 }
 
 /// What a connection can do to its socket besides reading and writing it.
@@ -784,14 +783,10 @@ pub(crate) trait Control: Send + Sync {
     /// Shuts the socket down both ways, which unblocks every read and write.
     fn shutdown(&self);
 
-    /// Switches non-blocking mode on or off, for every descriptor of the
-    /// socket.
-    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
-
-    /// Whether [`set_nonblocking`](Control::set_nonblocking) may be used.
-    fn nonblocking_writes(&self) -> bool {
-        true
-    }
+    /// True if a write to the stream that cannot go on returns
+    /// `WouldBlock` or `TimedOut` after a moment, instead of blocking: a
+    /// socket given a short write timeout.
+    fn bounded_writes(&self) -> bool;
 }
 
 #[cfg(test)]
@@ -1022,8 +1017,9 @@ mod tests {
         assert_eq!(&rec.0.lock().concat()[written as usize..], &want[..]);
     }
 
-    /// A socket-like stream that takes `room` bytes while non-blocking, then
-    /// would block; blocking, it takes everything.
+    /// A socket-like stream with a write timeout: it takes `room` bytes,
+    /// then times out once (`WouldBlock`) and has room again, as a socket
+    /// whose reader wakes up.
     #[derive(Clone, Default)]
     struct Tight {
         inner: Arc<Mutex<TightState>>,
@@ -1031,24 +1027,26 @@ mod tests {
 
     #[derive(Default)]
     struct TightState {
-        nonblocking: bool,
-        room: usize,
+        room: Option<usize>,
+        timeouts: usize,
         wire: Vec<u8>,
-        switches: Vec<bool>,
     }
 
     impl Write for Tight {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let mut st = self.inner.lock();
-            let n = if st.nonblocking {
-                if st.room == 0 {
+            let n = match st.room {
+                Some(0) => {
+                    st.room = None;
+                    st.timeouts += 1;
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
-                buf.len().min(st.room)
-            } else {
-                buf.len()
+                Some(room) => {
+                    st.room = Some(room - buf.len().min(room));
+                    buf.len().min(room)
+                }
+                None => buf.len(),
             };
-            st.room -= n.min(st.room);
             st.wire.extend_from_slice(&buf[..n]);
             Ok(n)
         }
@@ -1059,22 +1057,19 @@ mod tests {
 
     impl Control for Tight {
         fn shutdown(&self) {}
-        fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-            let mut st = self.inner.lock();
-            st.nonblocking = on;
-            st.switches.push(on);
-            Ok(())
+        fn bounded_writes(&self) -> bool {
+            true
         }
     }
 
     #[test]
-    fn a_non_blocking_write_that_stops_short_leaves_the_rest_in_order_for_the_next_writer() {
+    fn a_bounded_write_that_stops_short_leaves_the_rest_in_order_for_the_next_writer() {
         let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 10];
         // Stop inside the first small reply, inside the large one, and
         // between packets.
         for room in [3, 20, LARGE_PAYLOAD / 2, LARGE_PAYLOAD + 40] {
             let tight = Tight::default();
-            tight.inner.lock().room = room;
+            tight.inner.lock().room = Some(room);
             let control: Arc<dyn Control> = Arc::new(tight.clone());
             let outbox = Outbox::new(
                 "test",
@@ -1098,14 +1093,17 @@ mod tests {
                 want[..room.min(want.len())],
                 "room {room}"
             );
-            assert_eq!(tight.inner.lock().switches, [true, false]);
-            // A reply queued meanwhile goes after the rest.
+            assert_eq!(tight.inner.lock().timeouts, 1);
+            // A reply queued meanwhile goes after the rest; the stream now
+            // times out once more, and a blocking writer tries again.
+            tight.inner.lock().room = Some(7);
             let head = reply(5, 2);
             want.extend_from_slice(head.as_bytes());
             want.extend_from_slice(b"zz");
             assert!(outbox.push_reply(&head, b"zz".to_vec(), &stats));
             assert!(outbox.write_now(&stats).is_none());
             assert_eq!(tight.inner.lock().wire, want, "room {room}");
+            assert_eq!(tight.inner.lock().timeouts, 2);
         }
     }
 

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -17,25 +18,34 @@ use crate::error::{Error, Result};
 use crate::outbox::Control;
 use crate::shared::Hook;
 
+/// How long a write to a connection's socket may wait for room before it
+/// returns: the thread that reads writes replies itself, and must never wait
+/// on a peer that does not read for longer than this; other writers simply
+/// try again.
+const WRITE_SLICE: Duration = Duration::from_millis(5);
+
 /// A socket used both ways: cloned for the receive and send halves, shut
-/// down to interrupt them on abort, and written without blocking by the
-/// thread that reads.
-trait Socket: Read + Write + Control + Sized + 'static {
+/// down to interrupt them on abort, and given a short write timeout so that
+/// the thread that reads can write to it without blocking for long.
+trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown(&self) -> io::Result<()>;
+    fn write_timeout(&self) -> io::Result<Option<Duration>>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Socket for UnixStream {
     fn try_clone(&self) -> io::Result<Self> {
         UnixStream::try_clone(self)
     }
-}
-
-impl Control for UnixStream {
-    fn shutdown(&self) {
-        let _ = UnixStream::shutdown(self, Shutdown::Both);
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Both)
     }
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        UnixStream::set_nonblocking(self, on)
+    fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        UnixStream::write_timeout(self)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
     }
 }
 
@@ -43,29 +53,49 @@ impl Socket for TcpStream {
     fn try_clone(&self) -> io::Result<Self> {
         TcpStream::try_clone(self)
     }
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, Shutdown::Both)
+    }
+    fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        TcpStream::write_timeout(self)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
 }
 
-impl Control for TcpStream {
+/// A connection's socket, with the write timeout it had before, which it
+/// gets back when the connection is done with it: a clone the caller kept
+/// is as it was.
+struct SocketControl<S: Socket> {
+    socket: S,
+    before: Option<Duration>,
+}
+
+impl<S: Socket> Control for SocketControl<S> {
     fn shutdown(&self) {
-        let _ = TcpStream::shutdown(self, Shutdown::Both);
+        let _ = self.socket.shutdown();
     }
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        TcpStream::set_nonblocking(self, on)
+    fn bounded_writes(&self) -> bool {
+        true
     }
 }
 
-/// A descriptor given to `from_fd`: shut down on abort, never switched to
-/// non-blocking writes.
+impl<S: Socket> Drop for SocketControl<S> {
+    fn drop(&mut self) {
+        let _ = self.socket.set_write_timeout(self.before);
+    }
+}
+
+/// A descriptor given to `from_fd`: shut down on abort, its write timeout
+/// left alone (it may be shared beyond this process).
 struct FdSocket(UnixStream);
 
 impl Control for FdSocket {
     fn shutdown(&self) {
         let _ = self.0.shutdown(Shutdown::Both);
     }
-    fn set_nonblocking(&self, _: bool) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-    fn nonblocking_writes(&self) -> bool {
+    fn bounded_writes(&self) -> bool {
         false
     }
 }
@@ -85,7 +115,9 @@ pub(crate) fn tcp_streams(stream: TcpStream) -> io::Result<Streams> {
 fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let recv = socket.try_clone()?;
     let send = socket.try_clone()?;
-    let control: Arc<dyn Control> = Arc::new(socket);
+    let before = socket.write_timeout()?;
+    socket.set_write_timeout(Some(WRITE_SLICE))?;
+    let control: Arc<dyn Control> = Arc::new(SocketControl { socket, before });
     let interrupt = Arc::clone(&control);
     Ok(Streams {
         recv: Box::new(recv),
@@ -156,8 +188,7 @@ impl PacketConnection {
     pub fn from_fd(fd: OwnedFd, config: Config) -> Result<PacketConnection> {
         let recv = fd.try_clone()?;
         // Shut down on abort, if it is a socket (for anything else the call
-        // fails, harmlessly). Its blocking mode is left alone: the
-        // descriptor may be shared beyond this process.
+        // fails, harmlessly).
         let control: Arc<dyn Control> = Arc::new(FdSocket(UnixStream::from(fd.try_clone()?)));
         let interrupt = Arc::clone(&control);
         let streams = Streams {
