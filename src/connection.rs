@@ -588,8 +588,11 @@ impl PendingResponse {
             return res;
         }
         // About to block, with no deadline to keep: write what this end has
-        // queued now, rather than wait out the grace or a thread hop.
+        // queued now, rather than wait out the grace or a thread hop; then
+        // read the response itself, if the receive thread has lent its
+        // reader, rather than be woken by that thread.
         self.shared.write_now();
+        self.shared.read_for(cell);
         cell.wait()
     }
 
@@ -612,7 +615,10 @@ impl PendingResponse {
         if let Some(res) = cell.try_take() {
             return res;
         }
+        // This thread neither writes nor reads: the send thread writes now,
+        // and the receive thread reads now, if it had lent its reader.
         self.shared.outbox.flush_soon(false);
+        self.shared.recall_reader();
         cell.wait_until(deadline).unwrap_or_else(|| {
             Err(Error::Timeout {
                 request: Some(RequestId {
@@ -627,12 +633,22 @@ impl PendingResponse {
 
     /// Takes the response if it has arrived, without blocking.
     pub fn try_wait(&self) -> Option<Result<Response>> {
-        self.cell().try_take()
+        let res = self.cell().try_take();
+        if res.is_none() {
+            // Somebody must read it: the receive thread, if it lent its
+            // reader.
+            self.shared.recall_reader();
+        }
+        res
     }
 
     /// True once the response (or the connection's end) has arrived.
     pub fn is_ready(&self) -> bool {
-        self.cell().is_ready()
+        let ready = self.cell().is_ready();
+        if !ready {
+            self.shared.recall_reader();
+        }
+        ready
     }
 
     /// Waits for the response and decodes it into `T`.

@@ -10,7 +10,7 @@ use crate::error::{Disconnect, Error, Result};
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::Response;
-use crate::shared::Shared;
+use crate::shared::{PacketSource, Shared, Step};
 
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
@@ -31,98 +31,143 @@ impl Read for Watched {
 }
 
 /// The receive thread. Reads until the peer's EOF or an error, then hands
-/// the outcome to [`Shared::receive_ended`].
+/// the outcome to [`Shared::receive_ended`]. After delivering a response,
+/// it may lend its reader to the waiting callers (see
+/// [`Shared::lend_reader`]).
 pub(crate) fn run_recv_loop(shared: &Arc<Shared>, stream: Box<dyn Read + Send>) {
     let watched = Watched {
         stream,
         shared: Arc::clone(shared),
     };
-    let mut reader = BufReader::with_capacity(READ_BUFFER, watched);
-    let res = recv_packets(shared, &mut reader);
-    // Bytes past the peer's EOF packet belong to whatever the peer sends
-    // next on this stream, such as another connection.
-    let unread = match res {
-        Ok(Disconnect::PeerEof) => reader.buffer().to_vec(),
-        _ => Vec::new(),
-    };
-    shared.receive_ended(res, unread);
+    let mut source: Box<dyn PacketSource> = Box::new(Source {
+        reader: BufReader::with_capacity(READ_BUFFER, watched),
+    });
+    loop {
+        match source.step(shared) {
+            Step::Ended(res) => {
+                let unread = source.unread(&res);
+                shared.receive_ended(res, unread);
+                return;
+            }
+            Step::Read { delivered } => {
+                if delivered && source.idle() {
+                    match shared.lend_reader(source) {
+                        Some(back) => source = back,
+                        // A caller read the end and handled it.
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// Reads until the peer's EOF packet (`PeerEof`), the end of the stream
-/// between packets (`StreamEnded`), or an error.
-fn recv_packets(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Disconnect> {
-    loop {
-        // Bytes read and not parsed yet: more requests, and so more replies,
-        // may follow at once. A read that may block says otherwise.
-        shared.more_incoming(!r.buffer().is_empty());
-        let (channel, tag, kind, payload) = match next_packet(shared, r)? {
-            Next::Packet(packet) => packet,
-            Next::Skipped => continue,
-            Next::End => return Ok(Disconnect::StreamEnded),
-        };
-        match kind {
-            Kind::Control { flags } => {
-                let packet = Packet {
-                    channel,
-                    tag,
-                    kind: Kind::Control { flags },
-                    payload,
-                };
-                if packet.is_eof() {
-                    log::trace!("{}: <== EOF", shared.name);
-                    return Ok(Disconnect::PeerEof);
-                }
-                if packet.is_erq() {
-                    shared.peer_ended_requests();
-                    continue;
-                }
-                log::error!("{}: malformed control packet {packet:?}", shared.name);
-                return Err(Error::Malformed {
-                    reason: "control packet that is neither EOF nor ERQ",
-                });
+/// The connection's reader: a `BufReader` over the stream.
+struct Source {
+    reader: BufReader<Watched>,
+}
+
+impl PacketSource for Source {
+    fn step(&mut self, shared: &Arc<Shared>) -> Step {
+        match read_one(shared, &mut self.reader) {
+            Ok(Some(delivered)) => Step::Read { delivered },
+            Ok(None) => Step::Ended(Ok(Disconnect::PeerEof)),
+            Err(Error::ConnectionLost(why)) => Step::Ended(Ok(why)),
+            Err(e) => Step::Ended(Err(e)),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.reader.buffer().is_empty()
+    }
+
+    fn unread(&self, res: &Result<Disconnect>) -> Vec<u8> {
+        // Bytes past the peer's EOF packet belong to whatever the peer sends
+        // next on this stream, such as another connection.
+        match res {
+            Ok(Disconnect::PeerEof) => self.reader.buffer().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Reads and handles one packet: `Ok(Some(delivered))` if it went on,
+/// `delivered` if it was a response to one of this end's requests;
+/// `Ok(None)` at the peer's EOF packet; `Err(ConnectionLost(StreamEnded))`
+/// at the end of the stream between packets; another `Err` for an error.
+fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<bool>> {
+    // Bytes read and not parsed yet: more requests, and so more replies,
+    // may follow at once. A read that may block says otherwise.
+    shared.more_incoming(!r.buffer().is_empty());
+    let (channel, tag, kind, payload) = match next_packet(shared, r)? {
+        Next::Packet(packet) => packet,
+        Next::Skipped => return Ok(Some(false)),
+        Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
+    };
+    match kind {
+        Kind::Control { flags } => {
+            let packet = Packet {
+                channel,
+                tag,
+                kind: Kind::Control { flags },
+                payload,
+            };
+            if packet.is_eof() {
+                log::trace!("{}: <== EOF", shared.name);
+                return Ok(None);
             }
-            Kind::Request { rq_type, flags } => {
-                log::trace!(
-                    "{}: <== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
-                    shared.name,
-                    payload.len()
-                );
-                shared.dispatch(Request {
+            if packet.is_erq() {
+                shared.peer_ended_requests();
+                return Ok(Some(false));
+            }
+            log::error!("{}: malformed control packet {packet:?}", shared.name);
+            Err(Error::Malformed {
+                reason: "control packet that is neither EOF nor ERQ",
+            })
+        }
+        Kind::Request { rq_type, flags } => {
+            log::trace!(
+                "{}: <== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
+                shared.name,
+                payload.len()
+            );
+            shared.dispatch(Request {
+                channel,
+                tag,
+                rq_type,
+                flags,
+                payload,
+            });
+            Ok(Some(false))
+        }
+        Kind::Response { ok, flags } => {
+            log::trace!(
+                "{}: <== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
+                shared.name,
+                payload.len()
+            );
+            let res = if ok {
+                shared
+                    .stats
+                    .recv
+                    .responses_ok
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Response { flags, payload })
+            } else {
+                shared
+                    .stats
+                    .recv
+                    .responses_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Error::Failed {
                     channel,
                     tag,
-                    rq_type,
                     flags,
                     payload,
-                });
-            }
-            Kind::Response { ok, flags } => {
-                log::trace!(
-                    "{}: <== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
-                    shared.name,
-                    payload.len()
-                );
-                let res = if ok {
-                    shared
-                        .stats
-                        .recv
-                        .responses_ok
-                        .fetch_add(1, Ordering::Relaxed);
-                    Ok(Response { flags, payload })
-                } else {
-                    shared
-                        .stats
-                        .recv
-                        .responses_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    Err(Error::Failed {
-                        channel,
-                        tag,
-                        flags,
-                        payload,
-                    })
-                };
-                shared.deliver(channel, tag, res);
-            }
+                })
+            };
+            shared.deliver(channel, tag, res);
+            Ok(Some(true))
         }
     }
 }

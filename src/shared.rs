@@ -10,8 +10,9 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Result};
@@ -50,6 +51,60 @@ impl Inbound {
             Ok(())
         }
     }
+}
+
+/// What reads the connection's packets: the receive thread's, lent to a
+/// waiting caller at times. Defined here, implemented by `receiver.rs`.
+pub(crate) trait PacketSource: Send {
+    /// Reads one packet and acts on it.
+    fn step(&mut self, shared: &Arc<Shared>) -> Step;
+
+    /// True if nothing read is left to parse.
+    fn idle(&self) -> bool;
+
+    /// The bytes read past the end, for [`Shared::receive_ended`].
+    fn unread(&self, res: &Result<Disconnect>) -> Vec<u8>;
+}
+
+/// What reading one packet led to.
+pub(crate) enum Step {
+    /// A packet was read; `delivered` if it answered one of this end's
+    /// requests.
+    Read { delivered: bool },
+    /// Reading has ended: the peer's EOF, the end of the stream, or an
+    /// error.
+    Ended(Result<Disconnect>),
+}
+
+/// How long the receive thread first leaves its reader to the callers, and
+/// the longest: while callers keep reading, the receive thread checks less
+/// and less often. A packet nobody waits for (a request from the peer, its
+/// EOF) that arrives after the last call may wait this long to be read.
+const LEASE: Duration = Duration::from_millis(10);
+const MAX_LEASE: Duration = Duration::from_millis(50);
+
+/// Who reads the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    /// The receive thread.
+    Recv,
+    /// Lent: free for a waiting caller to take, until the lease runs out.
+    Lent,
+    /// A caller waiting for its response reads.
+    Caller,
+    /// Reading has ended.
+    Done,
+}
+
+/// The reader, while it is lent.
+struct Lending {
+    holder: Holder,
+    source: Option<Box<dyn PacketSource>>,
+    /// When it was last lent.
+    since: Instant,
+    /// The receive thread must take it back at once: others wait for
+    /// responses, or the connection is closing.
+    recall: bool,
 }
 
 /// One request from the peer, for the handler pool.
@@ -94,6 +149,13 @@ pub(crate) struct Shared {
     interrupt: Mutex<Option<Hook>>,
     /// Run once the connection has ended, before `on_end`.
     release: Mutex<Option<Hook>>,
+    /// The reader, when the receive thread lends it to callers.
+    lending: Mutex<Lending>,
+    lent: Condvar,
+    /// Whether the reader may be lent: only where a caller blocked in a read
+    /// can be interrupted (a socket), so that abort still wakes every
+    /// waiter.
+    may_lend: bool,
     /// Run once the connection has ended, then dropped, with what it holds.
     on_end: Mutex<Option<EndHook>>,
     on_peer_end_requests: Option<EventHook>,
@@ -236,8 +298,16 @@ impl Shared {
             handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
             life: Mutex::new(Life::default()),
+            may_lend: interrupt.is_some(),
             interrupt: Mutex::new(interrupt),
             release: Mutex::new(release),
+            lending: Mutex::new(Lending {
+                holder: Holder::Recv,
+                source: None,
+                since: Instant::now(),
+                recall: false,
+            }),
+            lent: Condvar::new(),
             on_end: Mutex::new(config.on_end.clone()),
             on_peer_end_requests: config.on_peer_end_requests.clone(),
         }
@@ -531,6 +601,8 @@ impl Shared {
             inbound.closing = true;
             inbound.in_progress.is_empty()
         };
+        // The peer's EOF is to be read promptly now.
+        self.recall_reader();
         if idle {
             self.outbox.push_eof(&self.stats);
         }
@@ -553,6 +625,7 @@ impl Shared {
         self.close_pool();
         log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
         self.interrupt();
+        self.recall_reader();
     }
 
     /// The receive loop has ended, with the peer's EOF, the end of the
@@ -629,6 +702,103 @@ impl Shared {
         let hook = self.interrupt.lock().take();
         if let Some(hook) = hook {
             hook();
+        }
+    }
+
+    /// The receive thread, having just delivered a response with nothing
+    /// left to parse, lends its reader to the callers, if it may: the
+    /// caller whose response was just delivered is likely to call again at
+    /// once, and a caller that reads for itself is woken by the stream, not
+    /// by this thread. Returns the reader once the lease has run out with no
+    /// caller reading, or at once when recalled; `None` if a caller read the
+    /// end of the stream and handled it.
+    pub(crate) fn lend_reader(
+        &self,
+        source: Box<dyn PacketSource>,
+    ) -> Option<Box<dyn PacketSource>> {
+        if !self.may_lend || self.table.len() > 0 || self.inbound.lock().closing {
+            return Some(source);
+        }
+        let mut lending = self.lending.lock();
+        lending.holder = Holder::Lent;
+        lending.source = Some(source);
+        lending.since = Instant::now();
+        lending.recall = false;
+        let mut lease = LEASE;
+        let mut checked = lending.since;
+        loop {
+            match lending.holder {
+                Holder::Done => return None,
+                Holder::Lent => {
+                    let now = Instant::now();
+                    if lending.recall || now >= lending.since + lease {
+                        lending.holder = Holder::Recv;
+                        return lending.source.take();
+                    }
+                    if lending.since > checked {
+                        // A caller read since the last look: look less often.
+                        checked = lending.since;
+                        lease = (lease * 2).min(MAX_LEASE);
+                    }
+                    let until = lending.since + lease;
+                    self.lent.wait_until(&mut lending, until);
+                }
+                Holder::Caller => self.lent.wait(&mut lending),
+                Holder::Recv => return lending.source.take(),
+            }
+        }
+    }
+
+    /// A caller about to wait for `cell` reads the stream itself if the
+    /// reader is lent, until its response has come; true if it did.
+    pub(crate) fn read_for(self: &Arc<Self>, cell: &Cell) -> bool {
+        let mut source = {
+            let mut lending = self.lending.lock();
+            if lending.holder != Holder::Lent || lending.recall {
+                return false;
+            }
+            match lending.source.take() {
+                Some(source) => {
+                    lending.holder = Holder::Caller;
+                    source
+                }
+                None => return false,
+            }
+        };
+        while !cell.is_ready() {
+            if let Step::Ended(res) = source.step(self) {
+                let unread = source.unread(&res);
+                self.receive_ended(res, unread);
+                let mut lending = self.lending.lock();
+                lending.holder = Holder::Done;
+                drop(lending);
+                self.lent.notify_all();
+                return true;
+            }
+        }
+        // Others waiting, or bytes left to parse: the receive thread reads on
+        // at once. Else the lease goes on, for the next call.
+        let recall = !source.idle() || self.table.len() > 0;
+        let mut lending = self.lending.lock();
+        lending.source = Some(source);
+        lending.holder = Holder::Lent;
+        lending.since = Instant::now();
+        lending.recall |= recall;
+        drop(lending);
+        if recall {
+            self.lent.notify_all();
+        }
+        true
+    }
+
+    /// Has the receive thread take its reader back at once, if it is lent.
+    /// Never blocks.
+    pub(crate) fn recall_reader(&self) {
+        let mut lending = self.lending.lock();
+        if matches!(lending.holder, Holder::Lent | Holder::Caller) {
+            lending.recall = true;
+            drop(lending);
+            self.lent.notify_all();
         }
     }
 
