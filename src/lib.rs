@@ -347,45 +347,42 @@
 //!
 //! Each connection runs these threads, named after [`Config::name`]:
 //!
-//! - **`{name}:recv`**, the receive thread, reads packets. A response goes
-//!   to the table of pending requests, which wakes the caller waiting for
-//!   it. A request is checked (is there a handler, has the peer sent ERQ, is
-//!   this end closing, is the tag in use) and queued for the handler
-//!   threads, or refused with a not-ok reply. It never writes to the stream
-//!   and never runs user code. It blocks in `read`, and when the handler
-//!   queue is full ([`Config::handler_queue`], 256 requests, and
-//!   [`Config::max_queued_bytes`] of their payloads), until a handler thread
-//!   takes a job: that is how a peer that sends faster than the handlers
-//!   work is slowed down. At the peer's EOF it
-//!   fails whatever is still pending and starts this end's close.
-//! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, and
-//!   only if there is a handler. Idle ones sleep on a condition variable;
-//!   before each read that may block, the receive thread wakes as many as
-//!   the requests it has parsed need, so a request that has arrived whole
-//!   never waits for the next packet. Each runs the handler, then queues the reply. A handler
-//!   thread whose reply is the last one owed to the peer writes the
-//!   outgoing queue itself (with more than one handler thread).
+//! - **`{name}:recv`**, the receive thread, reads packets. A response fills
+//!   the waiting caller's cell; a request is checked (is there a handler,
+//!   has the peer sent ERQ, is this end closing, is the tag in use) and
+//!   handed to the handlers, or refused with a not-ok reply. It writes only
+//!   replies, and only without blocking for long (on a socket; elsewhere the
+//!   send thread writes them), so it keeps reading whatever the peer does.
+//!   It waits in `read`, and when this connection has too many requests
+//!   waiting for a handler ([`Config::handler_queue`], 256, and
+//!   [`Config::max_queued_bytes`] of payload): that is how a peer that sends
+//!   faster than the handlers work is slowed down.
+//! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, if
+//!   there is a handler; a [`Server`]'s connections share one pool instead
+//!   ([`ServerConfig::handler_threads`]). An
+//!   [`inline_handler`](Config::inline_handler) runs on the receive thread
+//!   and needs none.
 //! - **`{name}:send`**, the send thread, writes the outgoing queue once its
 //!   oldest byte has waited the packet grace ([`Config::packet_grace`],
 //!   10 ms), so that bursts go out in few writes; at once for ERQ, EOF and
 //!   a full queue. The stream is closed once EOF is written.
-//! - **Your threads**: `submit` encodes the request into the outgoing
-//!   queue and returns. `call` and `wait` write the queue themselves before
-//!   they sleep, when no other thread is writing, so a caller that waits
-//!   never waits out the grace; a request with a payload of 64 KiB or more
-//!   is written by its `submit` straight from its slice, when no other
-//!   thread is writing. Calls that take a deadline (`wait_timeout`) and the
-//!   `try_*` calls never write: they leave the queue to the send thread,
-//!   so they return in time whatever the peer does.
+//! - **Your threads**: `submit` queues the request and returns. A caller
+//!   that waits with no deadline (`call`, `wait`) writes the queue itself
+//!   and, on a socket, may read its own response: the receive thread lends
+//!   its reader to waiting callers when nothing else is pending, so a
+//!   synchronous call is woken by the stream, not by another thread. Calls
+//!   with a deadline and the `try_*` calls never read or write: they leave
+//!   that to the connection's threads, so they return in time whatever the
+//!   peer does.
 //!
-//! A [`Server`] adds one `{name}:accept` thread, and for its `n`th client a
-//! connection named `{name}#{n}` with its own threads plus a
-//! `{name}#{n}:watch` thread that waits for its end.
+//! A [`Server`] adds one `{name}:accept` thread, its handler pool, and for
+//! its `n`th client a connection named `{name}#{n}`.
 //!
-//! No lock is held while a handler or a close hook runs or while the stream
-//! is read or written, and no thread ever holds two of the crate's locks at
-//! once. Replies are never refused for lack of room in the outgoing queue,
-//! so an end answering a flood of requests cannot block on its own replies.
+//! No lock is held while a handler or a hook runs or while the stream is
+//! read or written, and no thread holds two of the crate's locks at once.
+//! Replies are never refused for lack of room in the outgoing queue, so an
+//! end answering a flood of requests cannot block on its own replies.
+//! ARCHITECTURE.md in the repository has the details.
 //!
 //! ## What a handler may do
 //!

@@ -37,6 +37,13 @@ const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// requests, which are answered "server full", before it is sent EOF.
 const REFUSAL_WAIT: Duration = Duration::from_millis(200);
 
+/// The default connection limit. A connection costs two threads (its
+/// handlers run on the shared pool): 1024 connections are 2,048 threads,
+/// well within what Linux allows a process by default, with stacks that
+/// are mostly untouched. (A thread per handler per connection, as before the
+/// shared pool, made 64 connections cost 448 threads.)
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// Jobs the handler threads of a server share may hold queued, from every
 /// connection together; each connection holds at most its own
 /// [`handler_queue`](Config::handler_queue) of them.
@@ -187,7 +194,7 @@ impl ServerConfig {
         ServerConfig {
             name: name.into(),
             factory: Arc::new(factory),
-            max_connections: 64,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             handler_threads: default_handler_threads(),
             on_accept: None,
             on_close: None,
@@ -199,7 +206,8 @@ impl ServerConfig {
     /// not ok with [`BUSY_FLAGS`] and the text `"server full: N
     /// connections"`, then sent EOF. Each connection runs 2 threads (its
     /// handlers run on the server's shared pool), so this bounds the
-    /// server's threads too. Default: 64. At least 1.
+    /// server's threads too. Default: 1024, which is 2,048 threads at the
+    /// limit. At least 1.
     pub fn max_connections(mut self, n: usize) -> ServerConfig {
         self.max_connections = n.max(1);
         self
