@@ -33,6 +33,10 @@ pub struct Config {
     pub(crate) max_packet_len: u64,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_queued_packets: usize,
+    pub(crate) low_queued_bytes: Option<usize>,
+    pub(crate) packet_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) stall_timeout: Option<Duration>,
     pub(crate) handler: Option<Arc<dyn RequestHandler>>,
     /// The handler runs on the receive thread.
     pub(crate) inline: bool,
@@ -55,6 +59,10 @@ impl Default for Config {
             max_packet_len: DEFAULT_MAX_PACKET_LEN,
             max_queued_bytes: 8 << 20,
             max_queued_packets: 1 << 16,
+            low_queued_bytes: None,
+            packet_timeout: None,
+            idle_timeout: None,
+            stall_timeout: None,
             handler: None,
             inline: false,
             on_end: None,
@@ -73,6 +81,10 @@ impl fmt::Debug for Config {
             .field("max_packet_len", &self.max_packet_len)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("max_queued_packets", &self.max_queued_packets)
+            .field("low_queued_bytes", &self.low_water())
+            .field("packet_timeout", &self.packet_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("handler", &self.handler.is_some())
             .field("inline", &self.inline)
             .field("on_end", &self.on_end.is_some())
@@ -138,6 +150,54 @@ impl Config {
     /// blocks. Default: 65536.
     pub fn max_queued_packets(mut self, n: usize) -> Config {
         self.max_queued_packets = n.max(1);
+        self
+    }
+
+    /// The low-water mark of the outgoing queue, in unwritten bytes:
+    /// [`PacketConnection::wait_drained`](crate::PacketConnection::wait_drained)
+    /// waits until the queue has drained to it, so that a producer can stop
+    /// at the high mark ([`max_queued_bytes`](Config::max_queued_bytes)) and
+    /// go on at the low one. Default: a quarter of `max_queued_bytes`.
+    pub fn low_queued_bytes(mut self, n: usize) -> Config {
+        self.low_queued_bytes = Some(n);
+        self
+    }
+
+    pub(crate) fn low_water(&self) -> usize {
+        self.low_queued_bytes
+            .unwrap_or(self.max_queued_bytes / 4)
+            .min(self.max_queued_bytes)
+    }
+
+    /// How long the peer may go silent in the middle of a packet it has
+    /// begun to send: past it, the connection ends with
+    /// [`Disconnect::Silent`]. Enforced on sockets, whose reads can be given
+    /// a timeout; on pipes and other streams it is not. Default: no limit
+    /// ([`Server`](crate::Server) connections: 30 s, see
+    /// [`ServerConfig::packet_timeout`](crate::ServerConfig::packet_timeout)).
+    pub fn packet_timeout(mut self, timeout: Duration) -> Config {
+        self.packet_timeout = Some(timeout);
+        self
+    }
+
+    /// How long the connection may stay idle: nothing received from the
+    /// peer, and no request pending either way. Past it, the connection ends
+    /// with [`Disconnect::Idle`]. Enforced on sockets only, as
+    /// [`packet_timeout`](Config::packet_timeout). Default: no limit
+    /// ([`Server`](crate::Server) connections: 10 minutes).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Config {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// How long what this end has to send may make no progress, the peer
+    /// not reading: past it, the connection ends with
+    /// [`Disconnect::Stalled`] and every pending request fails. Enforced on
+    /// sockets, whose writes are bounded; a write to a pipe that blocks
+    /// cannot be timed out. Default: no limit ([`Server`](crate::Server)
+    /// connections: 60 s).
+    pub fn stall_timeout(mut self, timeout: Duration) -> Config {
+        self.stall_timeout = Some(timeout);
         self
     }
 

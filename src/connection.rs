@@ -11,7 +11,7 @@ use crate::error::{Error, RequestId, Result};
 use crate::outbox::{Admission, Control};
 use crate::pending::{Cell, Response};
 use crate::pool::Pool;
-use crate::receiver;
+use crate::receiver::{self, ReadTimeouts};
 use crate::shared::{Hook, Job, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
@@ -130,6 +130,7 @@ impl PacketConnection {
                 Some((pool, true))
             }
         };
+        let timeouts = read_timeouts(&config, control.as_deref());
         let shared = Arc::new(Shared::new(
             &config, send, control, pool, interrupt, release,
         ));
@@ -143,7 +144,7 @@ impl PacketConnection {
             .and_then(|()| {
                 let receiver = Arc::clone(&shared);
                 threads.spawn(format!("{name}:recv"), move || {
-                    receiver::run_recv_loop(&receiver, recv)
+                    receiver::run_recv_loop(&receiver, recv, timeouts)
                 })
             });
         if let Err(e) = spawned {
@@ -366,10 +367,24 @@ impl PacketConnection {
     /// locks), so it can be taken at any time from any thread, for a
     /// progress line or a health check; the `progress` example draws one.
     pub fn stats(&self) -> Stats {
-        self.shared.stats.snapshot(
-            self.shared.table.len() as u64,
-            self.shared.in_progress() as u64,
-        )
+        self.shared.stats()
+    }
+
+    /// Waits until the outgoing queue has drained to its low-water mark
+    /// ([`Config::low_queued_bytes`]), or until `timeout`: a producer that
+    /// stops when `try_submit` reports the queue full
+    /// ([`Error::WouldBlock`], the high mark) goes on from here, as with
+    /// asyncio's `pause_writing` and `resume_writing`. Never writes itself.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] at the deadline; [`Error::Closed`] if the
+    /// connection can no longer send.
+    pub fn wait_drained(&self, timeout: Duration) -> Result<()> {
+        self.shared.outbox.flush_soon(false);
+        self.shared
+            .outbox
+            .wait_low(self.shared.low_water, deadline_after(timeout))
     }
 
     /// Closes the connection in order and waits for the end:
@@ -534,6 +549,25 @@ impl Drop for PacketConnection {
     fn drop(&mut self) {
         self.shared.begin_close();
     }
+}
+
+/// The read timeouts to enforce, if the config sets any and the stream's
+/// reads can be given a timeout: reads then return every quarter of the
+/// shortest of them (between 5 ms and 1 s), for the reader to look at the
+/// clock.
+fn read_timeouts(config: &Config, control: Option<&dyn Control>) -> Option<ReadTimeouts> {
+    let shortest = match (config.packet_timeout, config.idle_timeout) {
+        (None, None) => return None,
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+    };
+    let slice = (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    control
+        .is_some_and(|control| control.bound_reads(slice))
+        .then_some(ReadTimeouts {
+            packet: config.packet_timeout,
+            idle: config.idle_timeout,
+        })
 }
 
 /// A handle to the response of a submitted request.

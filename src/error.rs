@@ -162,6 +162,16 @@ pub enum Disconnect {
     /// This end aborted the connection (`abort`, or a `close_timeout` or
     /// server stop that ran out of time).
     Local,
+    /// The peer announced a packet and then sent nothing more of it for
+    /// longer than [`Config::packet_timeout`](crate::Config::packet_timeout).
+    Silent,
+    /// Nothing came from the peer, and no request was pending either way,
+    /// for longer than [`Config::idle_timeout`](crate::Config::idle_timeout).
+    Idle,
+    /// What this end had to send made no progress for longer than
+    /// [`Config::stall_timeout`](crate::Config::stall_timeout): the peer
+    /// stopped reading.
+    Stalled,
 }
 
 impl fmt::Display for Disconnect {
@@ -172,7 +182,37 @@ impl fmt::Display for Disconnect {
             Disconnect::Protocol => f.write_str("protocol error from peer"),
             Disconnect::Io(kind) => write!(f, "i/o error: {kind}"),
             Disconnect::Local => f.write_str("aborted locally"),
+            Disconnect::Silent => f.write_str("peer went silent inside a packet"),
+            Disconnect::Idle => f.write_str("idle for too long"),
+            Disconnect::Stalled => f.write_str("peer stopped reading"),
         }
+    }
+}
+
+/// The error a read or write returns when one of the connection's own
+/// timeouts ends it: carried inside an `io::Error` of kind `TimedOut`, so
+/// that the connection can tell it from the stream's own errors.
+#[derive(Debug)]
+pub(crate) struct Expired(pub(crate) Disconnect);
+
+impl fmt::Display for Expired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Expired {}
+
+impl Expired {
+    pub(crate) fn into_io(self) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, self)
+    }
+
+    /// The reason inside `e`, if it is one of these.
+    pub(crate) fn of(e: &io::Error) -> Option<Disconnect> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Expired>())
+            .map(|expired| expired.0)
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::error::{Error, Result};
+use crate::error::{Disconnect, Error, Expired, Result};
 use crate::packet::{parse_varint, read_body_head, Head, Kind, Packet};
 use crate::stats::Counters;
 
@@ -67,6 +67,21 @@ pub(crate) enum Admission {
     NoWait,
 }
 
+/// What an outbox holds unwritten.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Depths {
+    pub(crate) bytes: usize,
+    pub(crate) packets: usize,
+    pub(crate) replies: usize,
+    /// Bytes of the replies: what this end owes the peer.
+    pub(crate) reply_bytes: usize,
+}
+
+/// The length of a packet's length prefix, for a body of `body_len` bytes.
+fn prefix_len(body_len: u64) -> usize {
+    (crate::packet::wire_len(body_len) - body_len) as usize
+}
+
 /// A write failed: the outbox is now [`Phase::Dead`]. Returned once, to the
 /// thread whose write failed, which must tear the connection down.
 #[must_use]
@@ -82,8 +97,11 @@ struct State {
     large: Vec<(usize, Vec<u8>)>,
     spare_large: Vec<(usize, Vec<u8>)>,
     large_bytes: usize,
-    /// Packets in `buf`.
+    /// Packets in `buf`, and the replies among them.
     queued_packets: usize,
+    queued_replies: usize,
+    /// Bytes of the replies among them.
+    queued_reply_bytes: usize,
     /// Bytes ever queued, and bytes ever taken by a writer. A request whose
     /// packet ends at or before `taken_total` was written, or was being
     /// written; see [`PendingTable::fail_all`](crate::pending::PendingTable::fail_all).
@@ -93,6 +111,8 @@ struct State {
     /// count against the budget.
     writing_bytes: usize,
     writing_packets: usize,
+    writing_replies: usize,
+    writing_reply_bytes: usize,
     /// A thread has the writer role, and the stream with it.
     writing: bool,
     /// The stream, while nobody is writing. `None` once closed.
@@ -128,6 +148,8 @@ impl State {
         self.large.clear();
         self.large_bytes = 0;
         self.queued_packets = 0;
+        self.queued_replies = 0;
+        self.queued_reply_bytes = 0;
         self.control = None;
         self.stream.take()
     }
@@ -145,6 +167,8 @@ pub(crate) struct Outbox {
     grace: Duration,
     max_bytes: usize,
     max_packets: usize,
+    /// How long a write may make no progress before the side gives up.
+    stall: Option<Duration>,
 }
 
 impl Outbox {
@@ -155,6 +179,7 @@ impl Outbox {
         grace: Duration,
         max_bytes: usize,
         max_packets: usize,
+        stall: Option<Duration>,
     ) -> Outbox {
         Outbox {
             name: name.to_string(),
@@ -166,10 +191,14 @@ impl Outbox {
                 spare_large: Vec::new(),
                 large_bytes: 0,
                 queued_packets: 0,
+                queued_replies: 0,
+                queued_reply_bytes: 0,
                 queued_total: 0,
                 taken_total: 0,
                 writing_bytes: 0,
                 writing_packets: 0,
+                writing_replies: 0,
+                writing_reply_bytes: 0,
                 writing: false,
                 stream: Some(stream),
                 control,
@@ -183,12 +212,50 @@ impl Outbox {
             grace,
             max_bytes,
             max_packets,
+            stall,
         }
     }
 
     /// The current phase.
     pub(crate) fn phase(&self) -> Phase {
         self.state.lock().phase
+    }
+
+    /// What is queued and not yet written: bytes, packets, and the replies
+    /// among the packets.
+    pub(crate) fn depths(&self) -> Depths {
+        let st = self.state.lock();
+        let (bytes, packets) = st.unwritten();
+        Depths {
+            bytes,
+            packets,
+            replies: st.queued_replies + st.writing_replies,
+            reply_bytes: st.queued_reply_bytes + st.writing_reply_bytes,
+        }
+    }
+
+    /// Waits until no more than `low` bytes are unwritten, or `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] at the deadline; [`Error::Closed`] if the side
+    /// died first, with bytes left unwritten.
+    pub(crate) fn wait_low(&self, low: usize, deadline: Option<Instant>) -> Result<()> {
+        let started = Instant::now();
+        let mut st = self.state.lock();
+        let done = crate::sync::wait_until(&self.room, &mut st, deadline, |st| {
+            st.unwritten().0 > low && st.phase != Phase::Dead
+        });
+        if !done {
+            return Err(Error::Timeout {
+                request: None,
+                waited: started.elapsed(),
+            });
+        }
+        if st.phase == Phase::Dead {
+            return Err(Error::Closed);
+        }
+        Ok(())
     }
 
     /// Queues a request, its head already encoded. `then_writes` says the
@@ -278,6 +345,8 @@ impl Outbox {
         st.owes_peer = true;
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
+        st.queued_replies += 1;
+        st.queued_reply_bytes += head.packet_len(payload.len());
         st.queued_total += head.packet_len(payload.len()) as u64;
         if payload.len() >= LARGE_PAYLOAD {
             let at = st.buf.len();
@@ -437,8 +506,12 @@ impl Outbox {
             st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
             st.taken_total += st.writing_bytes as u64;
             st.writing_packets = st.queued_packets;
+            st.writing_replies = st.queued_replies;
+            st.writing_reply_bytes = st.queued_reply_bytes;
             st.large_bytes = 0;
             st.queued_packets = 0;
+            st.queued_replies = 0;
+            st.queued_reply_bytes = 0;
             st.urgent = false;
             st.owes_peer = false;
             st.since = None;
@@ -448,7 +521,7 @@ impl Outbox {
                     &self.name,
                     &mut stream,
                     (&batch, &large, payload),
-                    retry,
+                    retry.then_some(self.stall),
                     &mut written,
                     stats,
                 )
@@ -461,6 +534,8 @@ impl Outbox {
             }
             st.writing_bytes = 0;
             st.writing_packets = 0;
+            st.writing_replies = 0;
+            st.writing_reply_bytes = 0;
             large.clear();
             st.spare_large = large;
             batch.clear();
@@ -596,6 +671,8 @@ fn drop_requests(name: &str, st: &mut State) {
     // The packets, as (start, end in `buf`, has a large segment, keep).
     let mut packets = Vec::new();
     let mut n_segments = 0;
+    let mut n_replies = 0;
+    let mut reply_bytes = 0;
     let mut pos = 0;
     while pos < st.buf.len() {
         let parsed = parse_varint(&st.buf[pos..])
@@ -623,6 +700,10 @@ fn drop_requests(name: &str, st: &mut State) {
             payload_at + head.payload_len
         };
         let keep = !matches!(head.kind, Kind::Request { .. });
+        if matches!(head.kind, Kind::Response { .. }) {
+            n_replies += 1;
+            reply_bytes += prefix_len(head.body_len) + head.body_len as usize;
+        }
         packets.push((pos, end, external, keep));
         n_segments += usize::from(external);
         pos = end;
@@ -644,6 +725,8 @@ fn drop_requests(name: &str, st: &mut State) {
     }
     st.buf = kept;
     st.queued_packets = n_packets;
+    st.queued_replies = n_replies;
+    st.queued_reply_bytes = reply_bytes;
     st.large_bytes = large_bytes;
 }
 
@@ -663,7 +746,7 @@ fn write_batch(
     name: &str,
     stream: &mut Box<dyn Write + Send>,
     pieces: Pieces<'_>,
-    retry: bool,
+    retry: Option<Option<Duration>>,
     written: &mut usize,
     stats: &Counters,
 ) -> io::Result<()> {
@@ -682,11 +765,12 @@ fn write_batch(
 /// Writes the batch, its large segments in place, then the payload,
 /// counting the bytes written in `written`, so that a write that stops
 /// short (a bounded write to a full socket) can be resumed. With `retry`, a
-/// write that stops short is tried again.
+/// write that stops short is tried again, until it has made no progress for
+/// the stall timeout inside, if any.
 fn write_pieces(
     stream: &mut Box<dyn Write + Send>,
     (batch, large, payload): Pieces<'_>,
-    retry: bool,
+    retry: Option<Option<Duration>>,
     written: &mut usize,
 ) -> io::Result<()> {
     let mut pos = 0;
@@ -705,18 +789,28 @@ fn write_pieces(
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
-    retry: bool,
+    retry: Option<Option<Duration>>,
     written: &mut usize,
 ) -> io::Result<()> {
+    let mut stuck_since: Option<Instant> = None;
     while !buf.is_empty() {
         match stream.write(buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 *written += n;
                 buf = &buf[n..];
+                stuck_since = None;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if retry && would_block(&e) => {}
+            Err(e) if would_block(&e) => match retry {
+                None => return Err(e),
+                Some(stall) => {
+                    let since = *stuck_since.get_or_insert_with(Instant::now);
+                    if stall.is_some_and(|stall| since.elapsed() >= stall) {
+                        return Err(Expired(Disconnect::Stalled).into_io());
+                    }
+                }
+            },
             Err(e) => return Err(e),
         }
     }
@@ -765,6 +859,8 @@ fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, writ
     st.large_bytes += rest_large_bytes;
     // The packets of the batch count as queued again, with what came since.
     st.queued_packets += st.writing_packets;
+    st.queued_replies += st.writing_replies;
+    st.queued_reply_bytes += st.writing_reply_bytes;
 }
 
 /// How [`Outbox::drain_with`] writes.
@@ -787,6 +883,10 @@ pub(crate) trait Control: Send + Sync {
     /// `WouldBlock` or `TimedOut` after a moment, instead of blocking: a
     /// socket given a short write timeout.
     fn bounded_writes(&self) -> bool;
+
+    /// Gives reads a timeout, so that the thread that reads can look at the
+    /// clock while the peer sends nothing. False if the stream cannot.
+    fn bound_reads(&self, slice: Duration) -> bool;
 }
 
 #[cfg(test)]
@@ -829,6 +929,7 @@ mod tests {
             Duration::from_secs(60),
             max_bytes,
             1000,
+            None,
         )
     }
 
@@ -946,6 +1047,7 @@ mod tests {
             Duration::MAX,
             1 << 20,
             1000,
+            None,
         );
         let stats = Counters::default();
         let end = AtomicU64::new(0);
@@ -1060,6 +1162,9 @@ mod tests {
         fn bounded_writes(&self) -> bool {
             true
         }
+        fn bound_reads(&self, _: Duration) -> bool {
+            false
+        }
     }
 
     #[test]
@@ -1078,6 +1183,7 @@ mod tests {
                 Duration::from_secs(60),
                 1 << 30,
                 1000,
+                None,
             );
             let stats = Counters::default();
             let mut want = Vec::new();
@@ -1128,6 +1234,7 @@ mod tests {
             Duration::ZERO,
             1 << 20,
             1000,
+            None,
         );
         let stats = Counters::default();
         let end = AtomicU64::new(0);

@@ -274,10 +274,24 @@ pub(crate) fn read_frame_head(r: &mut impl Read, max_len: u64) -> Result<Option<
 /// Reads the rest of a packet: its payload. The one allocation is the
 /// payload itself.
 pub(crate) fn read_payload(r: &mut impl Read, head: &BodyHead) -> Result<Vec<u8>> {
-    let mut payload = vec![0; head.payload_len];
-    read_exact_or_truncated(r, &mut payload)?;
+    // Memory grows with the bytes that arrive, not with what the head
+    // announces: a peer that announces a large packet and sends little of it
+    // costs little.
+    let mut payload = Vec::with_capacity(head.payload_len.min(PAYLOAD_STEP));
+    let mut left = head.payload_len;
+    while left > 0 {
+        let step = left.min(PAYLOAD_STEP);
+        let at = payload.len();
+        payload.resize(at + step, 0);
+        read_exact_or_truncated(r, &mut payload[at..])?;
+        left -= step;
+    }
     Ok(payload)
 }
+
+/// How much of an announced payload is allocated ahead of the bytes that
+/// fill it.
+const PAYLOAD_STEP: usize = 1 << 20;
 
 fn read_byte(r: &mut impl Read) -> Result<Option<u8>> {
     let mut byte = [0u8];

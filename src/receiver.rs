@@ -5,8 +5,9 @@
 use std::io::{self, BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::error::{Disconnect, Error, Result};
+use crate::error::{Disconnect, Error, Expired, Result};
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::Response;
@@ -15,29 +16,98 @@ use crate::shared::{PacketSource, Shared, Step};
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
-/// The stream, as the receive thread's `BufReader` sees it: every read that
-/// may block first lets the shared state act on what was parsed so far, so
-/// a request that has fully arrived never waits for the next packet.
+/// The connection's own read timeouts, enforced where reads can be given a
+/// timeout (sockets): the stream's reads then return every so often, and
+/// the reader looks at the clock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadTimeouts {
+    /// How long the peer may be silent inside a packet.
+    pub(crate) packet: Option<Duration>,
+    /// How long the connection may be idle.
+    pub(crate) idle: Option<Duration>,
+}
+
+/// The stream, as the reader's `BufReader` sees it: every read that may
+/// block first lets the shared state act on what was parsed so far, so a
+/// request that has fully arrived never waits for the next packet; and the
+/// connection's read timeouts are kept here.
 struct Watched {
     stream: Box<dyn Read + Send>,
     shared: Arc<Shared>,
+    timeouts: Option<ReadTimeouts>,
+    /// The reader is inside a packet.
+    mid_packet: bool,
+    /// When a byte last came, and when the connection was last busy.
+    last_read: Instant,
+    last_busy: Instant,
 }
 
 impl Read for Watched {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.shared.before_read();
-        self.stream.read(buf)
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    self.last_read = Instant::now();
+                    return Ok(n);
+                }
+                Err(e) if self.timeouts.is_some() && timed_out(&e) => {
+                    if let Some(why) = self.expired() {
+                        log::warn!("{}: {why}", self.shared.name);
+                        return Err(Expired(why).into_io());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
+}
+
+impl Watched {
+    /// Which of the read timeouts, if any, has run out.
+    fn expired(&mut self) -> Option<Disconnect> {
+        let timeouts = self.timeouts?;
+        let now = Instant::now();
+        if self.mid_packet {
+            let silent = now.duration_since(self.last_read);
+            return timeouts
+                .packet
+                .filter(|&limit| silent >= limit)
+                .map(|_| Disconnect::Silent);
+        }
+        let limit = timeouts.idle?;
+        if !self.shared.is_idle() {
+            self.last_busy = now;
+        }
+        let quiet = now.duration_since(self.last_read.max(self.last_busy));
+        (quiet >= limit).then_some(Disconnect::Idle)
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// The receive thread. Reads until the peer's EOF or an error, then hands
 /// the outcome to [`Shared::receive_ended`]. After delivering a response,
 /// it may lend its reader to the waiting callers (see
 /// [`Shared::lend_reader`]).
-pub(crate) fn run_recv_loop(shared: &Arc<Shared>, stream: Box<dyn Read + Send>) {
+pub(crate) fn run_recv_loop(
+    shared: &Arc<Shared>,
+    stream: Box<dyn Read + Send>,
+    timeouts: Option<ReadTimeouts>,
+) {
+    let now = Instant::now();
     let watched = Watched {
         stream,
         shared: Arc::clone(shared),
+        timeouts,
+        mid_packet: false,
+        last_read: now,
+        last_busy: now,
     };
     let mut source: Box<dyn PacketSource> = Box::new(Source {
         reader: BufReader::with_capacity(READ_BUFFER, watched),
@@ -99,6 +169,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
     // Bytes read and not parsed yet: more requests, and so more replies,
     // may follow at once. A read that may block says otherwise.
     shared.more_incoming(!r.buffer().is_empty());
+    r.get_mut().mid_packet = !r.buffer().is_empty();
     let (channel, tag, kind, payload) = match next_packet(shared, r)? {
         Next::Packet(packet) => packet,
         Next::Skipped => return Ok(Some(false)),
@@ -195,7 +266,11 @@ fn next_packet(shared: &Shared, r: &mut BufReader<Watched>) -> Result<Next> {
         loop {
             match r.fill_buf() {
                 Ok([]) => return Ok(Next::End),
-                Ok(_) => break,
+                Ok(_) => {
+                    // A packet has begun.
+                    r.get_mut().mid_packet = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::Io(e)),
             }
@@ -279,6 +354,7 @@ fn skip_oversize(
                 channel,
                 tag,
                 format!("packet too large: {len} bytes exceeds limit of {max}"),
+                0,
             );
         }
         Kind::Response { .. } => {

@@ -157,6 +157,9 @@ pub struct ServerConfig {
     factory: Factory,
     max_connections: usize,
     handler_threads: usize,
+    packet_timeout: Duration,
+    idle_timeout: Duration,
+    stall_timeout: Duration,
     on_accept: Option<ClientHook>,
     on_close: Option<CloseHook>,
 }
@@ -167,6 +170,9 @@ impl fmt::Debug for ServerConfig {
             .field("name", &self.name)
             .field("max_connections", &self.max_connections)
             .field("handler_threads", &self.handler_threads)
+            .field("packet_timeout", &self.packet_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("on_accept", &self.on_accept.is_some())
             .field("on_close", &self.on_close.is_some())
             .finish_non_exhaustive()
@@ -196,6 +202,9 @@ impl ServerConfig {
             factory: Arc::new(factory),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handler_threads: default_handler_threads(),
+            packet_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            stall_timeout: Duration::from_secs(60),
             on_accept: None,
             on_close: None,
         }
@@ -220,6 +229,37 @@ impl ServerConfig {
     /// 4. At least 1.
     pub fn handler_threads(mut self, n: usize) -> ServerConfig {
         self.handler_threads = n.max(1);
+        self
+    }
+
+    /// The [`Config::packet_timeout`] of every connection whose `Config`
+    /// sets none: how long a client may stay silent inside a packet it has
+    /// begun, as a slow-loris client does. Default: 30 s, long enough for a
+    /// large packet over a slow link to keep flowing, short enough that
+    /// clients holding half a packet free their slot soon. `Duration::MAX`:
+    /// no limit.
+    pub fn packet_timeout(mut self, timeout: Duration) -> ServerConfig {
+        self.packet_timeout = timeout;
+        self
+    }
+
+    /// The [`Config::idle_timeout`] of every connection whose `Config` sets
+    /// none: how long a client may send nothing with nothing pending either
+    /// way. Default: 10 minutes, so that a client that connects and does
+    /// nothing cannot hold its slot for good, while one that pauses between
+    /// bursts keeps it. `Duration::MAX`: no limit.
+    pub fn idle_timeout(mut self, timeout: Duration) -> ServerConfig {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The [`Config::stall_timeout`] of every connection whose `Config`
+    /// sets none: how long what the server sends a client may make no
+    /// progress. Default: 60 s, after which a client that stopped reading
+    /// is dropped and what the server held for it is freed.
+    /// `Duration::MAX`: no limit.
+    pub fn stall_timeout(mut self, timeout: Duration) -> ServerConfig {
+        self.stall_timeout = timeout;
         self
     }
 
@@ -763,6 +803,11 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     let id = info.id;
     let conn_name = format!("{}#{id}", shared.config.name);
     let mut config = (shared.config.factory)(&info).name(conn_name.clone());
+    // The server's timeouts, where the connection's own config sets none.
+    let server = &shared.config;
+    config.packet_timeout.get_or_insert(server.packet_timeout);
+    config.idle_timeout.get_or_insert(server.idle_timeout);
+    config.stall_timeout.get_or_insert(server.stall_timeout);
     let own_hook = config.on_end.take();
     // A strong reference, dropped with the hook once it has run: a server
     // lives as long as a connection of its may still end.

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, EndHook, EventHook};
-use crate::error::{Disconnect, Error, Result};
+use crate::error::{Disconnect, Error, Expired, Result};
 use crate::handler::{run_handler, Outcome, Request, RequestHandler};
 use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, Kind};
 use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
 use crate::pool::{self, Pool, Quota};
-use crate::stats::Counters;
+use crate::server::BUSY_FLAGS;
+use crate::stats::{Counters, Depths, Stats};
 
 /// A hook run at most once.
 pub(crate) type Hook = Box<dyn FnOnce() + Send>;
@@ -36,18 +37,40 @@ pub(crate) struct Inbound {
     closing: bool,
 }
 
+/// Why a request from the peer is not taken in.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// For what it is, or when it came: flags 0 and this reason.
+    Denied(String),
+    /// For load: the replies this end owes the peer are at their budget.
+    Busy,
+}
+
 impl Inbound {
-    /// Takes in the peer's request `(channel, tag)`, or says why not.
-    fn admit(&mut self, has_handler: bool, channel: u64, tag: u64) -> Result<(), String> {
+    /// Takes in the peer's request `(channel, tag)`, or says why not. With
+    /// `queued` bytes already queued for the peer, at `budget` the request
+    /// is refused as busy, unless none is in progress.
+    fn admit(
+        &mut self,
+        has_handler: bool,
+        channel: u64,
+        tag: u64,
+        queued: usize,
+        budget: usize,
+    ) -> Result<(), Refusal> {
+        let denied = |reason: String| Err(Refusal::Denied(reason));
         if !has_handler {
-            Err("no request handler".to_string())
+            denied("no request handler".to_string())
         } else if self.peer_ended_requests {
-            Err("requests no longer allowed".to_string())
+            denied("requests no longer allowed".to_string())
         } else if self.closing {
-            Err("connection is closing".to_string())
-        } else if !self.in_progress.insert((channel, tag)) {
-            Err(format!("channel {channel}: tag already in use: {tag}"))
+            denied("connection is closing".to_string())
+        } else if self.in_progress.contains(&(channel, tag)) {
+            denied(format!("channel {channel}: tag already in use: {tag}"))
+        } else if queued >= budget && !self.in_progress.is_empty() {
+            Err(Refusal::Busy)
         } else {
+            self.in_progress.insert((channel, tag));
             Ok(())
         }
     }
@@ -134,6 +157,11 @@ pub(crate) struct Shared {
     owns_pool: bool,
     /// What this connection may have queued in the pool.
     quota: Quota,
+    /// The low-water mark of the outgoing queue.
+    pub(crate) low_water: usize,
+    /// The bytes of replies queued for the peer at which requests are
+    /// refused as busy, not run.
+    reply_budget: usize,
     /// The receive thread has read bytes it has not parsed yet: more
     /// requests, and so more replies, may be about to follow.
     more_incoming: AtomicBool,
@@ -166,6 +194,8 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct Life {
     aborted: bool,
+    /// One of this end's own timeouts ended the connection.
+    expired: Option<Disconnect>,
     /// Why the receive loop ended, and the error, if it was one.
     recv_end: Option<Disconnect>,
     recv_error: Option<Error>,
@@ -185,6 +215,9 @@ impl Life {
     fn why(&self) -> Disconnect {
         if self.aborted {
             return Disconnect::Local;
+        }
+        if let Some(why) = self.expired {
+            return why;
         }
         match (self.recv_end, &self.write_error) {
             (Some(why), _) if why != Disconnect::PeerEof => why,
@@ -212,6 +245,9 @@ impl Life {
 /// without EOF, whichever side noticed first; anything else is an I/O
 /// error.
 fn broken(e: &io::Error) -> Disconnect {
+    if let Some(why) = Expired::of(e) {
+        return why;
+    }
     match e.kind() {
         io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionReset
@@ -289,11 +325,14 @@ impl Shared {
                 config.packet_grace,
                 config.max_queued_bytes,
                 config.max_queued_packets,
+                config.stall_timeout,
             ),
             inbound: Mutex::new(Inbound::default()),
             pool,
             owns_pool,
             quota: Quota::new(config.handler_queue, config.max_queued_bytes),
+            reply_budget: config.max_queued_bytes,
+            low_water: config.low_water(),
             more_incoming: AtomicBool::new(false),
             handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
@@ -412,13 +451,18 @@ impl Shared {
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
         let (channel, tag) = (rq.channel, rq.tag);
-        let admitted = self
-            .inbound
-            .lock()
-            .admit(self.handler.is_some(), channel, tag);
-        if let Err(reason) = admitted {
-            self.refuse(channel, tag, reason);
-            return;
+        let owed = self.outbox.depths().reply_bytes;
+        let admitted = self.inbound.lock().admit(
+            self.handler.is_some(),
+            channel,
+            tag,
+            owed,
+            self.reply_budget,
+        );
+        match admitted {
+            Ok(()) => {}
+            Err(Refusal::Denied(reason)) => return self.refuse(channel, tag, reason, 0),
+            Err(Refusal::Busy) => return self.refuse_busy(channel, tag, owed),
         }
         match &self.pool {
             Some(pool) => {
@@ -435,13 +479,24 @@ impl Shared {
         }
     }
 
+    /// Refuses the peer's request `(channel, tag)` for load, without running
+    /// it: `owed` bytes of replies wait for the peer to read them.
+    fn refuse_busy(&self, channel: u64, tag: u64, owed: usize) {
+        self.stats
+            .recv
+            .busy_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = format!("busy: {owed} bytes of replies wait for this peer to read them");
+        self.refuse(channel, tag, reason, BUSY_FLAGS);
+    }
+
     /// Answers the peer's request `(channel, tag)` with a not-ok reply,
     /// without running it.
-    pub(crate) fn refuse(&self, channel: u64, tag: u64, reason: String) {
+    pub(crate) fn refuse(&self, channel: u64, tag: u64, reason: String, flags: u64) {
         log::warn!("{}: rejecting request {channel}:{tag}: {reason}", self.name);
         let outcome = Outcome {
             ok: false,
-            flags: 0,
+            flags,
             payload: reason.into_bytes(),
         };
         self.reply(channel, tag, outcome);
@@ -452,7 +507,22 @@ impl Shared {
     /// on the thread that reads (`reading`) for an inline handler.
     fn serve(&self, rq: Request, reading: bool) {
         let (channel, tag) = (rq.channel, rq.tag);
-        if let (Some(handler), false) = (&self.handler, self.outbox.phase() == Phase::Dead) {
+        if !reading {
+            // Taken in while the replies owed were under budget; if they
+            // have reached it since, this one is refused for load now,
+            // without running: what a peer that does not read can make this
+            // end hold stays bounded, and nothing waits for the peer.
+            let owed = self.outbox.depths().reply_bytes;
+            if owed >= self.reply_budget {
+                self.refuse_busy(channel, tag, owed);
+                return self.finish_request(channel, tag, false);
+            }
+        }
+        // A request that has arrived is served, even if its reply can no
+        // longer be sent (the peer may only have wanted it done); after this
+        // end's abort, nothing more runs.
+        let aborted = self.life.lock().aborted;
+        if let (Some(handler), false) = (&self.handler, aborted) {
             let outcome = run_handler(&self.name, handler, rq);
             self.reply(channel, tag, outcome);
         }
@@ -565,6 +635,9 @@ impl Shared {
             let mut life = self.life.lock();
             // After the peer's EOF, a write that fails is no error: the peer
             // has gone, as it said it would.
+            if let Some(why) = Expired::of(&e) {
+                life.expired.get_or_insert(why);
+            }
             if life.recv_end != Some(Disconnect::PeerEof) {
                 log::error!(
                     "{}: send side failed ({e}); failed {n_failed} pending requests",
@@ -647,6 +720,11 @@ impl Shared {
         }
         {
             let mut life = self.life.lock();
+            if let Err(Error::Io(e)) = &res {
+                if let Some(why) = Expired::of(e) {
+                    life.expired.get_or_insert(why);
+                }
+            }
             life.recv_end = Some(why);
             life.recv_error = res.err();
             life.unread = unread;
@@ -826,9 +904,22 @@ impl Shared {
         }
     }
 
-    /// The peer's requests accepted and not yet answered.
-    pub(crate) fn in_progress(&self) -> usize {
-        self.inbound.lock().in_progress.len()
+    /// True if no request is pending either way.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.table.len() == 0 && self.inbound.lock().in_progress.is_empty()
+    }
+
+    /// A snapshot of the counters and the queue depths.
+    pub(crate) fn stats(&self) -> Stats {
+        let depths = self.outbox.depths();
+        self.stats.snapshot(Depths {
+            pending: self.table.len() as u64,
+            in_progress: self.inbound.lock().in_progress.len() as u64,
+            requests_waiting: self.quota.queued() as u64,
+            queued_bytes: depths.bytes as u64,
+            queued_packets: depths.packets as u64,
+            queued_replies: depths.replies as u64,
+        })
     }
 }
 
@@ -839,27 +930,40 @@ mod tests {
     #[test]
     fn admission_refuses_for_each_reason_and_names_it() {
         let mut inbound = Inbound::default();
+        let free = 0;
+        let denied = |reason: &str| Err(Refusal::Denied(reason.to_string()));
         assert_eq!(
-            inbound.admit(false, 0, 2),
-            Err("no request handler".to_string())
+            inbound.admit(false, 0, 2, free, 10),
+            denied("no request handler")
         );
-        assert_eq!(inbound.admit(true, 0, 2), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 2, free, 10), Ok(()));
         assert_eq!(
-            inbound.admit(true, 0, 2),
-            Err("channel 0: tag already in use: 2".to_string())
+            inbound.admit(true, 0, 2, free, 10),
+            denied("channel 0: tag already in use: 2")
         );
         // The same tag on another channel is another request.
-        assert_eq!(inbound.admit(true, 5, 2), Ok(()));
+        assert_eq!(inbound.admit(true, 5, 2, free, 10), Ok(()));
         inbound.closing = true;
         assert_eq!(
-            inbound.admit(true, 0, 3),
-            Err("connection is closing".to_string())
+            inbound.admit(true, 0, 3, free, 10),
+            denied("connection is closing")
         );
         inbound.peer_ended_requests = true;
         assert_eq!(
-            inbound.admit(true, 0, 3),
-            Err("requests no longer allowed".to_string())
+            inbound.admit(true, 0, 3, free, 10),
+            denied("requests no longer allowed")
         );
         assert_eq!(inbound.in_progress.len(), 2);
+    }
+
+    #[test]
+    fn admission_sheds_load_at_the_reply_budget_but_never_starves() {
+        let mut inbound = Inbound::default();
+        assert_eq!(inbound.admit(true, 0, 2, 9, 10), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 3, 10, 10), Err(Refusal::Busy));
+        assert_eq!(inbound.in_progress.len(), 1);
+        // With nothing in progress, one request is always let in.
+        let mut inbound = Inbound::default();
+        assert_eq!(inbound.admit(true, 0, 2, 1000, 10), Ok(()));
     }
 }

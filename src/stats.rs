@@ -22,6 +22,7 @@ pub(crate) struct RecvCounters {
     pub(crate) requests_received: AtomicU64,
     pub(crate) responses_ok: AtomicU64,
     pub(crate) responses_failed: AtomicU64,
+    pub(crate) busy_refusals: AtomicU64,
 }
 
 /// Written by whoever queues or writes packets.
@@ -89,10 +90,32 @@ pub struct Stats {
     pub pending: u64,
     /// The peer's requests accepted and not yet answered.
     pub in_progress: u64,
+    /// Of those, the requests waiting for a handler thread.
+    pub requests_waiting: u64,
+    /// Requests from the peer refused for load ("busy"), not run: the
+    /// replies owed to the peer were at their budget. Counted in
+    /// `replies_failed` too.
+    pub busy_refusals: u64,
+    /// Bytes queued to send and not yet written.
+    pub queued_bytes: u64,
+    /// Packets queued to send and not yet written.
+    pub queued_packets: u64,
+    /// Of those, the replies.
+    pub queued_replies: u64,
+}
+
+/// The queue depths of a [`Stats`] snapshot.
+pub(crate) struct Depths {
+    pub(crate) pending: u64,
+    pub(crate) in_progress: u64,
+    pub(crate) requests_waiting: u64,
+    pub(crate) queued_bytes: u64,
+    pub(crate) queued_packets: u64,
+    pub(crate) queued_replies: u64,
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, pending: u64, in_progress: u64) -> Stats {
+    pub(crate) fn snapshot(&self, depths: Depths) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (recv, send, replies) = (&self.recv, &self.send, &self.replies);
         Stats {
@@ -107,8 +130,13 @@ impl Counters {
             responses_failed: get(&recv.responses_failed),
             replies_ok: get(&replies.replies_ok),
             replies_failed: get(&replies.replies_failed),
-            pending,
-            in_progress,
+            pending: depths.pending,
+            in_progress: depths.in_progress,
+            requests_waiting: depths.requests_waiting,
+            busy_refusals: get(&recv.busy_refusals),
+            queued_bytes: depths.queued_bytes,
+            queued_packets: depths.queued_packets,
+            queued_replies: depths.queued_replies,
         }
     }
 }

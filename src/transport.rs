@@ -32,6 +32,8 @@ trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn shutdown(&self) -> io::Result<()>;
     fn write_timeout(&self) -> io::Result<Option<Duration>>;
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn read_timeout(&self) -> io::Result<Option<Duration>>;
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Socket for UnixStream {
@@ -46,6 +48,12 @@ impl Socket for UnixStream {
     }
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_write_timeout(self, timeout)
+    }
+    fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        UnixStream::read_timeout(self)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
     }
 }
 
@@ -62,14 +70,21 @@ impl Socket for TcpStream {
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, timeout)
     }
+    fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        TcpStream::read_timeout(self)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
 }
 
-/// A connection's socket, with the write timeout it had before, which it
-/// gets back when the connection is done with it: a clone the caller kept
-/// is as it was.
+/// A connection's socket, with the timeouts it had before, which it gets
+/// back when the connection is done with it: a clone the caller kept is as
+/// it was.
 struct SocketControl<S: Socket> {
     socket: S,
-    before: Option<Duration>,
+    write_before: Option<Duration>,
+    read_before: Option<Duration>,
 }
 
 impl<S: Socket> Control for SocketControl<S> {
@@ -79,11 +94,15 @@ impl<S: Socket> Control for SocketControl<S> {
     fn bounded_writes(&self) -> bool {
         true
     }
+    fn bound_reads(&self, slice: Duration) -> bool {
+        self.socket.set_read_timeout(Some(slice)).is_ok()
+    }
 }
 
 impl<S: Socket> Drop for SocketControl<S> {
     fn drop(&mut self) {
-        let _ = self.socket.set_write_timeout(self.before);
+        let _ = self.socket.set_write_timeout(self.write_before);
+        let _ = self.socket.set_read_timeout(self.read_before);
     }
 }
 
@@ -96,6 +115,9 @@ impl Control for FdSocket {
         let _ = self.0.shutdown(Shutdown::Both);
     }
     fn bounded_writes(&self) -> bool {
+        false
+    }
+    fn bound_reads(&self, _: Duration) -> bool {
         false
     }
 }
@@ -115,9 +137,14 @@ pub(crate) fn tcp_streams(stream: TcpStream) -> io::Result<Streams> {
 fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let recv = socket.try_clone()?;
     let send = socket.try_clone()?;
-    let before = socket.write_timeout()?;
+    let write_before = socket.write_timeout()?;
+    let read_before = socket.read_timeout()?;
     socket.set_write_timeout(Some(WRITE_SLICE))?;
-    let control: Arc<dyn Control> = Arc::new(SocketControl { socket, before });
+    let control: Arc<dyn Control> = Arc::new(SocketControl {
+        socket,
+        write_before,
+        read_before,
+    });
     let interrupt = Arc::clone(&control);
     Ok(Streams {
         recv: Box::new(recv),
