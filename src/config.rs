@@ -33,6 +33,9 @@ pub struct Config {
     pub(crate) max_packet_len: u64,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_queued_packets: usize,
+    /// `max_packet_len` and `max_queued_bytes` were set, not left at their
+    /// defaults (a server applies its own defaults to those left).
+    pub(crate) limits_set: (bool, bool),
     pub(crate) low_queued_bytes: Option<usize>,
     pub(crate) packet_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
@@ -59,6 +62,7 @@ impl Default for Config {
             max_packet_len: DEFAULT_MAX_PACKET_LEN,
             max_queued_bytes: 8 << 20,
             max_queued_packets: 1 << 16,
+            limits_set: (false, false),
             low_queued_bytes: None,
             packet_timeout: None,
             idle_timeout: None,
@@ -130,9 +134,12 @@ impl Config {
     }
 
     /// The longest packet accepted or sent, its length prefix excluded.
-    /// Checked before any buffer is allocated. Default: 64 MiB.
+    /// Checked before any buffer is allocated. Default: 64 MiB
+    /// ([`Server`](crate::Server) connections: 1 MiB, see
+    /// [`ServerConfig::max_packet_len`](crate::ServerConfig::max_packet_len)).
     pub fn max_packet_len(mut self, len: u64) -> Config {
         self.max_packet_len = len;
+        self.limits_set.0 = true;
         self
     }
 
@@ -143,6 +150,7 @@ impl Config {
     /// let through, however large). Default: 8 MiB.
     pub fn max_queued_bytes(mut self, n: usize) -> Config {
         self.max_queued_bytes = n.max(1);
+        self.limits_set.1 = true;
         self
     }
 

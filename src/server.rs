@@ -160,6 +160,8 @@ pub struct ServerConfig {
     packet_timeout: Duration,
     idle_timeout: Duration,
     stall_timeout: Duration,
+    max_packet_len: u64,
+    max_queued_bytes: usize,
     on_accept: Option<ClientHook>,
     on_close: Option<CloseHook>,
 }
@@ -173,6 +175,8 @@ impl fmt::Debug for ServerConfig {
             .field("packet_timeout", &self.packet_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("stall_timeout", &self.stall_timeout)
+            .field("max_packet_len", &self.max_packet_len)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .field("on_accept", &self.on_accept.is_some())
             .field("on_close", &self.on_close.is_some())
             .finish_non_exhaustive()
@@ -205,6 +209,8 @@ impl ServerConfig {
             packet_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(60),
+            max_packet_len: 1 << 20,
+            max_queued_bytes: 1 << 20,
             on_accept: None,
             on_close: None,
         }
@@ -260,6 +266,25 @@ impl ServerConfig {
     /// `Duration::MAX`: no limit.
     pub fn stall_timeout(mut self, timeout: Duration) -> ServerConfig {
         self.stall_timeout = timeout;
+        self
+    }
+
+    /// The [`Config::max_packet_len`] of every connection whose `Config`
+    /// leaves it at its default. Default: 1 MiB. With the other per-client
+    /// bounds it keeps what 1024 clients can make the server hold to about
+    /// 3 GiB at worst (RELIABILITY.md has the sums); raise it for a service
+    /// of larger messages.
+    pub fn max_packet_len(mut self, len: u64) -> ServerConfig {
+        self.max_packet_len = len;
+        self
+    }
+
+    /// The [`Config::max_queued_bytes`] of every connection whose `Config`
+    /// leaves it at its default: the budget of replies owed to a client
+    /// past which its requests are refused as busy, and of its requests
+    /// waiting for a handler. Default: 1 MiB.
+    pub fn max_queued_bytes(mut self, n: usize) -> ServerConfig {
+        self.max_queued_bytes = n.max(1);
         self
     }
 
@@ -808,6 +833,12 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     config.packet_timeout.get_or_insert(server.packet_timeout);
     config.idle_timeout.get_or_insert(server.idle_timeout);
     config.stall_timeout.get_or_insert(server.stall_timeout);
+    if !config.limits_set.0 {
+        config = config.max_packet_len(server.max_packet_len);
+    }
+    if !config.limits_set.1 {
+        config = config.max_queued_bytes(server.max_queued_bytes);
+    }
     let own_hook = config.on_end.take();
     // A strong reference, dropped with the hook once it has run: a server
     // lives as long as a connection of its may still end.
