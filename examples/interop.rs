@@ -4,8 +4,8 @@
 //! `cs.packetstream` 20240630, or another copy of itself.
 //!
 //! ```text
-//! cargo run --example interop -- serve
-//! cargo run --example interop -- client [--foreign-channel N]
+//! cargo run --example interop -- serve [--no-extensions]
+//! cargo run --example interop -- client [--foreign-channel N] [--no-extensions]
 //! ```
 //!
 //! - `serve` answers the interop service until the peer's EOF, finishes what
@@ -18,6 +18,11 @@
 //!   on channel `N`, which the reference refuses: the refusal must come back
 //!   as a not-ok response while the connection goes on. `INTEROP_SEED` fixes
 //!   the random data.
+//! - Both start with the crate's [extensions](packetstream::Config::extensions)
+//!   on, as by default, unless `--no-extensions`. At the end each writes
+//!   `peer extensions: yes|no|unknown` (what the peer's answer to the
+//!   hello said) and `records logged above debug: N` (the library's log
+//!   records at info level and above) to standard error.
 //!
 //! Standard output carries the packet stream, so everything human-readable
 //! goes to standard error.
@@ -27,6 +32,7 @@
 
 use std::fmt;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,13 +53,23 @@ const SLEEP: u64 = 6;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let extensions = match args.iter().position(|a| a == "--no-extensions") {
+        Some(at) => {
+            args.remove(at);
+            false
+        }
+        None => true,
+    };
+    if log::set_logger(&LOUD).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
-        ["serve"] => serve(),
-        ["client"] => client(None),
+        ["serve"] => serve(extensions),
+        ["client"] => client(None, extensions),
         ["client", "--foreign-channel", channel] => match channel.parse() {
-            Ok(channel) if channel != 0 => client(Some(channel)),
+            Ok(channel) if channel != 0 => client(Some(channel), extensions),
             _ => usage(),
         },
         _ => usage(),
@@ -61,8 +77,46 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: interop serve | interop client [--foreign-channel N (not 0)]");
+    eprintln!(
+        "usage: interop serve [--no-extensions] | \
+         interop client [--foreign-channel N (not 0)] [--no-extensions]"
+    );
     ExitCode::from(2)
+}
+
+/// Counts the library's log records at info level and above, and writes
+/// them to standard error.
+struct Loud(AtomicUsize);
+
+static LOUD: Loud = Loud(AtomicUsize::new(0));
+
+impl log::Log for Loud {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            eprintln!("log: {} {}", record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The closing lines about the extensions and the log, for the test runner.
+fn report_extensions(who: &str, conn: &PacketConnection) {
+    let peer = match conn.peer_extensions() {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    eprintln!("interop {who}: peer extensions: {peer}");
+    eprintln!(
+        "interop {who}: records logged above debug: {}",
+        LOUD.0.load(Ordering::Relaxed)
+    );
 }
 
 /// The interop service, as `python/README.md` describes it.
@@ -96,8 +150,11 @@ fn handle(rq: Request) -> HandlerResult {
     }
 }
 
-fn serve() -> ExitCode {
-    let config = Config::default().name("rs-serve").handler(handle);
+fn serve(extensions: bool) -> ExitCode {
+    let config = Config::default()
+        .name("rs-serve")
+        .handler(handle)
+        .extensions(extensions);
     let conn = match PacketConnection::stdio(config) {
         Ok(conn) => conn,
         Err(e) => {
@@ -109,6 +166,7 @@ fn serve() -> ExitCode {
     // and our own EOF is written; or once bad input has ended the stream.
     let res = conn.join();
     let stats = conn.stats();
+    report_extensions("serve", &conn);
     match res {
         Ok(()) => {
             eprintln!(
@@ -336,7 +394,7 @@ fn run_checks(
     checks.expect("pipelined burst of 5000: mismatches", n_bad, 0);
 }
 
-fn client(foreign_channel: Option<u64>) -> ExitCode {
+fn client(foreign_channel: Option<u64>, extensions: bool) -> ExitCode {
     let seed = match std::env::var("INTEROP_SEED") {
         Ok(seed) => match seed.parse() {
             Ok(seed) => seed,
@@ -352,7 +410,8 @@ fn client(foreign_channel: Option<u64>) -> ExitCode {
     // Xorshift must not start from 0.
     let mut rng = Rng(seed | 1);
     eprintln!("interop client: INTEROP_SEED={seed}");
-    let conn = match PacketConnection::stdio(Config::default().name("rs-client")) {
+    let config = Config::default().name("rs-client").extensions(extensions);
+    let conn = match PacketConnection::stdio(config) {
         Ok(conn) => conn,
         Err(e) => {
             eprintln!("interop client: error: cannot start: {e}");
@@ -379,6 +438,7 @@ fn client(foreign_channel: Option<u64>) -> ExitCode {
     if let Err(e) = &closed {
         eprintln!("interop client: error: shutdown failed: {e}");
     }
+    report_extensions("client", &conn);
     // A plain closing line for test runners, as interop_peer.py prints it.
     eprintln!(
         "interop: {} passed, {} failed",

@@ -39,10 +39,12 @@ pub struct Config {
     pub(crate) low_queued_bytes: Option<usize>,
     pub(crate) packet_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) keepalive: Option<Duration>,
     pub(crate) stall_timeout: Option<Duration>,
     pub(crate) handler: Option<Arc<dyn RequestHandler>>,
     /// The handler runs on the receive thread.
     pub(crate) inline: bool,
+    pub(crate) extensions: bool,
     pub(crate) on_end: Option<EndHook>,
     pub(crate) on_peer_end_requests: Option<EventHook>,
 }
@@ -66,9 +68,11 @@ impl Default for Config {
             low_queued_bytes: None,
             packet_timeout: None,
             idle_timeout: None,
+            keepalive: None,
             stall_timeout: None,
             handler: None,
             inline: false,
+            extensions: true,
             on_end: None,
             on_peer_end_requests: None,
         }
@@ -88,9 +92,11 @@ impl fmt::Debug for Config {
             .field("low_queued_bytes", &self.low_water())
             .field("packet_timeout", &self.packet_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("keepalive", &self.keepalive)
             .field("stall_timeout", &self.stall_timeout)
             .field("handler", &self.handler.is_some())
             .field("inline", &self.inline)
+            .field("extensions", &self.extensions)
             .field("on_end", &self.on_end.is_some())
             .field("on_peer_end_requests", &self.on_peer_end_requests.is_some())
             .finish()
@@ -198,6 +204,21 @@ impl Config {
         self
     }
 
+    /// Checks that the peer is there when it has been quiet: once nothing
+    /// has come from it for `every`, this end sends a
+    /// [ping](crate::PacketConnection::ping); if nothing comes for as long
+    /// again, the connection ends with [`Disconnect::NoAnswer`]. It finds a
+    /// peer that is gone without closing the stream (a host that went
+    /// down), which neither the stream nor the other timeouts report. Any
+    /// peer answers a ping, the reference too (it refuses it, which is an
+    /// answer). The pings are traffic: they keep the connection from the
+    /// peer's [`idle_timeout`](Config::idle_timeout). Enforced on sockets
+    /// only, as [`packet_timeout`](Config::packet_timeout). Default: off.
+    pub fn keepalive(mut self, every: Duration) -> Config {
+        self.keepalive = Some(every);
+        self
+    }
+
     /// How long what this end has to send may make no progress, the peer
     /// not reading: past it, the connection ends with
     /// [`Disconnect::Stalled`] and every pending request fails. Enforced on
@@ -243,7 +264,9 @@ impl Config {
     /// - call `close` or `join` on its own connection.
     ///
     /// A panic is caught and sent as a not-ok reply, as with
-    /// [`handler`](Config::handler).
+    /// [`handler`](Config::handler). Nothing is read while it runs, so it
+    /// cannot see the peer cancel its own request
+    /// ([`Request::is_cancelled`](crate::Request::is_cancelled)).
     ///
     /// # Examples
     ///
@@ -265,6 +288,32 @@ impl Config {
     pub fn inline_handler(mut self, handler: impl RequestHandler) -> Config {
         self.handler = Some(Arc::new(handler));
         self.inline = true;
+        self
+    }
+
+    /// The extensions to the base protocol: remote cancel and request
+    /// deadlines (the guide [`extensions`](crate::extensions) has the wire
+    /// spec). At start the connection sends a hello on
+    /// [`CONTROL_CHANNEL`](crate::CONTROL_CHANNEL), without waiting for
+    /// its answer; a peer of this crate with extensions on answers it, and
+    /// the extensions come on for the connection. A peer of the base
+    /// protocol, such as the Python reference, refuses the hello, and the
+    /// connection stays on the base protocol, with nothing else changed.
+    ///
+    /// Then dropping or cancelling a [`PendingResponse`](crate::PendingResponse)
+    /// whose response has not come asks the peer to stop the request
+    /// ([`Request::is_cancelled`](crate::Request::is_cancelled)), and
+    /// [`submit_timeout`](crate::PacketConnection::submit_timeout) sends its
+    /// deadline with the request ([`Request::time_left`](crate::Request::time_left)).
+    /// Off, the connection sends only the base protocol, and refuses the
+    /// peer's control requests as the reference does.
+    ///
+    /// Default: on. The interop tests pass unchanged with it on, against
+    /// the reference in both directions; turn it off for a peer that
+    /// treats a request on an unknown channel as an error, or a test that
+    /// counts packets.
+    pub fn extensions(mut self, on: bool) -> Config {
+        self.extensions = on;
         self
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, RequestId, Result};
+use crate::ext::CONTROL_CHANNEL;
 use crate::outbox::{Admission, Control};
 use crate::pending::{Cell, Response};
 use crate::pool::Pool;
@@ -153,6 +154,7 @@ impl PacketConnection {
             shared.abort();
             return Err(Error::Io(e));
         }
+        shared.send_hello();
         log::debug!("{name}: started");
         Ok(conn)
     }
@@ -180,7 +182,8 @@ impl PacketConnection {
     ///
     /// # Errors
     ///
-    /// As for [`submit`](PacketConnection::submit).
+    /// As for [`submit`](PacketConnection::submit), and
+    /// [`Error::ReservedChannel`] for [`CONTROL_CHANNEL`].
     pub fn submit_on(
         &self,
         channel: u64,
@@ -230,15 +233,48 @@ impl PacketConnection {
         admission: Admission,
         then_writes: bool,
     ) -> Result<PendingResponse> {
-        let (tag, cell) =
-            self.shared
-                .submit(channel, rq_type, flags, payload, admission, then_writes)?;
+        self.submit_within(
+            channel,
+            rq_type,
+            flags,
+            payload,
+            admission,
+            then_writes,
+            None,
+        )
+    }
+
+    /// Submits, the peer told of the deadline `within` if it can take one.
+    #[allow(clippy::too_many_arguments)] // The private core of six public methods.
+    fn submit_within(
+        &self,
+        channel: u64,
+        rq_type: u64,
+        flags: u64,
+        payload: &[u8],
+        admission: Admission,
+        then_writes: bool,
+        within: Option<Duration>,
+    ) -> Result<PendingResponse> {
+        if channel == CONTROL_CHANNEL {
+            return Err(Error::ReservedChannel(channel));
+        }
+        let (tag, cell) = self.shared.submit_within(
+            channel,
+            rq_type,
+            flags,
+            payload,
+            admission,
+            then_writes,
+            within,
+        )?;
         Ok(PendingResponse {
             shared: Arc::clone(&self.shared),
             channel,
             tag,
             rq_type,
             cell: Some(cell),
+            deadline: None,
         })
     }
 
@@ -275,7 +311,11 @@ impl PacketConnection {
     /// until then, and never writes the stream itself, so it returns in time
     /// whatever the peer does. On a timeout the request is given up as
     /// [`PendingResponse::cancel`] does: its entry is freed and a late
-    /// response is dropped; the peer may still act on it. A `timeout` too
+    /// response is dropped. With [extensions](Config::extensions) on both
+    /// ends the peer gets the deadline with the request
+    /// ([`Request::time_left`](crate::Request::time_left)), does not start
+    /// it once the deadline has passed, and is asked to stop it at the
+    /// timeout; without, the peer may still act on it. A `timeout` too
     /// long for an `Instant`, such as `Duration::MAX`, means no limit.
     ///
     /// # Errors
@@ -314,17 +354,109 @@ impl PacketConnection {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Response> {
+        self.submit_timeout(rq_type, flags, payload, timeout)?
+            .wait()
+    }
+
+    /// Like [`submit`](PacketConnection::submit), for a request that must
+    /// be answered within `timeout`: it waits for room in the outgoing
+    /// queue only until then, and its handle's waits end then, with
+    /// [`Error::Timeout`]. With [extensions](Config::extensions) on both
+    /// ends the peer gets the deadline with the request, and does not start
+    /// it once the deadline has passed. [`call_timeout`](PacketConnection::call_timeout)
+    /// is this and a `wait`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WouldBlock`] if the outgoing queue stayed full until the
+    /// deadline (nothing was sent); otherwise as for
+    /// [`submit`](PacketConnection::submit).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::os::unix::net::UnixStream;
+    /// # use std::time::Duration;
+    /// # use packetstream::{Config, Error, PacketConnection, Request};
+    /// # let (a, b) = UnixStream::pair()?;
+    /// let server = PacketConnection::from_unix_stream(b, Config::default().handler(
+    ///     |rq: Request| {
+    ///         std::thread::sleep(Duration::from_millis(rq.flags));
+    ///         // Says whether the request came with a deadline.
+    ///         Ok(format!("{:?}", rq.time_left().is_some()).into())
+    ///     },
+    /// ))?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// // No deadline; and after one round trip, the hello has had its answer.
+    /// assert_eq!(client.call(7, 0, b"")?.payload, b"false");
+    /// let quick = client.submit_timeout(7, 0, b"", Duration::from_secs(10))?;
+    /// let slow = client.submit_timeout(7, 500, b"", Duration::from_millis(50))?;
+    /// assert_eq!(quick.wait()?.payload, b"true");
+    /// assert!(slow.wait().unwrap_err().is_timeout());
+    /// # client.close()?;
+    /// # server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn submit_timeout(
+        &self,
+        rq_type: u64,
+        flags: u64,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<PendingResponse> {
         let started = Instant::now();
         let deadline = deadline_after(timeout);
-        self.submit_inner(
+        let mut pending = self.submit_within(
             0,
             rq_type,
             flags,
             payload,
             Admission::Until(deadline),
             false,
-        )?
-        .wait_deadline(started, deadline)
+            deadline.map(|_| timeout),
+        )?;
+        pending.deadline = deadline.map(|deadline| (started, deadline));
+        Ok(pending)
+    }
+
+    /// Whether the peer has [extensions](Config::extensions): `None` until
+    /// its answer to this end's hello (or its own hello) has come, which is
+    /// one round trip after the start; `Some(false)` for a peer of the base
+    /// protocol, such as the reference, or if this end has them off.
+    pub fn peer_extensions(&self) -> Option<bool> {
+        self.shared.peer_caps().map(|caps| caps.is_some())
+    }
+
+    /// Sends a ping and waits at most `timeout` for the peer's answer;
+    /// returns the round trip. A peer without [extensions](Config::extensions)
+    /// refuses the ping, which is an answer all the same: it shows the peer
+    /// reads and writes. A ping is a request on
+    /// [`CONTROL_CHANNEL`], so it is sent whether or not extensions are on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if no answer came in time; [`Error::Closed`] or
+    /// [`Error::ConnectionLost`] as for [`call`](PacketConnection::call).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::os::unix::net::UnixStream;
+    /// # use std::time::Duration;
+    /// # use packetstream::{Config, PacketConnection};
+    /// let (a, b) = UnixStream::pair()?;
+    /// let server = PacketConnection::from_unix_stream(b, Config::default())?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// let rtt = client.ping(Duration::from_secs(10))?;
+    /// assert!(rtt < Duration::from_secs(10));
+    /// # client.close()?;
+    /// # server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
+    pub fn ping(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        self.shared.ping(started, deadline_after(timeout))?;
+        Ok(started.elapsed())
     }
 
     /// Like [`call`](PacketConnection::call), decoding the ok response into
@@ -556,30 +688,32 @@ impl Drop for PacketConnection {
 /// shortest of them (between 5 ms and 1 s), for the reader to look at the
 /// clock.
 fn read_timeouts(config: &Config, control: Option<&dyn Control>) -> Option<ReadTimeouts> {
-    let shortest = match (config.packet_timeout, config.idle_timeout) {
-        (None, None) => return None,
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-    };
+    let shortest = [config.packet_timeout, config.idle_timeout, config.keepalive]
+        .into_iter()
+        .flatten()
+        .min()?;
     let slice = (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     control
         .is_some_and(|control| control.bound_reads(slice))
         .then_some(ReadTimeouts {
             packet: config.packet_timeout,
             idle: config.idle_timeout,
+            keepalive: config.keepalive,
         })
 }
 
 /// A handle to the response of a submitted request.
 ///
-/// Dropping it without taking the response cancels the request locally: its
-/// entry is freed at once, and a late response is then dropped quietly.
+/// Dropping it without taking the response cancels the request, as
+/// [`cancel`](PendingResponse::cancel) does.
 pub struct PendingResponse {
     shared: Arc<Shared>,
     channel: u64,
     tag: u64,
     rq_type: u64,
     cell: Option<Arc<Cell>>,
+    /// When it was submitted and its deadline, if it has one.
+    deadline: Option<(Instant, Instant)>,
 }
 
 impl fmt::Debug for PendingResponse {
@@ -610,13 +744,18 @@ impl PendingResponse {
             .expect("the cell lives as long as the handle")
     }
 
-    /// Waits for the response.
+    /// Waits for the response; for a request with a deadline
+    /// ([`submit_timeout`](PacketConnection::submit_timeout)), only until
+    /// then.
     ///
     /// # Errors
     ///
     /// [`Error::Failed`] for a not-ok response; [`Error::ConnectionLost`] if
-    /// the connection ended first.
+    /// the connection ended first; [`Error::Timeout`] at the deadline.
     pub fn wait(self) -> Result<Response> {
+        if let Some((started, deadline)) = self.deadline {
+            return self.wait_deadline(started, Some(deadline));
+        }
         let cell = self.cell();
         if let Some(res) = cell.try_take() {
             return res;
@@ -641,7 +780,14 @@ impl PendingResponse {
     /// [`Error::Timeout`], or as for [`wait`](PendingResponse::wait). Once the
     /// response has been taken, [`Error::ResponseTaken`].
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Response> {
-        self.wait_deadline(Instant::now(), deadline_after(timeout))
+        let deadline = deadline_after(timeout);
+        match self.deadline {
+            // The request's own deadline comes first.
+            Some((submitted, at)) if deadline.is_none_or(|deadline| at <= deadline) => {
+                self.wait_deadline(submitted, Some(at))
+            }
+            _ => self.wait_deadline(Instant::now(), deadline),
+        }
     }
 
     fn wait_deadline(&self, started: Instant, deadline: Option<Instant>) -> Result<Response> {
@@ -695,7 +841,10 @@ impl PendingResponse {
     }
 
     /// Stops waiting: the request's entry is freed, and a late response is
-    /// dropped quietly. The peer may still act on the request.
+    /// dropped quietly. With [extensions](Config::extensions) on both ends
+    /// the peer is asked to stop the request too
+    /// ([`Request::is_cancelled`](crate::Request::is_cancelled)); without,
+    /// the peer may still act on it. Dropping the handle does the same.
     pub fn cancel(self) {}
 }
 
@@ -704,6 +853,7 @@ impl Drop for PendingResponse {
         if let Some(cell) = self.cell.take() {
             if !cell.is_ready() {
                 self.shared.table.remove(self.channel, self.tag);
+                self.shared.cancelled(self.channel, self.tag);
             }
             self.shared.table.recycle(cell);
         }

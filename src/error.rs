@@ -110,6 +110,12 @@ pub enum Error {
     /// `wait_timeout` or `try_wait`.
     #[error("response already taken")]
     ResponseTaken,
+    /// The channel is reserved for the connection's own control requests
+    /// ([`CONTROL_CHANNEL`](crate::CONTROL_CHANNEL)); nothing was sent. Also
+    /// what [`ping`](crate::PacketConnection::ping) returns with extensions
+    /// off.
+    #[error("channel {0} is reserved for the connection's control requests")]
+    ReservedChannel(u64),
     /// A payload could not be decoded: an ok response into the type asked
     /// for, or a payload read with [`PayloadReader`](crate::PayloadReader)
     /// that is truncated or invalid. The text says what and where.
@@ -168,6 +174,9 @@ pub enum Disconnect {
     /// Nothing came from the peer, and no request was pending either way,
     /// for longer than [`Config::idle_timeout`](crate::Config::idle_timeout).
     Idle,
+    /// Nothing came from the peer, not even the answer to a ping, for twice
+    /// [`Config::keepalive`](crate::Config::keepalive).
+    NoAnswer,
     /// What this end had to send made no progress for longer than
     /// [`Config::stall_timeout`](crate::Config::stall_timeout): the peer
     /// stopped reading.
@@ -184,6 +193,7 @@ impl fmt::Display for Disconnect {
             Disconnect::Local => f.write_str("aborted locally"),
             Disconnect::Silent => f.write_str("peer went silent inside a packet"),
             Disconnect::Idle => f.write_str("idle for too long"),
+            Disconnect::NoAnswer => f.write_str("peer answered no ping"),
             Disconnect::Stalled => f.write_str("peer stopped reading"),
         }
     }
@@ -267,7 +277,11 @@ impl Error {
     pub fn was_sent(&self) -> bool {
         !matches!(
             self,
-            Error::Unsent(_) | Error::Closed | Error::WouldBlock | Error::TooLarge { .. }
+            Error::Unsent(_)
+                | Error::Closed
+                | Error::WouldBlock
+                | Error::TooLarge { .. }
+                | Error::ReservedChannel(_)
         )
     }
 }
@@ -312,6 +326,9 @@ impl fmt::Debug for Error {
                 .finish(),
             Error::WouldBlock => f.write_str("WouldBlock"),
             Error::ResponseTaken => f.write_str("ResponseTaken"),
+            Error::ReservedChannel(channel) => {
+                f.debug_tuple("ReservedChannel").field(channel).finish()
+            }
             Error::Decode(msg) => f.debug_tuple("Decode").field(msg).finish(),
         }
     }

@@ -4,9 +4,18 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::ext::Signals;
 
 /// A request from the peer, as a handler receives it.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// With [extensions](crate::Config::extensions) on both ends, the peer can
+/// cancel it and give it a deadline: a long handler polls
+/// [`is_cancelled`](Request::is_cancelled), or blocks in
+/// [`wait_cancelled`](Request::wait_cancelled), and reads
+/// [`time_left`](Request::time_left).
+#[derive(Clone)]
 pub struct Request {
     /// The channel the request came on.
     pub channel: u64,
@@ -18,6 +27,86 @@ pub struct Request {
     pub flags: u64,
     /// The request payload.
     pub payload: Vec<u8>,
+    /// Where the peer's cancel and deadline for it are found.
+    pub(crate) ctx: Option<RequestCtx>,
+}
+
+/// A request's link to its connection's cancels, and its deadline.
+#[derive(Clone)]
+pub(crate) struct RequestCtx {
+    pub(crate) signals: Arc<Signals>,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl PartialEq for Request {
+    fn eq(&self, other: &Request) -> bool {
+        (
+            self.channel,
+            self.tag,
+            self.rq_type,
+            self.flags,
+            &self.payload,
+        ) == (
+            other.channel,
+            other.tag,
+            other.rq_type,
+            other.flags,
+            &other.payload,
+        )
+    }
+}
+
+impl Eq for Request {}
+
+impl Request {
+    /// A request as a handler would receive it, with no cancel and no
+    /// deadline: for testing a handler by calling it.
+    pub fn new(channel: u64, tag: u64, rq_type: u64, flags: u64, payload: Vec<u8>) -> Request {
+        Request {
+            channel,
+            tag,
+            rq_type,
+            flags,
+            payload,
+            ctx: None,
+        }
+    }
+
+    /// True if the peer has cancelled this request. Always false without
+    /// extensions.
+    pub fn is_cancelled(&self) -> bool {
+        self.ctx
+            .as_ref()
+            .is_some_and(|ctx| ctx.signals.is_cancelled(self.channel, self.tag))
+    }
+
+    /// Waits until the peer cancels this request, or `timeout` passes;
+    /// returns true if it was cancelled. A handler that works in steps, or
+    /// waits on something else, uses it in place of a sleep. Without
+    /// extensions it waits out the timeout. A `timeout` too long for an
+    /// `Instant` means no limit.
+    pub fn wait_cancelled(&self, timeout: Duration) -> bool {
+        let deadline = crate::sync::deadline_after(timeout);
+        match &self.ctx {
+            Some(ctx) => ctx.signals.wait_cancelled(self.channel, self.tag, deadline),
+            None => {
+                std::thread::sleep(timeout);
+                false
+            }
+        }
+    }
+
+    /// The deadline the peer gave this request, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.ctx.as_ref().and_then(|ctx| ctx.deadline)
+    }
+
+    /// The time left before the peer's deadline, if it gave one: zero once
+    /// it has passed.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline()
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
 }
 
 impl fmt::Debug for Request {
@@ -268,13 +357,7 @@ mod tests {
     use super::*;
 
     fn rq(payload: &[u8]) -> Request {
-        Request {
-            channel: 0,
-            tag: 2,
-            rq_type: 0,
-            flags: 0,
-            payload: payload.to_vec(),
-        }
+        Request::new(0, 2, 0, 0, payload.to_vec())
     }
 
     #[test]

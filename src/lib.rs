@@ -513,6 +513,18 @@
 //! are shifted up by one on the wire, so every `u64` is usable. The module
 //! doc of the wire format in the source (`src/packet.rs`) has the grammar.
 //!
+//! # Extensions
+//!
+//! On top of the base protocol, and degrading to it against the
+//! reference: remote cancel (dropping a [`PendingResponse`] stops the
+//! peer's handler, which polls [`Request::is_cancelled`]), deadlines sent
+//! with [`submit_timeout`](PacketConnection::submit_timeout) and
+//! [`call_timeout`](PacketConnection::call_timeout), [`ping`](PacketConnection::ping)
+//! and [`keepalive`](Config::keepalive). They travel as requests on a
+//! reserved channel after a hello, and are on by default
+//! ([`Config::extensions`]). The guide [`extensions`] has the wire spec,
+//! with vectors.
+//!
 //! # Talking to Python
 //!
 //! A Rust program and a Python program using the reference,
@@ -551,7 +563,8 @@
 //!
 //! The repository's `examples/` directory has one program per use, each
 //! runnable with `cargo run --example NAME`: `subprocess` (a parent and a
-//! child over pipes, the one to copy), `socketpair_test` (how to test a
+//! child over pipes, the one to copy), `cancel` (a parent that gives up on
+//! a long job in a child), `socketpair_test` (how to test a
 //! service), `tcp` (a server and its clients), `notify` (a server that
 //! calls its clients), `progress` (a live progress line from the stats),
 //! `python_child` and `rust_child` (a Python peer on either end),
@@ -561,6 +574,7 @@ mod codec;
 mod config;
 mod connection;
 mod error;
+mod ext;
 mod handler;
 mod outbox;
 mod packet;
@@ -582,6 +596,7 @@ pub use crate::codec::{
 pub use crate::config::Config;
 pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, RequestId, Result};
+pub use crate::ext::CONTROL_CHANNEL;
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
 pub use crate::pending::Response;
@@ -596,6 +611,11 @@ pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
 #[cfg(any(doc, doctest))]
 #[doc = include_str!("../PYTHON.md")]
 pub mod talking_to_python {}
+
+// The extensions' guide and wire spec, `EXTENSIONS.md`, likewise.
+#[cfg(any(doc, doctest))]
+#[doc = include_str!("../EXTENSIONS.md")]
+pub mod extensions {}
 
 /// The README's example, compiled and run as a doctest.
 #[doc = include_str!("../README.md")]

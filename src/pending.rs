@@ -13,6 +13,7 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Disconnect, Error, Result};
+use crate::ext::CONTROL_CHANNEL;
 
 /// A successful ("ok") response.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -127,6 +128,9 @@ const MAX_FREE_CELLS: usize = 1024;
 
 struct Inner {
     entries: TagMap<Arc<Cell>>,
+    /// Of the entries, those on the extensions' control channel: not
+    /// counted as requests pending.
+    control: usize,
     /// The next tag of each channel but 0.
     next_tags: HashMap<u64, u64>,
     next_tag0: u64,
@@ -166,6 +170,14 @@ pub(crate) type TagMap<V> = HashMap<(u64, u64), V, BuildHasherDefault<TagHasher>
 /// A set of `(channel, tag)`.
 pub(crate) type TagSet = HashSet<(u64, u64), BuildHasherDefault<TagHasher>>;
 
+impl Inner {
+    fn remove(&mut self, channel: u64, tag: u64) -> Option<Arc<Cell>> {
+        let cell = self.entries.remove(&(channel, tag));
+        self.control -= usize::from(cell.is_some() && channel == CONTROL_CHANNEL);
+        cell
+    }
+}
+
 /// A spare cell nobody else holds, emptied. The newest spare may still be
 /// held by the receive thread that filled it: it goes to the back of the line
 /// and one more is tried.
@@ -195,6 +207,7 @@ impl PendingTable {
         PendingTable {
             inner: Mutex::new(Inner {
                 entries: TagMap::default(),
+                control: 0,
                 next_tags: HashMap::new(),
                 next_tag0: FIRST_TAG0,
                 closed: false,
@@ -223,13 +236,14 @@ impl PendingTable {
         *next = tag.checked_add(1).ok_or(Error::Closed)?;
         let cell = take_free_cell(&mut inner.free).unwrap_or_else(|| Arc::new(Cell::new()));
         inner.entries.insert((channel, tag), Arc::clone(&cell));
+        inner.control += usize::from(channel == CONTROL_CHANNEL);
         Ok((tag, cell))
     }
 
     /// Hands a response to the request it answers.
     pub(crate) fn complete(&self, channel: u64, tag: u64, res: Result<Response>) -> Completion {
         let mut inner = self.inner.lock();
-        if let Some(cell) = inner.entries.remove(&(channel, tag)) {
+        if let Some(cell) = inner.remove(channel, tag) {
             drop(inner);
             cell.fill(res);
             return Completion::Delivered;
@@ -252,7 +266,7 @@ impl PendingTable {
     /// that requests the peer never answers cannot pile up. A late response
     /// is recognised by its tag, which was issued and is never reused.
     pub(crate) fn remove(&self, channel: u64, tag: u64) {
-        self.inner.lock().entries.remove(&(channel, tag));
+        self.inner.lock().remove(channel, tag);
     }
 
     /// Fails every pending request and refuses new ones: with
@@ -264,6 +278,7 @@ impl PendingTable {
         let entries = {
             let mut inner = self.inner.lock();
             inner.closed = true;
+            inner.control = 0;
             std::mem::take(&mut inner.entries)
         };
         let mut n_failed = 0;
@@ -293,9 +308,11 @@ impl PendingTable {
         }
     }
 
-    /// The number of requests still waiting for a response.
+    /// The number of requests still waiting for a response, control
+    /// requests not counted.
     pub(crate) fn len(&self) -> usize {
-        self.inner.lock().entries.len()
+        let inner = self.inner.lock();
+        inner.entries.len() - inner.control
     }
 }
 

@@ -530,13 +530,7 @@ mod tests {
     }
 
     fn rq(rq_type: u64, payload: &[u8]) -> Request {
-        Request {
-            channel: 0,
-            tag: 5,
-            rq_type,
-            flags: 0,
-            payload: payload.to_vec(),
-        }
+        Request::new(0, 5, rq_type, 0, payload.to_vec())
     }
 
     fn failure(res: HandlerResult) -> Failure {

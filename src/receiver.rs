@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Disconnect, Error, Expired, Result};
+use crate::ext::CONTROL_CHANNEL;
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::Response;
@@ -25,6 +26,8 @@ pub(crate) struct ReadTimeouts {
     pub(crate) packet: Option<Duration>,
     /// How long the connection may be idle.
     pub(crate) idle: Option<Duration>,
+    /// How long the peer may be quiet before it is pinged.
+    pub(crate) keepalive: Option<Duration>,
 }
 
 /// The stream, as the reader's `BufReader` sees it: every read that may
@@ -40,6 +43,8 @@ struct Watched {
     /// When a byte last came, and when the connection was last busy.
     last_read: Instant,
     last_busy: Instant,
+    /// When the last keepalive ping went.
+    pinged: Instant,
 }
 
 impl Read for Watched {
@@ -75,6 +80,17 @@ impl Watched {
                 .filter(|&limit| silent >= limit)
                 .map(|_| Disconnect::Silent);
         }
+        if let Some(every) = timeouts.keepalive {
+            let quiet = now.duration_since(self.last_read);
+            if quiet >= every.saturating_mul(2) {
+                return Some(Disconnect::NoAnswer);
+            }
+            if quiet >= every && self.pinged <= self.last_read {
+                log::debug!("{}: quiet for {quiet:?}: ping", self.shared.name);
+                self.shared.send_ping();
+                self.pinged = now;
+            }
+        }
         let limit = timeouts.idle?;
         if !self.shared.is_idle() {
             self.last_busy = now;
@@ -108,6 +124,7 @@ pub(crate) fn run_recv_loop(
         mid_packet: false,
         last_read: now,
         last_busy: now,
+        pinged: now,
     };
     let mut source: Box<dyn PacketSource> = Box::new(Source {
         reader: BufReader::with_capacity(READ_BUFFER, watched),
@@ -202,13 +219,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
                 shared.name,
                 payload.len()
             );
-            shared.dispatch(Request {
-                channel,
-                tag,
-                rq_type,
-                flags,
-                payload,
-            });
+            shared.dispatch(Request::new(channel, tag, rq_type, flags, payload));
             Ok(Some(false))
         }
         Kind::Response { ok, flags } => {
@@ -217,19 +228,18 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
                 shared.name,
                 payload.len()
             );
+            if channel != CONTROL_CHANNEL {
+                let counters = &shared.stats.recv;
+                let counter = if ok {
+                    &counters.responses_ok
+                } else {
+                    &counters.responses_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             let res = if ok {
-                shared
-                    .stats
-                    .recv
-                    .responses_ok
-                    .fetch_add(1, Ordering::Relaxed);
                 Ok(Response { flags, payload })
             } else {
-                shared
-                    .stats
-                    .recv
-                    .responses_failed
-                    .fetch_add(1, Ordering::Relaxed);
                 Err(Error::Failed {
                     channel,
                     tag,

@@ -9,14 +9,15 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, EndHook, EventHook};
-use crate::error::{Disconnect, Error, Expired, Result};
-use crate::handler::{run_handler, Outcome, Request, RequestHandler};
+use crate::error::{Disconnect, Error, Expired, RequestId, Result};
+use crate::ext::{self, Signals, CONTROL_CHANNEL};
+use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
 use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, Kind};
 use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
@@ -162,6 +163,15 @@ pub(crate) struct Shared {
     /// The bytes of replies queued for the peer at which requests are
     /// refused as busy, not run.
     reply_budget: usize,
+    /// Extensions are on at this end.
+    extensions: bool,
+    /// The peer's cancels and deadlines for its requests.
+    signals: Arc<Signals>,
+    /// This end's hello, until its answer is read.
+    hello: Mutex<Option<Arc<Cell>>>,
+    /// What the peer can do, once its hello or its answer to ours is
+    /// known: `None` if it has no extensions.
+    peer_caps: OnceLock<Option<u64>>,
     /// The receive thread has read bytes it has not parsed yet: more
     /// requests, and so more replies, may be about to follow.
     more_incoming: AtomicBool,
@@ -332,6 +342,10 @@ impl Shared {
             owns_pool,
             quota: Quota::new(config.handler_queue, config.max_queued_bytes),
             reply_budget: config.max_queued_bytes,
+            extensions: config.extensions,
+            signals: Arc::default(),
+            hello: Mutex::new(None),
+            peer_caps: OnceLock::new(),
             low_water: config.low_water(),
             more_incoming: AtomicBool::new(false),
             handlers_write: config.handler_threads > 1,
@@ -363,7 +377,34 @@ impl Shared {
         admission: Admission,
         then_writes: bool,
     ) -> Result<(u64, Arc<Cell>)> {
+        self.submit_within(
+            channel,
+            rq_type,
+            flags,
+            payload,
+            admission,
+            then_writes,
+            None,
+        )
+    }
+
+    /// As [`submit`](Shared::submit); with extensions, a deadline `within`
+    /// goes to the peer just before the request.
+    #[allow(clippy::too_many_arguments)] // Two call sites; a struct would only rename them.
+    pub(crate) fn submit_within(
+        &self,
+        channel: u64,
+        rq_type: u64,
+        flags: u64,
+        payload: &[u8],
+        admission: Admission,
+        then_writes: bool,
+        within: Option<Duration>,
+    ) -> Result<(u64, Arc<Cell>)> {
         let (tag, cell) = self.table.register(channel)?;
+        if let Some(within) = within.filter(|_| self.peer_can(ext::CAN_DEADLINE)) {
+            self.send_control(ext::DEADLINE, &ext::deadline(channel, tag, within));
+        }
         let head = Head::new(
             channel,
             tag,
@@ -387,10 +428,12 @@ impl Shared {
         };
         match res {
             Ok(failed) => {
-                self.stats
-                    .send
-                    .requests_sent
-                    .fetch_add(1, Ordering::Relaxed);
+                if channel != CONTROL_CHANNEL {
+                    self.stats
+                        .send
+                        .requests_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 log::trace!(
                     "{}: ==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
                     self.name,
@@ -425,12 +468,14 @@ impl Shared {
             (ok, flags, payload) = (false, 0, reason.into_bytes());
             head = Head::new(channel, tag, Kind::Response { ok, flags }, payload.len());
         }
-        let counter = if ok {
-            &self.stats.replies.replies_ok
-        } else {
-            &self.stats.replies.replies_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if channel != CONTROL_CHANNEL {
+            let counter = if ok {
+                &self.stats.replies.replies_ok
+            } else {
+                &self.stats.replies.replies_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         log::trace!(
             "{}: ==> reply {channel}:{tag} ok={ok} flags={flags:#x} len={}",
             self.name,
@@ -445,12 +490,21 @@ impl Shared {
     }
 
     /// Hands a request from the peer to the handler pool, or refuses it.
-    pub(crate) fn dispatch(self: &Arc<Self>, rq: Request) {
+    pub(crate) fn dispatch(self: &Arc<Self>, mut rq: Request) {
+        let (channel, tag) = (rq.channel, rq.tag);
+        if channel == CONTROL_CHANNEL {
+            return self.control(rq);
+        }
         self.stats
             .recv
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        let (channel, tag) = (rq.channel, rq.tag);
+        // Taken even if the request is refused, so that it is not left over.
+        let deadline = if self.extensions {
+            self.signals.take_deadline(channel, tag)
+        } else {
+            None
+        };
         let owed = self.outbox.depths().reply_bytes;
         let admitted = self.inbound.lock().admit(
             self.handler.is_some(),
@@ -464,6 +518,13 @@ impl Shared {
             Err(Refusal::Denied(reason)) => return self.refuse(channel, tag, reason, 0),
             Err(Refusal::Busy) => return self.refuse_busy(channel, tag, owed),
         }
+        if self.extensions {
+            self.signals.arrived(channel, tag);
+            rq.ctx = Some(RequestCtx {
+                signals: Arc::clone(&self.signals),
+                deadline,
+            });
+        }
         match &self.pool {
             Some(pool) => {
                 // Blocks while this connection has too much queued: that is
@@ -476,6 +537,177 @@ impl Shared {
             }
             // An inline handler, on this thread.
             None => self.serve(rq, true),
+        }
+    }
+
+    /// A control request from the peer, on the reserved channel: answered
+    /// here, on the thread that reads, never by a handler.
+    fn control(&self, rq: Request) {
+        let (channel, tag) = (rq.channel, rq.tag);
+        let answer = match rq.rq_type {
+            _ if !self.extensions => Err(Error::Decode("extensions are off".to_string())),
+            ext::HELLO => ext::read_hello(&rq.payload).map(|(_, caps)| {
+                let _ = self.peer_caps.set(Some(caps & ext::CAPABILITIES));
+                ext::hello(ext::VERSION, ext::CAPABILITIES)
+            }),
+            ext::PING => Ok(Vec::new()),
+            ext::CANCEL => ext::read_target(&rq.payload, false).map(|(ch, tag, _)| {
+                let found = self.signals.cancel(ch, tag);
+                log::debug!(
+                    "{}: peer cancels {ch}:{tag} (in progress: {found})",
+                    self.name
+                );
+                Vec::new()
+            }),
+            ext::DEADLINE => ext::read_target(&rq.payload, true).map(|(ch, tag, ms)| {
+                self.signals.set_deadline(ch, tag, ms);
+                Vec::new()
+            }),
+            other => Err(Error::Decode(format!("unknown control request {other}"))),
+        };
+        if let Err(e) = &answer {
+            log::debug!(
+                "{}: refused control request {channel}:{tag}: {e}",
+                self.name
+            );
+        }
+        let outcome = match answer {
+            Ok(payload) => Outcome {
+                ok: true,
+                flags: 0,
+                payload,
+            },
+            Err(e) => Outcome {
+                ok: false,
+                flags: 0,
+                payload: e.to_string().into_bytes(),
+            },
+        };
+        self.reply(channel, tag, outcome);
+        self.outbox.arm();
+    }
+
+    /// Sends this end's hello, if extensions are on; its answer is read
+    /// later, when needed.
+    pub(crate) fn send_hello(&self) {
+        if self.extensions {
+            let hello = ext::hello(ext::VERSION, ext::CAPABILITIES);
+            if let Ok((_, cell)) = self.submit(
+                CONTROL_CHANNEL,
+                ext::HELLO,
+                0,
+                &hello,
+                Admission::NoWait,
+                false,
+            ) {
+                *self.hello.lock() = Some(cell);
+            }
+        }
+    }
+
+    /// True if the peer has said, in the hello's answer or its own hello,
+    /// that it can do `capability`.
+    pub(crate) fn peer_can(&self, capability: u64) -> bool {
+        self.peer_caps()
+            .is_some_and(|caps| caps.is_some_and(|caps| caps & capability != 0))
+    }
+
+    /// What the peer can do: `None` until known, `Some(None)` if it has no
+    /// extensions (or this end has them off).
+    pub(crate) fn peer_caps(&self) -> Option<Option<u64>> {
+        if !self.extensions {
+            return Some(None);
+        }
+        if let Some(caps) = self.peer_caps.get() {
+            return Some(*caps);
+        }
+        let answer = {
+            let mut hello = self.hello.lock();
+            let answer = hello.as_ref().and_then(|cell| cell.try_take())?;
+            if let Some(cell) = hello.take() {
+                self.table.recycle(cell);
+            }
+            answer
+        };
+        // Refused by a peer of the base protocol: no extensions.
+        let caps = match answer {
+            Ok(rsp) => match ext::read_hello(&rsp.payload) {
+                Ok((_, caps)) => Some(caps & ext::CAPABILITIES),
+                Err(e) => {
+                    log::debug!("{}: peer's hello does not decode: {e}", self.name);
+                    None
+                }
+            },
+            Err(e) => {
+                log::debug!("{}: peer has no extensions: {e}", self.name);
+                None
+            }
+        };
+        Some(*self.peer_caps.get_or_init(|| caps))
+    }
+
+    /// Sends a control request whose answer nobody waits for.
+    fn send_control(&self, rq_type: u64, payload: &[u8]) {
+        if let Ok((tag, cell)) = self.submit(
+            CONTROL_CHANNEL,
+            rq_type,
+            0,
+            payload,
+            Admission::NoWait,
+            false,
+        ) {
+            self.table.remove(CONTROL_CHANNEL, tag);
+            self.table.recycle(cell);
+        }
+    }
+
+    /// Sends a ping whose answer nobody waits for: the answer is traffic,
+    /// which is all a keepalive needs. Never blocks.
+    pub(crate) fn send_ping(&self) {
+        self.send_control(ext::PING, &[]);
+        self.outbox.flush_soon(false);
+    }
+
+    /// This end gives up on its request `(channel, tag)`: with extensions,
+    /// the peer is asked to stop it.
+    pub(crate) fn cancelled(&self, channel: u64, tag: u64) {
+        if self.peer_can(ext::CAN_CANCEL) {
+            self.send_control(ext::CANCEL, &ext::cancel(channel, tag));
+            // Not worth a grace: the peer may be spending work on it now.
+            self.outbox.flush_soon(false);
+        }
+    }
+
+    /// Sends a ping on the reserved channel and waits for its answer, or
+    /// until `deadline`. A refusal is an answer too: a peer of the base
+    /// protocol refuses the ping, and so shows it is there.
+    pub(crate) fn ping(&self, started: Instant, deadline: Option<Instant>) -> Result<()> {
+        let (tag, cell) = self.submit(
+            CONTROL_CHANNEL,
+            ext::PING,
+            0,
+            &[],
+            Admission::Until(deadline),
+            false,
+        )?;
+        self.outbox.flush_soon(false);
+        self.recall_reader();
+        let answer = cell.wait_until(deadline);
+        if answer.is_none() {
+            self.table.remove(CONTROL_CHANNEL, tag);
+        }
+        self.table.recycle(cell);
+        match answer {
+            Some(Ok(_) | Err(Error::Failed { .. })) => Ok(()),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::Timeout {
+                request: Some(RequestId {
+                    channel: CONTROL_CHANNEL,
+                    tag,
+                    rq_type: ext::PING,
+                }),
+                waited: started.elapsed(),
+            }),
         }
     }
 
@@ -518,6 +750,16 @@ impl Shared {
                 return self.finish_request(channel, tag, false);
             }
         }
+        // Cancelled, or past its deadline, before a handler took it: not run.
+        if rq.is_cancelled() || rq.time_left().is_some_and(|left| left.is_zero()) {
+            let reason = if rq.is_cancelled() {
+                "cancelled before it ran"
+            } else {
+                "deadline passed before it ran"
+            };
+            self.refuse(channel, tag, reason.to_string(), 0);
+            return self.finish_request(channel, tag, reading);
+        }
         // A request that has arrived is served, even if its reply can no
         // longer be sent (the peer may only have wanted it done); after this
         // end's abort, nothing more runs.
@@ -536,6 +778,9 @@ impl Shared {
     /// waiting. The thread that reads (`reading`) never blocks in that
     /// write.
     fn finish_request(&self, channel: u64, tag: u64, reading: bool) {
+        if self.extensions {
+            self.signals.finished(channel, tag);
+        }
         let (idle, closing) = {
             let mut inbound = self.inbound.lock();
             inbound.in_progress.remove(&(channel, tag));

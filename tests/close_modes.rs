@@ -176,7 +176,14 @@ fn drain_with_a_deadline_against_a_silent_peer_gives_up_and_fails_every_request(
     let pending = fill_queue(&client);
     assert!(!pending.is_empty());
     let c = client.clone();
-    let submitter = thread::spawn(move || c.submit(1, 0, &[7; 4096]).map(|_| ()));
+    // The send thread may still make room in the socket's buffer after the
+    // queue first filled: then the submit gets in, and its handle must end
+    // the same way as the others.
+    let submitter = thread::spawn(move || {
+        c.submit(1, 0, &[7; 4096])
+            .and_then(|p| p.wait_timeout(PATIENCE))
+            .map(|_| ())
+    });
     let res = client.close_timeout(Duration::from_millis(200));
     assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
     let res = within_or(

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -626,10 +626,21 @@ fn a_lone_call_never_waits_out_the_grace_and_takes_one_write_each_way() {
     let (b, b_writer) = counted(b);
     let (client_writes, server_writes) =
         (Arc::clone(&a_writer.writes), Arc::clone(&b_writer.writes));
-    let server =
-        PacketConnection::new(b, b_writer, server_config("server").packet_grace(hour)).unwrap();
-    let client =
-        Arc::new(PacketConnection::new(a, a_writer, Config::default().packet_grace(hour)).unwrap());
+    // Writes are counted exactly: no hello exchange at the start.
+    let server = PacketConnection::new(
+        b,
+        b_writer,
+        server_config("server").packet_grace(hour).extensions(false),
+    )
+    .unwrap();
+    let client = Arc::new(
+        PacketConnection::new(
+            a,
+            a_writer,
+            Config::default().packet_grace(hour).extensions(false),
+        )
+        .unwrap(),
+    );
     for round in 1..=5 {
         let c = Arc::clone(&client);
         let rsp = within("a call with an hour of grace", move || {
@@ -657,8 +668,15 @@ fn a_pipelined_burst_goes_out_in_one_write() {
     let (a, b) = UnixStream::pair().unwrap();
     let (a, a_writer) = counted(a);
     let client_writes = Arc::clone(&a_writer.writes);
-    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
-    let client = PacketConnection::new(a, a_writer, Config::default().packet_grace(hour)).unwrap();
+    // Writes are counted exactly: no hello exchange at the start.
+    let server =
+        PacketConnection::from_unix_stream(b, server_config("server").extensions(false)).unwrap();
+    let client = PacketConnection::new(
+        a,
+        a_writer,
+        Config::default().packet_grace(hour).extensions(false),
+    )
+    .unwrap();
     let pending: Vec<_> = (0..1000)
         .map(|i| client.submit(ECHO, i, b"burst").unwrap())
         .collect();
@@ -732,13 +750,21 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
 
 #[test]
 fn try_submit_would_block_on_a_full_queue_where_submit_waits() {
-    let (a, b) = UnixStream::pair().unwrap();
-    // The peer reads nothing; a long grace keeps our queue from draining by
-    // itself, and the queue holds two small requests.
+    let (a, mut b) = UnixStream::pair().unwrap();
+    // The peer reads nothing yet, and the socket's buffer is full from the
+    // start: the queue, which holds two small requests (and no hello),
+    // cannot drain until the peer reads.
+    a.set_write_timeout(Some(std::time::Duration::from_millis(20)))
+        .unwrap();
+    while (&a).write(&[0; 4096]).is_ok() {}
+    a.set_write_timeout(None).unwrap();
     let hour = std::time::Duration::from_secs(3600);
     let client = PacketConnection::from_unix_stream(
         a,
-        Config::default().packet_grace(hour).max_queued_packets(2),
+        Config::default()
+            .packet_grace(hour)
+            .max_queued_packets(2)
+            .extensions(false),
     )
     .unwrap();
     let first = client.try_submit(ECHO, 0, b"1").unwrap();
@@ -751,7 +777,12 @@ fn try_submit_would_block_on_a_full_queue_where_submit_waits() {
         client.try_submit_on(4, ECHO, 0, b"3"),
         Err(Error::WouldBlock)
     ));
-    // A blocking submit makes room by writing the queue, then goes in.
+    // A blocking submit makes room by writing the queue, then goes in,
+    // once the peer reads.
+    let reader = std::thread::spawn(move || {
+        let mut sink = [0; 1 << 16];
+        while matches!(b.read(&mut sink), Ok(1..)) {}
+    });
     let third = within("submit on a full queue", {
         let client = Arc::new(client);
         let c = Arc::clone(&client);
@@ -762,5 +793,5 @@ fn try_submit_would_block_on_a_full_queue_where_submit_waits() {
     assert_eq!(third.1.stats().requests_sent, 3);
     drop((first, second));
     third.1.abort();
-    drop(b);
+    within("the peer's reader", move || reader.join().unwrap());
 }

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use common::{ms, report, LIMIT};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
-use packetstream::{Config, Disconnect, Error, Kind, Packet, PacketConnection, Response};
+use packetstream::{
+    Config, Disconnect, Error, Kind, Packet, PacketConnection, Response, CONTROL_CHANNEL,
+};
 
 /// What the interop client of either implementation checks: `echo_reverse`
 /// for 4 flags × 8 sizes, `echo` for 9 flags, fail, text, flags-only and
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         rust guide_shows_the_files_it_names_as_they_are,
         rust typed_rust_client_passes_every_check_against_rust_server_over_pipes,
         python rust_client_passes_every_check_against_reference_server,
+        python rust_client_without_extensions_sends_the_base_protocol_only,
         python reference_client_passes_every_check_against_rust_server,
         python reference_refuses_channel_5_with_not_ok_response_and_keeps_serving,
         python reference_encodes_the_committed_vectors,
@@ -630,6 +633,71 @@ fn assert_pairing_passed(name: &str, run: &PairingRun, service: &str, n_checks: 
     ));
 }
 
+/// What the Rust side of a pairing wrote at its end about the extensions:
+/// the peer's answer to its hello (`yes`, `no` or `unknown`), and how many
+/// log records above debug level the library made.
+fn extensions_report(stderr: &str, who: &str) -> (String, usize) {
+    let field = |name: &str| {
+        let prefix = format!("interop {who}: {name}: ");
+        stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line in:\n{}", tail(stderr)))
+            .to_string()
+    };
+    let logged = field("records logged above debug");
+    (field("peer extensions"), logged.parse().expect("a count"))
+}
+
+/// The Rust side, `who` on `dir`'s sending end, had extensions on and
+/// faced the reference: it sent one hello on the control channel, the
+/// reference refused it with a not-ok response and sent nothing else
+/// there, and the Rust side took that as "no extensions", logging nothing
+/// above debug.
+fn assert_hello_refused_and_ignored(run: &PairingRun, who: &str, dir: Dir) {
+    let stderr = match who {
+        "client" => &run.client.stderr,
+        _ => &run.server.stderr,
+    };
+    assert_eq!(
+        extensions_report(stderr, who),
+        ("no".to_string(), 0),
+        "{who}: {}",
+        tail(stderr)
+    );
+    let back = match dir {
+        Dir::ToServer => Dir::ToClient,
+        Dir::ToClient => Dir::ToServer,
+    };
+    let on_control = |dir: Dir| -> Vec<Seen> {
+        packets(&run.wire, dir)
+            .into_iter()
+            .filter(|s| match s {
+                Seen::Request { channel } | Seen::Response { channel, .. } => {
+                    *channel == CONTROL_CHANNEL
+                }
+                _ => false,
+            })
+            .collect()
+    };
+    assert_eq!(
+        on_control(dir),
+        [Seen::Request {
+            channel: CONTROL_CHANNEL
+        }],
+        "one hello from the Rust {who}"
+    );
+    assert_eq!(
+        on_control(back),
+        [Seen::Response {
+            channel: CONTROL_CHANNEL,
+            ok: false
+        }],
+        "the reference's refusal, and nothing else on the control channel"
+    );
+}
+
 /// What one direction of the wire carried, in order.
 fn packets(wire: &WireLog, dir: Dir) -> Vec<Seen> {
     wire.events
@@ -691,6 +759,38 @@ fn rust_client_passes_every_check_against_reference_server(reference: &Reference
         INTEROP_CHECKS,
     );
     assert_shutdown_order(&run.wire);
+    assert_hello_refused_and_ignored(&run, "client", Dir::ToServer);
+}
+
+fn rust_client_without_extensions_sends_the_base_protocol_only(reference: &Reference) {
+    let run = run_pairing(
+        rust_command(&examples().interop, &["client", "--no-extensions"]),
+        reference.script("interop_peer.py", &["serve"]),
+        Link::Relay {
+            reference: Side::Server,
+        },
+    );
+    assert_pairing_passed(
+        "rust client without extensions vs interop_peer.py serve",
+        &run,
+        "interop",
+        INTEROP_CHECKS,
+    );
+    assert_shutdown_order(&run.wire);
+    assert_eq!(
+        extensions_report(&run.client.stderr, "client"),
+        ("no".to_string(), 0)
+    );
+    let off_channel_0 = run
+        .wire
+        .events
+        .iter()
+        .filter(|(_, seen)| match seen {
+            Seen::Request { channel } | Seen::Response { channel, .. } => *channel != 0,
+            _ => false,
+        })
+        .count();
+    assert_eq!(off_channel_0, 0, "packets on channels other than 0");
 }
 
 fn reference_client_passes_every_check_against_rust_server(reference: &Reference) {
@@ -708,6 +808,7 @@ fn reference_client_passes_every_check_against_rust_server(reference: &Reference
         INTEROP_CHECKS,
     );
     assert_shutdown_order(&run.wire);
+    assert_hello_refused_and_ignored(&run, "serve", Dir::ToClient);
 }
 
 fn rust_client_passes_every_check_against_rust_server_over_pipes() {
@@ -717,6 +818,18 @@ fn rust_client_passes_every_check_against_rust_server_over_pipes() {
         Link::Pipes,
     );
     assert_pairing_passed("rust client vs rust serve", &run, "interop", INTEROP_CHECKS);
+    for who in ["client", "serve"] {
+        let stderr = match who {
+            "client" => &run.client.stderr,
+            _ => &run.server.stderr,
+        };
+        assert_eq!(
+            extensions_report(stderr, who),
+            ("yes".to_string(), 0),
+            "{who}: {}",
+            tail(stderr)
+        );
+    }
 }
 
 fn reference_refuses_channel_5_with_not_ok_response_and_keeps_serving(reference: &Reference) {

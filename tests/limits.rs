@@ -83,9 +83,9 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
     const BUDGET: u64 = 8 << 20;
     let (a, mut peer) = UnixStream::pair().unwrap();
     peer.set_read_timeout(Some(PATIENCE)).unwrap();
-    // Default settings: a budget of 8 MiB.
-    let conn =
-        PacketConnection::from_unix_stream(a, Config::default().handler(big_replies)).unwrap();
+    // Default settings: a budget of 8 MiB. The peer is scripted: no hello.
+    let config = Config::default().handler(big_replies).extensions(false);
+    let conn = PacketConnection::from_unix_stream(a, config).unwrap();
     let base = proc_status("VmRSS");
     let hwm_before = {
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
@@ -160,10 +160,12 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
 // ---------------------------------------------------------------------------
 // Liveness timeouts.
 
-/// A connection over a socketpair, and the raw peer's end of it.
+/// A connection over a socketpair, and the raw peer's end of it, which
+/// scripts the base protocol: the connection's extensions are off.
 fn socket_pair(config: Config) -> (PacketConnection, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
     b.set_read_timeout(Some(PATIENCE)).unwrap();
+    let config = config.extensions(false);
     (PacketConnection::from_unix_stream(a, config).unwrap(), b)
 }
 

@@ -387,9 +387,13 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
     const BODY: usize = 256 << 20;
     let (a, mut peer) = UnixStream::pair().unwrap();
     peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    // The peer is scripted, packet by packet: no hello.
     let conn = PacketConnection::from_unix_stream(
         a,
-        Config::default().max_packet_len(1 << 20).handler(echo),
+        Config::default()
+            .max_packet_len(1 << 20)
+            .handler(echo)
+            .extensions(false),
     )
     .unwrap();
     let hwm_before = proc_status("VmHWM");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{echo, report, request, timed, unique_name, wait_for, Gate, Timed, ECHO};
 use packetstream::{
     ClientInfo, Config, Disconnect, Error, HandlerResult, Kind, Packet, PacketConnection, PeerAddr,
-    Request, Server, ServerConfig, BUSY_FLAGS,
+    Request, Server, ServerConfig, BUSY_FLAGS, CONTROL_CHANNEL,
 };
 
 /// Every wait that should succeed ends after this long.
@@ -133,13 +133,18 @@ impl RawClient {
         decode(&bytes)
     }
 
-    /// Reads until a whole packet has come.
+    /// Reads until a whole packet has come, passing over the server's
+    /// hello, which a client of the base protocol may leave unanswered.
     fn read_packet(&mut self) -> Packet {
         let mut bytes = Vec::new();
         let mut chunk = [0u8; 1];
         loop {
-            if let Some((packet, _)) = Packet::decode(&bytes, u64::MAX).unwrap() {
-                return packet;
+            if let Some((packet, used)) = Packet::decode(&bytes, u64::MAX).unwrap() {
+                if packet.channel != CONTROL_CHANNEL {
+                    return packet;
+                }
+                bytes.drain(..used);
+                continue;
             }
             let n = self.read(&mut chunk).unwrap();
             assert_eq!(n, 1, "the stream ended before a whole packet");

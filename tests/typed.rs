@@ -14,6 +14,7 @@ use std::time::Duration;
 use packetstream::{
     impl_payload, Config, Dispatcher, Error, Failure, Fulfil, HandlerError, Packet,
     PacketConnection, Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
+    CONTROL_CHANNEL,
 };
 
 use common::{threads_named, wait_for, within, LIMIT};
@@ -434,14 +435,21 @@ fn stop_timeout_gives_up_on_a_client_that_never_answers() {
         server.stop_timeout(Duration::from_millis(300))
     });
     assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
-    // The silent client got the server's ERQ and EOF, then the shutdown.
+    // The silent client got the server's hello, ERQ and EOF, then the
+    // shutdown.
     silent.set_read_timeout(Some(LIMIT)).unwrap();
     let mut got = Vec::new();
     silent.read_to_end(&mut got).unwrap();
-    let mut want = Vec::new();
-    Packet::erq().encode_into(&mut want);
-    Packet::eof().encode_into(&mut want);
-    assert_eq!(got, want);
+    let mut packets = Vec::new();
+    let mut used = 0;
+    while let Some((packet, n)) = Packet::decode(&got[used..], u64::MAX).unwrap() {
+        packets.push(packet);
+        used += n;
+    }
+    assert_eq!(used, got.len(), "whole packets");
+    assert_eq!(packets.len(), 3, "{packets:?}");
+    assert_eq!(packets[0].channel, CONTROL_CHANNEL, "the hello first");
+    assert_eq!(packets[1..], [Packet::erq(), Packet::eof()]);
     wait_for("the threads of srv-f to end", LIMIT, || {
         threads_named("srv-f").is_empty()
     });

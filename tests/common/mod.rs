@@ -331,8 +331,16 @@ impl RawPeer {
     }
 
     /// A connection with `config` and a raw peer on the other end, whose
-    /// reads and writes fail after `patience`.
+    /// reads and writes fail after `patience`. The peer scripts the base
+    /// protocol packet by packet, so the connection's extensions are off:
+    /// no hello comes first.
     pub fn with_patience(config: Config, patience: Duration) -> (PacketConnection, RawPeer) {
+        RawPeer::speaking_to(config.extensions(false), patience)
+    }
+
+    /// A connection with `config` as it is, extensions included, and a raw
+    /// peer on the other end, whose reads and writes fail after `patience`.
+    pub fn speaking_to(config: Config, patience: Duration) -> (PacketConnection, RawPeer) {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(patience)).unwrap();
         b.set_write_timeout(Some(patience)).unwrap();
@@ -359,6 +367,21 @@ impl RawPeer {
     /// Sends a request on channel 0 with flags 0.
     pub fn request(&mut self, tag: u64, rq_type: u64, payload: &[u8]) {
         self.send(&request(tag, rq_type, 0, payload));
+    }
+
+    /// The next `n` bytes as they came. Panics on a read timeout or at the
+    /// end of the stream.
+    pub fn recv_bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let mut chunk = [0u8; 4096];
+            let got = self
+                .stream
+                .read(&mut chunk)
+                .expect("raw peer read within the limit");
+            assert!(got > 0, "stream ended with {} of {n} bytes", self.buf.len());
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+        self.buf.drain(..n).collect()
     }
 
     /// The next packet, or `None` at the end of the stream. Panics on a read

@@ -1,0 +1,210 @@
+//! Extensions to the base protocol: a hello, remote cancel, deadlines and
+//! ping, carried as ordinary requests on a reserved channel, so that a peer
+//! of the base protocol (the Python reference) refuses them with a not-ok
+//! reply and goes on. The wire spec is in the crate doc's "Extensions"
+//! section.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::codec::{PayloadReader, PayloadWrite};
+use crate::error::Result;
+use crate::pending::TagMap;
+
+/// The channel reserved for the extensions' control requests. Requests on it
+/// never reach a handler, and `submit_on` refuses it.
+pub const CONTROL_CHANNEL: u64 = 0xFFFF_FFFF;
+
+/// The extensions' version, sent in the hello.
+pub(crate) const VERSION: u64 = 1;
+
+/// Control request types, on [`CONTROL_CHANNEL`].
+pub(crate) const HELLO: u64 = 0;
+pub(crate) const PING: u64 = 1;
+pub(crate) const CANCEL: u64 = 2;
+pub(crate) const DEADLINE: u64 = 3;
+
+/// Capability bits, in the hello.
+pub(crate) const CAN_PING: u64 = 1;
+pub(crate) const CAN_CANCEL: u64 = 2;
+pub(crate) const CAN_DEADLINE: u64 = 4;
+/// What this end can do.
+pub(crate) const CAPABILITIES: u64 = CAN_PING | CAN_CANCEL | CAN_DEADLINE;
+
+/// The longest deadline a peer may set, and the most deadlines held for
+/// requests not yet arrived: each deadline comes just before its request,
+/// so a peer of this crate has at most one per submitting thread there.
+const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_EARLY_DEADLINES: usize = 1024;
+
+/// A hello's payload, and its reply's: BSUInt version, BSUInt capabilities.
+pub(crate) fn hello(version: u64, capabilities: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.put_bs_uint(version);
+    out.put_bs_uint(capabilities);
+    out
+}
+
+/// The capabilities in a hello or its reply.
+pub(crate) fn read_hello(payload: &[u8]) -> Result<(u64, u64)> {
+    let mut r = PayloadReader::new(payload);
+    Ok((r.bs_uint()?, r.bs_uint()?))
+}
+
+/// A cancel's payload: BSUInt channel, BSUInt tag.
+pub(crate) fn cancel(channel: u64, tag: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.put_bs_uint(channel);
+    out.put_bs_uint(tag);
+    out
+}
+
+/// A deadline's payload: BSUInt channel, BSUInt tag, BSUInt milliseconds.
+pub(crate) fn deadline(channel: u64, tag: u64, within: Duration) -> Vec<u8> {
+    let mut out = cancel(channel, tag);
+    out.put_bs_uint(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
+    out
+}
+
+/// The channel and tag of a cancel, and the milliseconds of a deadline.
+pub(crate) fn read_target(payload: &[u8], with_ms: bool) -> Result<(u64, u64, u64)> {
+    let mut r = PayloadReader::new(payload);
+    let (channel, tag) = (r.bs_uint()?, r.bs_uint()?);
+    let ms = if with_ms { r.bs_uint()? } else { 0 };
+    Ok((channel, tag, ms))
+}
+
+/// The cancels and deadlines the peer has sent for its requests to this
+/// end, shared with the handlers through [`Request`](crate::Request).
+///
+/// Only requests that have arrived and are not answered yet can be
+/// cancelled, so what is held is bounded by the handler queue, whatever the
+/// peer sends.
+#[derive(Default)]
+pub(crate) struct Signals {
+    state: Mutex<SignalState>,
+    cancelled: Condvar,
+}
+
+#[derive(Default)]
+struct SignalState {
+    /// The peer's requests that have arrived and are not answered: true
+    /// once cancelled.
+    live: TagMap<bool>,
+    /// Deadlines of requests that have not arrived yet.
+    early: TagMap<Instant>,
+}
+
+impl Signals {
+    /// The peer gives its request `(channel, tag)`, about to arrive, a
+    /// deadline `ms` from now (at most a week).
+    pub(crate) fn set_deadline(&self, channel: u64, tag: u64, ms: u64) {
+        let within = Duration::from_millis(ms).min(MAX_DEADLINE);
+        let mut st = self.state.lock();
+        if st.early.len() >= MAX_EARLY_DEADLINES {
+            // Deadlines for requests that never came: the peer is not one
+            // of this crate. Forget them all rather than grow.
+            log::warn!("{MAX_EARLY_DEADLINES} deadlines for requests that did not come: dropped");
+            st.early.clear();
+        }
+        st.early.insert((channel, tag), Instant::now() + within);
+    }
+
+    /// Takes the deadline set for `(channel, tag)`, which has arrived.
+    pub(crate) fn take_deadline(&self, channel: u64, tag: u64) -> Option<Instant> {
+        let mut st = self.state.lock();
+        if st.early.is_empty() {
+            return None;
+        }
+        st.early.remove(&(channel, tag))
+    }
+
+    /// `(channel, tag)` has arrived and will be served or refused: from now
+    /// until [`finished`](Signals::finished) it can be cancelled.
+    pub(crate) fn arrived(&self, channel: u64, tag: u64) {
+        self.state.lock().live.insert((channel, tag), false);
+    }
+
+    /// The peer cancels its request `(channel, tag)`. A cancel for a request
+    /// not in progress (answered already, or never sent) is ignored.
+    pub(crate) fn cancel(&self, channel: u64, tag: u64) -> bool {
+        let found = match self.state.lock().live.get_mut(&(channel, tag)) {
+            Some(cancelled) => {
+                *cancelled = true;
+                true
+            }
+            None => false,
+        };
+        if found {
+            self.cancelled.notify_all();
+        }
+        found
+    }
+
+    /// True if the peer has cancelled `(channel, tag)`.
+    pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
+        self.state.lock().live.get(&(channel, tag)) == Some(&true)
+    }
+
+    /// Waits until the peer cancels `(channel, tag)`, or until `deadline`.
+    /// Returns true if it did.
+    pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
+        let mut st = self.state.lock();
+        crate::sync::wait_until(&self.cancelled, &mut st, deadline, |st| {
+            st.live.get(&(channel, tag)) == Some(&false)
+        });
+        st.live.get(&(channel, tag)) == Some(&true)
+    }
+
+    /// `(channel, tag)` is answered: forget it.
+    pub(crate) fn finished(&self, channel: u64, tag: u64) {
+        self.state.lock().live.remove(&(channel, tag));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_payloads_round_trip() {
+        assert_eq!(read_hello(&hello(1, 7)).unwrap(), (1, 7));
+        assert_eq!(read_target(&cancel(5, 300), false).unwrap(), (5, 300, 0));
+        let d = deadline(0xFFFF_FFFF, u64::MAX, Duration::from_millis(1500));
+        assert_eq!(
+            read_target(&d, true).unwrap(),
+            (0xFFFF_FFFF, u64::MAX, 1500)
+        );
+        assert!(read_target(&cancel(1, 2), true).is_err());
+        assert!(read_hello(&[0x80]).is_err());
+    }
+
+    #[test]
+    fn cancels_only_requests_in_progress() {
+        let signals = Signals::default();
+        assert!(!signals.cancel(0, 9), "never arrived");
+        signals.arrived(0, 9);
+        assert!(!signals.is_cancelled(0, 9));
+        assert!(signals.cancel(0, 9));
+        assert!(signals.is_cancelled(0, 9));
+        assert!(signals.wait_cancelled(0, 9, Some(Instant::now())));
+        signals.finished(0, 9);
+        assert!(!signals.is_cancelled(0, 9));
+        assert!(!signals.cancel(0, 9), "answered already");
+        assert!(signals.state.lock().live.is_empty());
+    }
+
+    #[test]
+    fn early_deadlines_are_bounded() {
+        let signals = Signals::default();
+        for tag in 0..10 * MAX_EARLY_DEADLINES as u64 {
+            signals.set_deadline(0, tag, u64::MAX);
+        }
+        assert!(signals.state.lock().early.len() <= MAX_EARLY_DEADLINES);
+        let last = 10 * MAX_EARLY_DEADLINES as u64 - 1;
+        let deadline = signals.take_deadline(0, last).unwrap();
+        assert!(deadline <= Instant::now() + MAX_DEADLINE);
+        assert_eq!(signals.take_deadline(0, last), None);
+    }
+}
