@@ -9,9 +9,10 @@
 //! cargo run --release --example bench -- --only w2:256 --secs 5   # one workload, for profiling
 //! cargo run --release --example bench -- --only raw-many:1000     # one many-clients run, 3 s
 //! cargo run --release --example bench -- --only many:70 --max-connections 64 --secs 2
+//! cargo run --release --example bench -- --only ext   # W1 and W2 with extensions on and off
 //! ```
 //!
-//! `--only` takes `w1`, `w2:N`, `w3`, `hol` or `many:N`, or one of them with a
+//! `--only` takes `w1`, `w2:N`, `w3`, `hol`, `ext` or `many:N`, or one of them with a
 //! `raw-` prefix for its raw baseline. `--max-connections M` sets the crate
 //! server's limit in the many-clients workloads (default: the number of
 //! clients), to see what clients past the limit get.
@@ -58,6 +59,10 @@
 //! and the crate's ratio to the raw figure. W2 is timed in steady state: from
 //! the moment the first window has turned over until the end of the round,
 //! before the window drains.
+//!
+//! The extensions' cost when unused: W1 and W2 (256) between two ends with
+//! the extensions on (the default) and two with them off, round by round
+//! in the same run, and the ratio of on to off.
 //!
 //! Also reported for W1 to W3, per request (client and server together,
 //! since both ends live in this process): context switches, a proxy for
@@ -222,6 +227,7 @@ fn main() {
     let w1 = bench_w1(&opts);
     let w2 = bench_w2(&opts);
     let w3 = bench_w3(&opts);
+    let (ext_w1, ext_w2) = bench_extensions(&opts);
     let rss = peak_rss_w2(&opts, 10_000);
     let allocs = count_allocs();
     let many = if opts.skip_many {
@@ -265,6 +271,7 @@ fn main() {
     print_many_rows(&many);
     println!();
     println!("Ratios: W1 is crate time / raw time (lower is better); W2 and W3 are crate rate / raw rate (higher is better).");
+    print_extensions(&ext_w1, &ext_w2);
     println!(
         "Peak RSS during W2 with 10,000 in flight: {:.1} MiB (VmHWM; {:.1} MiB before the phase).",
         rss.1, rss.0
@@ -443,19 +450,28 @@ struct Conn {
 
 impl Conn {
     fn new() -> Conn {
+        Conn::with_extensions(true)
+    }
+
+    /// A pair with the extensions on (the default) or off at both ends.
+    fn with_extensions(on: bool) -> Conn {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let server = PacketConnection::from_unix_stream(
             b,
-            Config::default().name("server").handler(|rq: Request| {
-                Ok(Reply {
-                    flags: rq.flags,
-                    payload: rq.payload,
-                })
-            }),
+            Config::default()
+                .name("server")
+                .extensions(on)
+                .handler(|rq: Request| {
+                    Ok(Reply {
+                        flags: rq.flags,
+                        payload: rq.payload,
+                    })
+                }),
         )
         .expect("server");
-        let client = PacketConnection::from_unix_stream(a, Config::default().name("client"))
-            .expect("client");
+        let client =
+            PacketConnection::from_unix_stream(a, Config::default().name("client").extensions(on))
+                .expect("client");
         Conn { client, server }
     }
 
@@ -779,6 +795,53 @@ fn bench_w2(opts: &Opts) -> Vec<(usize, Pair)> {
     out
 }
 
+/// W1 and W2 (256) with the extensions off (as `raw`) and on (as `lib`),
+/// round by round: what the extensions cost when nothing uses them.
+fn bench_extensions(opts: &Opts) -> (Pair, Pair) {
+    eprint!("extensions off/on ");
+    let (off, on) = (Conn::with_extensions(false), Conn::with_extensions(true));
+    for conn in [&off, &on] {
+        lib_calls(conn, SMALL, Duration::from_millis(50));
+        lib_pipeline(conn, W2_WINDOW, Duration::from_millis(30));
+    }
+    let micros = |span: Span| Span {
+        value: span.value * 1e6,
+        ..span
+    };
+    let (mut w1, mut w2) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for _ in 0..opts.rounds {
+        for (at, conn) in [&off, &on].into_iter().enumerate() {
+            w1[at].push(sample(Some(conn), || {
+                micros(lib_calls(conn, SMALL, opts.round))
+            }));
+            w2[at].push(sample(Some(conn), || {
+                lib_pipeline(conn, W2_WINDOW, opts.round)
+            }));
+        }
+        eprint!(".");
+    }
+    eprintln!();
+    off.close();
+    on.close();
+    let pair = |samples: &[Vec<Sample>; 2]| Pair {
+        raw: median_sample(&samples[0]),
+        lib: median_sample(&samples[1]),
+    };
+    (pair(&w1), pair(&w2))
+}
+
+fn print_extensions(w1: &Pair, w2: &Pair) {
+    println!(
+        "Extensions unused, on (the default) against off, same run: W1 {:.1} µs against {:.1} µs ({:.3}×, lower is better); W2 (256) {} against {} req/s ({:.3}×, higher is better).",
+        w1.lib.value,
+        w1.raw.value,
+        w1.lib.value / w1.raw.value,
+        fmt_rate(w2.lib.value),
+        fmt_rate(w2.raw.value),
+        w2.lib.value / w2.raw.value
+    );
+}
+
 fn bench_w3(opts: &Opts) -> Pair {
     eprint!("W3 ");
     let conn = Conn::new();
@@ -994,6 +1057,11 @@ fn run_only(opts: &Opts, only: &str) {
     }
     if what == "hol" {
         head_of_line(opts);
+        return;
+    }
+    if what == "ext" {
+        let (w1, w2) = bench_extensions(opts);
+        print_extensions(&w1, &w2);
         return;
     }
     let conn = (!raw).then(Conn::new);
