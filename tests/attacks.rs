@@ -484,3 +484,367 @@ fn a_large_reply_cut_short_by_a_bounded_write_reaches_a_slow_peer_whole() {
         "replies that reached the peer whole and in order"
     );
 }
+
+/// A payload of `len` bytes that says where it came from.
+fn payload_for(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Mostly small, one in eight over the size that is queued by move.
+fn size_for(seed: u64) -> usize {
+    match seed % 8 {
+        0 => 64 * 1024 + (seed as usize * 7919) % 60_000,
+        _ => (seed as usize * 131) % 1500,
+    }
+}
+
+/// Two ends that both serve inline flood each other with requests from
+/// several threads, mixing `call`, `wait` and `wait_timeout`, small payloads
+/// and large: every request gets its own reply, byte for byte, and nothing
+/// deadlocks.
+#[test]
+fn two_inline_ends_flooding_each_other_answer_every_request_exactly() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let inline = |name: &str| {
+        Config::default()
+            .name(name)
+            .max_queued_bytes(1 << 20)
+            .inline_handler(echo)
+    };
+    let left = Arc::new(PacketConnection::from_unix_stream(a, inline("infl-a")).unwrap());
+    let right = Arc::new(PacketConnection::from_unix_stream(b, inline("infl-b")).unwrap());
+    let ends = [Arc::clone(&left), Arc::clone(&right)];
+    let flood = move || {
+        let mut workers = Vec::new();
+        for (end_idx, end) in ends.iter().enumerate() {
+            for thread_idx in 0..3u64 {
+                let end = Arc::clone(end);
+                workers.push(thread::spawn(move || {
+                    let mut n_checked = 0;
+                    for round in 0..60u64 {
+                        let seed0 = ((end_idx as u64 * 3 + thread_idx) << 32) | (round << 8);
+                        if round % 3 == 0 {
+                            let want = payload_for(seed0, size_for(seed0));
+                            let got = end.call(ECHO, seed0, &want)?;
+                            assert_eq!((got.flags, got.payload == want), (seed0, true));
+                            n_checked += 1;
+                            continue;
+                        }
+                        let mut pending = Vec::new();
+                        for i in 0..12u64 {
+                            let seed = seed0 | i;
+                            let payload = payload_for(seed, size_for(seed));
+                            let handle = end.submit(ECHO, seed, &payload)?;
+                            pending.push((seed, payload, handle));
+                        }
+                        for (seed, want, pending) in pending {
+                            let got = if round % 3 == 1 {
+                                pending.wait()
+                            } else {
+                                pending.wait_timeout(PATIENCE)
+                            }?;
+                            assert_eq!(got.flags, seed);
+                            assert!(got.payload == want, "reply to {seed:#x} differs");
+                            n_checked += 1;
+                        }
+                    }
+                    Ok::<usize, Error>(n_checked)
+                }));
+            }
+        }
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Result<Vec<usize>, Error>>()
+            .map(|counts| counts.into_iter().sum::<usize>())
+    };
+    let (l, r) = (Arc::clone(&left), Arc::clone(&right));
+    let n_checked = within_or("the flood", PATIENCE + HANG, flood, || {
+        l.abort();
+        r.abort();
+    })
+    .unwrap();
+    assert_eq!(n_checked, 6 * (20 + 40 * 12));
+    let closing = Arc::clone(&right);
+    let closer = thread::spawn(move || closing.close_timeout(PATIENCE));
+    assert!(left.close_timeout(PATIENCE).is_ok());
+    assert!(within("the other close", move || closer.join().unwrap()).is_ok());
+}
+
+/// A peer that reads slowly, in small pieces, gets every reply of an inline
+/// handler in order and byte for byte, though the thread that reads writes
+/// them through a short write timeout and leaves the rest to the send
+/// thread.
+#[test]
+fn a_slow_reader_gets_every_inline_reply_in_order_and_whole() {
+    const N: u64 = 300;
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let conn = PacketConnection::from_unix_stream(
+        a,
+        Config::default().name("slowrd").inline_handler(echo),
+    )
+    .unwrap();
+    let mut writer = peer.try_clone().unwrap();
+    let writing = thread::spawn(move || {
+        for tag in 2..2 + N {
+            let payload = payload_for(tag, size_for(tag));
+            writer
+                .write_all(&wire(&common::request(tag, ECHO, tag, &payload)))
+                .unwrap();
+        }
+        writer.write_all(&wire(&Packet::eof())).unwrap();
+    });
+    let packets = within("the slow reader", move || {
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 3000];
+        let mut n_reads = 0u64;
+        while let Ok(n @ 1..) = peer.read(&mut chunk) {
+            bytes.extend_from_slice(&chunk[..n]);
+            n_reads += 1;
+            if n_reads.is_multiple_of(64) {
+                thread::sleep(ms(1));
+            }
+        }
+        let mut packets = Vec::new();
+        let mut pos = 0;
+        while let Some((packet, used)) = Packet::decode(&bytes[pos..], u64::MAX).unwrap() {
+            packets.push(packet);
+            pos += used;
+        }
+        assert_eq!(pos, bytes.len(), "bytes of a partial packet at the end");
+        packets
+    });
+    within("the writer", move || writing.join().unwrap());
+    assert!(within("join", move || conn.join()).is_ok());
+    let (replies, rest) = packets.split_at(N as usize);
+    for (idx, reply) in replies.iter().enumerate() {
+        let tag = 2 + idx as u64;
+        assert_eq!((reply.tag, reply.payload.len()), (tag, size_for(tag)));
+        assert!(
+            reply.payload == payload_for(tag, size_for(tag)),
+            "reply {tag} differs"
+        );
+    }
+    assert_eq!(rest.len(), 2);
+    assert!(rest[0].is_erq() && rest[1].is_eof());
+}
+
+/// Two ends whose inline handlers submit a request of their own (without
+/// waiting for its response, as the inline handler's documentation allows)
+/// while both flood each other: nothing deadlocks.
+#[test]
+fn two_inline_ends_whose_handlers_submit_do_not_deadlock() {
+    const PING: u64 = 20;
+    const PONG: u64 = 21;
+    let (a, b) = UnixStream::pair().unwrap();
+    let make = |stream: UnixStream, name: &str| {
+        let me: Arc<std::sync::OnceLock<std::sync::Weak<PacketConnection>>> = Arc::default();
+        let handler = {
+            let me = Arc::clone(&me);
+            move |rq: Request| -> HandlerResult {
+                if rq.rq_type == PING {
+                    if let Some(conn) = me.get().and_then(std::sync::Weak::upgrade) {
+                        drop(conn.submit(PONG, 0, &rq.payload));
+                    }
+                }
+                Ok(().into())
+            }
+        };
+        let config = Config::default()
+            .name(name)
+            .max_queued_bytes(256 << 10)
+            .inline_handler(handler);
+        let conn = Arc::new(PacketConnection::from_unix_stream(stream, config).unwrap());
+        me.set(Arc::downgrade(&conn)).unwrap();
+        conn
+    };
+    let left = make(a, "pp-a");
+    let right = make(b, "pp-b");
+    let ends = [Arc::clone(&left), Arc::clone(&right)];
+    let flood = move || {
+        let workers: Vec<_> = ends
+            .iter()
+            .map(|end| {
+                let end = Arc::clone(end);
+                thread::spawn(move || {
+                    let payload = vec![7u8; 16 << 10];
+                    let mut window = std::collections::VecDeque::new();
+                    for _ in 0..600 {
+                        window.push_back(end.submit(PING, 0, &payload)?);
+                        if window.len() > 64 {
+                            window.pop_front().unwrap().wait_timeout(PATIENCE)?;
+                        }
+                    }
+                    for pending in window {
+                        pending.wait_timeout(PATIENCE)?;
+                    }
+                    Ok::<(), Error>(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let res = within_or("the ping flood", ms(8_000), flood, || {
+        left.abort();
+        right.abort();
+    });
+    for res in res {
+        assert!(res.is_ok(), "{res:?}");
+    }
+    let closing = Arc::clone(&right);
+    let closer = thread::spawn(move || closing.close_timeout(PATIENCE));
+    assert!(left.close_timeout(PATIENCE).is_ok());
+    assert!(within("the other close", move || closer.join().unwrap()).is_ok());
+}
+
+/// Many threads share one connection and wait in every way at once: `call`
+/// and `wait` (which may read for themselves), `wait_timeout`,
+/// `call_timeout`, and `try_wait` polling, against handlers of varying
+/// speed; meanwhile the peer calls back. Every request gets its own answer,
+/// and nothing hangs.
+#[test]
+fn threads_mixing_every_way_of_waiting_on_one_connection_all_get_their_answers() {
+    let (client, server) = pair_both_serving("mix");
+    let mut workers = Vec::new();
+    for thread_idx in 0..8u64 {
+        let c = Arc::clone(&client);
+        workers.push(thread::spawn(move || {
+            for round in 0..40u64 {
+                let seed = (thread_idx << 16) | round;
+                let sleep = format!("{}", seed % 4);
+                let got = match (thread_idx + round) % 5 {
+                    0 => c.call(SLEEP, seed, sleep.as_bytes()),
+                    1 => c.submit(SLEEP, seed, sleep.as_bytes())?.wait(),
+                    2 => c
+                        .submit(SLEEP, seed, sleep.as_bytes())?
+                        .wait_timeout(PATIENCE),
+                    3 => c.call_timeout(SLEEP, seed, sleep.as_bytes(), PATIENCE),
+                    _ => {
+                        let pending = c.submit(SLEEP, seed, sleep.as_bytes())?;
+                        let deadline = Instant::now() + PATIENCE;
+                        loop {
+                            if let Some(res) = pending.try_wait() {
+                                break res;
+                            }
+                            if Instant::now() > deadline {
+                                break Err(Error::Closed);
+                            }
+                            thread::sleep(ms(1));
+                        }
+                    }
+                }?;
+                assert_eq!(got.flags, seed);
+            }
+            Ok::<(), Error>(())
+        }));
+    }
+    // The peer calls back meanwhile.
+    let s = Arc::clone(&server);
+    workers.push(thread::spawn(move || {
+        for round in 0..100u64 {
+            let got = s.call_timeout(ECHO, round, b"back", PATIENCE)?;
+            assert_eq!(got.flags, round);
+            thread::sleep(ms(3));
+        }
+        Ok(())
+    }));
+    let results = within_or(
+        "the mixed waiters",
+        ms(15_000),
+        move || {
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .collect::<Vec<_>>()
+        },
+        || {
+            client.abort();
+            server.abort();
+        },
+    );
+    for res in results {
+        assert!(res.is_ok(), "{res:?}");
+    }
+    assert!(client.close_timeout(PATIENCE).is_ok());
+    assert!(server.close_timeout(PATIENCE).is_ok());
+}
+
+/// A server's handlers call back over the connection they serve and wait
+/// without a deadline (so that a handler thread may read for itself), while
+/// the client's own threads call the server: every call completes.
+#[test]
+fn handlers_that_call_back_and_wait_while_the_client_calls_all_complete() {
+    const OUTER: u64 = 30;
+    const INNER: u64 = 31;
+    let (a, b) = UnixStream::pair().unwrap();
+    let me: Arc<std::sync::OnceLock<std::sync::Weak<PacketConnection>>> = Arc::default();
+    let handler = {
+        let me = Arc::clone(&me);
+        move |rq: Request| -> HandlerResult {
+            let conn = me.get().and_then(std::sync::Weak::upgrade).ok_or("gone")?;
+            let inner = conn.call(INNER, rq.flags, &rq.payload)?;
+            Ok((inner.flags, inner.payload).into())
+        }
+    };
+    let server = Arc::new(
+        PacketConnection::from_unix_stream(
+            b,
+            Config::default()
+                .name("cbs")
+                .handler_threads(6)
+                .handler(handler),
+        )
+        .unwrap(),
+    );
+    me.set(Arc::downgrade(&server)).unwrap();
+    let client = Arc::new(
+        PacketConnection::from_unix_stream(a, Config::default().name("cbc").handler(echo)).unwrap(),
+    );
+    let workers: Vec<_> = (0..4u64)
+        .map(|thread_idx| {
+            let c = Arc::clone(&client);
+            thread::spawn(move || {
+                for round in 0..50u64 {
+                    let seed = (thread_idx << 16) | round;
+                    let got = c.call(OUTER, seed, &seed.to_be_bytes())?;
+                    assert_eq!(
+                        (got.flags, got.payload),
+                        (seed, seed.to_be_bytes().to_vec())
+                    );
+                }
+                Ok::<(), Error>(())
+            })
+        })
+        .collect();
+    let results = within_or(
+        "the callers",
+        ms(15_000),
+        move || {
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .collect::<Vec<_>>()
+        },
+        || {
+            client.abort();
+            server.abort();
+        },
+    );
+    for res in results {
+        assert!(res.is_ok(), "{res:?}");
+    }
+    assert!(client.close_timeout(PATIENCE).is_ok());
+    assert!(server.close_timeout(PATIENCE).is_ok());
+}
