@@ -848,3 +848,308 @@ fn handlers_that_call_back_and_wait_while_the_client_calls_all_complete() {
     assert!(client.close_timeout(PATIENCE).is_ok());
     assert!(server.close_timeout(PATIENCE).is_ok());
 }
+
+/// A peer that crashes (its stream ends without EOF) while one of our
+/// callers reads the stream itself: the caller's request, `close` and
+/// `on_end` all say the stream ended, never that the peer sent EOF.
+#[test]
+fn a_crash_read_by_a_caller_on_the_lent_reader_is_stream_ended() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    let ended_tx = Mutex::new(ended_tx);
+    let client = Arc::new(
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default().name("crash").on_end(move |why| {
+                let _ = ended_tx.lock().unwrap().send(why);
+            }),
+        )
+        .unwrap(),
+    );
+    let caller = {
+        let c = Arc::clone(&client);
+        thread::spawn(move || {
+            let first = c.call(ECHO, 0, b"one").map(|r| r.payload);
+            (first, c.call(ECHO, 0, b"two"))
+        })
+    };
+    let mut buf = Vec::new();
+    let first = read_packets(&mut peer, &mut buf, 1).remove(0);
+    peer.write_all(&wire(&common::response(first.tag, true, 0, b"one")))
+        .unwrap();
+    let second = read_packets(&mut peer, &mut buf, 1).remove(0);
+    assert_eq!(second.payload, b"two");
+    thread::sleep(ms(30));
+    // The peer crashes: its stream goes, without EOF.
+    drop(peer);
+    let (first, second) = within("the caller", move || caller.join().unwrap());
+    assert_eq!(first.unwrap(), b"one");
+    assert!(
+        matches!(second, Err(Error::ConnectionLost(Disconnect::StreamEnded))),
+        "{second:?}"
+    );
+    for _ in 0..2 {
+        let closed = client.close_timeout(PATIENCE);
+        assert!(
+            matches!(closed, Err(Error::ConnectionLost(Disconnect::StreamEnded))),
+            "close after a crash: {closed:?}"
+        );
+    }
+    let why = ended_rx.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(why, Disconnect::StreamEnded);
+    assert_eq!(client.status().ended, Some(why));
+}
+
+/// A per-client factory that panics (an unlucky user's `unwrap`) takes the
+/// accept thread with it; `stop` must then re-raise that panic, as its
+/// documentation says, not wait for ever for the accept thread to say it
+/// has ended.
+#[test]
+fn stop_re_raises_a_panicking_factory_and_does_not_hang() {
+    let config = ServerConfig::per_client("pfac", |client| {
+        assert!(client.id < 2, "the factory fails for client {}", client.id);
+        server_config("pfac")
+    });
+    let (server, addr) = serve(config);
+    let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    assert_eq!(first.call(ECHO, 0, b"1").unwrap().payload, b"1");
+    // The second client's factory panics.
+    let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    assert!(second.call_timeout(ECHO, 0, b"2", ms(300)).is_err());
+    second.abort();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let stopper = thread::spawn(move || {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.stop()));
+        let _ = done_tx.send(res.is_err());
+    });
+    let outcome = done_rx.recv_timeout(HANG);
+    first.abort();
+    match outcome {
+        Ok(panicked) => {
+            stopper.join().unwrap();
+            assert!(
+                panicked,
+                "stop returned without re-raising the accept thread's panic"
+            );
+        }
+        // The stopping thread is left blocked: nothing can wake it.
+        Err(_) => panic!("Server::stop did not return within {HANG:?}: hang"),
+    }
+}
+
+/// An inline end closing while a raw peer floods it with requests and
+/// answers its requests, and its own threads call and submit: on the wire,
+/// no request follows its ERQ and nothing follows its EOF; each of the
+/// peer's requests gets one reply; each of its own requests ends once, and
+/// none that went out is called `Unsent`.
+#[test]
+fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
+    use std::collections::HashSet;
+    let (a, peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let conn = Arc::new(
+        PacketConnection::from_unix_stream(a, Config::default().name("ord").inline_handler(echo))
+            .unwrap(),
+    );
+    let peer_out = Arc::new(Mutex::new((peer.try_clone().unwrap(), false)));
+    // The peer's requests, until it has seen our EOF.
+    let peer_writer = {
+        let peer_out = Arc::clone(&peer_out);
+        thread::spawn(move || {
+            let mut sent = 0u64;
+            loop {
+                {
+                    let mut out = peer_out.lock().unwrap();
+                    if out.1 {
+                        return sent;
+                    }
+                    let tag = 2 + sent;
+                    if out
+                        .0
+                        .write_all(&wire(&common::request(tag, ECHO, tag, b"p")))
+                        .is_err()
+                    {
+                        return sent;
+                    }
+                    sent += 1;
+                }
+                thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    // The peer reads everything, answers our requests, and sends its EOF
+    // after ours.
+    let peer_reader = {
+        let (peer_out, mut peer) = (Arc::clone(&peer_out), peer);
+        thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 16 << 10];
+            loop {
+                while let Some((packet, used)) = Packet::decode(&buf, u64::MAX).unwrap() {
+                    buf.drain(..used);
+                    let mut out = peer_out.lock().unwrap();
+                    if let packetstream::Kind::Request { .. } = packet.kind {
+                        if !out.1 && !packet.is_eof() && !packet.is_erq() {
+                            let _ = out.0.write_all(&wire(&common::response(
+                                packet.tag, true, packet.tag, b"",
+                            )));
+                        }
+                    }
+                    if packet.is_eof() && !out.1 {
+                        out.1 = true;
+                        let _ = out.0.write_all(&wire(&Packet::eof()));
+                    }
+                    seen.push(packet);
+                }
+                match peer.read(&mut chunk) {
+                    Ok(0) | Err(_) => return (seen, buf.len()),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+    };
+    // Our own requests, from two threads, until the close refuses them.
+    let callers: Vec<_> = (0..2)
+        .map(|idx| {
+            let conn = Arc::clone(&conn);
+            thread::spawn(move || {
+                let mut outcomes: Vec<(u64, Result<(), Error>)> = Vec::new();
+                loop {
+                    let pending = match conn.submit(ECHO, 0, b"us") {
+                        Ok(pending) => pending,
+                        Err(Error::Closed) => return outcomes,
+                        Err(err) => panic!("submit: {err:?}"),
+                    };
+                    let tag = pending.tag();
+                    let res = if idx == 0 {
+                        pending.wait()
+                    } else {
+                        pending.wait_timeout(PATIENCE)
+                    };
+                    outcomes.push((tag, res.map(drop)));
+                }
+            })
+        })
+        .collect();
+    thread::sleep(ms(150));
+    let closed = conn.close_timeout(PATIENCE);
+    let n_peer_requests = within("the peer's writer", move || peer_writer.join().unwrap());
+    let (seen, left_over) = within("the peer's reader", move || peer_reader.join().unwrap());
+    let outcomes: Vec<_> = callers
+        .into_iter()
+        .flat_map(|c| within("a caller", move || c.join().unwrap()))
+        .collect();
+    assert!(closed.is_ok(), "{closed:?}");
+    assert_eq!(left_over, 0, "bytes of a partial packet at the end");
+
+    let erq_at = seen.iter().position(Packet::is_erq).expect("ERQ sent");
+    let eof_at = seen.iter().position(Packet::is_eof).expect("EOF sent");
+    assert_eq!(eof_at, seen.len() - 1, "packets after EOF");
+    let our_requests: HashSet<u64> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p.kind, packetstream::Kind::Request { .. }))
+        .filter(|(_, p)| !p.is_erq() && !p.is_eof())
+        .map(|(at, p)| {
+            assert!(at < erq_at, "request {} after ERQ", p.tag);
+            p.tag
+        })
+        .collect();
+    for (tag, res) in &outcomes {
+        match res {
+            Ok(()) => assert!(our_requests.contains(tag)),
+            Err(Error::ConnectionLost(Disconnect::PeerEof)) => {
+                assert!(our_requests.contains(tag))
+            }
+            Err(Error::Unsent(Disconnect::PeerEof)) => {
+                assert!(
+                    !our_requests.contains(tag),
+                    "request {tag} went out as Unsent"
+                )
+            }
+            Err(err) => panic!("request {tag}: {err:?}"),
+        }
+    }
+    assert_eq!(
+        outcomes.len(),
+        our_requests.len()
+            + outcomes
+                .iter()
+                .filter(|(_, r)| matches!(r, Err(Error::Unsent(_))))
+                .count()
+    );
+    // The peer's requests read before our EOF was queued got one reply
+    // each, in order (ok, or refused once we were closing); those read after
+    // it could get none.
+    let replied: Vec<u64> = seen
+        .iter()
+        .filter(|p| matches!(p.kind, packetstream::Kind::Response { .. }))
+        .map(|p| p.tag)
+        .collect();
+    let want: Vec<u64> = (2..2 + replied.len() as u64).collect();
+    assert_eq!(replied, want, "replies out of order, missing or repeated");
+    assert!(replied.len() as u64 <= conn.stats().requests_received);
+    assert!(replied.len() as u64 <= n_peer_requests);
+}
+
+/// A hook that panics (an unlucky user's `on_end`) runs, as documented, on
+/// one of the connection's threads, so `close` re-raises its panic. Here the
+/// peer's EOF is read by a caller waiting in `call` on the lent reader: the
+/// caller's `call` must still end with the lost connection, and `close` must
+/// not wait for ever.
+#[test]
+fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let client = Arc::new(
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default()
+                .name("hookp")
+                .on_end(|_| panic!("the on_end hook fails")),
+        )
+        .unwrap(),
+    );
+    let caller = {
+        let c = Arc::clone(&client);
+        thread::spawn(move || {
+            let first = c.call(ECHO, 0, b"one").map(|r| r.payload);
+            let second =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.call(ECHO, 0, b"two")));
+            (first, second.map_err(|_| "call panicked"))
+        })
+    };
+    let mut buf = Vec::new();
+    let first = read_packets(&mut peer, &mut buf, 1).remove(0);
+    peer.write_all(&wire(&common::response(first.tag, true, 0, b"one")))
+        .unwrap();
+    let second = read_packets(&mut peer, &mut buf, 1).remove(0);
+    assert_eq!(second.payload, b"two");
+    thread::sleep(ms(30));
+    // Our close: ERQ and EOF go out; then the peer's EOF, without an answer.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = {
+        let c = Arc::clone(&client);
+        thread::spawn(move || {
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.close()));
+            let _ = done_tx.send(res.is_err());
+        })
+    };
+    let ours = read_packets(&mut peer, &mut buf, 2);
+    assert!(ours[0].is_erq() && ours[1].is_eof());
+    peer.write_all(&wire(&Packet::eof())).unwrap();
+    let (first, second) = within("the caller", move || caller.join().unwrap());
+    assert_eq!(first.unwrap(), b"one");
+    let close_outcome = done_rx.recv_timeout(HANG);
+    if close_outcome.is_ok() {
+        closer.join().unwrap();
+    }
+    assert!(
+        matches!(second, Ok(Err(Error::ConnectionLost(Disconnect::PeerEof))))
+            && close_outcome.is_ok(),
+        "the caller's second call: {second:?}; close returned (true if it panicked) \
+         within {HANG:?}: {close_outcome:?}"
+    );
+}
