@@ -1153,3 +1153,52 @@ fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
          within {HANG:?}: {close_outcome:?}"
     );
 }
+
+/// Requests queued behind a large reply that a bounded write cut short, and
+/// never written before an abort, are `Unsent`: the bytes the cut write
+/// left over are counted once, not twice, in how far the writers got.
+#[test]
+fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let conn = PacketConnection::from_unix_stream(
+        a,
+        Config::default()
+            .name("twice")
+            .inline_handler(|_: Request| -> HandlerResult { Ok(vec![0u8; 1 << 20].into()) }),
+    )
+    .unwrap();
+    // The peer asks for the large reply and reads nothing yet: the reply
+    // fills the socket, the receive thread's write is cut short, and the
+    // send thread takes the rest and blocks in it.
+    peer.write_all(&wire(&common::request(2, ECHO, 0, b"")))
+        .unwrap();
+    common::wait_for("the reply to start going out", PATIENCE, || {
+        conn.stats().bytes_out > 0
+    });
+    thread::sleep(ms(100));
+    // Queued behind it; the grace runs out, but the writer is still blocked.
+    let pending: Vec<_> = (0..5)
+        .map(|_| conn.submit(ECHO, 0, b"behind").unwrap())
+        .collect();
+    let tags: Vec<u64> = pending.iter().map(|p| p.tag()).collect();
+    thread::sleep(ms(50));
+    conn.abort();
+    let outcomes: Vec<_> = pending
+        .into_iter()
+        .map(|p| p.wait_timeout(PATIENCE).map(drop))
+        .collect();
+    let (packets, _) = within("the peer's reads", move || read_to_end_packets(&mut peer));
+    let on_wire: Vec<u64> = packets
+        .iter()
+        .filter(|p| matches!(p.kind, packetstream::Kind::Request { .. }))
+        .map(|p| p.tag)
+        .collect();
+    for (tag, res) in tags.iter().zip(&outcomes) {
+        assert!(!on_wire.contains(tag), "request {tag} was written");
+        assert!(
+            matches!(res, Err(Error::Unsent(Disconnect::Local))),
+            "request {tag}, never written, ended with {res:?}"
+        );
+    }
+}
