@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{echo, ms, server_config, within, within_or, ECHO, SLEEP};
 use packetstream::{
-    Config, Disconnect, Error, HandlerResult, OnClose, Packet, PacketConnection, Request, Server,
-    ServerConfig,
+    Config, Disconnect, Error, HandlerResult, OnClose, Packet, PacketConnection, Request, Response,
+    Server, ServerConfig,
 };
 
 /// Long enough for any step that should succeed.
@@ -33,6 +33,24 @@ fn pair_both_serving(tag: &str) -> (Arc<PacketConnection>, Arc<PacketConnection>
     )
     .unwrap();
     (Arc::new(client), Arc::new(server))
+}
+
+/// A thread that makes a few quick calls (after the first, the receive
+/// thread lends its reader, and each later call reads for itself, the lease
+/// growing), then calls SLEEP for `millis`: that call reads the stream
+/// itself while the test acts.
+fn spawn_reading_caller(
+    conn: &Arc<PacketConnection>,
+    millis: u64,
+) -> thread::JoinHandle<Result<Vec<u8>, Error>> {
+    let conn = Arc::clone(conn);
+    thread::spawn(move || {
+        for _ in 0..4 {
+            conn.call(ECHO, 0, b"warm")?;
+        }
+        conn.call(SLEEP, 0, millis.to_string().as_bytes())
+            .map(|r| r.payload)
+    })
 }
 
 /// After a caller has read its own response on the lent reader for longer
@@ -69,17 +87,13 @@ fn a_request_from_the_peer_is_served_after_a_caller_read_past_the_lease() {
 #[test]
 fn a_call_after_a_call_timeout_raced_a_reading_caller_gets_its_response() {
     let (client, server) = pair_both_serving("race");
-    client.call(ECHO, 0, b"warm").unwrap();
-    let reader = {
-        let c = Arc::clone(&client);
-        thread::spawn(move || c.call(SLEEP, 0, b"150").map(|r| r.payload))
-    };
-    thread::sleep(ms(40));
+    let reader = spawn_reading_caller(&client, 200);
+    thread::sleep(ms(80));
     // Waits with a deadline while the other caller reads.
     let res = client.call_timeout(ECHO, 0, b"meanwhile", PATIENCE);
     assert_eq!(res.unwrap().payload, b"meanwhile");
     let joined = within("the reading caller", move || reader.join().unwrap());
-    assert_eq!(joined.unwrap(), b"150");
+    assert_eq!(joined.unwrap(), b"200");
     let c = Arc::clone(&client);
     let res = within_or(
         "a call after the race",
@@ -101,12 +115,8 @@ fn close_while_a_caller_reads_still_reads_the_peers_eof() {
     // server's EOF comes well after it; cancelled here, so that nothing is
     // pending when the reader is handed back.
     drop(client.submit(SLEEP, 0, b"400").unwrap());
-    client.call(ECHO, 0, b"warm").unwrap();
-    let reader = {
-        let c = Arc::clone(&client);
-        thread::spawn(move || c.call(SLEEP, 0, b"100").map(|r| r.payload))
-    };
-    thread::sleep(ms(30));
+    let reader = spawn_reading_caller(&client, 150);
+    thread::sleep(ms(60));
     let c = Arc::clone(&client);
     let res = within_or(
         "close while a caller reads",
@@ -116,7 +126,7 @@ fn close_while_a_caller_reads_still_reads_the_peers_eof() {
     );
     assert!(res.is_ok(), "{res:?}");
     let joined = within("the reading caller", move || reader.join().unwrap());
-    assert_eq!(joined.unwrap(), b"100");
+    assert_eq!(joined.unwrap(), b"150");
     assert!(server.close_timeout(PATIENCE).is_ok());
 }
 
@@ -144,6 +154,41 @@ fn wire(packet: &Packet) -> Vec<u8> {
     buf
 }
 
+/// How many quick calls a caller makes, answered at once, before the call
+/// that reads the stream itself.
+const WARM_CALLS: usize = 4;
+
+/// A thread that makes [`WARM_CALLS`] calls, then one more, `last`, whose
+/// answer the test holds back: that call reads the stream itself. Returns
+/// whether the first calls were answered right, and how the last ended.
+fn spawn_calls_then(
+    conn: &Arc<PacketConnection>,
+    last: &'static [u8],
+) -> thread::JoinHandle<(bool, std::thread::Result<Result<Response, Error>>)> {
+    let conn = Arc::clone(conn);
+    thread::spawn(move || {
+        let warm_ok = (0..WARM_CALLS).all(|idx| {
+            let payload = [idx as u8];
+            conn.call(ECHO, 0, &payload)
+                .is_ok_and(|rsp| rsp.payload == payload)
+        });
+        let res =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.call(ECHO, 0, last)));
+        (warm_ok, res)
+    })
+}
+
+/// The raw peer's side of [`spawn_calls_then`]: answers the first calls,
+/// echoing them, and returns the last request, unanswered.
+fn answer_warm_calls(peer: &mut UnixStream, buf: &mut Vec<u8>) -> Packet {
+    for _ in 0..WARM_CALLS {
+        let rq = read_packets(peer, buf, 1).remove(0);
+        peer.write_all(&wire(&common::response(rq.tag, true, 0, &rq.payload)))
+            .unwrap();
+    }
+    read_packets(peer, buf, 1).remove(0)
+}
+
 /// `abort` must wake a caller waiting in `call`, on `connect_with` streams
 /// whose `on_close` cannot interrupt a read (here: none given), as it does
 /// on every other transport.
@@ -161,34 +206,24 @@ fn abort_wakes_a_caller_in_call_on_connect_with_streams_without_a_hook() {
         )
         .unwrap(),
     );
-    let caller = {
-        let c = Arc::clone(&client);
-        thread::spawn(move || {
-            let first = c.call(ECHO, 0, b"one");
-            let second = c.call(ECHO, 0, b"two");
-            (first.map(|r| r.payload), second)
-        })
-    };
-    // Answer the first request, read the second and leave it unanswered.
+    let caller = spawn_calls_then(&client, b"last");
+    // Answer the first requests, read the last and leave it unanswered.
     let mut buf = Vec::new();
-    let first = read_packets(&mut peer, &mut buf, 1).remove(0);
-    peer.write_all(&wire(&common::response(first.tag, true, 0, b"one")))
-        .unwrap();
-    let second = read_packets(&mut peer, &mut buf, 1).remove(0);
-    assert_eq!(second.payload, b"two");
+    let last = answer_warm_calls(&mut peer, &mut buf);
+    assert_eq!(last.payload, b"last");
     thread::sleep(ms(50));
     client.abort();
-    let (first, second) = within_or(
+    let (warm_ok, last) = within_or(
         "a caller in call() after abort",
         HANG,
         move || caller.join().unwrap(),
         // Unstick the caller: the peer closes the stream.
         || peer.shutdown(std::net::Shutdown::Both).unwrap(),
     );
-    assert_eq!(first.unwrap(), b"one");
+    assert!(warm_ok);
     assert!(
-        matches!(second, Err(Error::ConnectionLost(Disconnect::Local))),
-        "{second:?}"
+        matches!(last, Ok(Err(Error::ConnectionLost(Disconnect::Local)))),
+        "{last:?}"
     );
 }
 
@@ -206,7 +241,13 @@ fn serve(config: ServerConfig) -> (Server, SocketAddr) {
 fn a_refused_client_that_keeps_sending_is_still_sent_eof_and_does_not_hold_up_stop() {
     let (server, addr) = serve(ServerConfig::new(server_config("full")).max_connections(1));
     let holder = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    assert_eq!(holder.call(ECHO, 0, b"in").unwrap().payload, b"in");
+    assert_eq!(
+        holder
+            .call_timeout(ECHO, 0, b"in", PATIENCE)
+            .unwrap()
+            .payload,
+        b"in"
+    );
 
     let refused = TcpStream::connect(addr).unwrap();
     refused.set_read_timeout(Some(ms(100))).unwrap();
@@ -325,11 +366,38 @@ enum Hooked {
     Close(u64),
 }
 
+/// A logger that takes its time over the server's "accepted" lines, as one
+/// that writes synchronously to a slow disk or socket does.
+struct SlowLogger;
+
+impl log::Log for SlowLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if record.level() == log::Level::Debug && record.target() == "packetstream::server" {
+            let line = record.args().to_string();
+            if line.starts_with("hooks#") && line.ends_with(": accepted") {
+                thread::sleep(ms(5));
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// Clients that connect, send EOF and go at once: each is reported by
-/// `on_accept` once, then by `on_close` once, in that order.
+/// `on_accept` once, then by `on_close` once, in that order, even with a
+/// slow logger.
 #[test]
 fn clients_that_end_at_once_get_on_accept_then_on_close_once_each() {
-    const CLIENTS: u64 = 150;
+    const CLIENTS: u64 = 40;
+    static LOGGER: std::sync::Once = std::sync::Once::new();
+    LOGGER.call_once(|| {
+        log::set_logger(&SlowLogger).unwrap();
+        log::set_max_level(log::LevelFilter::Debug);
+    });
     let seen: Arc<Mutex<Vec<Hooked>>> = Arc::default();
     let config = ServerConfig::new(server_config("hooks"))
         .max_connections(CLIENTS as usize + 1)
@@ -867,27 +935,21 @@ fn a_crash_read_by_a_caller_on_the_lent_reader_is_stream_ended() {
         )
         .unwrap(),
     );
-    let caller = {
-        let c = Arc::clone(&client);
-        thread::spawn(move || {
-            let first = c.call(ECHO, 0, b"one").map(|r| r.payload);
-            (first, c.call(ECHO, 0, b"two"))
-        })
-    };
+    let caller = spawn_calls_then(&client, b"last");
     let mut buf = Vec::new();
-    let first = read_packets(&mut peer, &mut buf, 1).remove(0);
-    peer.write_all(&wire(&common::response(first.tag, true, 0, b"one")))
-        .unwrap();
-    let second = read_packets(&mut peer, &mut buf, 1).remove(0);
-    assert_eq!(second.payload, b"two");
+    let last = answer_warm_calls(&mut peer, &mut buf);
+    assert_eq!(last.payload, b"last");
     thread::sleep(ms(30));
     // The peer crashes: its stream goes, without EOF.
     drop(peer);
-    let (first, second) = within("the caller", move || caller.join().unwrap());
-    assert_eq!(first.unwrap(), b"one");
+    let (warm_ok, last) = within("the caller", move || caller.join().unwrap());
+    assert!(warm_ok);
     assert!(
-        matches!(second, Err(Error::ConnectionLost(Disconnect::StreamEnded))),
-        "{second:?}"
+        matches!(
+            last,
+            Ok(Err(Error::ConnectionLost(Disconnect::StreamEnded)))
+        ),
+        "{last:?}"
     );
     for _ in 0..2 {
         let closed = client.close_timeout(PATIENCE);
@@ -913,7 +975,10 @@ fn stop_re_raises_a_panicking_factory_and_does_not_hang() {
     });
     let (server, addr) = serve(config);
     let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    assert_eq!(first.call(ECHO, 0, b"1").unwrap().payload, b"1");
+    assert_eq!(
+        first.call_timeout(ECHO, 0, b"1", PATIENCE).unwrap().payload,
+        b"1"
+    );
     // The second client's factory panics.
     let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     assert!(second.call_timeout(ECHO, 0, b"2", ms(300)).is_err());
@@ -1112,21 +1177,10 @@ fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
         )
         .unwrap(),
     );
-    let caller = {
-        let c = Arc::clone(&client);
-        thread::spawn(move || {
-            let first = c.call(ECHO, 0, b"one").map(|r| r.payload);
-            let second =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.call(ECHO, 0, b"two")));
-            (first, second.map_err(|_| "call panicked"))
-        })
-    };
+    let caller = spawn_calls_then(&client, b"last");
     let mut buf = Vec::new();
-    let first = read_packets(&mut peer, &mut buf, 1).remove(0);
-    peer.write_all(&wire(&common::response(first.tag, true, 0, b"one")))
-        .unwrap();
-    let second = read_packets(&mut peer, &mut buf, 1).remove(0);
-    assert_eq!(second.payload, b"two");
+    let last = answer_warm_calls(&mut peer, &mut buf);
+    assert_eq!(last.payload, b"last");
     thread::sleep(ms(30));
     // Our close: ERQ and EOF go out; then the peer's EOF, without an answer.
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -1140,16 +1194,16 @@ fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
     let ours = read_packets(&mut peer, &mut buf, 2);
     assert!(ours[0].is_erq() && ours[1].is_eof());
     peer.write_all(&wire(&Packet::eof())).unwrap();
-    let (first, second) = within("the caller", move || caller.join().unwrap());
-    assert_eq!(first.unwrap(), b"one");
+    let (warm_ok, last) = within("the caller", move || caller.join().unwrap());
+    assert!(warm_ok);
     let close_outcome = done_rx.recv_timeout(HANG);
     if close_outcome.is_ok() {
         closer.join().unwrap();
     }
     assert!(
-        matches!(second, Ok(Err(Error::ConnectionLost(Disconnect::PeerEof))))
+        matches!(last, Ok(Err(Error::ConnectionLost(Disconnect::PeerEof))))
             && close_outcome.is_ok(),
-        "the caller's second call: {second:?}; close returned (true if it panicked) \
+        "the caller's last call: {last:?}; close returned (true if it panicked) \
          within {HANG:?}: {close_outcome:?}"
     );
 }
@@ -1201,4 +1255,44 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
             "request {tag}, never written, ended with {res:?}"
         );
     }
+}
+
+/// A peer that floods an inline end with requests and never reads a reply:
+/// the end keeps reading every request (its receive thread never blocks in
+/// a write), and `close_timeout` still returns in time.
+#[test]
+fn an_inline_end_keeps_reading_a_peer_that_never_reads_and_closes_in_time() {
+    const N: u64 = 5000;
+    let (a, peer) = UnixStream::pair().unwrap();
+    peer.set_write_timeout(Some(PATIENCE)).unwrap();
+    let conn = Arc::new(
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default().name("noread").inline_handler(echo),
+        )
+        .unwrap(),
+    );
+    let mut writer = peer.try_clone().unwrap();
+    let writing = thread::spawn(move || {
+        let payload = vec![5u8; 1000];
+        for tag in 2..2 + N {
+            writer.write_all(&wire(&common::request(tag, ECHO, 0, &payload)))?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let c = Arc::clone(&conn);
+    common::wait_for("every request to be read", PATIENCE, move || {
+        c.stats().requests_received == N
+    });
+    assert!(within("the peer's writes", move || writing.join().unwrap()).is_ok());
+    // Replies far past what the socket holds are queued: nothing reads them.
+    assert!(conn.stats().bytes_out < N * 1000);
+    let c = Arc::clone(&conn);
+    let (res, took) = match common::timed(HANG, move || c.close_timeout(ms(200))) {
+        common::Timed::Done(res, took) => (res, took),
+        common::Timed::Stuck(_) => panic!("close_timeout(200 ms) still blocked after {HANG:?}"),
+    };
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+    assert!(took < ms(300), "close_timeout(200 ms) took {took:?}");
+    drop(peer);
 }
