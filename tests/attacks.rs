@@ -1296,3 +1296,25 @@ fn an_inline_end_keeps_reading_a_peer_that_never_reads_and_closes_in_time() {
     assert!(took < ms(300), "close_timeout(200 ms) took {took:?}");
     drop(peer);
 }
+
+/// A socket handed over with a read timeout still set (left from the
+/// caller's own use of it): the connection manages the socket's write
+/// timeout, and an idle spell longer than the read timeout must not end
+/// the connection.
+#[test]
+fn an_idle_connection_over_a_socket_with_a_read_timeout_stays_up() {
+    let (a, b) = UnixStream::pair().unwrap();
+    a.set_read_timeout(Some(ms(50))).unwrap();
+    let server = PacketConnection::from_unix_stream(b, server_config("rto-s")).unwrap();
+    let client = PacketConnection::from_unix_stream(a, Config::default().name("rto-c")).unwrap();
+    assert!(client.call_timeout(ECHO, 0, b"before", PATIENCE).is_ok());
+    thread::sleep(ms(200));
+    let res = client.call_timeout(ECHO, 0, b"after", PATIENCE);
+    let status = client.status();
+    let _ = server.close_timeout(PATIENCE);
+    let _ = client.close_timeout(PATIENCE);
+    assert!(
+        res.is_ok(),
+        "after an idle spell: {res:?}; status {status:?}"
+    );
+}
