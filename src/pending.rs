@@ -1,8 +1,8 @@
 //! The table of this end's requests awaiting a response, keyed by
 //! `(channel, tag)`, and the condvar-backed cell each waiter sleeps on.
 //!
-//! Lock order: the table lock, then a cell's lock. No I/O and no user code
-//! runs under either.
+//! No thread holds the table's lock and a cell's lock at once, and no I/O
+//! and no user code runs under either.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};

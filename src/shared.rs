@@ -621,14 +621,17 @@ impl Shared {
         if let Some(caps) = self.peer_caps.get() {
             return Some(*caps);
         }
-        let answer = {
-            let mut hello = self.hello.lock();
-            let answer = hello.as_ref().and_then(|cell| cell.try_take())?;
-            if let Some(cell) = hello.take() {
-                self.table.recycle(cell);
-            }
-            answer
-        };
+        // No lock is held while another is taken: the hello's cell is
+        // cloned out, and whoever takes its answer records what it says.
+        let cell = self.hello.lock().clone()?;
+        let answer = cell.try_take()?;
+        if matches!(answer, Err(Error::ResponseTaken)) {
+            // Another thread took it, and is recording it now.
+            return self.peer_caps.get().copied();
+        }
+        let mine = self.hello.lock().take();
+        drop(mine);
+        self.table.recycle(cell);
         // Refused by a peer of the base protocol: no extensions.
         let caps = match answer {
             Ok(rsp) => match ext::read_hello(&rsp.payload) {
