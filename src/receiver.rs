@@ -12,7 +12,7 @@ use crate::ext::CONTROL_CHANNEL;
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
 use crate::pending::Response;
-use crate::shared::{PacketSource, Shared, Step};
+use crate::shared::{PacketSource, Returned, Shared, Step};
 
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
@@ -130,7 +130,9 @@ pub(crate) fn run_recv_loop(
         reader: BufReader::with_capacity(READ_BUFFER, watched),
     });
     loop {
-        match source.step(shared) {
+        let step = source.step(shared);
+        shared.run_erq_hook();
+        match step {
             Step::Ended(res) => {
                 let unread = source.unread(&res);
                 shared.receive_ended(res, unread);
@@ -139,10 +141,15 @@ pub(crate) fn run_recv_loop(
             Step::Read { delivered } => {
                 if delivered && source.idle() {
                     match shared.lend_reader(source) {
-                        Some(back) => source = back,
-                        // A caller read the end and handled it.
-                        None => return,
+                        Returned::Reader(back) => source = back,
+                        Returned::Ended(res, unread) => {
+                            shared.run_erq_hook();
+                            shared.receive_ended(res, unread);
+                            return;
+                        }
                     }
+                    // A caller may have read the peer's ERQ.
+                    shared.run_erq_hook();
                 }
             }
         }

@@ -127,8 +127,20 @@ struct Lending {
     /// When it was last lent.
     since: Instant,
     /// The receive thread must take it back at once: others wait for
-    /// responses, or the connection is closing.
+    /// responses, the connection is closing, or a hook is due.
     recall: bool,
+    /// A caller read the end: what it was, and the bytes read past it, for
+    /// the receive thread to act on.
+    ended: Option<(Result<Disconnect>, Vec<u8>)>,
+}
+
+/// What the receive thread gets back from lending its reader.
+pub(crate) enum Returned {
+    /// The reader, to read on.
+    Reader(Box<dyn PacketSource>),
+    /// A caller read the end of the stream: what it was, and the bytes
+    /// read past it.
+    Ended(Result<Disconnect>, Vec<u8>),
 }
 
 /// One request from the peer, for the handler pool.
@@ -188,6 +200,8 @@ pub(crate) struct Shared {
     /// Run once the connection has ended, before `on_end`.
     release: Mutex<Option<Hook>>,
     /// The reader, when the receive thread lends it to callers.
+    /// The peer's ERQ has come and its hook has not run yet.
+    erq_hook_due: AtomicBool,
     lending: Mutex<Lending>,
     lent: Condvar,
     /// Whether the reader may be lent: only where a caller blocked in a read
@@ -323,6 +337,10 @@ impl Shared {
             Some((pool, owned)) => (Some(pool), owned),
             None => (None, false),
         };
+        // Lent only where `abort` can wake a caller blocked in a read (a
+        // socket, shut down), and where reading runs no user code: with an
+        // inline handler it stays on the receive thread.
+        let may_lend = control.is_some() && !config.inline;
         Shared {
             name: config.name.clone(),
             max_packet_len: config.max_packet_len,
@@ -351,12 +369,14 @@ impl Shared {
             handlers_write: config.handler_threads > 1,
             stats: Counters::default(),
             life: Mutex::new(Life::default()),
-            may_lend: interrupt.is_some(),
+            may_lend,
             interrupt: Mutex::new(interrupt),
             release: Mutex::new(release),
+            erq_hook_due: AtomicBool::new(false),
             lending: Mutex::new(Lending {
                 holder: Holder::Recv,
                 source: None,
+                ended: None,
                 since: Instant::now(),
                 recall: false,
             }),
@@ -820,12 +840,23 @@ impl Shared {
         }
     }
 
-    /// The peer sent ERQ.
+    /// The peer sent ERQ. Its hook runs later, on the receive thread
+    /// ([`run_erq_hook`](Shared::run_erq_hook)), even if a caller read it.
     pub(crate) fn peer_ended_requests(&self) {
         log::debug!("{}: peer sent end of requests", self.name);
         self.inbound.lock().peer_ended_requests = true;
-        if let Some(hook) = &self.on_peer_end_requests {
-            hook();
+        if self.on_peer_end_requests.is_some() {
+            self.erq_hook_due.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs the hook of the peer's ERQ if it is due: on the receive thread,
+    /// after the packet that carried it.
+    pub(crate) fn run_erq_hook(&self) {
+        if self.erq_hook_due.swap(false, Ordering::SeqCst) {
+            if let Some(hook) = &self.on_peer_end_requests {
+                hook();
+            }
         }
     }
 
@@ -1036,14 +1067,11 @@ impl Shared {
     /// caller whose response was just delivered is likely to call again at
     /// once, and a caller that reads for itself is woken by the stream, not
     /// by this thread. Returns the reader once the lease has run out with no
-    /// caller reading, or at once when recalled; `None` if a caller read the
-    /// end of the stream and handled it.
-    pub(crate) fn lend_reader(
-        &self,
-        source: Box<dyn PacketSource>,
-    ) -> Option<Box<dyn PacketSource>> {
+    /// caller reading, or at once when recalled; or, if a caller read the
+    /// end of the stream, that end, for this thread to act on.
+    pub(crate) fn lend_reader(&self, source: Box<dyn PacketSource>) -> Returned {
         if !self.may_lend || self.table.len() > 0 || self.inbound.lock().closing {
-            return Some(source);
+            return Returned::Reader(source);
         }
         let mut lending = self.lending.lock();
         lending.holder = Holder::Lent;
@@ -1053,13 +1081,17 @@ impl Shared {
         let mut lease = LEASE;
         let mut checked = lending.since;
         loop {
+            if let Some((res, unread)) = lending.ended.take() {
+                lending.holder = Holder::Done;
+                return Returned::Ended(res, unread);
+            }
             match lending.holder {
-                Holder::Done => return None,
                 Holder::Lent => {
                     let now = Instant::now();
                     if lending.recall || now >= lending.since + lease {
                         lending.holder = Holder::Recv;
-                        return lending.source.take();
+                        let source = lending.source.take().expect("a lent reader is there");
+                        return Returned::Reader(source);
                     }
                     if lending.since > checked {
                         // A caller read since the last look: look less often.
@@ -1069,14 +1101,24 @@ impl Shared {
                     let until = lending.since + lease;
                     self.lent.wait_until(&mut lending, until);
                 }
-                Holder::Caller => self.lent.wait(&mut lending),
-                Holder::Recv => return lending.source.take(),
+                // A caller reads. It hands the reader back with a notify if
+                // it must come back at once; else the lease runs on from
+                // its return, which this thread sees when it next looks.
+                Holder::Caller => {
+                    let until = Instant::now() + lease;
+                    self.lent.wait_until(&mut lending, until);
+                }
+                Holder::Recv | Holder::Done => {
+                    unreachable!("only this thread takes the reader back")
+                }
             }
         }
     }
 
     /// A caller about to wait for `cell` reads the stream itself if the
-    /// reader is lent, until its response has come; true if it did.
+    /// reader is lent, until its response has come; true if it did. It
+    /// hands the reader back at once if a packet needs the receive thread:
+    /// the end of the stream, or the peer's ERQ whose hook is due.
     pub(crate) fn read_for(self: &Arc<Self>, cell: &Cell) -> bool {
         let mut source = {
             let mut lending = self.lending.lock();
@@ -1091,27 +1133,37 @@ impl Shared {
                 None => return false,
             }
         };
+        let mut recall = false;
         while !cell.is_ready() {
-            if let Step::Ended(res) = source.step(self) {
-                let unread = source.unread(&res);
-                self.receive_ended(res, unread);
-                let mut lending = self.lending.lock();
-                lending.holder = Holder::Done;
-                drop(lending);
-                self.lent.notify_all();
-                return true;
+            match source.step(self) {
+                Step::Ended(res) => {
+                    // The receive thread ends the connection, and fails
+                    // this caller's request with the rest.
+                    let unread = source.unread(&res);
+                    let mut lending = self.lending.lock();
+                    lending.ended = Some((res, unread));
+                    drop(lending);
+                    self.lent.notify_all();
+                    return true;
+                }
+                Step::Read { .. } if self.erq_hook_due.load(Ordering::SeqCst) => {
+                    recall = true;
+                    break;
+                }
+                Step::Read { .. } => {}
             }
         }
         // Others waiting, or bytes left to parse: the receive thread reads on
         // at once. Else the lease goes on, for the next call.
-        let recall = !source.idle() || self.table.len() > 0;
+        recall |= !source.idle() || self.table.len() > 0;
         let mut lending = self.lending.lock();
         lending.source = Some(source);
         lending.holder = Holder::Lent;
         lending.since = Instant::now();
         lending.recall |= recall;
+        let wake = lending.recall;
         drop(lending);
-        if recall {
+        if wake {
             self.lent.notify_all();
         }
         true

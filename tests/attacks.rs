@@ -1,4 +1,7 @@
-//! A hostile peer and an unlucky user against the connection's promises: lent readers, inline handlers, bounded writes, a server's shared pool, refusals and hooks.
+//! A hostile peer and an unlucky user against the connection's promises:
+//! lent readers, inline handlers, bounded writes, a server's shared pool,
+//! refusals and hooks. A connection facing a raw peer that scripts the base
+//! protocol has its extensions off: no hello among the packets it counts.
 
 mod common;
 
@@ -202,7 +205,7 @@ fn abort_wakes_a_caller_in_call_on_connect_with_streams_without_a_hook() {
                 let on_close: OnClose = None;
                 Ok((a.try_clone()?, a, on_close))
             },
-            Config::default().name("cwith"),
+            Config::default().name("cwith").extensions(false),
         )
         .unwrap(),
     );
@@ -522,6 +525,7 @@ fn a_large_reply_cut_short_by_a_bounded_write_reaches_a_slow_peer_whole() {
             a,
             Config::default()
                 .name("bigreply")
+                .extensions(false)
                 .inline_handler(move |_: Request| -> HandlerResult { Ok(vec![FILL; len].into()) }),
         )
         .unwrap();
@@ -658,7 +662,10 @@ fn a_slow_reader_gets_every_inline_reply_in_order_and_whole() {
     peer.set_read_timeout(Some(PATIENCE)).unwrap();
     let conn = PacketConnection::from_unix_stream(
         a,
-        Config::default().name("slowrd").inline_handler(echo),
+        Config::default()
+            .name("slowrd")
+            .extensions(false)
+            .inline_handler(echo),
     )
     .unwrap();
     let mut writer = peer.try_clone().unwrap();
@@ -929,9 +936,12 @@ fn a_crash_read_by_a_caller_on_the_lent_reader_is_stream_ended() {
     let client = Arc::new(
         PacketConnection::from_unix_stream(
             a,
-            Config::default().name("crash").on_end(move |why| {
-                let _ = ended_tx.lock().unwrap().send(why);
-            }),
+            Config::default()
+                .name("crash")
+                .extensions(false)
+                .on_end(move |why| {
+                    let _ = ended_tx.lock().unwrap().send(why);
+                }),
         )
         .unwrap(),
     );
@@ -1014,8 +1024,14 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
     let (a, peer) = UnixStream::pair().unwrap();
     peer.set_read_timeout(Some(PATIENCE)).unwrap();
     let conn = Arc::new(
-        PacketConnection::from_unix_stream(a, Config::default().name("ord").inline_handler(echo))
-            .unwrap(),
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default()
+                .name("ord")
+                .extensions(false)
+                .inline_handler(echo),
+        )
+        .unwrap(),
     );
     let peer_out = Arc::new(Mutex::new((peer.try_clone().unwrap(), false)));
     // The peer's requests, until it has seen our EOF.
@@ -1173,6 +1189,7 @@ fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
             a,
             Config::default()
                 .name("hookp")
+                .extensions(false)
                 .on_end(|_| panic!("the on_end hook fails")),
         )
         .unwrap(),
@@ -1219,6 +1236,7 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
         a,
         Config::default()
             .name("twice")
+            .extensions(false)
             .inline_handler(|_: Request| -> HandlerResult { Ok(vec![0u8; 1 << 20].into()) }),
     )
     .unwrap();
@@ -1268,7 +1286,10 @@ fn an_inline_end_keeps_reading_a_peer_that_never_reads_and_closes_in_time() {
     let conn = Arc::new(
         PacketConnection::from_unix_stream(
             a,
-            Config::default().name("noread").inline_handler(echo),
+            Config::default()
+                .name("noread")
+                .extensions(false)
+                .inline_handler(echo),
         )
         .unwrap(),
     );
