@@ -107,6 +107,9 @@ struct State {
     /// written; see [`PendingTable::fail_all`](crate::pending::PendingTable::fail_all).
     queued_total: u64,
     taken_total: u64,
+    /// Bytes at the front of `buf` that finish a packet a bounded write cut
+    /// short: they must go out next, whole, whatever else is dropped.
+    cut: usize,
     /// Bytes and packets taken by the writer and not yet written: they still
     /// count against the budget.
     writing_bytes: usize,
@@ -147,6 +150,7 @@ impl State {
         self.buf.clear();
         self.large.clear();
         self.large_bytes = 0;
+        self.cut = 0;
         self.queued_packets = 0;
         self.queued_replies = 0;
         self.queued_reply_bytes = 0;
@@ -195,6 +199,7 @@ impl Outbox {
                 queued_reply_bytes: 0,
                 queued_total: 0,
                 taken_total: 0,
+                cut: 0,
                 writing_bytes: 0,
                 writing_packets: 0,
                 writing_replies: 0,
@@ -503,6 +508,7 @@ impl Outbox {
             let mut large = std::mem::take(&mut st.spare_large);
             std::mem::swap(&mut large, &mut st.large);
             let payload = extra.take();
+            let batch_cut = std::mem::take(&mut st.cut);
             st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
             st.taken_total += st.writing_bytes as u64;
             st.writing_packets = st.queued_packets;
@@ -530,7 +536,7 @@ impl Outbox {
             if stuck && st.phase != Phase::Dead {
                 // The stream takes no more for now: what is left goes back
                 // to the front of the queue, for the send thread.
-                requeue(&mut st, &batch, &mut large, written);
+                requeue(&self.name, &mut st, &batch, batch_cut, &mut large, written);
             }
             st.writing_bytes = 0;
             st.writing_packets = 0;
@@ -673,7 +679,11 @@ fn drop_requests(name: &str, st: &mut State) {
     let mut n_segments = 0;
     let mut n_replies = 0;
     let mut reply_bytes = 0;
-    let mut pos = 0;
+    // The rest of a packet cut short is kept, whole, first.
+    if st.cut > 0 {
+        packets.push((0, st.cut, false, true));
+    }
+    let mut pos = st.cut;
     while pos < st.buf.len() {
         let parsed = parse_varint(&st.buf[pos..])
             .ok()
@@ -817,10 +827,60 @@ fn write_counted(
     Ok(())
 }
 
+/// The packet that a write of the first `written` bytes of `batch` (and
+/// its `large` segments) cut short: how many of its bytes are left, and
+/// which large segment holds its payload, if one does. The batch starts
+/// with `batch_cut` bytes that finish a packet cut before; whole packets
+/// follow.
+fn cut_packet(
+    batch: &[u8],
+    batch_cut: usize,
+    large: &[(usize, Vec<u8>)],
+    written: usize,
+) -> Option<(usize, Option<usize>)> {
+    if written < batch_cut {
+        return Some((batch_cut - written, None));
+    }
+    // Walk the packets, by their position in `batch` and on the wire.
+    let (mut at, mut wire, mut segment) = (batch_cut, batch_cut, 0);
+    while wire < written {
+        let (len, prefix) = parse_varint(&batch[at..]).ok().flatten()?;
+        let head = read_body_head(&mut &batch[at + prefix..], len as u64).ok()?;
+        let total = prefix + len as usize;
+        let head_len = total - head.payload_len;
+        let external = head.payload_len > 0
+            && large
+                .get(segment)
+                .is_some_and(|(seg_at, _)| *seg_at == at + head_len);
+        if wire + total > written {
+            return Some((wire + total - written, external.then_some(segment)));
+        }
+        wire += total;
+        at += if external { head_len } else { total };
+        segment += usize::from(external);
+    }
+    Some((0, None))
+}
+
 /// Puts what a write left of `batch` and its `large` segments, past its
 /// first `written` bytes, back at the front of the queue. Only for writes
-/// without a caller's payload.
-fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, written: usize) {
+/// without a caller's payload. The rest of a packet cut short is all in
+/// `buf`, and marked, so that dropping requests keeps it whole.
+fn requeue(
+    name: &str,
+    st: &mut State,
+    batch: &[u8],
+    batch_cut: usize,
+    large: &mut Vec<(usize, Vec<u8>)>,
+    written: usize,
+) {
+    // What was not written was not taken after all.
+    st.taken_total -= (st.writing_bytes - written) as u64;
+    let (cut, cut_segment) = cut_packet(batch, batch_cut, large, written).unwrap_or_else(|| {
+        // Not reached: the queue holds only packets this end encoded.
+        log::error!("{name}: cannot parse the batch a write cut short");
+        (0, None)
+    });
     let mut rest = Vec::with_capacity(batch.len() + st.buf.len());
     let mut rest_large = Vec::new();
     let mut rest_large_bytes = 0;
@@ -832,16 +892,17 @@ fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, writ
         *skip -= n;
         n
     };
-    for (at, segment) in large.drain(..) {
+    for (index, (at, segment)) in large.drain(..).enumerate() {
         let bytes = &batch[pos..at];
         let n = take(bytes, &mut skip);
         rest.extend_from_slice(&bytes[n..]);
         let n = take(&segment, &mut skip);
-        if n == 0 {
+        if n == 0 && cut_segment != Some(index) {
             rest_large_bytes += segment.len();
             rest_large.push((rest.len(), segment));
         } else if n < segment.len() {
-            // Partly written: the rest of it is copied, once.
+            // Partly written, or the payload of a packet whose head was:
+            // the rest of it is copied, once.
             rest.extend_from_slice(&segment[n..]);
         }
         pos = at;
@@ -857,6 +918,7 @@ fn requeue(st: &mut State, batch: &[u8], large: &mut Vec<(usize, Vec<u8>)>, writ
     }
     st.large = rest_large;
     st.large_bytes += rest_large_bytes;
+    st.cut = cut;
     // The packets of the batch count as queued again, with what came since.
     st.queued_packets += st.writing_packets;
     st.queued_replies += st.writing_replies;
@@ -1210,6 +1272,67 @@ mod tests {
             assert!(outbox.write_now(&stats).is_none());
             assert_eq!(tight.inner.lock().wire, want, "room {room}");
             assert_eq!(tight.inner.lock().timeouts, 2);
+        }
+    }
+
+    #[test]
+    fn dropping_requests_after_a_cut_keeps_the_cut_packet_whole_and_counts_the_rest_unwritten() {
+        let big = vec![9u8; LARGE_PAYLOAD + 10];
+        // Requests, then a large reply, then requests: cut inside the
+        // first request, inside the large reply's head, inside its payload,
+        // and between packets.
+        for room in [2, 11, 13, 11 + 4, 11 + 20, 11 + LARGE_PAYLOAD / 2] {
+            let tight = Tight::default();
+            tight.inner.lock().room = Some(room);
+            let control: Arc<dyn Control> = Arc::new(tight.clone());
+            let outbox = Outbox::new(
+                "test",
+                Box::new(tight.clone()),
+                Some(control),
+                Duration::from_secs(60),
+                1 << 30,
+                1000,
+                None,
+            );
+            let stats = Counters::default();
+            let ends: Vec<_> = (0..4).map(|_| AtomicU64::new(0)).collect();
+            let push_rq = |tag: u64, end: &AtomicU64| {
+                let res = outbox.push_request(
+                    &request(tag, 7),
+                    b"request",
+                    Admission::NoWait,
+                    false,
+                    end,
+                    &stats,
+                );
+                assert!(matches!(res, Ok(None)));
+            };
+            push_rq(2, &ends[0]);
+            assert!(outbox.push_reply(&reply(7, big.len()), big.clone(), &stats));
+            push_rq(3, &ends[1]);
+            assert!(outbox.write_now_nonblocking(true, &stats).is_none());
+            let written = tight.inner.lock().wire.len();
+            assert_eq!(written, room, "room {room}");
+            // Only what went out counts as written.
+            assert_eq!(outbox.written_to(), written as u64, "room {room}");
+            push_rq(4, &ends[2]);
+            outbox.end_requests_dropping_unsent(&stats);
+            assert!(outbox.write_now(&stats).is_none());
+            // Whole packets: a request cut short is finished; the large
+            // reply goes whole; unwritten requests are gone; ERQ is last.
+            let wire = tight.inner.lock().wire.clone();
+            let mut pos = 0;
+            let mut seen = Vec::new();
+            while pos < wire.len() {
+                let (packet, used) = Packet::decode(&wire[pos..], u64::MAX)
+                    .unwrap()
+                    .expect("whole packets");
+                seen.push((packet.tag, packet.payload.len()));
+                pos += used;
+            }
+            // The first request is 11 bytes, written or cut: it goes whole.
+            let want = [(2, 7), (7, big.len()), (1, 0)];
+            assert_eq!(seen, want, "room {room}");
         }
     }
 
