@@ -982,57 +982,75 @@ const REFUSAL_POLL: Duration = Duration::from_millis(2);
 /// hold up the others.
 struct Refusal {
     stream: Stream,
+    /// What the client sent and was not parsed yet.
     buf: Vec<u8>,
+    /// What is owed to the client and not written yet: the socket does not
+    /// block, so a slow reader gets the rest later, never half a packet
+    /// followed by something else.
+    out: Vec<u8>,
     deadline: Instant,
 }
 
 impl Refusal {
     fn start(name: &str, stream: Stream) -> Option<Refusal> {
-        let mut wire = Vec::new();
-        Packet::erq().encode_into(&mut wire);
-        let res = stream
-            .set_nonblocking()
-            .and_then(|()| (&stream).write_all(&wire));
-        match res {
-            Ok(()) => Some(Refusal {
-                stream,
-                buf: Vec::new(),
-                deadline: Instant::now() + REFUSAL_WAIT,
-            }),
+        let mut refusal = Refusal {
+            stream,
+            buf: Vec::new(),
+            out: Vec::new(),
+            deadline: Instant::now() + REFUSAL_WAIT,
+        };
+        Packet::erq().encode_into(&mut refusal.out);
+        match refusal.stream.set_nonblocking().and_then(|()| refusal.flush()) {
+            Ok(()) => Some(refusal),
             Err(e) => {
                 log::debug!("{name}: cannot refuse a client: {e}");
-                stream.shutdown();
+                refusal.stream.shutdown();
                 None
             }
         }
     }
 
+    /// Writes what is owed, as far as the socket takes it now.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            match (&self.stream).write(&self.out) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what the client has sent and answers its requests. `Ok(true)`:
     /// still waiting for it; `Ok(false)`: it sent something; `Err`: done
-    /// with it (its time is up, it ended, or it cannot be read or written).
+    /// with it (its time is up, whatever it sends; it ended; it cannot be
+    /// read or written; or it does not read what it is owed).
     fn poll(&mut self, reason: &str) -> io::Result<bool> {
+        if Instant::now() >= self.deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.flush()?;
         let mut chunk = [0u8; 4096];
         let n = match (&self.stream).read(&mut chunk) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= self.deadline {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                return Ok(true);
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(e) => return Err(e),
         };
         self.buf.extend_from_slice(&chunk[..n]);
-        let mut wire = Vec::new();
         let mut used = 0;
         while let Some((packet, n)) = Packet::decode(&self.buf[used..], REFUSAL_MAX_PACKET)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
         {
             used += n;
             if packet.is_eof() {
-                (&self.stream).write_all(&wire)?;
+                self.flush()?;
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             if let Kind::Request { .. } = packet.kind {
@@ -1045,22 +1063,28 @@ impl Refusal {
                     },
                     payload: reason.as_bytes().to_vec(),
                 }
-                .encode_into(&mut wire);
+                .encode_into(&mut self.out);
             }
         }
         self.buf.drain(..used);
-        (&self.stream).write_all(&wire)?;
+        self.flush()?;
+        if self.out.len() > REFUSAL_MAX_OWED {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         Ok(false)
     }
 
-    /// Sends EOF, as far as the socket takes it, and shuts the socket down.
-    fn finish(&self) {
-        let mut wire = Vec::new();
-        Packet::eof().encode_into(&mut wire);
-        let _ = (&self.stream).write_all(&wire);
+    /// Sends EOF after what is owed, if the socket takes it all now, and
+    /// shuts the socket down.
+    fn finish(&mut self) {
+        Packet::eof().encode_into(&mut self.out);
+        let _ = self.flush();
         self.stream.shutdown();
     }
 }
+
+/// What a refused client may be owed before it is cut off for not reading.
+const REFUSAL_MAX_OWED: usize = 64 << 10;
 
 /// The longest packet a refused client may send.
 const REFUSAL_MAX_PACKET: u64 = 1 << 20;
