@@ -2,7 +2,7 @@
 //! Unix listener and serves each on a connection of its own, and the client
 //! side's connect helpers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{
@@ -196,7 +196,8 @@ impl ServerConfig {
     /// `factory` makes for it: its own handler and state. `name` names the
     /// server's threads, and with a `#N` suffix each connection, whatever
     /// name the factory's `Config` has. The factory runs on the accept
-    /// thread, so it should be quick.
+    /// thread, so it should be quick. If it panics, that client is cut off
+    /// (its socket shut down, the panic logged) and the server goes on.
     pub fn per_client(
         name: impl Into<String>,
         factory: impl Fn(&ClientInfo) -> Config + Send + Sync + 'static,
@@ -289,7 +290,9 @@ impl ServerConfig {
     }
 
     /// A hook run on the accept thread for each client accepted, once its
-    /// connection is running: for instance, to greet it with a request.
+    /// connection is running: for instance, to greet it with a request. It
+    /// runs before [`on_close`](ServerConfig::on_close) for the same
+    /// client. If it panics, the panic is logged and the server goes on.
     pub fn on_accept(mut self, hook: impl Fn(&Client) + Send + Sync + 'static) -> ServerConfig {
         self.on_accept = Some(Arc::new(hook));
         self
@@ -402,6 +405,9 @@ struct State {
     ended: Vec<Arc<PacketConnection>>,
     /// Connections that ended before they were recorded as live.
     ended_early: BTreeMap<u64, Disconnect>,
+    /// Clients whose `on_accept` has not returned yet: their `on_close`
+    /// waits for it.
+    announcing: BTreeSet<u64>,
     /// Where refused clients wait for the refusing thread, while it runs.
     refusals: Option<Sender<Stream>>,
 }
@@ -742,6 +748,13 @@ impl ServerShared {
             match state.live.remove(&id) {
                 Some(client) => {
                     state.ended.push(Arc::clone(&client.conn));
+                    if state.announcing.contains(&id) {
+                        // `start_connection` runs the hook after on_accept.
+                        state.ended_early.insert(id, why);
+                        drop(state);
+                        self.changed.notify_all();
+                        return;
+                    }
                     client
                 }
                 None => {
@@ -772,8 +785,24 @@ fn wake_acceptor(shared: &ServerShared, waker: &Waker) {
     }
 }
 
+/// Says the accept thread has ended when it does, panic or not, so that
+/// `stop` never waits for it in vain.
+struct AcceptorDone<'a>(&'a ServerShared);
+
+impl Drop for AcceptorDone<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.acceptor_done = true;
+        // The refusing thread ends once it has refused whoever waits.
+        state.refusals = None;
+        drop(state);
+        self.0.changed.notify_all();
+    }
+}
+
 fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
     let name = &shared.config.name;
+    let _done = AcceptorDone(shared);
     loop {
         let ended = std::mem::take(&mut shared.state.lock().ended);
         for conn in ended {
@@ -815,19 +844,38 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
             log::warn!("{name}: cannot serve client #{id}: {e}");
         }
     }
-    let mut state = shared.state.lock();
-    state.acceptor_done = true;
-    // The refusing thread ends once it has refused whoever waits.
-    state.refusals = None;
-    drop(state);
-    shared.changed.notify_all();
     log::debug!("{name}: accept thread ends");
+}
+
+/// Runs user code of the server's on the accept thread: a panic is caught
+/// and logged, as `what`, and `None` returned.
+fn caught<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(value) => Some(value),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            log::error!("{name}: {what} panicked: {text}");
+            None
+        }
+    }
 }
 
 fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream) -> Result<()> {
     let id = info.id;
     let conn_name = format!("{}#{id}", shared.config.name);
-    let mut config = (shared.config.factory)(&info).name(conn_name.clone());
+    let Some(config) = caught(&conn_name, "the Config factory", || {
+        (shared.config.factory)(&info)
+    }) else {
+        shared.state.lock().starting -= 1;
+        shared.changed.notify_all();
+        stream.shutdown();
+        return Err(Error::Io(io::Error::other("its Config factory panicked")));
+    };
+    let mut config = config.name(conn_name.clone());
     // The server's timeouts, where the connection's own config sets none.
     let server = &shared.config;
     config.packet_timeout.get_or_insert(server.packet_timeout);
@@ -866,6 +914,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
         state.ended.push(Arc::clone(&client.conn));
     } else {
         state.live.insert(id, client.clone());
+        state.announcing.insert(id);
     }
     drop(state);
     log::debug!("{conn_name}: accepted");
@@ -877,9 +926,15 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     // Every client accepted is reported, before its end if that came first.
     if !stopping {
         if let Some(hook) = &shared.config.on_accept {
-            hook(&client);
+            caught(&conn_name, "on_accept", || hook(&client));
         }
     }
+    // An end that came while on_accept ran has waited for it.
+    let ended_early = {
+        let mut state = shared.state.lock();
+        state.announcing.remove(&id);
+        ended_early.or_else(|| state.ended_early.remove(&id))
+    };
     if let Some(why) = ended_early {
         if let Some(hook) = &shared.config.on_close {
             hook(&client, why);
@@ -1000,7 +1055,11 @@ impl Refusal {
             deadline: Instant::now() + REFUSAL_WAIT,
         };
         Packet::erq().encode_into(&mut refusal.out);
-        match refusal.stream.set_nonblocking().and_then(|()| refusal.flush()) {
+        match refusal
+            .stream
+            .set_nonblocking()
+            .and_then(|()| refusal.flush())
+        {
             Ok(()) => Some(refusal),
             Err(e) => {
                 log::debug!("{name}: cannot refuse a client: {e}");
