@@ -140,6 +140,10 @@ fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let write_before = socket.write_timeout()?;
     let read_before = socket.read_timeout()?;
     socket.set_write_timeout(Some(WRITE_SLICE))?;
+    // Reads block until the peer sends, unless the connection gives them
+    // its own timeouts: a timeout the socket came with would end an idle
+    // connection. Both are put back when the connection is done with it.
+    socket.set_read_timeout(None)?;
     let control: Arc<dyn Control> = Arc::new(SocketControl {
         socket,
         write_before,
@@ -206,7 +210,10 @@ impl PacketConnection {
     /// Starts a connection over one file descriptor used both ways, such as
     /// a socket. The connection owns `fd` and closes it when done. If it is a
     /// socket, aborting shuts it down, which unblocks the connection's
-    /// threads (and ends every other descriptor of the socket too).
+    /// threads (and ends every other descriptor of the socket too). The
+    /// descriptor's settings are left as they are, since other descriptors
+    /// may share them: it must block (no `O_NONBLOCK`, no read timeout), or
+    /// the first read that would wait ends the connection with an error.
     ///
     /// # Errors
     ///
