@@ -260,7 +260,11 @@ impl Config {
     ///   this connection (a server's other connections go on);
     /// - wait for a response on its own connection (`call`, `wait`,
     ///   `request`): the thread that would read it is the one waiting, so it
-    ///   would wait for ever (submitting without waiting is fine);
+    ///   would wait for ever. Submitting is fine, but on this thread a
+    ///   `submit` never waits for room in the outgoing queue: when it is
+    ///   full, it fails with [`Error::WouldBlock`](crate::Error::WouldBlock)
+    ///   at once, as `try_submit` does, since waiting there would stop the
+    ///   reading that lets two such ends drain each other;
     /// - call `close` or `join` on its own connection.
     ///
     /// A panic is caught and sent as a not-ok reply, as with

@@ -116,6 +116,7 @@ pub(crate) fn run_recv_loop(
     stream: Box<dyn Read + Send>,
     timeouts: Option<ReadTimeouts>,
 ) {
+    shared.mark_reading_thread();
     let now = Instant::now();
     let watched = Watched {
         stream,

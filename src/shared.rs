@@ -143,6 +143,12 @@ pub(crate) enum Returned {
     Ended(Result<Disconnect>, Vec<u8>),
 }
 
+thread_local! {
+    /// The connection whose receive thread this is, by the address of its
+    /// shared state; 0 on any other thread.
+    static READING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// One request from the peer, for the handler pool.
 pub(crate) struct Job {
     shared: Arc<Shared>,
@@ -421,6 +427,12 @@ impl Shared {
         then_writes: bool,
         within: Option<Duration>,
     ) -> Result<(u64, Arc<Cell>)> {
+        // The thread that reads never waits for room: an inline handler's
+        // submit fails at once on a full queue.
+        let admission = match admission {
+            Admission::Wait | Admission::Until(_) if self.on_reading_thread() => Admission::NoWait,
+            other => other,
+        };
         let (tag, cell) = self.table.register(channel)?;
         if let Some(within) = within.filter(|_| self.peer_can(ext::CAN_DEADLINE)) {
             self.send_control(ext::DEADLINE, &ext::deadline(channel, tag, within));
@@ -605,6 +617,16 @@ impl Shared {
         };
         self.reply(channel, tag, outcome);
         self.outbox.arm();
+    }
+
+    /// True on this connection's receive thread.
+    fn on_reading_thread(&self) -> bool {
+        READING.with(|reading| reading.get() == self as *const Shared as usize)
+    }
+
+    /// Marks the calling thread as this connection's receive thread.
+    pub(crate) fn mark_reading_thread(&self) {
+        READING.with(|reading| reading.set(self as *const Shared as usize));
     }
 
     /// Sends this end's hello, if extensions are on; its answer is read
