@@ -11,7 +11,7 @@ use crate::error::{Error, RequestId, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::outbox::{Admission, Control};
 use crate::pending::{Cell, Response};
-use crate::pool::Pool;
+use crate::pool::{Order, Pool};
 use crate::receiver::{self, ReadTimeouts};
 use crate::shared::{Hook, Job, Shared, Status};
 use crate::stats::Stats;
@@ -126,8 +126,13 @@ impl PacketConnection {
             (Some(_), _) if config.inline => None,
             (Some(_), Some(pool)) => Some((Arc::clone(pool), false)),
             (Some(_), None) => {
-                let pool =
-                    Pool::start(name, config.handler_threads, config.handler_queue, &threads)?;
+                let pool = Pool::start(
+                    name,
+                    config.handler_threads,
+                    config.handler_queue,
+                    Order::Fifo,
+                    &threads,
+                )?;
                 Some((pool, true))
             }
         };

@@ -4,8 +4,10 @@
 //!
 //! The pool knows nothing of connections: a job is anything that implements
 //! [`Job`]. A connection's job is one request from its peer, carrying the
-//! connection's shared state with it. One pool serves one connection, or
-//! every connection of a server.
+//! connection's shared state with it. One pool serves one connection, its
+//! jobs first in first out; or every connection of a server, which take
+//! turns ([`Order::Fair`]), so that one client's burst delays another's
+//! request by at most a job per connection with work queued.
 //!
 //! Each producer (a connection's receive thread) holds a [`Quota`]: it
 //! blocks when it has too many jobs, or too many bytes, queued and not yet
@@ -18,6 +20,7 @@
 //! awake, and a job never waits behind a long-running one while a worker
 //! sleeps.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,6 +34,72 @@ use crate::sync::ThreadSet;
 pub(crate) trait Job: Send + 'static {
     /// Does the work, on a worker thread.
     fn run(self);
+
+    /// Who the job is for: in a [fair](Order::Fair) pool, the jobs of each
+    /// lane take turns.
+    fn lane(&self) -> usize;
+}
+
+/// The order in which queued jobs start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// First in, first out: for one producer.
+    Fifo,
+    /// The lanes take turns, one job each, first in first out within a
+    /// lane: for many producers, so that one with many jobs queued does
+    /// not make the others wait behind all of them.
+    Fair,
+}
+
+/// The queue of a pool.
+enum Queue<J> {
+    /// A bounded channel: queuing allocates nothing.
+    Fifo { tx: Sender<J>, rx: Receiver<J> },
+    Fair {
+        lanes: Mutex<Lanes<J>>,
+        len: AtomicUsize,
+    },
+}
+
+/// The jobs of a fair queue, by lane, and the lanes with jobs, in turn.
+struct Lanes<J> {
+    jobs: HashMap<usize, VecDeque<J>>,
+    turns: VecDeque<usize>,
+}
+
+impl<J: Job> Queue<J> {
+    fn len(&self) -> usize {
+        match self {
+            Queue::Fifo { rx, .. } => rx.len(),
+            Queue::Fair { len, .. } => len.load(Ordering::SeqCst),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn try_pop(&self) -> Option<J> {
+        match self {
+            Queue::Fifo { rx, .. } => rx.try_recv().ok(),
+            Queue::Fair { lanes, len } => {
+                if len.load(Ordering::SeqCst) == 0 {
+                    return None;
+                }
+                let mut lanes = lanes.lock();
+                let lane = lanes.turns.pop_front()?;
+                let queue = lanes.jobs.get_mut(&lane)?;
+                let job = queue.pop_front();
+                if queue.is_empty() {
+                    lanes.jobs.remove(&lane);
+                } else {
+                    lanes.turns.push_back(lane);
+                }
+                len.fetch_sub(usize::from(job.is_some()), Ordering::SeqCst);
+                job
+            }
+        }
+    }
 }
 
 /// Queued jobs one awake worker is expected to get through before another is
@@ -39,8 +108,7 @@ const JOBS_PER_WORKER: usize = 16;
 
 /// The queue and its workers. See the module doc.
 pub(crate) struct Pool<J> {
-    tx: Sender<J>,
-    rx: Receiver<J>,
+    queue: Queue<J>,
     n_workers: usize,
     /// Workers parked on `wake`; changed only under `parked`'s lock.
     n_parked: AtomicUsize,
@@ -53,14 +121,16 @@ pub(crate) struct Pool<J> {
 
 impl<J: Job> Pool<J> {
     /// Starts `n_workers` workers, named `"{name}:handler{idx}"`, in
-    /// `threads`, with room for `capacity` queued jobs.
+    /// `threads`, with room for `capacity` queued jobs (a fair queue holds
+    /// what the producers' quotas let in).
     pub(crate) fn start(
         name: &str,
         n_workers: usize,
         capacity: usize,
+        order: Order,
         threads: &Arc<ThreadSet>,
     ) -> io::Result<Arc<Pool<J>>> {
-        let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity));
+        let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity, order));
         for idx in 0..n_workers {
             let worker = Arc::clone(&pool);
             let spawned = threads.spawn(format!("{name}:handler{idx}"), move || {
@@ -83,12 +153,23 @@ impl<J: Job> Pool<J> {
         Ok(pool)
     }
 
-    fn new(n_workers: usize, capacity: usize) -> Pool<J> {
-        // An array, allocated once: queuing a job allocates nothing.
-        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    fn new(n_workers: usize, capacity: usize, order: Order) -> Pool<J> {
+        let queue = match order {
+            Order::Fifo => {
+                // An array, allocated once: queuing a job allocates nothing.
+                let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+                Queue::Fifo { tx, rx }
+            }
+            Order::Fair => Queue::Fair {
+                lanes: Mutex::new(Lanes {
+                    jobs: HashMap::new(),
+                    turns: VecDeque::new(),
+                }),
+                len: AtomicUsize::new(0),
+            },
+        };
         Pool {
-            tx,
-            rx,
+            queue,
             n_workers,
             n_parked: AtomicUsize::new(0),
             n_busy: AtomicUsize::new(0),
@@ -104,10 +185,25 @@ impl<J: Job> Pool<J> {
     /// full (each producer's own [`Quota`] usually stops it first), after
     /// waking workers.
     pub(crate) fn push(&self, job: J) {
-        if let Err(err) = self.tx.try_send(job) {
-            self.wake();
-            // The receiver lives in `self`, so the channel never disconnects.
-            let _ = self.tx.send(err.into_inner());
+        match &self.queue {
+            Queue::Fifo { tx, .. } => {
+                if let Err(err) = tx.try_send(job) {
+                    self.wake();
+                    // The receiver lives in `self`, so the channel never
+                    // disconnects.
+                    let _ = tx.send(err.into_inner());
+                }
+            }
+            Queue::Fair { lanes, len } => {
+                let lane = job.lane();
+                let mut lanes = lanes.lock();
+                let queue = lanes.jobs.entry(lane).or_default();
+                queue.push_back(job);
+                if queue.len() == 1 {
+                    lanes.turns.push_back(lane);
+                }
+                len.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -118,7 +214,7 @@ impl<J: Job> Pool<J> {
         // Pairs with the fence in `pop`: either this thread sees the worker
         // parked, or the worker sees the job.
         fence(Ordering::SeqCst);
-        if self.n_parked.load(Ordering::SeqCst) == 0 || self.rx.is_empty() {
+        if self.n_parked.load(Ordering::SeqCst) == 0 || self.queue.is_empty() {
             return;
         }
         let _guard = self.parked.lock();
@@ -126,7 +222,7 @@ impl<J: Job> Pool<J> {
             let n_parked = self.n_parked.load(Ordering::SeqCst);
             let n_awake = self.n_workers - n_parked;
             let n_needed =
-                self.n_busy.load(Ordering::SeqCst) + self.rx.len().div_ceil(JOBS_PER_WORKER);
+                self.n_busy.load(Ordering::SeqCst) + self.queue.len().div_ceil(JOBS_PER_WORKER);
             if n_parked == 0 || n_needed <= n_awake {
                 return;
             }
@@ -139,16 +235,16 @@ impl<J: Job> Pool<J> {
     /// The next job; `None` once the pool is closed and its queue empty.
     fn pop(&self) -> Option<J> {
         loop {
-            if let Ok(job) = self.rx.try_recv() {
+            if let Some(job) = self.queue.try_pop() {
                 return Some(job);
             }
             let mut guard = self.parked.lock();
             self.n_parked.fetch_add(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if !self.rx.is_empty() || self.closed.load(Ordering::SeqCst) {
+            if !self.queue.is_empty() || self.closed.load(Ordering::SeqCst) {
                 self.n_parked.fetch_sub(1, Ordering::SeqCst);
                 drop(guard);
-                if self.closed.load(Ordering::SeqCst) && self.rx.is_empty() {
+                if self.closed.load(Ordering::SeqCst) && self.queue.is_empty() {
                     return None;
                 }
                 continue;
@@ -277,6 +373,10 @@ mod tests {
             }
             let _ = self.done.send(self.id);
         }
+
+        fn lane(&self) -> usize {
+            (self.id / 100) as usize
+        }
     }
 
     fn job(id: u64, done: &Sender<u64>) -> TestJob {
@@ -300,7 +400,7 @@ mod tests {
     #[test]
     fn a_new_job_is_not_stuck_behind_a_long_one() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 2, 16, &threads).unwrap();
+        let pool = Pool::start("t", 2, 16, Order::Fifo, &threads).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
         wait_until("both workers to park", || {
@@ -328,7 +428,7 @@ mod tests {
     #[test]
     fn queued_jobs_are_not_stranded_behind_jobs_that_block() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 3, 16, &threads).unwrap();
+        let pool = Pool::start("t", 3, 16, Order::Fifo, &threads).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
         wait_until("the workers to park", || {
@@ -359,7 +459,7 @@ mod tests {
     #[test]
     fn a_quota_bounds_what_its_producer_has_queued_and_the_producer_waits_for_room() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 1, 100, &threads).unwrap();
+        let pool = Pool::start("t", 1, 100, Order::Fifo, &threads).unwrap();
         let quota = Arc::new(Quota::new(100, 1000));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
@@ -423,9 +523,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fair_pool_takes_the_lanes_in_turn() {
+        let pool = Pool::new(1, 16, Order::Fair);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        // Lane 0 queues ten jobs, then lanes 1 and 2 one each.
+        for id in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 100, 200] {
+            pool.push(job(id, &done_tx));
+        }
+        assert_eq!(pool.queue.len(), 12);
+        while let Some(job) = pool.queue.try_pop() {
+            job.run();
+        }
+        let order: Vec<u64> = done_rx.try_iter().collect();
+        assert_eq!(order, [0, 100, 200, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(pool.queue.is_empty());
+        let Queue::Fair { lanes, .. } = &pool.queue else {
+            unreachable!()
+        };
+        assert!(lanes.lock().jobs.is_empty(), "no lane is kept once empty");
+    }
+
+    #[test]
     fn close_lets_workers_finish_what_is_queued_then_end() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Arc::new(Pool::new(1, 16));
+        let pool = Arc::new(Pool::new(1, 16, Order::Fifo));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         for id in 0..5 {
             pool.push(job(id, &done_tx));

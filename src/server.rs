@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::connection::PacketConnection;
 use crate::error::{Disconnect, Error, Result};
 use crate::packet::{Kind, Packet};
-use crate::pool::Pool;
+use crate::pool::{Order, Pool};
 use crate::shared::Job;
 use crate::sync::{self, deadline_after, ThreadSet};
 use crate::transport;
@@ -43,11 +43,6 @@ const REFUSAL_WAIT: Duration = Duration::from_millis(200);
 /// are mostly untouched. (A thread per handler per connection, as before the
 /// shared pool, made 64 connections cost 448 threads.)
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-
-/// Jobs the handler threads of a server share may hold queued, from every
-/// connection together; each connection holds at most its own
-/// [`handler_queue`](Config::handler_queue) of them.
-const SHARED_QUEUE: usize = 4096;
 
 /// Refused clients waiting for their refusal; past this, a client's stream is
 /// closed at once.
@@ -541,7 +536,10 @@ impl Server {
         let waker = listener.waker()?;
         let name = config.name.clone();
         let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start(&name, config.handler_threads, SHARED_QUEUE, &threads)?;
+        // The connections take turns: one client's burst does not make the
+        // others wait behind all of it. What is queued is bounded by each
+        // connection's own quota (`Config::handler_queue`).
+        let pool = Pool::start(&name, config.handler_threads, 0, Order::Fair, &threads)?;
         let shared = Arc::new(ServerShared {
             config,
             pool,

@@ -160,6 +160,11 @@ impl pool::Job for Job {
         self.shared.quota.release(self.rq.payload.len());
         self.shared.serve(self.rq, false);
     }
+
+    /// A server's connections take turns.
+    fn lane(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
 }
 
 /// What the connection's threads share. See the module doc.
