@@ -587,6 +587,7 @@ mod shared;
 mod stats;
 mod sync;
 mod transport;
+mod varint;
 
 pub use crate::codec::{
     BSData, BSSFloat, BSString, BSUInt, BinaryUTF8NUL, Encoding, Float64BE, Float64LE, Int16BE,
@@ -598,12 +599,13 @@ pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResp
 pub use crate::error::{Disconnect, Error, RequestId, Result};
 pub use crate::ext::CONTROL_CHANNEL;
 pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
-pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN, MAX_VARINT_LEN};
+pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN};
 pub use crate::pending::Response;
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig, BUSY_FLAGS};
 pub use crate::shared::Status;
 pub use crate::stats::Stats;
+pub use crate::varint::MAX_VARINT_LEN;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 // The guide of `PYTHON.md`, a page of the documentation whose Rust blocks

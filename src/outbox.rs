@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Disconnect, Error, Expired, Result};
-use crate::packet::{parse_varint, read_body_head, Head, Kind, Packet};
+use crate::packet::{read_body_head, Head, Kind, Packet};
 use crate::stats::Counters;
+use crate::varint;
 
 /// Payloads at least this long are not copied into the queue: a request's
 /// is written straight from the caller's slice if the caller may write, a
@@ -685,7 +686,7 @@ fn drop_requests(name: &str, st: &mut State) {
     }
     let mut pos = st.cut;
     while pos < st.buf.len() {
-        let parsed = parse_varint(&st.buf[pos..])
+        let parsed = varint::parse(&st.buf[pos..])
             .ok()
             .flatten()
             .and_then(|(len, prefix)| {
@@ -844,7 +845,7 @@ fn cut_packet(
     // Walk the packets, by their position in `batch` and on the wire.
     let (mut at, mut wire, mut segment) = (batch_cut, batch_cut, 0);
     while wire < written {
-        let (len, prefix) = parse_varint(&batch[at..]).ok().flatten()?;
+        let (len, prefix) = varint::parse(&batch[at..]).ok().flatten()?;
         let head = read_body_head(&mut &batch[at + prefix..], len as u64).ok()?;
         let total = prefix + len as usize;
         let head_len = total - head.payload_len;

@@ -712,14 +712,7 @@ fn a_flood_of_control_requests_holds_no_memory_and_the_connection_goes_on() {
                 (3, vec![0x00])
             };
             // Targets on channel 0 from tag 1000 on: never a real request.
-            let mut n = tag + 1000;
-            let mut varint = vec![(n & 0x7f) as u8];
-            n >>= 7;
-            while n > 0 {
-                varint.insert(0, (n & 0x7f) as u8 | 0x80);
-                n >>= 7;
-            }
-            payload.extend_from_slice(&varint);
+            payload.extend_from_slice(&common::bsuint(u128::from(tag + 1000)));
             if rq_type == 3 {
                 payload.push(0x7f);
             }

@@ -936,18 +936,6 @@ fn typed_rust_client_passes_every_check_against_rust_server_over_pipes() {
     );
 }
 
-/// A BSUInt, as the wire carries it.
-fn bsuint(mut value: u128) -> Vec<u8> {
-    let mut groups = vec![(value & 0x7f) as u8];
-    value >>= 7;
-    while value != 0 {
-        groups.push((value & 0x7f) as u8 | 0x80);
-        value >>= 7;
-    }
-    groups.reverse();
-    groups
-}
-
 /// A valid ECHO request, then `bad`.
 fn echo_then(bad: &[u8]) -> Vec<u8> {
     let echo = Packet {
@@ -1039,7 +1027,7 @@ fn rust_server_ends_with_error_on_garbage() {
 
 fn rust_server_ends_with_error_on_length_over_64_bits() {
     assert_bad_input_ends_server(
-        &echo_then(&bsuint(1 << 65)),
+        &echo_then(&common::bsuint(1 << 65)),
         false,
         "malformed packet: packet length exceeds 64 bits",
     );
@@ -1048,7 +1036,7 @@ fn rust_server_ends_with_error_on_length_over_64_bits() {
 fn rust_server_ends_with_error_on_absurd_length() {
     let len = 1u64 << 62;
     assert_bad_input_ends_server(
-        &echo_then(&bsuint(len.into())),
+        &echo_then(&common::bsuint(len.into())),
         true,
         &format!("packet of {len} bytes exceeds limit of"),
     );

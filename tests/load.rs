@@ -411,15 +411,7 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
     }
     .encode_into(&mut head);
     let body_len = head.len() - 1 + BODY;
-    let mut prefix = Vec::new();
-    let mut v = body_len as u64;
-    prefix.push((v & 0x7f) as u8);
-    v >>= 7;
-    while v > 0 {
-        prefix.push((v & 0x7f) as u8 | 0x80);
-        v >>= 7;
-    }
-    prefix.reverse();
+    let prefix = common::bsuint(body_len as u128);
     let mut writer = peer.try_clone().unwrap();
     let feeder = thread::spawn(move || {
         writer.write_all(&prefix)?;

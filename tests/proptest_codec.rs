@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use packetstream::{Config, Error, Kind, Packet, PacketConnection, Reply, Request};
+use packetstream::{Config, Error, Kind, Packet, PacketConnection, PayloadWrite, Reply, Request};
 use proptest::prelude::*;
 
 fn cases(default: u32) -> u32 {
@@ -223,15 +223,7 @@ proptest! {
     ) {
         // A BSUInt length prefix of `len`, then the tail.
         let mut stream = Vec::new();
-        let mut v = len;
-        let mut groups = vec![(v & 0x7f) as u8];
-        v >>= 7;
-        while v > 0 {
-            groups.push((v & 0x7f) as u8 | 0x80);
-            v >>= 7;
-        }
-        groups.reverse();
-        stream.extend(groups);
+        stream.put_bs_uint(len);
         stream.extend(tail);
         let got = check_stream(&stream, 1024);
         prop_assert!(got.packets.is_empty() && !got.clean);

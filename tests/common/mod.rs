@@ -429,6 +429,20 @@ impl RawPeer {
     }
 }
 
+/// `value` as a BSUInt, the wire's varint, written out here rather than by
+/// the crate: for fields the crate would never encode (too wide, or a
+/// length that does not match the body).
+pub fn bsuint(mut value: u128) -> Vec<u8> {
+    let mut groups = vec![(value & 0x7f) as u8];
+    value >>= 7;
+    while value != 0 {
+        groups.push((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    groups.reverse();
+    groups
+}
+
 pub fn request(tag: u64, rq_type: u64, flags: u64, payload: &[u8]) -> Packet {
     Packet {
         channel: 0,

@@ -1,0 +1,106 @@
+//! BSUInt, the varint of the wire and of cs.binary payloads: 7 bits a byte,
+//! most significant group first, the high bit set on every byte but the
+//! last. `127` is `7f`, `128` is `81 00`.
+//!
+//! Values are `u128`, since a response header with 64-bit flags is 67 bits
+//! wide; each field is range-checked by its reader.
+
+use crate::error::{Error, Result};
+
+/// The longest BSUInt accepted: 10 bytes carry 70 bits, enough for the widest
+/// field (a response header, 67 bits).
+pub const MAX_VARINT_LEN: usize = 10;
+
+/// Parses a BSUInt at the front of `src`: `Ok(Some((value, n)))` after `n`
+/// bytes, `Ok(None)` if `src` ends first, `Err` if it runs past
+/// [`MAX_VARINT_LEN`] bytes.
+pub(crate) fn parse(src: &[u8]) -> Result<Option<(u128, usize)>> {
+    let mut value: u128 = 0;
+    for (idx, &byte) in src.iter().enumerate() {
+        if idx == MAX_VARINT_LEN {
+            break;
+        }
+        value = value << 7 | u128::from(byte & 0x7f);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, idx + 1)));
+        }
+    }
+    if src.len() >= MAX_VARINT_LEN {
+        return Err(Error::Malformed {
+            reason: "varint longer than 10 bytes",
+        });
+    }
+    Ok(None)
+}
+
+/// Writes `value` as a BSUInt at the front of `out`, which must have room
+/// for it (19 bytes for any `u128`), and returns its length.
+pub(crate) fn put(value: u128, out: &mut [u8]) -> usize {
+    let n = len(value);
+    let mut rest = value;
+    for idx in (0..n).rev() {
+        let group = (rest & 0x7f) as u8;
+        out[idx] = if idx + 1 < n { group | 0x80 } else { group };
+        rest >>= 7;
+    }
+    n
+}
+
+/// The length of `value` as a BSUInt.
+pub(crate) fn len(value: u128) -> usize {
+    let bits = 128 - value.leading_zeros() as usize;
+    bits.div_ceil(7).max(1)
+}
+
+/// `value` as a BSUInt, for tests.
+#[cfg(test)]
+pub(crate) fn to_vec(value: u128) -> Vec<u8> {
+    let mut out = [0u8; 19];
+    let n = put(value, &mut out);
+    out[..n].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edges_and_the_reference_test_cases() {
+        // The reference's BSUInt.TEST_CASES, and more.
+        let cases: &[(u128, &[u8])] = &[
+            (0, b"\x00"),
+            (1, b"\x01"),
+            (127, b"\x7f"),
+            (128, b"\x81\x00"),
+            (255, b"\x81\x7f"),
+            (16383, b"\xff\x7f"),
+            (16384, b"\x81\x80\x00"),
+        ];
+        for &(value, bytes) in cases {
+            assert_eq!(to_vec(value), bytes, "encoding {value}");
+        }
+        for shift in 0..67 {
+            for value in [1u128 << shift, (1u128 << shift) - 1, (1u128 << shift) + 1] {
+                let bytes = to_vec(value);
+                assert_eq!(bytes.len(), len(value));
+                assert!(bytes.len() <= MAX_VARINT_LEN);
+                assert_eq!(parse(&bytes).unwrap(), Some((value, bytes.len())));
+                // Every proper prefix asks for more bytes.
+                for cut in 0..bytes.len() {
+                    assert_eq!(parse(&bytes[..cut]).unwrap(), None);
+                }
+            }
+        }
+        assert_eq!(to_vec(u128::from(u64::MAX)).len(), 10);
+        assert_eq!(to_vec(u128::from(u64::MAX))[0], 0x81);
+        assert_eq!(to_vec(u128::MAX).len(), 19);
+    }
+
+    #[test]
+    fn overlong_is_an_error() {
+        let eleven = [0x80u8; 11];
+        assert!(matches!(parse(&eleven), Err(Error::Malformed { .. })));
+        // Ten continuation bytes can never end within the limit either.
+        assert!(matches!(parse(&eleven[..10]), Err(Error::Malformed { .. })));
+    }
+}
