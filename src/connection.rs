@@ -10,9 +10,10 @@ use crate::config::Config;
 use crate::error::{Error, RequestId, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::outbox::{Admission, Control};
-use crate::pending::{Cell, Response};
+use crate::pending::Cell;
 use crate::pool::{Order, Pool};
 use crate::receiver::{self, ReadTimeouts};
+use crate::reply::{FromResponse, Response};
 use crate::shared::{Hook, Job, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
@@ -862,59 +863,5 @@ impl Drop for PendingResponse {
             }
             self.shared.table.recycle(cell);
         }
-    }
-}
-
-/// Types an ok [`Response`] decodes into, for
-/// [`call_as`](PacketConnection::call_as) and
-/// [`wait_as`](PendingResponse::wait_as). The impls mirror the reply shapes
-/// of [`Reply`](crate::Reply).
-pub trait FromResponse: Sized {
-    /// Decodes the response.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Decode`] if the response does not have this shape.
-    fn from_response(rsp: Response) -> Result<Self>;
-}
-
-impl FromResponse for Response {
-    fn from_response(rsp: Response) -> Result<Self> {
-        Ok(rsp)
-    }
-}
-
-/// Ignores the response.
-impl FromResponse for () {
-    fn from_response(_: Response) -> Result<Self> {
-        Ok(())
-    }
-}
-
-/// The flags.
-impl FromResponse for u64 {
-    fn from_response(rsp: Response) -> Result<Self> {
-        Ok(rsp.flags)
-    }
-}
-
-/// The payload.
-impl FromResponse for Vec<u8> {
-    fn from_response(rsp: Response) -> Result<Self> {
-        Ok(rsp.payload)
-    }
-}
-
-/// The payload as UTF-8 text.
-impl FromResponse for String {
-    fn from_response(rsp: Response) -> Result<Self> {
-        String::from_utf8(rsp.payload).map_err(|e| Error::Decode(e.to_string()))
-    }
-}
-
-/// The flags and the payload.
-impl FromResponse for (u64, Vec<u8>) {
-    fn from_response(rsp: Response) -> Result<Self> {
-        Ok((rsp.flags, rsp.payload))
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::ext::Signals;
+use crate::reply::{Failure, Reply};
 
 /// A request from the peer, as a handler receives it.
 ///
@@ -120,140 +121,6 @@ impl fmt::Debug for Request {
             .finish()
     }
 }
-
-/// A successful reply: the flags and payload of an ok response.
-///
-/// `From` conversions cover the five reply shapes of the reference
-/// implementation:
-///
-/// | handler returns | flags | payload |
-/// |---|---|---|
-/// | `()` | 0 | empty |
-/// | `u64` | the value | empty |
-/// | `Vec<u8>` or `&[u8]` | 0 | the bytes |
-/// | `String` or `&str` | 0 | the text as UTF-8 |
-/// | `(u64, Vec<u8>)` | the value | the bytes |
-///
-/// # Examples
-///
-/// ```
-/// use packetstream::Reply;
-///
-/// assert_eq!(Reply::from(()), Reply { flags: 0, payload: vec![] });
-/// assert_eq!(Reply::from(7u64), Reply { flags: 7, payload: vec![] });
-/// assert_eq!(Reply::from("hi"), Reply { flags: 0, payload: b"hi".to_vec() });
-/// assert_eq!(Reply::from((3u64, vec![1u8])), Reply { flags: 3, payload: vec![1] });
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reply {
-    /// The response flags.
-    pub flags: u64,
-    /// The response payload.
-    pub payload: Vec<u8>,
-}
-
-impl Reply {
-    /// A reply carrying `payload` and flags 0.
-    pub fn payload(payload: impl Into<Vec<u8>>) -> Reply {
-        Reply {
-            flags: 0,
-            payload: payload.into(),
-        }
-    }
-}
-
-impl From<()> for Reply {
-    fn from((): ()) -> Reply {
-        Reply::default()
-    }
-}
-
-impl From<u64> for Reply {
-    fn from(flags: u64) -> Reply {
-        Reply {
-            flags,
-            payload: Vec::new(),
-        }
-    }
-}
-
-impl From<Vec<u8>> for Reply {
-    fn from(payload: Vec<u8>) -> Reply {
-        Reply::payload(payload)
-    }
-}
-
-impl From<&[u8]> for Reply {
-    fn from(payload: &[u8]) -> Reply {
-        Reply::payload(payload)
-    }
-}
-
-impl From<String> for Reply {
-    fn from(text: String) -> Reply {
-        Reply::payload(text)
-    }
-}
-
-impl From<&str> for Reply {
-    fn from(text: &str) -> Reply {
-        Reply::payload(text)
-    }
-}
-
-impl From<(u64, Vec<u8>)> for Reply {
-    fn from((flags, payload): (u64, Vec<u8>)) -> Reply {
-        Reply { flags, payload }
-    }
-}
-
-/// A failure with chosen flags and payload. A handler that returns it as its
-/// error sends exactly these in its not-ok response; any other error is sent
-/// as flags 0 and its text.
-///
-/// # Examples
-///
-/// ```
-/// use packetstream::{Failure, HandlerResult, Request};
-///
-/// fn handler(rq: Request) -> HandlerResult {
-///     if rq.payload.is_empty() {
-///         return Err(Failure::new(404, "empty key").into());
-///     }
-///     Ok(rq.payload.into())
-/// }
-/// # let _ = handler;
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// The flags of the not-ok response.
-    pub flags: u64,
-    /// The payload of the not-ok response.
-    pub payload: Vec<u8>,
-}
-
-impl Failure {
-    /// A failure with these flags and payload.
-    pub fn new(flags: u64, payload: impl Into<Vec<u8>>) -> Failure {
-        Failure {
-            flags,
-            payload: payload.into(),
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "failure (flags {:#x}): {}",
-            self.flags,
-            String::from_utf8_lossy(&self.payload)
-        )
-    }
-}
-
-impl StdError for Failure {}
 
 /// The error type handlers return: anything that can be turned into a boxed
 /// error, so `?` works on most errors and `"text".into()` makes one.

@@ -582,6 +582,7 @@ mod pending;
 mod pool;
 mod protocol;
 mod receiver;
+mod reply;
 mod server;
 mod shared;
 mod stats;
@@ -595,13 +596,13 @@ pub use crate::codec::{
     UInt32LE, UInt64BE, UInt64LE, UInt8,
 };
 pub use crate::config::Config;
-pub use crate::connection::{FromResponse, OnClose, PacketConnection, PendingResponse};
+pub use crate::connection::{OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, RequestId, Result};
 pub use crate::ext::CONTROL_CHANNEL;
-pub use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
+pub use crate::handler::{HandlerError, HandlerResult, Request, RequestHandler};
 pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN};
-pub use crate::pending::Response;
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
+pub use crate::reply::{Failure, FromResponse, Reply, Response};
 pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig, BUSY_FLAGS};
 pub use crate::shared::Status;
 pub use crate::stats::Stats;

@@ -14,24 +14,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Disconnect, Error, Result};
 use crate::ext::CONTROL_CHANNEL;
-
-/// A successful ("ok") response.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Response {
-    /// The response flags, the ok bit removed.
-    pub flags: u64,
-    /// The response payload.
-    pub payload: Vec<u8>,
-}
-
-impl std::fmt::Debug for Response {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Response")
-            .field("flags", &self.flags)
-            .field("payload_len", &self.payload.len())
-            .finish()
-    }
-}
+use crate::reply::Response;
 
 enum Slot {
     Empty,

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::Payload;
-use crate::connection::{FromResponse, PacketConnection, PendingResponse};
+use crate::connection::{PacketConnection, PendingResponse};
 use crate::error::{Error, Result};
-use crate::handler::{Failure, HandlerError, HandlerResult, Reply, Request, RequestHandler};
-use crate::pending::Response;
+use crate::handler::{HandlerError, HandlerResult, Request, RequestHandler};
+use crate::reply::{Failure, FromResponse, Reply, Response};
 
 /// A request type: its number on the wire, its payload (through the
 /// [`Payload`] supertrait), and its response type. With [`Fulfil`] for the
@@ -452,52 +452,6 @@ fn short_type_name<T: ?Sized>() -> &'static str {
     let head_end = full.find('<').unwrap_or(full.len());
     let start = full[..head_end].rfind("::").map_or(0, |idx| idx + 2);
     &full[start..]
-}
-
-/// Flags 1 for `true`, 0 for `false`, with an empty payload.
-impl From<bool> for Reply {
-    fn from(value: bool) -> Reply {
-        Reply::from(u64::from(value))
-    }
-}
-
-/// Flags 1 is `true`, flags 0 is `false`.
-impl FromResponse for bool {
-    fn from_response(rsp: Response) -> Result<Self> {
-        match (rsp.flags, rsp.payload.is_empty()) {
-            (0, true) => Ok(false),
-            (1, true) => Ok(true),
-            (flags, _) => Err(Error::Decode(format!(
-                "expected flags 0 or 1 and no payload for a bool, got flags {flags:#x} and {} bytes",
-                rsp.payload.len()
-            ))),
-        }
-    }
-}
-
-/// `Some(bytes)` is flags 1 and the bytes; `None` is flags 0 and no
-/// payload.
-impl From<Option<Vec<u8>>> for Reply {
-    fn from(value: Option<Vec<u8>>) -> Reply {
-        match value {
-            Some(payload) => Reply { flags: 1, payload },
-            None => Reply::default(),
-        }
-    }
-}
-
-/// Flags 1 is `Some(payload)`; flags 0 with no payload is `None`.
-impl FromResponse for Option<Vec<u8>> {
-    fn from_response(rsp: Response) -> Result<Self> {
-        match rsp.flags {
-            1 => Ok(Some(rsp.payload)),
-            0 if rsp.payload.is_empty() => Ok(None),
-            flags => Err(Error::Decode(format!(
-                "expected flags 1 and data, or flags 0 and nothing, got flags {flags:#x} and {} bytes",
-                rsp.payload.len()
-            ))),
-        }
-    }
 }
 
 #[cfg(test)]

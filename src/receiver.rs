@@ -11,7 +11,7 @@ use crate::error::{Disconnect, Error, Expired, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
-use crate::pending::Response;
+use crate::reply::Response;
 use crate::shared::{PacketSource, Returned, Shared, Step};
 
 /// The receive thread's read buffer.

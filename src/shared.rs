@@ -20,8 +20,9 @@ use crate::ext::{self, Signals, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
 use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, Kind};
-use crate::pending::{Cell, Completion, PendingTable, Response, TagSet};
+use crate::pending::{Cell, Completion, PendingTable, TagSet};
 use crate::pool::{self, Pool, Quota};
+use crate::reply::Response;
 use crate::server::BUSY_FLAGS;
 use crate::stats::{Counters, Depths, Stats};
 
