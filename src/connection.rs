@@ -18,9 +18,10 @@ use crate::shared::{Hook, Job, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
 
-/// A hook run once when the connection is finished with its stream, or must
-/// unblock its receive thread (on abort or a write error).
-pub type OnClose = Option<Box<dyn FnOnce() + Send>>;
+/// The hook [`connect_with`](PacketConnection::connect_with) may return
+/// with its streams: run once, when the connection is finished with them,
+/// or earlier, to unblock its receive thread (on abort or a failed write).
+pub type OnClose = Box<dyn FnOnce() + Send>;
 
 /// What a constructor hands over: the two halves of the stream, and what to
 /// run to interrupt them (on abort or a failed write) and to release them

@@ -20,7 +20,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | `Ok(Response)`, [`Error::Failed`], [`Error::ResponseTooLarge`] | yes | yes: it answered |
 /// | [`Error::ConnectionLost`] | yes, or partly | maybe |
 /// | [`Error::Unsent`] | no: the connection ended first | no |
-/// | [`Error::Closed`], [`Error::WouldBlock`], [`Error::TooLarge`] | no: refused by `submit` | no |
+/// | [`Error::Closed`], [`Error::WouldBlock`], [`Error::TooLarge`], [`Error::ReservedChannel`] | no: refused by `submit` | no |
 /// | [`Error::Timeout`] from a wait | yes; still pending | maybe |
 ///
 /// [`Error::was_sent`] tells the two groups apart, which is what a retry
@@ -100,9 +100,13 @@ pub enum Error {
         /// How long the wait lasted.
         waited: Duration,
     },
-    /// [`try_submit`](crate::PacketConnection::try_submit) or
-    /// [`try_submit_on`](crate::PacketConnection::try_submit_on) found the
-    /// outgoing queue full. Nothing was sent.
+    /// The outgoing queue was full, and the request could not wait for
+    /// room: [`try_submit`](crate::PacketConnection::try_submit) and
+    /// [`try_submit_on`](crate::PacketConnection::try_submit_on); a
+    /// [`submit_timeout`](crate::PacketConnection::submit_timeout) or
+    /// [`call_timeout`](crate::PacketConnection::call_timeout) whose deadline
+    /// came first; a `submit` from an
+    /// [inline handler](crate::Config::inline_handler). Nothing was sent.
     #[error("outgoing queue is full")]
     WouldBlock,
     /// The response was already taken from this

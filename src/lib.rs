@@ -482,7 +482,7 @@
 //! [`Packet`] encodes and decodes single packets, for tools and tests:
 //!
 //! ```
-//! use packetstream::{Kind, Packet};
+//! use packetstream::{PacketKind, Packet};
 //!
 //! let wire = |packet: Packet| {
 //!     let mut buf = Vec::new();
@@ -492,7 +492,7 @@
 //! let request = |channel, tag| Packet {
 //!     channel,
 //!     tag,
-//!     kind: Kind::Request { rq_type: 1, flags: 7 },
+//!     kind: PacketKind::Request { rq_type: 1, flags: 7 },
 //!     payload: b"hi".to_vec(),
 //! };
 //! assert_eq!(wire(request(0, 2)), [0x05, 0x02, 0x1e, 0x02, b'h', b'i']);
@@ -500,7 +500,7 @@
 //! let response = Packet {
 //!     channel: 0,
 //!     tag: 2,
-//!     kind: Kind::Response { ok: true, flags: 7 },
+//!     kind: PacketKind::Response { ok: true, flags: 7 },
 //!     payload: b"hi".to_vec(),
 //! };
 //! assert_eq!(wire(response), [0x04, 0x02, 0x3c, b'h', b'i']);
@@ -600,7 +600,7 @@ pub use crate::connection::{OnClose, PacketConnection, PendingResponse};
 pub use crate::error::{Disconnect, Error, RequestId, Result};
 pub use crate::ext::CONTROL_CHANNEL;
 pub use crate::handler::{HandlerError, HandlerResult, Request, RequestHandler};
-pub use crate::packet::{Kind, Packet, DEFAULT_MAX_PACKET_LEN};
+pub use crate::packet::{Packet, PacketKind, DEFAULT_MAX_PACKET_LEN};
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::reply::{Failure, FromResponse, Reply, Response};
 pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig, BUSY_FLAGS};

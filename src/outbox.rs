@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Disconnect, Error, Expired, Result};
-use crate::packet::{read_body_head, Head, Kind, Packet};
+use crate::packet::{read_body_head, Head, Packet, PacketKind};
 use crate::stats::Counters;
 use crate::varint;
 
@@ -710,8 +710,8 @@ fn drop_requests(name: &str, st: &mut State) {
         } else {
             payload_at + head.payload_len
         };
-        let keep = !matches!(head.kind, Kind::Request { .. });
-        if matches!(head.kind, Kind::Response { .. }) {
+        let keep = !matches!(head.kind, PacketKind::Request { .. });
+        if matches!(head.kind, PacketKind::Response { .. }) {
             n_replies += 1;
             reply_bytes += prefix_len(head.body_len) + head.body_len as usize;
         }
@@ -972,7 +972,7 @@ mod tests {
     }
 
     fn request(tag: u64, payload_len: usize) -> Head {
-        let kind = Kind::Request {
+        let kind = PacketKind::Request {
             rq_type: 1,
             flags: 0,
         };
@@ -980,7 +980,7 @@ mod tests {
     }
 
     fn reply(tag: u64, payload_len: usize) -> Head {
-        let kind = Kind::Response { ok: true, flags: 0 };
+        let kind = PacketKind::Response { ok: true, flags: 0 };
         Head::new(0, tag, kind, payload_len)
     }
 

@@ -44,7 +44,7 @@ pub(crate) const ERQ_TAG: u64 = 1;
 
 /// What a packet is: a request, a response or a control packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub enum PacketKind {
     /// A request. `rq_type` is the application's value; the wire carries
     /// `rq_type + 1`.
     Request {
@@ -73,12 +73,12 @@ pub enum Kind {
 /// # Examples
 ///
 /// ```
-/// use packetstream::{Kind, Packet};
+/// use packetstream::{PacketKind, Packet};
 ///
 /// let packet = Packet {
 ///     channel: 0,
 ///     tag: 128,
-///     kind: Kind::Request { rq_type: 1, flags: 0 },
+///     kind: PacketKind::Request { rq_type: 1, flags: 0 },
 ///     payload: b"abc".to_vec(),
 /// };
 /// let mut wire = Vec::new();
@@ -95,7 +95,7 @@ pub struct Packet {
     /// The tag, unique among the sender's requests on this channel.
     pub tag: u64,
     /// Request, response or control, with the type and flags.
-    pub kind: Kind,
+    pub kind: PacketKind,
     /// The payload bytes.
     pub payload: Vec<u8>,
 }
@@ -127,7 +127,7 @@ impl Packet {
         Packet {
             channel: 0,
             tag,
-            kind: Kind::Control { flags: 0 },
+            kind: PacketKind::Control { flags: 0 },
             payload: Vec::new(),
         }
     }
@@ -205,7 +205,7 @@ impl Packet {
 pub(crate) struct BodyHead {
     pub(crate) channel: u64,
     pub(crate) tag: u64,
-    pub(crate) kind: Kind,
+    pub(crate) kind: PacketKind,
     /// The body's length, as the prefix announced it.
     pub(crate) body_len: u64,
     /// Bytes of the payload still to come.
@@ -333,14 +333,14 @@ pub(crate) fn read_body_head(r: &mut impl Read, body_len: u64) -> Result<BodyHea
     let kind = if header & 2 != 0 {
         let flags = fit_u64(wire_flags, "request flags exceed 64 bits")?;
         match read_field(r, &mut left, "packet ends inside its request type")? {
-            0 => Kind::Control { flags },
-            wire => Kind::Request {
+            0 => PacketKind::Control { flags },
+            wire => PacketKind::Request {
                 rq_type: fit_u64(wire - 1, "request type exceeds 64 bits")?,
                 flags,
             },
         }
     } else {
-        Kind::Response {
+        PacketKind::Response {
             ok: wire_flags & 1 != 0,
             flags: fit_u64(wire_flags >> 1, "response flags exceed 64 bits")?,
         }
@@ -399,15 +399,17 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    pub(crate) fn new(channel: u64, tag: u64, kind: Kind, payload_len: usize) -> Head {
+    pub(crate) fn new(channel: u64, tag: u64, kind: PacketKind, payload_len: usize) -> Head {
         let mut body = [0u8; MAX_HEAD_LEN - MAX_VARINT_LEN];
         let mut n = varint::put(u128::from(tag), &mut body);
         let (is_request, wire_flags, rq_type) = match kind {
-            Kind::Request { rq_type, flags } => {
+            PacketKind::Request { rq_type, flags } => {
                 (true, u128::from(flags), Some(u128::from(rq_type) + 1))
             }
-            Kind::Control { flags } => (true, u128::from(flags), Some(0)),
-            Kind::Response { ok, flags } => (false, u128::from(flags) << 1 | u128::from(ok), None),
+            PacketKind::Control { flags } => (true, u128::from(flags), Some(0)),
+            PacketKind::Response { ok, flags } => {
+                (false, u128::from(flags) << 1 | u128::from(ok), None)
+            }
         };
         let header = wire_flags << 2 | u128::from(is_request) << 1 | u128::from(channel != 0);
         n += varint::put(header, &mut body[n..]);
@@ -481,7 +483,7 @@ mod tests {
                 let wire_rq_type = v["rq_type"].as_u64().unwrap();
                 assert_eq!(
                     packet.kind,
-                    Kind::Request {
+                    PacketKind::Request {
                         rq_type: wire_rq_type - 1,
                         flags
                     }
@@ -490,7 +492,7 @@ mod tests {
                 // The vectors' response flags include the ok bit.
                 assert_eq!(
                     packet.kind,
-                    Kind::Response {
+                    PacketKind::Response {
                         ok: flags & 1 == 1,
                         flags: flags >> 1
                     }
@@ -523,13 +525,13 @@ mod tests {
     fn full_u64_flags_round_trip_in_requests_and_responses() {
         for flags in [0, 1, u64::MAX >> 2, 1 << 62, 1 << 63, u64::MAX] {
             for kind in [
-                Kind::Request {
+                PacketKind::Request {
                     rq_type: u64::MAX,
                     flags,
                 },
-                Kind::Response { ok: true, flags },
-                Kind::Response { ok: false, flags },
-                Kind::Control { flags },
+                PacketKind::Response { ok: true, flags },
+                PacketKind::Response { ok: false, flags },
+                PacketKind::Control { flags },
             ] {
                 let packet = Packet {
                     channel: u64::MAX,
@@ -577,7 +579,7 @@ mod tests {
         let (packet, _) = Packet::decode(&wire, MAX).unwrap().unwrap();
         assert_eq!(
             packet.kind,
-            Kind::Request {
+            PacketKind::Request {
                 rq_type: u64::MAX,
                 flags: 0
             }
@@ -590,7 +592,7 @@ mod tests {
             Packet {
                 channel: 0,
                 tag: 2,
-                kind: Kind::Request {
+                kind: PacketKind::Request {
                     rq_type: 0,
                     flags: 0,
                 },
@@ -599,7 +601,7 @@ mod tests {
             Packet {
                 channel: 300,
                 tag: 1 << 40,
-                kind: Kind::Response {
+                kind: PacketKind::Response {
                     ok: true,
                     flags: u64::MAX,
                 },
@@ -666,7 +668,7 @@ mod tests {
         let packet = Packet {
             channel: 5,
             tag: 9,
-            kind: Kind::Request {
+            kind: PacketKind::Request {
                 rq_type: 1,
                 flags: 3,
             },

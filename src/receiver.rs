@@ -1,5 +1,5 @@
 //! The receive thread: reads packets and hands each to the shared state, a
-//! request to `dispatch`, a response to `deliver`, until the peer's EOF or
+//! request to `receive_request`, a response to `deliver`, until the peer's EOF or
 //! an error.
 
 use std::io::{self, BufRead, BufReader, Read};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Disconnect, Error, Expired, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::handler::Request;
-use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Kind, Packet};
+use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Packet, PacketKind};
 use crate::reply::Response;
 use crate::shared::{PacketSource, Returned, Shared, Step};
 
@@ -201,11 +201,11 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
         Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
     };
     match kind {
-        Kind::Control { flags } => {
+        PacketKind::Control { flags } => {
             let packet = Packet {
                 channel,
                 tag,
-                kind: Kind::Control { flags },
+                kind: PacketKind::Control { flags },
                 payload,
             };
             if packet.is_eof() {
@@ -221,16 +221,16 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
                 reason: "control packet that is neither EOF nor ERQ",
             })
         }
-        Kind::Request { rq_type, flags } => {
+        PacketKind::Request { rq_type, flags } => {
             log::trace!(
                 "{}: <== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
                 shared.name,
                 payload.len()
             );
-            shared.dispatch(Request::new(channel, tag, rq_type, flags, payload));
+            shared.receive_request(Request::new(channel, tag, rq_type, flags, payload));
             Ok(Some(false))
         }
-        Kind::Response { ok, flags } => {
+        PacketKind::Response { ok, flags } => {
             log::trace!(
                 "{}: <== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
                 shared.name,
@@ -264,7 +264,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
 /// What [`next_packet`] read.
 enum Next {
     /// A packet: its channel, tag, kind and payload.
-    Packet((u64, u64, Kind, Vec<u8>)),
+    Packet((u64, u64, PacketKind, Vec<u8>)),
     /// An oversize packet, answered or failed and discarded.
     Skipped,
     /// The end of the stream, between packets.
@@ -362,7 +362,7 @@ fn skip_oversize(
         shared.name
     );
     match kind {
-        Kind::Request { .. } => {
+        PacketKind::Request { .. } => {
             shared
                 .stats
                 .recv
@@ -375,10 +375,10 @@ fn skip_oversize(
                 0,
             );
         }
-        Kind::Response { .. } => {
+        PacketKind::Response { .. } => {
             shared.deliver(channel, tag, Err(Error::ResponseTooLarge { len, max }))
         }
-        Kind::Control { .. } => return Err(too_large),
+        PacketKind::Control { .. } => return Err(too_large),
     }
     let remaining = payload_len as u64;
     let skipped = io::copy(&mut r.take(remaining), &mut io::sink())?;

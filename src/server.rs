@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::config::Config;
 use crate::connection::PacketConnection;
 use crate::error::{Disconnect, Error, Result};
-use crate::packet::{Kind, Packet};
+use crate::packet::{Packet, PacketKind};
 use crate::pool::{Order, Pool};
 use crate::shared::Job;
 use crate::sync::{self, deadline_after, ThreadSet};
@@ -1110,11 +1110,11 @@ impl Refusal {
                 self.flush()?;
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if let Kind::Request { .. } = packet.kind {
+            if let PacketKind::Request { .. } = packet.kind {
                 Packet {
                     channel: packet.channel,
                     tag: packet.tag,
-                    kind: Kind::Response {
+                    kind: PacketKind::Response {
                         ok: false,
                         flags: BUSY_FLAGS,
                     },

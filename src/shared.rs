@@ -19,7 +19,7 @@ use crate::error::{Disconnect, Error, Expired, RequestId, Result};
 use crate::ext::{self, Signals, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
 use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
-use crate::packet::{Head, Kind};
+use crate::packet::{Head, PacketKind};
 use crate::pending::{Cell, Completion, PendingTable, TagSet};
 use crate::pool::{self, Pool, Quota};
 use crate::reply::Response;
@@ -446,7 +446,7 @@ impl Shared {
         let head = Head::new(
             channel,
             tag,
-            Kind::Request { rq_type, flags },
+            PacketKind::Request { rq_type, flags },
             payload.len(),
         );
         let res = if head.body_len > self.max_packet_len {
@@ -496,7 +496,12 @@ impl Shared {
             mut flags,
             mut payload,
         } = outcome;
-        let mut head = Head::new(channel, tag, Kind::Response { ok, flags }, payload.len());
+        let mut head = Head::new(
+            channel,
+            tag,
+            PacketKind::Response { ok, flags },
+            payload.len(),
+        );
         if head.body_len > self.max_packet_len {
             let reason = format!(
                 "reply of {} bytes exceeds limit of {}",
@@ -504,7 +509,12 @@ impl Shared {
             );
             log::error!("{}: reply to {channel}:{tag}: {reason}", self.name);
             (ok, flags, payload) = (false, 0, reason.into_bytes());
-            head = Head::new(channel, tag, Kind::Response { ok, flags }, payload.len());
+            head = Head::new(
+                channel,
+                tag,
+                PacketKind::Response { ok, flags },
+                payload.len(),
+            );
         }
         if channel != CONTROL_CHANNEL {
             let counter = if ok {
@@ -528,7 +538,7 @@ impl Shared {
     }
 
     /// Hands a request from the peer to the handler pool, or refuses it.
-    pub(crate) fn dispatch(self: &Arc<Self>, mut rq: Request) {
+    pub(crate) fn receive_request(self: &Arc<Self>, mut rq: Request) {
         let (channel, tag) = (rq.channel, rq.tag);
         if channel == CONTROL_CHANNEL {
             return self.control(rq);
@@ -786,7 +796,7 @@ impl Shared {
         self.outbox.arm();
     }
 
-    /// Runs the handler on a request taken in by `dispatch`: on a worker, or
+    /// Runs the handler on a request taken in by `receive_request`: on a worker, or
     /// on the thread that reads (`reading`) for an inline handler.
     fn serve(&self, rq: Request, reading: bool) {
         let (channel, tag) = (rq.channel, rq.tag);

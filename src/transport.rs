@@ -349,7 +349,7 @@ impl PacketConnection {
     /// let conn = PacketConnection::connect_with(
     ///     || {
     ///         let stream = UnixStream::connect("/run/my-service.sock")?;
-    ///         let on_close: OnClose = None;
+    ///         let on_close: Option<OnClose> = None;
     ///         Ok((stream.try_clone()?, stream, on_close))
     ///     },
     ///     Config::default(),
@@ -359,14 +359,14 @@ impl PacketConnection {
     /// ```
     pub fn connect_with<F, R, W>(connect: F, config: Config) -> Result<PacketConnection>
     where
-        F: FnOnce() -> io::Result<(R, W, OnClose)>,
+        F: FnOnce() -> io::Result<(R, W, Option<OnClose>)>,
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
         let (recv, send, on_close) = connect()?;
         // One hook, two occasions: whichever comes first runs it.
         let hook = Arc::new(Mutex::new(on_close));
-        let run = |hook: Arc<Mutex<OnClose>>| -> Hook {
+        let run = |hook: Arc<Mutex<Option<OnClose>>>| -> Hook {
             Box::new(move || {
                 let hook = hook.lock().take();
                 if let Some(hook) = hook {

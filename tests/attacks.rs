@@ -202,7 +202,7 @@ fn abort_wakes_a_caller_in_call_on_connect_with_streams_without_a_hook() {
     let client = Arc::new(
         PacketConnection::connect_with(
             move || {
-                let on_close: OnClose = None;
+                let on_close: Option<OnClose> = None;
                 Ok((a.try_clone()?, a, on_close))
             },
             Config::default().name("cwith").extensions(false),
@@ -1064,7 +1064,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
                 while let Some((packet, used)) = Packet::decode(&buf, u64::MAX).unwrap() {
                     buf.drain(..used);
                     let mut out = peer_out.lock().unwrap();
-                    if let packetstream::Kind::Request { .. } = packet.kind {
+                    if let packetstream::PacketKind::Request { .. } = packet.kind {
                         if !out.1 && !packet.is_eof() && !packet.is_erq() {
                             let _ = out.0.write_all(&wire(&common::response(
                                 packet.tag, true, packet.tag, b"",
@@ -1124,7 +1124,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
     let our_requests: HashSet<u64> = seen
         .iter()
         .enumerate()
-        .filter(|(_, p)| matches!(p.kind, packetstream::Kind::Request { .. }))
+        .filter(|(_, p)| matches!(p.kind, packetstream::PacketKind::Request { .. }))
         .filter(|(_, p)| !p.is_erq() && !p.is_eof())
         .map(|(at, p)| {
             assert!(at < erq_at, "request {} after ERQ", p.tag);
@@ -1159,7 +1159,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
     // it could get none.
     let replied: Vec<u64> = seen
         .iter()
-        .filter(|p| matches!(p.kind, packetstream::Kind::Response { .. }))
+        .filter(|p| matches!(p.kind, packetstream::PacketKind::Response { .. }))
         .map(|p| p.tag)
         .collect();
     let want: Vec<u64> = (2..2 + replied.len() as u64).collect();
@@ -1256,7 +1256,7 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
     let (packets, _) = within("the peer's reads", move || read_to_end_packets(&mut peer));
     let on_wire: Vec<u64> = packets
         .iter()
-        .filter(|p| matches!(p.kind, packetstream::Kind::Request { .. }))
+        .filter(|p| matches!(p.kind, packetstream::PacketKind::Request { .. }))
         .map(|p| p.tag)
         .collect();
     for (tag, res) in tags.iter().zip(&outcomes) {

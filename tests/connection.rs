@@ -572,7 +572,7 @@ fn every_constructor_works() {
     let hook_count = Arc::clone(&closed);
     let client = PacketConnection::connect_with(
         move || {
-            let on_close: OnClose = Some(Box::new(move || {
+            let on_close: Option<OnClose> = Some(Box::new(move || {
                 hook_count.fetch_add(1, Ordering::SeqCst);
             }));
             Ok((a.try_clone()?, a, on_close))
@@ -585,7 +585,7 @@ fn every_constructor_works() {
     close_both(client, server);
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     let failing = PacketConnection::connect_with(
-        || -> io::Result<(UnixStream, UnixStream, OnClose)> { Err(io::Error::other("no service")) },
+        || -> io::Result<(UnixStream, UnixStream, Option<OnClose>)> { Err(io::Error::other("no service")) },
         Config::default(),
     );
     assert!(matches!(failing, Err(Error::Io(_))));

@@ -23,8 +23,8 @@ use common::{
     within_or, Gate, RawPeer, Running, SkipPast, Timed, ECHO, LIMIT, SLEEP,
 };
 use packetstream::{
-    Config, Error, HandlerResult, Kind, Packet, PacketConnection, PendingResponse, Reply, Request,
-    Server, ServerConfig,
+    Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
+    Request, Server, ServerConfig,
 };
 
 /// The deadline given to every call that takes one.
@@ -1413,7 +1413,7 @@ fn a_whole_request_is_answered_while_the_next_packet_is_incomplete() {
         }
     }
     let is_reply_to =
-        |tag| move |p: &Packet| p.tag == tag && matches!(p.kind, Kind::Response { .. });
+        |tag| move |p: &Packet| p.tag == tag && matches!(p.kind, PacketKind::Response { .. });
     // Side by side: nothing here is timed, and each waits the patience on
     // failure.
     let failures: Vec<String> = thread::scope(|s| {
@@ -1603,10 +1603,11 @@ fn every_accepted_request_gets_its_echo_under_a_small_packet_limit() {
         assert_eq!(reply.tag, tag);
         let fine = if accepted {
             largest_accepted = largest_accepted.max(body_len(&rq));
-            reply.kind == (Kind::Response { ok: true, flags: 0 }) && reply.payload.len() == len
+            reply.kind == (PacketKind::Response { ok: true, flags: 0 })
+                && reply.payload.len() == len
         } else {
             // Refused, for whatever reason the text gives.
-            matches!(reply.kind, Kind::Response { ok: false, .. })
+            matches!(reply.kind, PacketKind::Response { ok: false, .. })
         };
         if !fine {
             wrong.push(format!(
@@ -1646,7 +1647,7 @@ fn a_reply_is_sent_if_and_only_if_its_encoded_body_fits_the_limit() {
             let would = Packet {
                 channel: 0,
                 tag,
-                kind: Kind::Response { ok: true, flags },
+                kind: PacketKind::Response { ok: true, flags },
                 payload: vec![0x33; len],
             };
             let fits = body_len(&would) <= LIMIT_1K;
@@ -1660,7 +1661,7 @@ fn a_reply_is_sent_if_and_only_if_its_encoded_body_fits_the_limit() {
                     body_len(&reply)
                 ));
             }
-            let ok = matches!(reply.kind, Kind::Response { ok: true, .. });
+            let ok = matches!(reply.kind, PacketKind::Response { ok: true, .. });
             if fits && !(ok && reply == would) {
                 wrong.push(format!(
                     "reply of {len} bytes, flags {flags:#x} (body {}) fits but was refused: {:?}",

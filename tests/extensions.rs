@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{ms, report, unique_name, wait_for, within, Gate, RawPeer, ECHO};
 use packetstream::{
-    Config, Disconnect, Error, HandlerResult, Kind, Packet, PacketConnection, Request,
+    Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
     CONTROL_CHANNEL,
 };
 
@@ -546,12 +546,12 @@ fn ping_is_answered_by_any_peer_and_times_out_against_a_silent_one() {
     }
     let ping = peer.recv_packet();
     assert_eq!(ping.channel, CONTROL_CHANNEL);
-    assert!(matches!(ping.kind, Kind::Request { rq_type: 1, .. }));
+    assert!(matches!(ping.kind, PacketKind::Request { rq_type: 1, .. }));
     // Its late answer is dropped quietly.
     peer.send(&Packet {
         channel: CONTROL_CHANNEL,
         tag: ping.tag,
-        kind: Kind::Response { ok: true, flags: 0 },
+        kind: PacketKind::Response { ok: true, flags: 0 },
         payload: Vec::new(),
     });
     assert_eq!(conn.status().ended, None);
@@ -569,7 +569,7 @@ fn keepalive_ends_a_connection_whose_peer_answers_nothing() {
     // It had pinged before it gave up.
     let ping = peer.recv_packet();
     assert_eq!(ping.channel, CONTROL_CHANNEL);
-    assert!(matches!(ping.kind, Kind::Request { rq_type: 1, .. }));
+    assert!(matches!(ping.kind, PacketKind::Request { rq_type: 1, .. }));
     let err = conn.close().unwrap_err();
     assert!(
         matches!(err, Error::ConnectionLost(Disconnect::NoAnswer)),
@@ -666,7 +666,7 @@ fn control_packets_have_the_bytes_of_the_wire_spec() {
         assert!(
             matches!(
                 answer.kind,
-                Kind::Response {
+                PacketKind::Response {
                     ok: false,
                     flags: 0
                 }
@@ -719,7 +719,7 @@ fn a_flood_of_control_requests_holds_no_memory_and_the_connection_goes_on() {
             Packet {
                 channel: CONTROL_CHANNEL,
                 tag,
-                kind: Kind::Request { rq_type, flags: 0 },
+                kind: PacketKind::Request { rq_type, flags: 0 },
                 payload,
             }
             .encode_into(&mut wire);
@@ -735,12 +735,12 @@ fn a_flood_of_control_requests_holds_no_memory_and_the_connection_goes_on() {
     while answers < FLOOD || !echoed {
         let packet = peer.recv_packet();
         match (packet.channel, packet.kind) {
-            (CONTROL_CHANNEL, Kind::Response { ok: true, .. }) => answers += 1,
-            (0, Kind::Response { ok: true, .. }) => {
+            (CONTROL_CHANNEL, PacketKind::Response { ok: true, .. }) => answers += 1,
+            (0, PacketKind::Response { ok: true, .. }) => {
                 assert_eq!(packet.payload, b"after");
                 echoed = true;
             }
-            (CONTROL_CHANNEL, Kind::Request { .. }) => {} // Its hello.
+            (CONTROL_CHANNEL, PacketKind::Request { .. }) => {} // Its hello.
             other => panic!("{other:?}"),
         }
     }

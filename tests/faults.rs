@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer};
 use packetstream::{
-    Config, Disconnect, Error, Kind, OnClose, Packet, PacketConnection, Reply, Request,
+    Config, Disconnect, Error, OnClose, Packet, PacketConnection, PacketKind, Reply, Request,
 };
 
 /// Every blocking wait in this file ends after this long.
@@ -43,7 +43,7 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     assert_eq!(refusal.tag, 7);
     assert_eq!(
         refusal.kind,
-        Kind::Response {
+        PacketKind::Response {
             ok: false,
             flags: 0
         }
@@ -52,7 +52,7 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     assert!(reason.starts_with("packet too large"), "{reason}");
     let reply = peer.recv_packet();
     assert_eq!((reply.tag, reply.payload.as_slice()), (8, &b"after"[..]));
-    assert_eq!(reply.kind, Kind::Response { ok: true, flags: 0 });
+    assert_eq!(reply.kind, PacketKind::Response { ok: true, flags: 0 });
     let stats = conn.stats();
     assert_eq!(stats.requests_received, 2);
     assert!(stats.bytes_in > big.len() as u64);
@@ -390,7 +390,7 @@ fn scripted_exchange(
             }
             let recv = Faulty::new(a.try_clone()?, r, fault, injected.clone());
             let send = Faulty::new(a.try_clone()?, w, fault, injected.clone());
-            let on_close: OnClose = Some(Box::new(move || {
+            let on_close: Option<OnClose> = Some(Box::new(move || {
                 let _ = a.shutdown(std::net::Shutdown::Both);
             }));
             Ok((recv, send, on_close))

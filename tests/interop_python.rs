@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use common::{ms, report, LIMIT};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use packetstream::{
-    Config, Disconnect, Error, Kind, Packet, PacketConnection, Response, CONTROL_CHANNEL,
+    Config, Disconnect, Error, Packet, PacketConnection, PacketKind, Response, CONTROL_CHANNEL,
 };
 
 /// What the interop client of either implementation checks: `echo_reverse`
@@ -353,14 +353,14 @@ impl Seen {
             return Seen::Erq;
         }
         match packet.kind {
-            Kind::Request { .. } => Seen::Request {
+            PacketKind::Request { .. } => Seen::Request {
                 channel: packet.channel,
             },
-            Kind::Response { ok, .. } => Seen::Response {
+            PacketKind::Response { ok, .. } => Seen::Response {
                 channel: packet.channel,
                 ok,
             },
-            Kind::Control { .. } => Seen::OtherControl,
+            PacketKind::Control { .. } => Seen::OtherControl,
         }
     }
 }
@@ -941,7 +941,7 @@ fn echo_then(bad: &[u8]) -> Vec<u8> {
     let echo = Packet {
         channel: 0,
         tag: 2,
-        kind: Kind::Request {
+        kind: PacketKind::Request {
             rq_type: 1,
             flags: 7,
         },
@@ -1007,7 +1007,7 @@ fn assert_bad_input_ends_server(input: &[u8], close_stdin: bool, reason: &str) {
     assert!(rest.is_empty(), "server output ends inside a packet");
     let answered = replies.iter().any(|packet| {
         packet.tag == 2
-            && packet.kind == (Kind::Response { ok: true, flags: 7 })
+            && packet.kind == (PacketKind::Response { ok: true, flags: 7 })
             && packet.payload == b"ping"
     });
     assert!(answered, "the request before the bad bytes went unanswered");
@@ -1047,7 +1047,7 @@ fn rust_server_ends_with_error_on_truncated_packet() {
     Packet {
         channel: 0,
         tag: 3,
-        kind: Kind::Request {
+        kind: PacketKind::Request {
             rq_type: 1,
             flags: 0,
         },

@@ -23,8 +23,9 @@ use common::{
     SkipPast, Timed, ECHO, FAIL, LIMIT,
 };
 use packetstream::{
-    impl_payload, Config, Disconnect, Dispatcher, Error, Fulfil, HandlerError, HandlerResult, Kind,
-    OnClose, Packet, PacketConnection, PendingResponse, Request, RequestId, RequestType, Response,
+    impl_payload, Config, Disconnect, Dispatcher, Error, Fulfil, HandlerError, HandlerResult,
+    OnClose, Packet, PacketConnection, PacketKind, PendingResponse, Request, RequestId,
+    RequestType, Response,
 };
 
 /// Every wait that should succeed ends after this long.
@@ -66,7 +67,7 @@ fn bad_control() -> Packet {
     Packet {
         channel: 0,
         tag: 5,
-        kind: Kind::Control { flags: 0 },
+        kind: PacketKind::Control { flags: 0 },
         payload: Vec::new(),
     }
 }
@@ -86,7 +87,7 @@ fn decode_all(bytes: &[u8]) -> (Vec<Packet>, usize) {
 fn request_tags(packets: &[Packet]) -> BTreeSet<u64> {
     packets
         .iter()
-        .filter(|p| matches!(p.kind, Kind::Request { .. }))
+        .filter(|p| matches!(p.kind, PacketKind::Request { .. }))
         .map(|p| p.tag)
         .collect()
 }
@@ -640,7 +641,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
         assert!(
             packets
                 .iter()
-                .all(|p| matches!(p.kind, Kind::Control { .. })),
+                .all(|p| matches!(p.kind, PacketKind::Control { .. })),
             "{case}: the peer got {packets:?}"
         );
     }
@@ -834,7 +835,7 @@ fn unsent_never_names_a_request_that_reached_the_wire_under_concurrent_submitter
             let place = |tag: u64| {
                 let at = packets
                     .iter()
-                    .position(|p| p.tag == tag && matches!(p.kind, Kind::Request { .. }));
+                    .position(|p| p.tag == tag && matches!(p.kind, PacketKind::Request { .. }));
                 format!("packet {at:?} of {}, ERQ at {erq_at:?}", packets.len())
             };
             for (submitted, odd) in &results {
@@ -1135,7 +1136,7 @@ fn open(ctor: Ctor, child_mode: &str, config: Config) -> Opened {
             let conn = PacketConnection::connect_with(
                 move || {
                     let shut = a.try_clone()?;
-                    let on_close: OnClose = Some(Box::new(move || {
+                    let on_close: Option<OnClose> = Some(Box::new(move || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         let _ = shut.shutdown(Shutdown::Both);
                     }));
@@ -1299,7 +1300,10 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
     // A request after ERQ is refused; the hook does not run again.
     peer.request(3, ECHO, b"late");
     let (_, refusal) = peer.recv_until(|p| p.tag == 3);
-    assert!(matches!(refusal.kind, Kind::Response { ok: false, .. }));
+    assert!(matches!(
+        refusal.kind,
+        PacketKind::Response { ok: false, .. }
+    ));
     peer.send(&Packet::eof());
     conn.close_timeout(PATIENCE).unwrap();
     assert_eq!(hooks.peer_erqs(), 1);
@@ -1876,7 +1880,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
         [2, 3].iter().all(|tag| {
             packets
                 .iter()
-                .any(|p| p.tag == *tag && matches!(p.kind, Kind::Response { ok: true, .. }))
+                .any(|p| p.tag == *tag && matches!(p.kind, PacketKind::Response { ok: true, .. }))
         })
     });
     raw.write_all(&wire_bytes_eof()).unwrap();
@@ -1888,7 +1892,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     // Responses come in any order.
     let mut answers: Vec<_> = packets
         .iter()
-        .filter(|p| matches!(p.kind, Kind::Response { .. }))
+        .filter(|p| matches!(p.kind, PacketKind::Response { .. }))
         .map(|p| (p.tag, p.payload.clone()))
         .collect();
     answers.sort();

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{ms, proc_status, report, request, threads_named, unique_name, wait_for, within};
 use packetstream::{
-    Config, Disconnect, Error, HandlerResult, Kind, Packet, PacketConnection, Request, Server,
-    ServerConfig,
+    Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
+    Server, ServerConfig,
 };
 
 /// How long any one step may take before it counts as a hang.
@@ -136,11 +136,11 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
                 used += n;
                 assert!(tags.insert(packet.tag), "tag {} answered twice", packet.tag);
                 match packet.kind {
-                    Kind::Response { ok: true, .. } => {
+                    PacketKind::Response { ok: true, .. } => {
                         assert_eq!(packet.payload.len(), REPLY);
                         ok += 1;
                     }
-                    Kind::Response { ok: false, flags } => {
+                    PacketKind::Response { ok: false, flags } => {
                         assert_eq!(flags, packetstream::BUSY_FLAGS);
                         busy += 1;
                     }

@@ -382,7 +382,7 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
     if !isolated("an_oversize_request_body_is_skipped_without_being_buffered") {
         return;
     }
-    use packetstream::{Kind, Packet};
+    use packetstream::{Packet, PacketKind};
     use std::io::Write;
     const BODY: usize = 256 << 20;
     let (a, mut peer) = UnixStream::pair().unwrap();
@@ -403,7 +403,7 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
     Packet {
         channel: 0,
         tag: 5,
-        kind: Kind::Request {
+        kind: PacketKind::Request {
             rq_type: 1,
             flags: 0,
         },
@@ -424,7 +424,7 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
         Packet {
             channel: 0,
             tag: 6,
-            kind: Kind::Request {
+            kind: PacketKind::Request {
                 rq_type: 1,
                 flags: 0,
             },
@@ -438,7 +438,7 @@ fn an_oversize_request_body_is_skipped_without_being_buffered() {
         (refusal.tag, refusal.kind),
         (
             5,
-            Kind::Response {
+            PacketKind::Response {
                 ok: false,
                 flags: 0
             }

@@ -9,7 +9,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use packetstream::{Config, Error, Kind, Packet, PacketConnection, PayloadWrite, Reply, Request};
+use packetstream::{
+    Config, Error, Packet, PacketConnection, PacketKind, PayloadWrite, Reply, Request,
+};
 use proptest::prelude::*;
 
 fn cases(default: u32) -> u32 {
@@ -19,11 +21,12 @@ fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-fn kind() -> impl Strategy<Value = Kind> {
+fn kind() -> impl Strategy<Value = PacketKind> {
     prop_oneof![
-        (any::<u64>(), any::<u64>()).prop_map(|(rq_type, flags)| Kind::Request { rq_type, flags }),
-        (any::<bool>(), any::<u64>()).prop_map(|(ok, flags)| Kind::Response { ok, flags }),
-        any::<u64>().prop_map(|flags| Kind::Control { flags }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(rq_type, flags)| PacketKind::Request { rq_type, flags }),
+        (any::<bool>(), any::<u64>()).prop_map(|(ok, flags)| PacketKind::Response { ok, flags }),
+        any::<u64>().prop_map(|flags| PacketKind::Control { flags }),
     ]
 }
 

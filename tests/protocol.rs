@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
 use common::*;
-use packetstream::{Config, Disconnect, Error, Kind, Packet, PacketConnection};
+use packetstream::{Config, Disconnect, Error, Packet, PacketConnection, PacketKind};
 
 /// Collects log records so tests can check what was logged.
 struct Capture(Mutex<Vec<(log::Level, String)>>);
@@ -59,7 +59,7 @@ fn channel_0_tags_start_at_2_and_are_never_reused() {
             .map(|_| conn.submit(ECHO, round, b"").unwrap())
             .collect();
         for _ in 0..3 {
-            let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+            let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
             tags.push(rq.tag);
             peer.send(&response(rq.tag, true, 0, b""));
         }
@@ -80,13 +80,13 @@ fn a_request_after_the_peers_erq_is_refused() {
     let (conn, mut peer) = RawPeer::with(server_config("erq"));
     peer.send(&request(2, ECHO, 0, b"before"));
     let (_, rsp) = peer.recv_until(|p| p.tag == 2);
-    assert_eq!(rsp.kind, Kind::Response { ok: true, flags: 0 });
+    assert_eq!(rsp.kind, PacketKind::Response { ok: true, flags: 0 });
     peer.send(&Packet::erq());
     peer.send(&request(3, ECHO, 0, b"after"));
     let (_, rsp) = peer.recv_until(|p| p.tag == 3);
     assert_eq!(
         rsp.kind,
-        Kind::Response {
+        PacketKind::Response {
             ok: false,
             flags: 0
         }
@@ -94,7 +94,7 @@ fn a_request_after_the_peers_erq_is_refused() {
     assert_eq!(rsp.payload, b"requests no longer allowed");
     // Our own requests still work: ERQ only stops the peer's.
     let pending = conn.submit(ECHO, 0, b"ours").unwrap();
-    let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+    let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
     peer.send(&response(rq.tag, true, 5, b""));
     assert_eq!(pending.wait_timeout(LIMIT).unwrap().flags, 5);
     peer.send(&Packet::eof());
@@ -111,7 +111,7 @@ fn a_duplicate_in_flight_tag_is_refused_and_the_first_still_gets_its_reply() {
         (first.tag, first.kind),
         (
             7,
-            Kind::Response {
+            PacketKind::Response {
                 ok: false,
                 flags: 0
             }
@@ -121,14 +121,14 @@ fn a_duplicate_in_flight_tag_is_refused_and_the_first_still_gets_its_reply() {
     let second = peer.recv().unwrap();
     assert_eq!(
         (second.tag, second.kind),
-        (7, Kind::Response { ok: true, flags: 1 })
+        (7, PacketKind::Response { ok: true, flags: 1 })
     );
     assert_eq!(second.payload, b"200");
     // Once answered, the tag may be used again by the peer.
     peer.send(&request(7, ECHO, 3, b"again"));
     assert_eq!(
         peer.recv().unwrap().kind,
-        Kind::Response { ok: true, flags: 3 }
+        PacketKind::Response { ok: true, flags: 3 }
     );
     peer.send(&Packet::eof());
     join_within(conn).unwrap();
@@ -140,7 +140,7 @@ fn a_response_to_an_unknown_tag_is_logged_and_dropped() {
     let (conn, mut peer) = RawPeer::with(Config::default().name("unknown-tag"));
     peer.send(&response(999, true, 0, b"stray"));
     let pending = conn.submit(ECHO, 0, b"").unwrap();
-    let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+    let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
     peer.send(&response(rq.tag, true, 8, b"real"));
     assert_eq!(pending.wait_timeout(LIMIT).unwrap().payload, b"real");
     assert!(logged(
@@ -157,12 +157,12 @@ fn a_late_response_after_cancel_is_dropped_quietly() {
     let pending = conn.submit(ECHO, 0, b"").unwrap();
     let tag = pending.tag();
     pending.cancel();
-    let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+    let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
     assert_eq!(rq.tag, tag);
     peer.send(&response(tag, true, 0, b"late"));
     // The connection goes on: the next request is answered.
     let next = conn.submit(ECHO, 0, b"").unwrap();
-    let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+    let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
     peer.send(&response(rq.tag, true, 4, b""));
     assert_eq!(next.wait_timeout(LIMIT).unwrap().flags, 4);
     assert_eq!(conn.stats().pending, 0, "the cancelled entry is gone");
@@ -181,7 +181,7 @@ fn a_control_packet_that_is_not_eof_or_erq_ends_receiving() {
     peer.send(&Packet {
         channel: 0,
         tag: 5,
-        kind: Kind::Control { flags: 0 },
+        kind: PacketKind::Control { flags: 0 },
         payload: vec![],
     });
     // Lost if it was written before the bad packet came, unsent if not.
@@ -216,7 +216,7 @@ fn every_pending_request_fails(
         .map(|i| conn.submit(ECHO, i, b"x").unwrap())
         .collect();
     // Answer the first one, so the fault lands mid-conversation.
-    let (_, rq) = peer.recv_until(|p| matches!(p.kind, Kind::Request { .. }));
+    let (_, rq) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
     peer.send(&response(rq.tag, true, 0, b""));
     fault(&mut peer);
     let mut outcomes = pending.into_iter().map(|p| p.wait_timeout(LIMIT));
@@ -343,7 +343,7 @@ fn close_sends_erq_then_replies_then_eof_and_waits_for_the_peers_eof() {
     let reply = peer.recv().unwrap();
     assert_eq!(
         (reply.tag, reply.kind),
-        (2, Kind::Response { ok: true, flags: 0 })
+        (2, PacketKind::Response { ok: true, flags: 0 })
     );
     let eof = peer.recv().unwrap();
     assert!(eof.is_eof(), "{eof:?}");
@@ -378,7 +378,7 @@ fn after_the_peers_eof_a_server_answers_what_is_in_progress_then_sends_eof() {
         if packet.is_eof() {
             break;
         }
-        if let Kind::Response { ok: true, flags } = packet.kind {
+        if let PacketKind::Response { ok: true, flags } = packet.kind {
             answered.push(flags);
         }
     }
@@ -397,7 +397,7 @@ fn an_oversize_request_gets_a_not_ok_reply_and_the_connection_goes_on() {
         (too_big.tag, too_big.kind),
         (
             2,
-            Kind::Response {
+            PacketKind::Response {
                 ok: false,
                 flags: 0
             }

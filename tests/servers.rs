@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{echo, report, request, timed, unique_name, wait_for, Gate, Timed, ECHO};
 use packetstream::{
-    ClientInfo, Config, Disconnect, Error, HandlerResult, Kind, Packet, PacketConnection, PeerAddr,
-    Request, Server, ServerConfig, BUSY_FLAGS, CONTROL_CHANNEL,
+    ClientInfo, Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind,
+    PeerAddr, Request, Server, ServerConfig, BUSY_FLAGS, CONTROL_CHANNEL,
 };
 
 /// Every wait that should succeed ends after this long.
@@ -438,7 +438,7 @@ fn on_accept_and_on_close_run_once_per_client_with_how_it_ended() {
         let mut second = addr.connect_raw();
         second.write_all(&wire(&request(2, ECHO, 0, b"two")));
         let answer = second.read_packet();
-        assert!(matches!(answer.kind, Kind::Response { ok: true, .. }));
+        assert!(matches!(answer.kind, PacketKind::Response { ok: true, .. }));
         drop(second);
         wait_for("client 2 ends", PATIENCE, || seen.closed().len() == 2);
 
@@ -857,7 +857,7 @@ fn stop_timeout_aborts_a_client_that_never_answers_and_ends_the_rest_in_order() 
     silent.write_all(&wire(&request(2, ECHO, 0, b"")));
     assert!(matches!(
         silent.read_packet().kind,
-        Kind::Response { ok: true, .. }
+        PacketKind::Response { ok: true, .. }
     ));
     wait_for("three clients", PATIENCE, || server.connections() == 3);
 

@@ -19,7 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{long, ms, report, response, timed, unique_name, Gate, Timed};
-use packetstream::{Config, Error, Kind, Packet, PacketConnection, PendingResponse, Response};
+use packetstream::{
+    Config, Error, Packet, PacketConnection, PacketKind, PendingResponse, Response,
+};
 
 /// Every wait in a run that should succeed ends after this long.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -110,7 +112,7 @@ fn record(mut stream: UnixStream, plan: PeerPlan, go: Option<Gate>) -> Wire {
                 Ok(Some((packet, len))) => {
                     used += len;
                     if !sent_eof {
-                        if let Kind::Request { flags, .. } = packet.kind {
+                        if let PacketKind::Request { flags, .. } = packet.kind {
                             let len = packet.payload.len() as u64;
                             let mut reply = response(packet.tag, true, flags, &len.to_le_bytes());
                             reply.channel = packet.channel;
@@ -231,7 +233,7 @@ fn check(
     }
     let mut sent: HashMap<u64, (usize, u64)> = HashMap::new();
     for (at, packet) in packets.iter().enumerate() {
-        if let Kind::Request { flags, .. } = packet.kind {
+        if let PacketKind::Request { flags, .. } = packet.kind {
             if let Some(erq) = erq.filter(|&erq| at > erq) {
                 bad.push(format!(
                     "request {flags:#x} (tag {}, {} bytes) went out after ERQ: packet {at}, ERQ {erq}",

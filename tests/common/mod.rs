@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use packetstream::{Config, HandlerResult, Kind, Packet, PacketConnection, Reply, Request};
+use packetstream::{Config, HandlerResult, Packet, PacketConnection, PacketKind, Reply, Request};
 
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -447,7 +447,7 @@ pub fn request(tag: u64, rq_type: u64, flags: u64, payload: &[u8]) -> Packet {
     Packet {
         channel: 0,
         tag,
-        kind: Kind::Request { rq_type, flags },
+        kind: PacketKind::Request { rq_type, flags },
         payload: payload.to_vec(),
     }
 }
@@ -456,7 +456,7 @@ pub fn response(tag: u64, ok: bool, flags: u64, payload: &[u8]) -> Packet {
     Packet {
         channel: 0,
         tag,
-        kind: Kind::Response { ok, flags },
+        kind: PacketKind::Response { ok, flags },
         payload: payload.to_vec(),
     }
 }
