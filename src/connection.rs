@@ -191,6 +191,24 @@ impl PacketConnection {
     ///
     /// As for [`submit`](PacketConnection::submit), and
     /// [`Error::ReservedChannel`] for [`CONTROL_CHANNEL`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::os::unix::net::UnixStream;
+    /// # use packetstream::{Config, PacketConnection, Request};
+    /// # let (a, b) = UnixStream::pair()?;
+    /// let server = PacketConnection::from_unix_stream(
+    ///     b,
+    ///     Config::default().handler(|rq: Request| Ok(rq.channel.into())),
+    /// )?;
+    /// let client = PacketConnection::from_unix_stream(a, Config::default())?;
+    /// assert_eq!(client.call_on(5, 1, 0, b"")?.flags, 5);
+    /// assert_eq!(client.submit_on(5, 1, 0, b"")?.tag(), 1); // channel 5's second tag
+    /// # client.close()?;
+    /// # server.join()?;
+    /// # Ok::<(), packetstream::Error>(())
+    /// ```
     pub fn submit_on(
         &self,
         channel: u64,

@@ -154,6 +154,55 @@ fn timeout_text(request: Option<&RequestId>, waited: &Duration) -> String {
 /// [`on_end`](crate::Config::on_end) hook, and by
 /// [`PacketConnection::status`](crate::PacketConnection::status). `Copy`, so
 /// that every waiter gets its own.
+///
+/// # Examples
+///
+/// A peer that goes away without its EOF:
+///
+/// ```
+/// # use std::os::unix::net::UnixStream;
+/// # use std::sync::{mpsc, Mutex};
+/// # use std::time::Duration;
+/// # use packetstream::{Config, Disconnect, Error, PacketConnection, Request};
+/// let (a, b) = UnixStream::pair()?;
+/// let (started_tx, started) = mpsc::channel::<()>();
+/// let (release, held) = mpsc::channel::<()>();
+/// let (started_tx, held) = (Mutex::new(started_tx), Mutex::new(held));
+/// let server = PacketConnection::from_unix_stream(
+///     b,
+///     Config::default().handler(move |_: Request| {
+///         // Say the request has arrived, then hold it until released.
+///         let _ = started_tx.lock().unwrap().send(());
+///         let _ = held.lock().unwrap().recv_timeout(Duration::from_secs(10));
+///         Ok(().into())
+///     }),
+/// )?;
+/// let (ended_tx, ended) = mpsc::channel();
+/// let ended_tx = Mutex::new(ended_tx);
+/// let client = PacketConnection::from_unix_stream(
+///     a,
+///     Config::default().on_end(move |why| {
+///         let _ = ended_tx.lock().unwrap().send(why);
+///     }),
+/// )?;
+/// let pending = client.submit(1, 0, b"")?;
+/// started.recv_timeout(Duration::from_secs(10)).expect("request reached the handler");
+///
+/// server.abort(); // the server goes away without answering or its EOF
+/// match pending.wait_timeout(Duration::from_secs(10)) {
+///     Err(err @ Error::ConnectionLost(Disconnect::StreamEnded)) => assert!(err.was_sent()),
+///     other => panic!("expected a lost connection, got {other:?}"),
+/// }
+/// assert_eq!(ended.recv_timeout(Duration::from_secs(10)), Ok(Disconnect::StreamEnded));
+/// assert!(matches!(client.submit(1, 0, b""), Err(Error::Closed)));
+/// assert!(matches!(
+///     client.close(),
+///     Err(Error::ConnectionLost(Disconnect::StreamEnded))
+/// ));
+/// drop(release);
+/// assert!(server.join().is_err()); // it was aborted
+/// # Ok::<(), packetstream::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Disconnect {

@@ -155,6 +155,68 @@ pub type HandlerResult = Result<Reply, HandlerError>;
 /// }
 /// # let _ = Upper;
 /// ```
+///
+/// # What a handler may do
+///
+/// - Take its time: a slow handler holds one handler thread, and the others
+///   go on serving. A request never waits behind a busy handler while
+///   another handler thread sleeps.
+/// - Make requests of the peer on its own connection, and wait for the
+///   responses: the receive thread delivers them while the handler waits.
+///   The handler needs a handle to its connection, which exists only after
+///   the [`Config`](crate::Config) is built; a [`Weak`](std::sync::Weak) in a
+///   [`OnceLock`](std::sync::OnceLock) does it without a reference cycle:
+///
+/// ```
+/// use std::os::unix::net::UnixStream;
+/// use std::sync::{Arc, OnceLock, Weak};
+/// use std::time::Duration;
+/// use packetstream::{Config, HandlerResult, PacketConnection, Request};
+///
+/// const GREET: u64 = 1; // client -> server
+/// const NAME: u64 = 2; // server -> client, while handling GREET
+///
+/// let (a, b) = UnixStream::pair()?;
+/// let me: Arc<OnceLock<Weak<PacketConnection>>> = Arc::default();
+/// let server = Arc::new(PacketConnection::from_unix_stream(b, Config::default().handler({
+///     let me = Arc::clone(&me);
+///     move |_: Request| -> HandlerResult {
+///         let conn = me.get().and_then(Weak::upgrade).ok_or("connection is gone")?;
+///         let name = conn.submit(NAME, 0, b"")?.wait_timeout(Duration::from_secs(10))?;
+///         Ok(format!("hello, {}", String::from_utf8_lossy(&name.payload)).into())
+///     }
+/// }))?);
+/// me.set(Arc::downgrade(&server)).expect("set once");
+///
+/// let client = PacketConnection::from_unix_stream(
+///     a,
+///     Config::default().handler(|_: Request| Ok("client".into())),
+/// )?;
+/// assert_eq!(client.call_as::<String>(GREET, 0, b"")?, "hello, client");
+/// client.close()?;
+/// server.join()?;
+/// # Ok::<(), packetstream::Error>(())
+/// ```
+///
+/// # What a handler must not do
+///
+/// - Block forever. It stalls one handler thread for good. Once every
+///   handler thread is stuck and the handler queue is full, the receive
+///   thread stops reading, and then responses to this end's own requests
+///   stop arriving too. A handler that waits for the peer, as above, should
+///   wait with a timeout, and nested call-backs need enough handler
+///   threads.
+/// - Call [`close`](crate::PacketConnection::close) or
+///   [`join`](crate::PacketConnection::join) on its own connection: both wait for
+///   every handler to finish, itself included. Call
+///   [`end_requests`](crate::PacketConnection::end_requests) or
+///   [`abort`](crate::PacketConnection::abort), which do not wait, or leave the
+///   close to another thread.
+/// - Write to standard output when the connection runs over it
+///   ([`PacketConnection::stdio`](crate::PacketConnection::stdio)): log to standard error.
+///
+/// A handler that panics sends a not-ok reply and the connection goes on;
+/// a `std::sync::Mutex` it held is poisoned, as with any panic.
 pub trait RequestHandler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, rq: Request) -> HandlerResult;

@@ -10,7 +10,17 @@
 //! process, a socketpair, a TCP socket.
 //!
 //! It uses blocking I/O on plain threads, with no async runtime, which keeps
-//! the API small and the dependencies few.
+//! the API small and the dependencies few. Before you start:
+//!
+//! - It runs on Unix only, for now: it uses `std::os::unix` (file
+//!   descriptors, Unix sockets, shutting a socket down to unblock a read).
+//! - [`PacketConnection`] is `Send + Sync`: share one between threads with
+//!   an `Arc`, and call it from all of them at once. So are [`Server`] and
+//!   [`PendingResponse`].
+//! - The crate has no `unsafe` code (`#![forbid(unsafe_code)]`).
+//! - `byteorder` 1 is a public dependency: its [`ByteOrder`],
+//!   [`BigEndian`] and [`LittleEndian`] are re-exported, for the typed
+//!   payloads' fixed-width numbers.
 //!
 //! # Quick start
 //!
@@ -137,51 +147,23 @@
 //!
 //! # Handlers
 //!
-//! The handler serves the peer's requests. It is a closure
+//! The handler serves the peer's requests: a closure
 //! `Fn(Request) -> HandlerResult`, or a type implementing
-//! [`RequestHandler`], given in [`Config::handler`]. It runs on the
-//! connection's pool of handler threads ([`Config::handler_threads`], 4 by
-//! default), so several requests are handled at once and the handler takes
-//! `&self`: shared state goes behind a `Mutex` or atomics.
-//!
-//! - `Ok(reply)` sends an ok response. [`Reply`] converts from `()`, `u64`
-//!   (the flags), `Vec<u8>`, `&[u8]`, `String`, `&str` (the payload) and
-//!   `(u64, Vec<u8>)`, as the reference's handlers may return.
-//! - `Err(e)` sends a not-ok response with flags 0 and `e`'s text, so `?`
-//!   works inside handlers; a [`Failure`] sends exactly its own flags and
-//!   payload.
-//! - A panic is caught and sent as a not-ok response; the connection goes
-//!   on.
-//!
-//! An end without a handler answers every request from the peer with a
-//! not-ok "no request handler".
+//! [`RequestHandler`], given in [`Config::handler`]. It runs on a pool of
+//! handler threads, several requests at once, so it takes `&self`.
+//! `Ok(reply)` sends an ok response, in one of the shapes of [`Reply`];
+//! `Err(e)` a not-ok one with `e`'s text, or a [`Failure`]'s own flags and
+//! payload; a panic is caught and sent as a not-ok response. An end without
+//! a handler refuses every request. [`RequestHandler`] says what a handler
+//! may and must not do (such as wait on its own connection).
 //!
 //! # Channels
 //!
-//! Every request travels on a channel, a number; 0 is the default, used by
-//! [`call`](PacketConnection::call) and [`submit`](PacketConnection::submit).
+//! Every request travels on a channel, a number; 0 is the default.
 //! [`call_on`](PacketConnection::call_on) and
-//! [`submit_on`](PacketConnection::submit_on) pick another. Each channel
-//! has its own sequence of tags, the handler sees the channel in
-//! [`Request::channel`], and the reply goes back on the same channel. The
-//! Python reference serves channel 0 only and refuses others with a not-ok
-//! response.
-//!
-//! ```
-//! # use std::os::unix::net::UnixStream;
-//! # use packetstream::{Config, PacketConnection, Request};
-//! # let (a, b) = UnixStream::pair()?;
-//! let server = PacketConnection::from_unix_stream(
-//!     b,
-//!     Config::default().handler(|rq: Request| Ok(rq.channel.into())),
-//! )?;
-//! let client = PacketConnection::from_unix_stream(a, Config::default())?;
-//! assert_eq!(client.call_on(5, 1, 0, b"")?.flags, 5);
-//! assert_eq!(client.submit_on(5, 1, 0, b"")?.tag(), 1); // channel 5's second tag
-//! # client.close()?;
-//! # server.join()?;
-//! # Ok::<(), packetstream::Error>(())
-//! ```
+//! [`submit_on`](PacketConnection::submit_on) pick another; each channel has
+//! its own tags, and the handler sees it in [`Request::channel`]. The Python
+//! reference serves channel 0 only.
 //!
 //! # Shutdown
 //!
@@ -226,6 +208,7 @@
 //! | [`Error::Closed`] | `submit` after this end's requests ended | `connection is not accepting new requests` |
 //! | [`Error::WouldBlock`] | `try_submit` on a full queue | `outgoing queue is full` |
 //! | [`Error::TooLarge`] | `submit` of a packet over the limit | `packet of N bytes exceeds limit of M` |
+//! | [`Error::ReservedChannel`] | `submit_on` the extensions' control channel | `channel N is reserved for the connection's control requests` |
 //!
 //! A connection ends once, in one of the ways of [`Disconnect`], which
 //! every request it took with it carries, which [`Config::on_end`] gets,
@@ -239,55 +222,9 @@
 //! | `Protocol`: bad bytes from the peer | `protocol error from peer` | `Err(Malformed { .. })` or `Err(TooLarge { .. })` |
 //! | `Io(kind)`: reading or writing failed | `i/o error: KIND` | `Err(Io(..))` |
 //! | `Local`: this end aborted | `aborted locally` | `Err(ConnectionLost(Local))` |
+//! | `Silent`, `Idle`, `Stalled`, `NoAnswer`: a liveness timeout ran out ([`Config::packet_timeout`], [`Config::idle_timeout`], [`Config::stall_timeout`], [`Config::keepalive`]) | `peer went silent inside a packet`, ... | `Err(ConnectionLost(..))` |
 //!
-//! ```
-//! # use std::os::unix::net::UnixStream;
-//! # use std::sync::{mpsc, Mutex};
-//! # use std::time::Duration;
-//! # use packetstream::{Config, Disconnect, Error, PacketConnection, Request};
-//! let (a, b) = UnixStream::pair()?;
-//! let (started_tx, started) = mpsc::channel::<()>();
-//! let (release, held) = mpsc::channel::<()>();
-//! let (started_tx, held) = (Mutex::new(started_tx), Mutex::new(held));
-//! let server = PacketConnection::from_unix_stream(
-//!     b,
-//!     Config::default().handler(move |_: Request| {
-//!         // Say the request has arrived, then hold it until released.
-//!         let _ = started_tx.lock().unwrap().send(());
-//!         let _ = held.lock().unwrap().recv_timeout(Duration::from_secs(10));
-//!         Ok(().into())
-//!     }),
-//! )?;
-//! let (ended_tx, ended) = mpsc::channel();
-//! let ended_tx = Mutex::new(ended_tx);
-//! let client = PacketConnection::from_unix_stream(
-//!     a,
-//!     Config::default().on_end(move |why| {
-//!         let _ = ended_tx.lock().unwrap().send(why);
-//!     }),
-//! )?;
-//! let pending = client.submit(1, 0, b"")?;
-//! started.recv_timeout(Duration::from_secs(10)).expect("request reached the handler");
-//!
-//! server.abort(); // the server goes away without answering or its EOF
-//! match pending.wait_timeout(Duration::from_secs(10)) {
-//!     Err(err @ Error::ConnectionLost(Disconnect::StreamEnded)) => assert!(err.was_sent()),
-//!     other => panic!("expected a lost connection, got {other:?}"),
-//! }
-//! assert_eq!(ended.recv_timeout(Duration::from_secs(10)), Ok(Disconnect::StreamEnded));
-//! assert!(matches!(client.submit(1, 0, b""), Err(Error::Closed)));
-//! assert!(matches!(
-//!     client.close(),
-//!     Err(Error::ConnectionLost(Disconnect::StreamEnded))
-//! ));
-//! drop(release);
-//! assert!(server.join().is_err()); // it was aborted
-//! # Ok::<(), packetstream::Error>(())
-//! ```
-//!
-//! [`Config::on_peer_end_requests`] tells when the peer's ERQ arrives, and
-//! [`call_timeout`](PacketConnection::call_timeout) is `call` with a
-//! deadline.
+//! [`Disconnect`] has an example of a peer that vanishes.
 //!
 //! # Servers
 //!
@@ -317,201 +254,34 @@
 //! # Observability
 //!
 //! The library never prints. [`PacketConnection::stats`] returns a
-//! [`Stats`] snapshot at any time, from any thread: packets and bytes in and
-//! out, writes, requests sent and received, ok and not-ok
-//! responses and replies, requests pending here and requests in progress in
-//! this end's handlers. The `progress` example draws a live progress line
-//! from it. For a trace of every packet, enable the [`log`] crate at `trace`
-//! level for `packetstream`; connection events are logged at `debug`, lost
-//! requests and refusals at `warn`, broken streams at `error`.
-//!
-//! ```
-//! # use std::os::unix::net::UnixStream;
-//! # use packetstream::{Config, PacketConnection, Request};
-//! # let (a, b) = UnixStream::pair()?;
-//! # let server = PacketConnection::from_unix_stream(b, Config::default()
-//! #     .handler(|rq: Request| Ok(rq.payload.into())))?;
-//! # let client = PacketConnection::from_unix_stream(a, Config::default())?;
-//! for n in 0..10u8 {
-//!     client.call(1, 0, &[n; 100])?;
-//! }
-//! let stats = client.stats();
-//! assert_eq!((stats.requests_sent, stats.responses_ok, stats.pending), (10, 10, 0));
-//! assert!(stats.bytes_out > 1000 && stats.bytes_in > 1000);
-//! # client.close()?;
-//! # server.join()?;
-//! # Ok::<(), packetstream::Error>(())
-//! ```
+//! [`Stats`] snapshot at any time, from any thread, and
+//! [`PacketConnection::status`] says how far the connection is from its
+//! end; the `progress` example draws a live line from the stats. The
+//! [`log`] crate gets connection events at `debug`, every packet at
+//! `trace`, lost requests and refusals at `warn`, broken streams at
+//! `error`.
 //!
 //! # Threads
 //!
-//! Each connection runs these threads, named after [`Config::name`]:
-//!
-//! - **`{name}:recv`**, the receive thread, reads packets. A response fills
-//!   the waiting caller's cell; a request is checked (is there a handler,
-//!   has the peer sent ERQ, is this end closing, is the tag in use) and
-//!   handed to the handlers, or refused with a not-ok reply. It writes only
-//!   replies, and only without blocking for long (on a socket; elsewhere the
-//!   send thread writes them), so it keeps reading whatever the peer does.
-//!   It waits in `read`, and when this connection has too many requests
-//!   waiting for a handler ([`Config::handler_queue`], 256, and
-//!   [`Config::max_queued_bytes`] of payload): that is how a peer that sends
-//!   faster than the handlers work is slowed down.
-//! - **`{name}:handler{idx}`**, [`Config::handler_threads`] of them, if
-//!   there is a handler; a [`Server`]'s connections share one pool instead
-//!   ([`ServerConfig::handler_threads`]). An
-//!   [`inline_handler`](Config::inline_handler) runs on the receive thread
-//!   and needs none.
-//! - **`{name}:send`**, the send thread, writes the outgoing queue once its
-//!   oldest byte has waited the packet grace ([`Config::packet_grace`],
-//!   10 ms), so that bursts go out in few writes; at once for ERQ, EOF and
-//!   a full queue. The stream is closed once EOF is written.
-//! - **Your threads**: `submit` queues the request and returns. A caller
-//!   that waits with no deadline (`call`, `wait`) writes the queue itself
-//!   and, on a socket, may read its own response: the receive thread lends
-//!   its reader to waiting callers when nothing else is pending, so a
-//!   synchronous call is woken by the stream, not by another thread. Calls
-//!   with a deadline and the `try_*` calls never read or write: they leave
-//!   that to the connection's threads, so they return in time whatever the
-//!   peer does.
-//!
-//! A [`Server`] adds one `{name}:accept` thread, its handler pool, and for
-//! its `n`th client a connection named `{name}#{n}`.
-//!
-//! No lock is held while a handler or a hook runs or while the stream is
-//! read or written, and no thread holds two of the crate's locks at once.
-//! Replies are never refused for lack of room in the outgoing queue, so an
-//! end answering a flood of requests cannot block on its own replies.
-//! ARCHITECTURE.md in the repository has the details.
-//!
-//! ## What a handler may do
-//!
-//! - Take its time: a slow handler holds one handler thread, and the others
-//!   go on serving. A request never waits behind a busy handler while
-//!   another handler thread sleeps.
-//! - Make requests of the peer on its own connection, and wait for the
-//!   responses: the receive thread delivers them while the handler waits.
-//!   The handler needs a handle to its connection, which exists only after
-//!   the [`Config`] is built; a [`Weak`](std::sync::Weak) in a
-//!   [`OnceLock`](std::sync::OnceLock) does it without a reference cycle:
-//!
-//! ```
-//! use std::os::unix::net::UnixStream;
-//! use std::sync::{Arc, OnceLock, Weak};
-//! use std::time::Duration;
-//! use packetstream::{Config, HandlerResult, PacketConnection, Request};
-//!
-//! const GREET: u64 = 1; // client -> server
-//! const NAME: u64 = 2; // server -> client, while handling GREET
-//!
-//! let (a, b) = UnixStream::pair()?;
-//! let me: Arc<OnceLock<Weak<PacketConnection>>> = Arc::default();
-//! let server = Arc::new(PacketConnection::from_unix_stream(b, Config::default().handler({
-//!     let me = Arc::clone(&me);
-//!     move |_: Request| -> HandlerResult {
-//!         let conn = me.get().and_then(Weak::upgrade).ok_or("connection is gone")?;
-//!         let name = conn.submit(NAME, 0, b"")?.wait_timeout(Duration::from_secs(10))?;
-//!         Ok(format!("hello, {}", String::from_utf8_lossy(&name.payload)).into())
-//!     }
-//! }))?);
-//! me.set(Arc::downgrade(&server)).expect("set once");
-//!
-//! let client = PacketConnection::from_unix_stream(
-//!     a,
-//!     Config::default().handler(|_: Request| Ok("client".into())),
-//! )?;
-//! assert_eq!(client.call_as::<String>(GREET, 0, b"")?, "hello, client");
-//! client.close()?;
-//! server.join()?;
-//! # Ok::<(), packetstream::Error>(())
-//! ```
-//!
-//! ## What a handler must not do
-//!
-//! - Block forever. It stalls one handler thread for good. Once every
-//!   handler thread is stuck and the handler queue is full, the receive
-//!   thread stops reading, and then responses to this end's own requests
-//!   stop arriving too. A handler that waits for the peer, as above, should
-//!   wait with a timeout, and nested call-backs need enough handler
-//!   threads.
-//! - Call [`close`](PacketConnection::close) or
-//!   [`join`](PacketConnection::join) on its own connection: both wait for
-//!   every handler to finish, itself included. Call
-//!   [`end_requests`](PacketConnection::end_requests) or
-//!   [`abort`](PacketConnection::abort), which do not wait, or leave the
-//!   close to another thread.
-//! - Write to standard output when the connection runs over it
-//!   ([`PacketConnection::stdio`]): log to standard error.
-//!
-//! A handler that panics sends a not-ok reply and the connection goes on;
-//! a `std::sync::Mutex` it held is poisoned, as with any panic.
+//! Each connection runs a receive thread (`{name}:recv`), which reads and
+//! never blocks in a write; a send thread (`{name}:send`), which writes the
+//! outgoing queue once its oldest byte has waited the packet grace
+//! ([`Config::packet_grace`], 10 ms), so that bursts go out in few writes;
+//! and a pool of handler threads (`{name}:handler{idx}`), unless its handler
+//! is [inline](Config::inline_handler) or it belongs to a [`Server`], whose
+//! connections share one pool and take turns on it. A caller that waits
+//! without a deadline may write the queue, and on a socket read its own
+//! response, itself; calls with a deadline and the `try_*` calls never
+//! read or write, so they return in time whatever the peer does.
+//! ARCHITECTURE.md in the repository has the details: who reads and
+//! writes, the locks, the flush policy and the shutdown order.
 //!
 //! # Wire compatibility
 //!
-//! The bytes on the wire are those of `cs.packetstream` 20240630; the
-//! interop tests run this crate against the Python package in both
-//! directions. Numbers are BSUInt varints: 7 bits a byte, most significant
-//! group first, the high bit set on every byte but the last (`127` is
-//! `7f`, `128` is `81 00`). A packet is its length, then the body:
-//!
-//! ```text
-//! call(rq_type 1, flags 7, b"hi"), the first request on channel 0:
-//!
-//!   05  02  1e  02  68 69
-//!   │   │   │   │   └───┴── payload "hi": the rest of the body
-//!   │   │   │   └────────── rq_type + 1 = 2 (requests only; wire 0 is a control packet)
-//!   │   │   └────────────── header = flags << 2 | is_request << 1 | has_channel
-//!   │   │                          = 7 << 2 | 1 << 1 | 0 = 0x1e
-//!   │   └────────────────── tag 2 (channel 0's tags 0 and 1 belong to EOF and ERQ)
-//!   └────────────────────── length of the body: 5 bytes
-//!
-//! its ok response, flags 7, b"hi":
-//!
-//!   04  02  3c  68 69
-//!           └── header = (flags << 1 | ok) << 2 = (7 << 1 | 1) << 2 = 0x3c
-//!
-//! the same request on channel 5 (tag 0, the first on that channel):
-//!
-//!   06  00  1f  05  02  68 69
-//!           │   └── channel, present only when not 0 (has_channel = 1)
-//!           └────── 0x1e | 1
-//!
-//! ERQ = 03 01 02 00    EOF = 03 00 02 00    (tag 1 or 0, a request of wire rq_type 0)
-//! ```
-//!
-//! [`Packet`] encodes and decodes single packets, for tools and tests:
-//!
-//! ```
-//! use packetstream::{PacketKind, Packet};
-//!
-//! let wire = |packet: Packet| {
-//!     let mut buf = Vec::new();
-//!     packet.encode_into(&mut buf);
-//!     buf
-//! };
-//! let request = |channel, tag| Packet {
-//!     channel,
-//!     tag,
-//!     kind: PacketKind::Request { rq_type: 1, flags: 7 },
-//!     payload: b"hi".to_vec(),
-//! };
-//! assert_eq!(wire(request(0, 2)), [0x05, 0x02, 0x1e, 0x02, b'h', b'i']);
-//! assert_eq!(wire(request(5, 0)), [0x06, 0x00, 0x1f, 0x05, 0x02, b'h', b'i']);
-//! let response = Packet {
-//!     channel: 0,
-//!     tag: 2,
-//!     kind: PacketKind::Response { ok: true, flags: 7 },
-//!     payload: b"hi".to_vec(),
-//! };
-//! assert_eq!(wire(response), [0x04, 0x02, 0x3c, b'h', b'i']);
-//! assert_eq!(wire(Packet::erq()), [0x03, 0x01, 0x02, 0x00]);
-//! assert_eq!(wire(Packet::eof()), [0x03, 0x00, 0x02, 0x00]);
-//! ```
-//!
-//! A response's flags carry the ok bit lowest, so with 64-bit flags a
-//! response header is 67 bits wide; the request types of the application
-//! are shifted up by one on the wire, so every `u64` is usable. The module
-//! doc of the wire format in the source (`src/packet.rs`) has the grammar.
+//! The bytes on the wire are those of `cs.packetstream` 20240630, and the
+//! interop tests run this crate against the Python package both ways.
+//! [`Packet`] has the format, byte by byte, and encodes and decodes single
+//! packets.
 //!
 //! # Extensions
 //!
@@ -527,25 +297,13 @@
 //!
 //! # Talking to Python
 //!
-//! A Rust program and a Python program using the reference,
-//! `cs.packetstream` 20240630, talk over a child's pipes, either one the
-//! parent. The repository has a runnable pair for each direction:
-//! `examples/python_child.rs` starts `python/word_child.py`, and
-//! `python/rust_parent.py` starts `examples/rust_child.rs`.
-//!
-//! - Install the reference with the library versions of its time, without
-//!   letting pip resolve them: `python/setup-venv.sh`, which runs
-//!   `pip install --no-deps -r python/requirements.txt` in a new venv.
-//! - A Python child must take its packet stream off standard output before
-//!   its connection starts (`send_fd = os.dup(1)`, then `os.dup2(2, 1)`):
-//!   the reference prints progress lines there, which would otherwise break
-//!   the parent's stream with [`Error::Malformed`].
-//! - A Python handler's exception arrives as [`Error::Failed`] with the
-//!   payload `exception during handler`; a request on a channel other than
-//!   0 gets `unknown channel %d`, literally.
-//!
-//! The guide [`talking_to_python`] has both pairs in full, how failures map
-//! in each direction, and what the reference cannot do.
+//! A Rust program and a Python program using the reference talk over a
+//! child's pipes, either one the parent: `examples/python_child.rs` starts
+//! `python/word_child.py`, and `python/rust_parent.py` starts
+//! `examples/rust_child.rs`. The guide [`talking_to_python`] has both pairs
+//! in full, how to install the reference with its pins, the one rule for a
+//! Python child (take the packet stream off standard output first), how
+//! failures map each way, and what the reference cannot do.
 //!
 //! # Typed protocols
 //!
@@ -569,6 +327,8 @@
 //! calls its clients), `progress` (a live progress line from the stats),
 //! `python_child` and `rust_child` (a Python peer on either end),
 //! `typed_service`, `demo`, `blockstore`, `interop` and `bench`.
+
+#![forbid(unsafe_code)]
 
 mod codec;
 mod config;
@@ -608,6 +368,15 @@ pub use crate::shared::Status;
 pub use crate::stats::Stats;
 pub use crate::varint::MAX_VARINT_LEN;
 pub use byteorder::{BigEndian, ByteOrder, LittleEndian};
+
+// What the crate doc promises: the handles can be shared between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<PacketConnection>();
+    send_sync::<PendingResponse>();
+    send_sync::<Server>();
+    send_sync::<Error>();
+};
 
 // The guide of `PYTHON.md`, a page of the documentation whose Rust blocks
 // are compiled with the doctests.

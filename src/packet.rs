@@ -68,26 +68,71 @@ pub enum PacketKind {
     },
 }
 
-/// One packet as it travels on the wire.
+/// One packet as it travels on the wire, to encode and decode single
+/// packets in tools and tests.
 ///
-/// # Examples
+/// The bytes are those of `cs.packetstream` 20240630. Numbers are BSUInt
+/// varints: 7 bits a byte, most significant group first, the high bit set
+/// on every byte but the last (`127` is `7f`, `128` is `81 00`). A packet
+/// is its length, then the body:
+///
+/// ```text
+/// call(rq_type 1, flags 7, b"hi"), the first request on channel 0:
+///
+///   05  02  1e  02  68 69
+///   │   │   │   │   └───┴── payload "hi": the rest of the body
+///   │   │   │   └────────── rq_type + 1 = 2 (requests only; wire 0 is a control packet)
+///   │   │   └────────────── header = flags << 2 | is_request << 1 | has_channel
+///   │   │                          = 7 << 2 | 1 << 1 | 0 = 0x1e
+///   │   └────────────────── tag 2 (channel 0's tags 0 and 1 belong to EOF and ERQ)
+///   └────────────────────── length of the body: 5 bytes
+///
+/// its ok response, flags 7, b"hi":
+///
+///   04  02  3c  68 69
+///           └── header = (flags << 1 | ok) << 2 = (7 << 1 | 1) << 2 = 0x3c
+///
+/// the same request on channel 5 (tag 0, the first on that channel):
+///
+///   06  00  1f  05  02  68 69
+///           │   └── channel, present only when not 0 (has_channel = 1)
+///           └────── 0x1e | 1
+///
+/// ERQ = 03 01 02 00    EOF = 03 00 02 00    (tag 1 or 0, a request of wire rq_type 0)
+/// ```
+///
+/// In code:
 ///
 /// ```
 /// use packetstream::{PacketKind, Packet};
 ///
-/// let packet = Packet {
-///     channel: 0,
-///     tag: 128,
-///     kind: PacketKind::Request { rq_type: 1, flags: 0 },
-///     payload: b"abc".to_vec(),
+/// let wire = |packet: Packet| {
+///     let mut buf = Vec::new();
+///     packet.encode_into(&mut buf);
+///     buf
 /// };
-/// let mut wire = Vec::new();
-/// packet.encode_into(&mut wire);
-/// assert_eq!(wire, [0x07, 0x81, 0x00, 0x02, 0x02, b'a', b'b', b'c']);
-/// let (decoded, used) = Packet::decode(&wire, 1 << 20)?.unwrap();
-/// assert_eq!((decoded, used), (packet, wire.len()));
-/// # Ok::<(), packetstream::Error>(())
+/// let request = |channel, tag| Packet {
+///     channel,
+///     tag,
+///     kind: PacketKind::Request { rq_type: 1, flags: 7 },
+///     payload: b"hi".to_vec(),
+/// };
+/// assert_eq!(wire(request(0, 2)), [0x05, 0x02, 0x1e, 0x02, b'h', b'i']);
+/// assert_eq!(wire(request(5, 0)), [0x06, 0x00, 0x1f, 0x05, 0x02, b'h', b'i']);
+/// let response = Packet {
+///     channel: 0,
+///     tag: 2,
+///     kind: PacketKind::Response { ok: true, flags: 7 },
+///     payload: b"hi".to_vec(),
+/// };
+/// assert_eq!(wire(response), [0x04, 0x02, 0x3c, b'h', b'i']);
+/// assert_eq!(wire(Packet::erq()), [0x03, 0x01, 0x02, 0x00]);
+/// assert_eq!(wire(Packet::eof()), [0x03, 0x00, 0x02, 0x00]);
 /// ```
+///
+/// A response's flags carry the ok bit lowest, so with 64-bit flags a
+/// response header is 67 bits wide; the request types of the application
+/// are shifted up by one on the wire, so every `u64` is usable.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Packet {
     /// The channel; 0 is the default and the only one the reference serves.

@@ -60,6 +60,26 @@ impl<T> std::ops::Deref for Padded<T> {
 ///
 /// The counters are read one by one while the connection runs, so a
 /// snapshot is consistent per field, not across fields.
+///
+/// # Examples
+///
+/// ```
+/// # use std::os::unix::net::UnixStream;
+/// # use packetstream::{Config, PacketConnection, Request};
+/// # let (a, b) = UnixStream::pair()?;
+/// # let server = PacketConnection::from_unix_stream(b, Config::default()
+/// #     .handler(|rq: Request| Ok(rq.payload.into())))?;
+/// # let client = PacketConnection::from_unix_stream(a, Config::default())?;
+/// for n in 0..10u8 {
+///     client.call(1, 0, &[n; 100])?;
+/// }
+/// let stats = client.stats();
+/// assert_eq!((stats.requests_sent, stats.responses_ok, stats.pending), (10, 10, 0));
+/// assert!(stats.bytes_out > 1000 && stats.bytes_in > 1000);
+/// # client.close()?;
+/// # server.join()?;
+/// # Ok::<(), packetstream::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

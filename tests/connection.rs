@@ -585,7 +585,9 @@ fn every_constructor_works() {
     close_both(client, server);
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     let failing = PacketConnection::connect_with(
-        || -> io::Result<(UnixStream, UnixStream, Option<OnClose>)> { Err(io::Error::other("no service")) },
+        || -> io::Result<(UnixStream, UnixStream, Option<OnClose>)> {
+            Err(io::Error::other("no service"))
+        },
         Config::default(),
     );
     assert!(matches!(failing, Err(Error::Io(_))));
