@@ -14,7 +14,7 @@ use crate::pending::Cell;
 use crate::pool::{Order, Pool};
 use crate::receiver::{self, ReadTimeouts};
 use crate::reply::{FromResponse, Response};
-use crate::shared::{Hook, Job, Shared, Status};
+use crate::shared::{Hook, Job, Outgoing, Shared, Status};
 use crate::stats::Stats;
 use crate::sync::{deadline_after, ThreadSet};
 
@@ -180,7 +180,7 @@ impl PacketConnection {
     /// connection; [`Error::ConnectionLost`] if the connection has failed;
     /// [`Error::TooLarge`] if the packet would exceed the maximum length.
     pub fn submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_inner(0, rq_type, flags, payload, Admission::Wait, false)
+        self.submit_with(Outgoing::new(0, rq_type, flags, payload))
     }
 
     /// Like [`submit`](PacketConnection::submit), on `channel`. Each channel
@@ -216,7 +216,7 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, Admission::Wait, false)
+        self.submit_with(Outgoing::new(channel, rq_type, flags, payload))
     }
 
     /// Like [`submit`](PacketConnection::submit), but fails with
@@ -228,7 +228,10 @@ impl PacketConnection {
     /// As for [`submit`](PacketConnection::submit), and
     /// [`Error::WouldBlock`].
     pub fn try_submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_inner(0, rq_type, flags, payload, Admission::NoWait, false)
+        self.submit_with(Outgoing {
+            admission: Admission::NoWait,
+            ..Outgoing::new(0, rq_type, flags, payload)
+        })
     }
 
     /// Like [`submit_on`](PacketConnection::submit_on), but fails with
@@ -246,58 +249,23 @@ impl PacketConnection {
         flags: u64,
         payload: &[u8],
     ) -> Result<PendingResponse> {
-        self.submit_inner(channel, rq_type, flags, payload, Admission::NoWait, false)
+        self.submit_with(Outgoing {
+            admission: Admission::NoWait,
+            ..Outgoing::new(channel, rq_type, flags, payload)
+        })
     }
 
-    fn submit_inner(
-        &self,
-        channel: u64,
-        rq_type: u64,
-        flags: u64,
-        payload: &[u8],
-        admission: Admission,
-        then_writes: bool,
-    ) -> Result<PendingResponse> {
-        self.submit_within(
-            channel,
-            rq_type,
-            flags,
-            payload,
-            admission,
-            then_writes,
-            None,
-        )
-    }
-
-    /// Submits, the peer told of the deadline `within` if it can take one.
-    #[allow(clippy::too_many_arguments)] // The private core of six public methods.
-    fn submit_within(
-        &self,
-        channel: u64,
-        rq_type: u64,
-        flags: u64,
-        payload: &[u8],
-        admission: Admission,
-        then_writes: bool,
-        within: Option<Duration>,
-    ) -> Result<PendingResponse> {
-        if channel == CONTROL_CHANNEL {
-            return Err(Error::ReservedChannel(channel));
+    /// Submits `rq`, unless it is on the extensions' channel.
+    fn submit_with(&self, rq: Outgoing<'_>) -> Result<PendingResponse> {
+        if rq.channel == CONTROL_CHANNEL {
+            return Err(Error::ReservedChannel(rq.channel));
         }
-        let (tag, cell) = self.shared.submit_within(
-            channel,
-            rq_type,
-            flags,
-            payload,
-            admission,
-            then_writes,
-            within,
-        )?;
+        let (tag, cell) = self.shared.submit(rq)?;
         Ok(PendingResponse {
             shared: Arc::clone(&self.shared),
-            channel,
+            channel: rq.channel,
             tag,
-            rq_type,
+            rq_type: rq.rq_type,
             cell: Some(cell),
             deadline: None,
         })
@@ -327,8 +295,11 @@ impl PacketConnection {
     ) -> Result<Response> {
         // The caller blocks right away, and `wait` writes the queue before it
         // does: no need to wake the send thread to time a grace.
-        self.submit_inner(channel, rq_type, flags, payload, Admission::Wait, true)?
-            .wait()
+        self.submit_with(Outgoing {
+            then_writes: true,
+            ..Outgoing::new(channel, rq_type, flags, payload)
+        })?
+        .wait()
     }
 
     /// Like [`call`](PacketConnection::call), but gives up at `timeout`:
@@ -431,15 +402,11 @@ impl PacketConnection {
     ) -> Result<PendingResponse> {
         let started = Instant::now();
         let deadline = deadline_after(timeout);
-        let mut pending = self.submit_within(
-            0,
-            rq_type,
-            flags,
-            payload,
-            Admission::Until(deadline),
-            false,
-            deadline.map(|_| timeout),
-        )?;
+        let mut pending = self.submit_with(Outgoing {
+            admission: Admission::Until(deadline),
+            within: deadline.map(|_| timeout),
+            ..Outgoing::new(0, rq_type, flags, payload)
+        })?;
         pending.deadline = deadline.map(|deadline| (started, deadline));
         Ok(pending)
     }

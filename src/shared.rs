@@ -144,6 +144,44 @@ pub(crate) enum Returned {
     Ended(Result<Disconnect>, Vec<u8>),
 }
 
+/// A request to send: what goes in its packet, and how it is sent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) channel: u64,
+    pub(crate) rq_type: u64,
+    pub(crate) flags: u64,
+    pub(crate) payload: &'a [u8],
+    /// How it waits for room in the outgoing queue.
+    pub(crate) admission: Admission,
+    /// The caller is about to wait for it, and writes the queue itself then.
+    pub(crate) then_writes: bool,
+    /// A deadline to send the peer with it, if the peer can take one.
+    pub(crate) within: Option<Duration>,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A request that waits for room, with no deadline.
+    pub(crate) fn new(channel: u64, rq_type: u64, flags: u64, payload: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            channel,
+            rq_type,
+            flags,
+            payload,
+            admission: Admission::Wait,
+            then_writes: false,
+            within: None,
+        }
+    }
+
+    /// A control request of the extensions, which never waits for room.
+    fn control(rq_type: u64, payload: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            admission: Admission::NoWait,
+            ..Outgoing::new(CONTROL_CHANNEL, rq_type, 0, payload)
+        }
+    }
+}
+
 thread_local! {
     /// The connection whose receive thread this is, by the address of its
     /// shared state; 0 on any other thread.
@@ -399,40 +437,19 @@ impl Shared {
     }
 
     /// Sends a request: a new tag and response cell, then the packet into
-    /// the outbox. An error means nothing was sent and no entry is left.
-    pub(crate) fn submit(
-        &self,
-        channel: u64,
-        rq_type: u64,
-        flags: u64,
-        payload: &[u8],
-        admission: Admission,
-        then_writes: bool,
-    ) -> Result<(u64, Arc<Cell>)> {
-        self.submit_within(
+    /// the outbox (with extensions, a deadline `within` goes to the peer
+    /// just before it). An error means nothing was sent and no entry is
+    /// left.
+    pub(crate) fn submit(&self, rq: Outgoing<'_>) -> Result<(u64, Arc<Cell>)> {
+        let Outgoing {
             channel,
             rq_type,
             flags,
             payload,
             admission,
             then_writes,
-            None,
-        )
-    }
-
-    /// As [`submit`](Shared::submit); with extensions, a deadline `within`
-    /// goes to the peer just before the request.
-    #[allow(clippy::too_many_arguments)] // Two call sites; a struct would only rename them.
-    pub(crate) fn submit_within(
-        &self,
-        channel: u64,
-        rq_type: u64,
-        flags: u64,
-        payload: &[u8],
-        admission: Admission,
-        then_writes: bool,
-        within: Option<Duration>,
-    ) -> Result<(u64, Arc<Cell>)> {
+            within,
+        } = rq;
         // The thread that reads never waits for room: an inline handler's
         // submit fails at once on a full queue.
         let admission = match admission {
@@ -650,14 +667,7 @@ impl Shared {
     pub(crate) fn send_hello(&self) {
         if self.extensions {
             let hello = ext::hello(ext::VERSION, ext::CAPABILITIES);
-            if let Ok((_, cell)) = self.submit(
-                CONTROL_CHANNEL,
-                ext::HELLO,
-                0,
-                &hello,
-                Admission::NoWait,
-                false,
-            ) {
+            if let Ok((_, cell)) = self.submit(Outgoing::control(ext::HELLO, &hello)) {
                 *self.hello.lock() = Some(cell);
             }
         }
@@ -709,14 +719,7 @@ impl Shared {
 
     /// Sends a control request whose answer nobody waits for.
     fn send_control(&self, rq_type: u64, payload: &[u8]) {
-        if let Ok((tag, cell)) = self.submit(
-            CONTROL_CHANNEL,
-            rq_type,
-            0,
-            payload,
-            Admission::NoWait,
-            false,
-        ) {
+        if let Ok((tag, cell)) = self.submit(Outgoing::control(rq_type, payload)) {
             self.table.remove(CONTROL_CHANNEL, tag);
             self.table.recycle(cell);
         }
@@ -743,14 +746,10 @@ impl Shared {
     /// until `deadline`. A refusal is an answer too: a peer of the base
     /// protocol refuses the ping, and so shows it is there.
     pub(crate) fn ping(&self, started: Instant, deadline: Option<Instant>) -> Result<()> {
-        let (tag, cell) = self.submit(
-            CONTROL_CHANNEL,
-            ext::PING,
-            0,
-            &[],
-            Admission::Until(deadline),
-            false,
-        )?;
+        let (tag, cell) = self.submit(Outgoing {
+            admission: Admission::Until(deadline),
+            ..Outgoing::control(ext::PING, &[])
+        })?;
         self.outbox.flush_soon(false);
         self.recall_reader();
         let answer = cell.wait_until(deadline);
