@@ -180,7 +180,7 @@ impl PacketConnection {
     /// connection; [`Error::ConnectionLost`] if the connection has failed;
     /// [`Error::TooLarge`] if the packet would exceed the maximum length.
     pub fn submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_with(Outgoing::new(0, rq_type, flags, payload))
+        self.submit_on(0, rq_type, flags, payload)
     }
 
     /// Like [`submit`](PacketConnection::submit), on `channel`. Each channel
@@ -228,10 +228,7 @@ impl PacketConnection {
     /// As for [`submit`](PacketConnection::submit), and
     /// [`Error::WouldBlock`].
     pub fn try_submit(&self, rq_type: u64, flags: u64, payload: &[u8]) -> Result<PendingResponse> {
-        self.submit_with(Outgoing {
-            admission: Admission::NoWait,
-            ..Outgoing::new(0, rq_type, flags, payload)
-        })
+        self.try_submit_on(0, rq_type, flags, payload)
     }
 
     /// Like [`submit_on`](PacketConnection::submit_on), but fails with

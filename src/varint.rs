@@ -64,21 +64,10 @@ pub(crate) fn to_vec(value: u128) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// The reference's BSUInt.TEST_CASES are checked through the payload
+    /// codec (`codec.rs`); here, every edge up to 67 bits.
     #[test]
-    fn edges_and_the_reference_test_cases() {
-        // The reference's BSUInt.TEST_CASES, and more.
-        let cases: &[(u128, &[u8])] = &[
-            (0, b"\x00"),
-            (1, b"\x01"),
-            (127, b"\x7f"),
-            (128, b"\x81\x00"),
-            (255, b"\x81\x7f"),
-            (16383, b"\xff\x7f"),
-            (16384, b"\x81\x80\x00"),
-        ];
-        for &(value, bytes) in cases {
-            assert_eq!(to_vec(value), bytes, "encoding {value}");
-        }
+    fn edges() {
         for shift in 0..67 {
             for value in [1u128 << shift, (1u128 << shift) - 1, (1u128 << shift) + 1] {
                 let bytes = to_vec(value);
