@@ -153,7 +153,10 @@ impl Config {
     /// blocks (and `try_submit_on` fails). Replies and control packets are
     /// never held back by it. The same budget bounds the payload bytes of
     /// received requests waiting for a handler thread (one request is always
-    /// let through, however large). Default: 8 MiB.
+    /// let through, however large), and the replies owed to the peer: past
+    /// it, the peer's requests are refused as busy, and past four times it
+    /// (at least 1 MiB), the peer is taken to have stopped reading and the
+    /// connection ends with [`Disconnect::Stalled`]. Default: 8 MiB.
     pub fn max_queued_bytes(mut self, n: usize) -> Config {
         self.max_queued_bytes = n.max(1);
         self.limits_set.1 = true;
@@ -194,9 +197,10 @@ impl Config {
         self
     }
 
-    /// How long the connection may stay idle: nothing received from the
-    /// peer, and no request pending either way. Past it, the connection ends
-    /// with [`Disconnect::Idle`]. Enforced on sockets only, as
+    /// How long the connection may stay idle: no packet of the application
+    /// received from the peer (the extensions' pings and other control
+    /// packets do not count), and no request pending either way. Past it,
+    /// the connection ends with [`Disconnect::Idle`]. Enforced on sockets only, as
     /// [`packet_timeout`](Config::packet_timeout). Default: no limit
     /// ([`Server`](crate::Server) connections: 10 minutes).
     pub fn idle_timeout(mut self, timeout: Duration) -> Config {
@@ -204,16 +208,28 @@ impl Config {
         self
     }
 
-    /// Checks that the peer is there when it has been quiet: once nothing
-    /// has come from it for `every`, this end sends a
-    /// [ping](crate::PacketConnection::ping); if nothing comes for as long
-    /// again, the connection ends with [`Disconnect::NoAnswer`]. It finds a
-    /// peer that is gone without closing the stream (a host that went
-    /// down), which neither the stream nor the other timeouts report. Any
-    /// peer answers a ping, the reference too (it refuses it, which is an
-    /// answer). The pings are traffic: they keep the connection from the
-    /// peer's [`idle_timeout`](Config::idle_timeout). Enforced on sockets
-    /// only, as [`packet_timeout`](Config::packet_timeout). Default: off.
+    /// Checks that the peer is there when it has been quiet: once this end
+    /// has heard nothing of it for `every`, it sends a
+    /// [ping](crate::PacketConnection::ping); if it hears nothing for as
+    /// long again, the connection ends with [`Disconnect::NoAnswer`]. It
+    /// finds a peer gone without closing the stream (a host that went down),
+    /// which neither the stream nor the other timeouts report, and a write
+    /// blocked on such a peer is interrupted.
+    ///
+    /// Hearing from the peer is a byte from it, or the peer taking bytes of
+    /// this end's from a full stream (it is reading a long write). Any peer
+    /// answers a ping, the reference too (it refuses it, which is an
+    /// answer); after this end's ERQ, only a peer with the
+    /// [extensions](Config::extensions) is pinged, and none is given up for
+    /// want of a ping. A peer of this crate whose handler queue is full
+    /// stops reading until its handlers catch up; it pings this end every
+    /// 100 ms meanwhile, so a period above that never takes it for gone.
+    /// An [inline handler](Config::inline_handler) that runs for longer
+    /// than the period looks like a gone peer. Pings are not the
+    /// application's traffic: they keep no connection from
+    /// [`idle_timeout`](Config::idle_timeout), at either end. Enforced on
+    /// sockets only, as [`packet_timeout`](Config::packet_timeout).
+    /// Default: off.
     pub fn keepalive(mut self, every: Duration) -> Config {
         self.keepalive = Some(every);
         self

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::error::{Error, RequestId, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::outbox::{Admission, Control};
-use crate::pending::Cell;
+use crate::pending::{Cell, Completion};
 use crate::pool::{Order, Pool};
 use crate::receiver::{self, ReadTimeouts};
 use crate::reply::{FromResponse, Response};
@@ -171,8 +171,14 @@ impl PacketConnection {
         &self.shared.name
     }
 
-    /// Sends a request on channel 0 and returns at once with a handle to its
-    /// response. Blocks only while the outgoing queue is full.
+    /// Sends a request on channel 0 and returns with a handle to its
+    /// response. Blocks while the outgoing queue is full; and a payload of
+    /// 64 KiB or more is written from this thread, without a copy, when no
+    /// other thread is writing, so that it returns once the stream has
+    /// taken it (a peer that reads nothing holds it there: use
+    /// [`try_submit`](PacketConnection::try_submit) or
+    /// [`submit_timeout`](PacketConnection::submit_timeout), which never
+    /// write, where that matters).
     ///
     /// # Errors
     ///
@@ -401,7 +407,7 @@ impl PacketConnection {
         let deadline = deadline_after(timeout);
         let mut pending = self.submit_with(Outgoing {
             admission: Admission::Until(deadline),
-            within: deadline.map(|_| timeout),
+            deadline,
             ..Outgoing::new(0, rq_type, flags, payload)
         })?;
         pending.deadline = deadline.map(|deadline| (started, deadline));
@@ -735,7 +741,8 @@ impl PendingResponse {
 
     /// Waits for the response; for a request with a deadline
     /// ([`submit_timeout`](PacketConnection::submit_timeout)), only until
-    /// then.
+    /// then, where it is given up as
+    /// [`wait_timeout`](PendingResponse::wait_timeout) says.
     ///
     /// # Errors
     ///
@@ -743,7 +750,7 @@ impl PendingResponse {
     /// the connection ended first; [`Error::Timeout`] at the deadline.
     pub fn wait(self) -> Result<Response> {
         if let Some((started, deadline)) = self.deadline {
-            return self.wait_deadline(started, Some(deadline));
+            return self.wait_deadline(started, Some(deadline), true);
         }
         let cell = self.cell();
         if let Some(res) = cell.try_take() {
@@ -759,10 +766,14 @@ impl PendingResponse {
     }
 
     /// Waits at most `timeout` for the response. On timeout the request stays
-    /// pending and can be waited on again, or cancelled. Returns within the
-    /// timeout whatever the peer does: this thread does no I/O, and the send
-    /// thread is asked to write what is queued at once. A `timeout` too long
-    /// for an `Instant`, such as `Duration::MAX`, means no limit.
+    /// pending and can be waited on again, or cancelled; but a request with
+    /// its own deadline ([`submit_timeout`](PacketConnection::submit_timeout))
+    /// is waited for only until then, and given up there: its outcome is
+    /// the timeout, a late response is dropped, and the peer (with the
+    /// extensions) is asked to stop it. Returns within the timeout whatever
+    /// the peer does: this thread does no I/O, and the send thread is asked
+    /// to write what is queued at once. A `timeout` too long for an
+    /// `Instant`, such as `Duration::MAX`, means no limit.
     ///
     /// # Errors
     ///
@@ -773,13 +784,21 @@ impl PendingResponse {
         match self.deadline {
             // The request's own deadline comes first.
             Some((submitted, at)) if deadline.is_none_or(|deadline| at <= deadline) => {
-                self.wait_deadline(submitted, Some(at))
+                self.wait_deadline(submitted, Some(at), true)
             }
-            _ => self.wait_deadline(Instant::now(), deadline),
+            _ => self.wait_deadline(Instant::now(), deadline, false),
         }
     }
 
-    fn wait_deadline(&self, started: Instant, deadline: Option<Instant>) -> Result<Response> {
+    /// Waits until `deadline`. If it is the request's own deadline (`own`),
+    /// the request is given up there: its outcome is the timeout, a late
+    /// response is dropped, and the peer is asked to stop it.
+    fn wait_deadline(
+        &self,
+        started: Instant,
+        deadline: Option<Instant>,
+        own: bool,
+    ) -> Result<Response> {
         let cell = self.cell();
         if let Some(res) = cell.try_take() {
             return res;
@@ -788,16 +807,31 @@ impl PendingResponse {
         // and the receive thread reads now, if it had lent its reader.
         self.shared.outbox.flush_soon(false);
         self.shared.recall_reader();
-        cell.wait_until(deadline).unwrap_or_else(|| {
-            Err(Error::Timeout {
-                request: Some(RequestId {
-                    channel: self.channel,
-                    tag: self.tag,
-                    rq_type: self.rq_type,
-                }),
-                waited: started.elapsed(),
-            })
-        })
+        if let Some(res) = cell.wait_until(deadline) {
+            return res;
+        }
+        let timeout = Error::Timeout {
+            request: Some(RequestId {
+                channel: self.channel,
+                tag: self.tag,
+                rq_type: self.rq_type,
+            }),
+            waited: started.elapsed(),
+        };
+        if !own {
+            return Err(timeout);
+        }
+        // The timeout is the request's outcome, unless its response (or the
+        // connection's end) has just come: whichever takes the entry from
+        // the table fills the cell, and the other gets what it filled.
+        let given_up = self
+            .shared
+            .table
+            .complete(self.channel, self.tag, Err(timeout));
+        if given_up == Completion::Delivered {
+            self.shared.cancelled(self.channel, self.tag);
+        }
+        cell.wait()
     }
 
     /// Takes the response if it has arrived, without blocking.

@@ -21,7 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | [`Error::ConnectionLost`] | yes, or partly | maybe |
 /// | [`Error::Unsent`] | no: the connection ended first | no |
 /// | [`Error::Closed`], [`Error::WouldBlock`], [`Error::TooLarge`], [`Error::ReservedChannel`] | no: refused by `submit` | no |
-/// | [`Error::Timeout`] from a wait | yes; still pending | maybe |
+/// | [`Error::Timeout`] from a wait | yes; still pending, unless it was the request's own deadline ([`submit_timeout`](crate::PacketConnection::submit_timeout)): then it is given up | maybe |
 ///
 /// [`Error::was_sent`] tells the two groups apart, which is what a retry
 /// needs.
@@ -97,7 +97,9 @@ pub enum Error {
     Timeout {
         /// The request that timed out, if the wait was for one.
         request: Option<RequestId>,
-        /// How long the wait lasted.
+        /// How long the wait lasted; for a request with its own deadline
+        /// ([`submit_timeout`](crate::PacketConnection::submit_timeout)),
+        /// since it was submitted.
         waited: Duration,
     },
     /// The outgoing queue was full, and the request could not wait for
@@ -115,9 +117,7 @@ pub enum Error {
     #[error("response already taken")]
     ResponseTaken,
     /// The channel is reserved for the connection's own control requests
-    /// ([`CONTROL_CHANNEL`](crate::CONTROL_CHANNEL)); nothing was sent. Also
-    /// what [`ping`](crate::PacketConnection::ping) returns with extensions
-    /// off.
+    /// ([`CONTROL_CHANNEL`](crate::CONTROL_CHANNEL)); nothing was sent.
     #[error("channel {0} is reserved for the connection's control requests")]
     ReservedChannel(u64),
     /// A payload could not be decoded: an ok response into the type asked
@@ -231,8 +231,10 @@ pub enum Disconnect {
     /// [`Config::keepalive`](crate::Config::keepalive).
     NoAnswer,
     /// What this end had to send made no progress for longer than
-    /// [`Config::stall_timeout`](crate::Config::stall_timeout): the peer
-    /// stopped reading.
+    /// [`Config::stall_timeout`](crate::Config::stall_timeout), or the
+    /// replies owed to the peer passed four times
+    /// [`Config::max_queued_bytes`](crate::Config::max_queued_bytes): the
+    /// peer stopped reading.
     Stalled,
 }
 

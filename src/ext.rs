@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use byteorder::BigEndian;
+
 use crate::codec::{PayloadReader, PayloadWrite};
 use crate::error::Result;
 use crate::pending::TagMap;
@@ -60,10 +62,13 @@ pub(crate) fn cancel(channel: u64, tag: u64) -> Vec<u8> {
     out
 }
 
-/// A deadline's payload: BSUInt channel, BSUInt tag, BSUInt milliseconds.
-pub(crate) fn deadline(channel: u64, tag: u64, within: Duration) -> Vec<u8> {
+/// A deadline's payload: BSUInt channel, BSUInt tag, UInt32BE
+/// milliseconds left, here 0: the writer fills them in as it writes the
+/// packet (see `Outbox`), so that time spent in this end's queue counts.
+/// The milliseconds are the payload's last four bytes.
+pub(crate) fn deadline(channel: u64, tag: u64) -> Vec<u8> {
     let mut out = cancel(channel, tag);
-    out.put_bs_uint(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
+    out.put_u32::<BigEndian>(0);
     out
 }
 
@@ -71,7 +76,12 @@ pub(crate) fn deadline(channel: u64, tag: u64, within: Duration) -> Vec<u8> {
 pub(crate) fn read_target(payload: &[u8], with_ms: bool) -> Result<(u64, u64, u64)> {
     let mut r = PayloadReader::new(payload);
     let (channel, tag) = (r.bs_uint()?, r.bs_uint()?);
-    let ms = if with_ms { r.bs_uint()? } else { 0 };
+    let ms = if with_ms {
+        u64::from(r.u32::<BigEndian>()?)
+    } else {
+        0
+    };
+    r.finish()?;
     Ok((channel, tag, ms))
 }
 
@@ -98,17 +108,18 @@ struct SignalState {
 
 impl Signals {
     /// The peer gives its request `(channel, tag)`, about to arrive, a
-    /// deadline `ms` from now (at most a week).
-    pub(crate) fn set_deadline(&self, channel: u64, tag: u64, ms: u64) {
+    /// deadline `ms` from now (at most a week). Returns false if deadlines
+    /// for requests that never came had piled up, and were all forgotten
+    /// to make room.
+    pub(crate) fn set_deadline(&self, channel: u64, tag: u64, ms: u64) -> bool {
         let within = Duration::from_millis(ms).min(MAX_DEADLINE);
         let mut st = self.state.lock();
-        if st.early.len() >= MAX_EARLY_DEADLINES {
-            // Deadlines for requests that never came: the peer is not one
-            // of this crate. Forget them all rather than grow.
-            log::warn!("{MAX_EARLY_DEADLINES} deadlines for requests that did not come: dropped");
+        let room = st.early.len() < MAX_EARLY_DEADLINES;
+        if !room {
             st.early.clear();
         }
         st.early.insert((channel, tag), Instant::now() + within);
+        room
     }
 
     /// Takes the deadline set for `(channel, tag)`, which has arrived.
@@ -148,13 +159,13 @@ impl Signals {
     }
 
     /// Waits until the peer cancels `(channel, tag)`, or until `deadline`.
-    /// Returns true if it did.
+    /// Returns true if it did. Once the request is answered it can no
+    /// longer be cancelled, and this waits out the deadline.
     pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
         let mut st = self.state.lock();
         crate::sync::wait_until(&self.cancelled, &mut st, deadline, |st| {
-            st.live.get(&(channel, tag)) == Some(&false)
-        });
-        st.live.get(&(channel, tag)) == Some(&true)
+            st.live.get(&(channel, tag)) != Some(&true)
+        })
     }
 
     /// `(channel, tag)` is answered: forget it.
@@ -171,11 +182,15 @@ mod tests {
     fn control_payloads_round_trip() {
         assert_eq!(read_hello(&hello(1, 7)).unwrap(), (1, 7));
         assert_eq!(read_target(&cancel(5, 300), false).unwrap(), (5, 300, 0));
-        let d = deadline(0xFFFF_FFFF, u64::MAX, Duration::from_millis(1500));
+        let mut d = deadline(0xFFFF_FFFF, u64::MAX);
+        let at = d.len() - 4;
+        d[at..].copy_from_slice(&1500u32.to_be_bytes());
         assert_eq!(
             read_target(&d, true).unwrap(),
             (0xFFFF_FFFF, u64::MAX, 1500)
         );
+        // A cancel has nothing after its tag.
+        assert!(read_target(&d, false).is_err());
         assert!(read_target(&cancel(1, 2), true).is_err());
         assert!(read_hello(&[0x80]).is_err());
     }
@@ -191,6 +206,11 @@ mod tests {
         assert!(signals.wait_cancelled(0, 9, Some(Instant::now())));
         signals.finished(0, 9);
         assert!(!signals.is_cancelled(0, 9));
+        // Answered: a wait runs to its deadline and says not cancelled.
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(20);
+        assert!(!signals.wait_cancelled(0, 9, Some(deadline)));
+        assert!(Instant::now() >= deadline);
         assert!(!signals.cancel(0, 9), "answered already");
         assert!(signals.state.lock().live.is_empty());
     }
@@ -198,9 +218,11 @@ mod tests {
     #[test]
     fn early_deadlines_are_bounded() {
         let signals = Signals::default();
+        let mut forgotten = 0;
         for tag in 0..10 * MAX_EARLY_DEADLINES as u64 {
-            signals.set_deadline(0, tag, u64::MAX);
+            forgotten += usize::from(!signals.set_deadline(0, tag, u64::MAX));
         }
+        assert_eq!(forgotten, 9);
         assert!(signals.state.lock().early.len() <= MAX_EARLY_DEADLINES);
         let last = 10 * MAX_EARLY_DEADLINES as u64 - 1;
         let deadline = signals.take_deadline(0, last).unwrap();

@@ -83,6 +83,24 @@ fn prefix_len(body_len: u64) -> usize {
     (crate::packet::wire_len(body_len) - body_len) as usize
 }
 
+/// A deadline packet to queue just before its request: the whole packet,
+/// where its milliseconds field (a `UInt32BE`) is in it, and when the
+/// deadline falls. The writer fills in the time left as it writes.
+#[derive(Debug)]
+pub(crate) struct DeadlineNote {
+    pub(crate) packet: Vec<u8>,
+    pub(crate) ms_at: usize,
+    pub(crate) at: Instant,
+}
+
+/// Writes into `field` (a `UInt32BE`) the milliseconds left until
+/// `deadline`, rounded up.
+fn fill_deadline(field: &mut [u8], deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = u32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u32::MAX);
+    field.copy_from_slice(&ms.to_be_bytes());
+}
+
 /// A write failed: the outbox is now [`Phase::Dead`]. Returned once, to the
 /// thread whose write failed, which must tear the connection down.
 #[must_use]
@@ -111,6 +129,10 @@ struct State {
     /// Bytes at the front of `buf` that finish a packet a bounded write cut
     /// short: they must go out next, whole, whatever else is dropped.
     cut: usize,
+    /// Deadlines queued in `buf`: where each one's milliseconds field (a
+    /// `UInt32BE`) is, and when the deadline falls. The writer fills in the
+    /// time left when it takes them.
+    deadlines: Vec<(usize, Instant)>,
     /// Bytes and packets taken by the writer and not yet written: they still
     /// count against the budget.
     writing_bytes: usize,
@@ -152,6 +174,7 @@ impl State {
         self.large.clear();
         self.large_bytes = 0;
         self.cut = 0;
+        self.deadlines.clear();
         self.queued_packets = 0;
         self.queued_replies = 0;
         self.queued_reply_bytes = 0;
@@ -201,6 +224,7 @@ impl Outbox {
                 queued_total: 0,
                 taken_total: 0,
                 cut: 0,
+                deadlines: Vec::new(),
                 writing_bytes: 0,
                 writing_packets: 0,
                 writing_replies: 0,
@@ -264,7 +288,9 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues a request, its head already encoded. `then_writes` says the
+    /// Queues a request, its head already encoded, and the packet of its
+    /// deadline, if it has one, just before it, once there is room for
+    /// both. `then_writes` says the
     /// caller writes the queue itself right after (it is about to wait for
     /// the response), so the send loop need not be woken.
     ///
@@ -281,16 +307,18 @@ impl Outbox {
     /// [`Error::Closed`] once ERQ is queued (or the side has finished or
     /// died); [`Error::WouldBlock`] for [`Admission::NoWait`] when the queue
     /// is full.
+    #[allow(clippy::too_many_arguments)] // Each says something of the request.
     pub(crate) fn push_request(
         &self,
         head: &Head,
         payload: &[u8],
+        deadline: Option<&DeadlineNote>,
         admission: Admission,
         then_writes: bool,
         queued_end: &AtomicU64,
         stats: &Counters,
     ) -> Result<Option<WriteFailed>> {
-        let len = head.packet_len(payload.len());
+        let len = head.packet_len(payload.len()) + deadline.map_or(0, |note| note.packet.len());
         let mut st = self.state.lock();
         loop {
             if st.phase != Phase::Open {
@@ -315,6 +343,14 @@ impl Outbox {
                 }
             }
         }
+        if let Some(note) = deadline {
+            // The deadline goes just before its request, in the same hold.
+            let at = st.buf.len() + note.ms_at;
+            st.buf.extend_from_slice(&note.packet);
+            st.deadlines.push((at, note.at));
+            st.queued_packets += 1;
+            stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        }
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
@@ -338,14 +374,49 @@ impl Outbox {
         Ok(None)
     }
 
-    /// Queues a reply, its head already encoded. Never waits for room.
-    /// Returns false, and drops the reply, once EOF is queued or the side is
-    /// dead. The caller then writes the queue, or starts the grace timer
-    /// with [`arm`](Outbox::arm).
-    pub(crate) fn push_reply(&self, head: &Head, payload: Vec<u8>, stats: &Counters) -> bool {
+    /// Queues a control request of the extensions (a hello, ping or
+    /// cancel): small, so it never waits for room, and accepted after ERQ
+    /// too (a peer with the extensions answers them whatever the state of
+    /// this end's requests), but not after EOF.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once EOF is queued or the side has died.
+    pub(crate) fn push_control_request(
+        &self,
+        head: &Head,
+        payload: &[u8],
+        queued_end: &AtomicU64,
+        stats: &Counters,
+    ) -> Result<()> {
         let mut st = self.state.lock();
         if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
-            return false;
+            return Err(Error::Closed);
+        }
+        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        st.buf.extend_from_slice(head.as_bytes());
+        st.buf.extend_from_slice(payload);
+        st.queued_packets += 1;
+        st.queued_total += head.packet_len(payload.len()) as u64;
+        queued_end.store(st.queued_total, Ordering::SeqCst);
+        self.start_timer(st);
+        Ok(())
+    }
+
+    /// Queues a reply, its head already encoded. Never waits for room.
+    /// Returns the bytes of replies now owed to the peer (queued or being
+    /// written); `None`, dropping the reply, once EOF is queued or the side
+    /// is dead. The caller then writes the queue, or starts the grace timer
+    /// with [`arm`](Outbox::arm).
+    pub(crate) fn push_reply(
+        &self,
+        head: &Head,
+        payload: Vec<u8>,
+        stats: &Counters,
+    ) -> Option<usize> {
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
+            return None;
         }
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.owes_peer = true;
@@ -361,7 +432,7 @@ impl Outbox {
         } else {
             st.buf.extend_from_slice(&payload);
         }
-        true
+        Some(st.queued_reply_bytes + st.writing_reply_bytes)
     }
 
     /// Queues the end-of-requests packet, to be written at once: later
@@ -510,6 +581,8 @@ impl Outbox {
             std::mem::swap(&mut large, &mut st.large);
             let payload = extra.take();
             let batch_cut = std::mem::take(&mut st.cut);
+            let deadlines = std::mem::take(&mut st.deadlines);
+            let mut unfilled = &deadlines[..];
             st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
             st.taken_total += st.writing_bytes as u64;
             st.writing_packets = st.queued_packets;
@@ -527,7 +600,8 @@ impl Outbox {
                 write_batch(
                     &self.name,
                     &mut stream,
-                    (&batch, &large, payload),
+                    (&mut batch, &large, payload),
+                    &mut unfilled,
                     retry.then_some(self.stall),
                     &mut written,
                     stats,
@@ -536,7 +610,12 @@ impl Outbox {
             let stuck = bounded && matches!(&res, Err(e) if would_block(e));
             if stuck && st.phase != Phase::Dead {
                 // The stream takes no more for now: what is left goes back
-                // to the front of the queue, for the send thread.
+                // to the front of the queue, for the send thread, which
+                // writes it at once; the deadlines not reached are filled
+                // in now.
+                for &(at, deadline) in unfilled {
+                    fill_deadline(&mut batch[at..at + 4], deadline);
+                }
                 requeue(&self.name, &mut st, &batch, batch_cut, &mut large, written);
             }
             st.writing_bytes = 0;
@@ -675,6 +754,8 @@ impl Outbox {
 /// `buf` followed by its payload, in `buf` or in a large segment that starts
 /// right after the head.
 fn drop_requests(name: &str, st: &mut State) {
+    // Deadlines are requests too, and go with the rest.
+    st.deadlines.clear();
     // The packets, as (start, end in `buf`, has a large segment, keep).
     let mut packets = Vec::new();
     let mut n_segments = 0;
@@ -751,17 +832,26 @@ fn would_block(e: &io::Error) -> bool {
 
 /// A batch: its bytes, its large segments, and a caller's payload after
 /// them.
-type Pieces<'a> = (&'a [u8], &'a [(usize, Vec<u8>)], Option<&'a [u8]>);
+type Pieces<'a> = (&'a mut [u8], &'a [(usize, Vec<u8>)], Option<&'a [u8]>);
 
 fn write_batch(
     name: &str,
     stream: &mut Box<dyn Write + Send>,
     pieces: Pieces<'_>,
+    deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
     stats: &Counters,
 ) -> io::Result<()> {
-    let res = write_pieces(stream, pieces, retry, written).and_then(|()| stream.flush());
+    let res = write_pieces(
+        stream,
+        pieces,
+        deadlines,
+        retry,
+        written,
+        &stats.send.last_write,
+    )
+    .and_then(|()| stream.flush());
     if *written > 0 {
         stats
             .send
@@ -777,37 +867,71 @@ fn write_batch(
 /// counting the bytes written in `written`, so that a write that stops
 /// short (a bounded write to a full socket) can be resumed. With `retry`, a
 /// write that stops short is tried again, until it has made no progress for
-/// the stall timeout inside, if any.
+/// the stall timeout inside, if any. The milliseconds field of each of
+/// `deadlines` (offsets in the batch, in order) is filled in with the time
+/// left just before it is written; those not reached are left in
+/// `deadlines`.
 fn write_pieces(
     stream: &mut Box<dyn Write + Send>,
     (batch, large, payload): Pieces<'_>,
+    deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
+    last_write: &AtomicU64,
 ) -> io::Result<()> {
     let mut pos = 0;
+    let mut write_to = |stream: &mut Box<dyn Write + Send>,
+                        batch: &mut [u8],
+                        pos: &mut usize,
+                        end: usize,
+                        written: &mut usize|
+     -> io::Result<()> {
+        while let Some(&(at, deadline)) = deadlines.first() {
+            if at >= end {
+                break;
+            }
+            write_counted(stream, &batch[*pos..at], retry, written, last_write)?;
+            *pos = at;
+            fill_deadline(&mut batch[at..at + 4], deadline);
+            *deadlines = &deadlines[1..];
+        }
+        write_counted(stream, &batch[*pos..end], retry, written, last_write)?;
+        *pos = end;
+        Ok(())
+    };
     for (at, segment) in large {
-        write_counted(stream, &batch[pos..*at], retry, written)?;
-        write_counted(stream, segment, retry, written)?;
-        pos = *at;
+        write_to(stream, batch, &mut pos, *at, written)?;
+        write_counted(stream, segment, retry, written, last_write)?;
     }
-    write_counted(stream, &batch[pos..], retry, written)?;
+    write_to(stream, batch, &mut pos, batch.len(), written)?;
     if let Some(payload) = payload {
-        write_counted(stream, payload, retry, written)?;
+        write_counted(stream, payload, retry, written, last_write)?;
     }
     Ok(())
 }
 
+/// Writes `buf` whole, counting into `written`. A write that goes on after
+/// the stream's buffer was full (a write took only part, or nothing)
+/// stamps `last_write` (see [`sync::stamp`](crate::sync::stamp)): the peer
+/// is reading. Bytes that merely fill the buffer prove nothing.
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
     retry: Option<Option<Duration>>,
     written: &mut usize,
+    last_write: &AtomicU64,
 ) -> io::Result<()> {
     let mut stuck_since: Option<Instant> = None;
+    // The stream's buffer was full at the last write.
+    let mut full = false;
     while !buf.is_empty() {
         match stream.write(buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
+                if full {
+                    last_write.store(crate::sync::stamp(), Ordering::Relaxed);
+                }
+                full = n < buf.len();
                 *written += n;
                 buf = &buf[n..];
                 stuck_since = None;
@@ -816,6 +940,7 @@ fn write_counted(
             Err(e) if would_block(&e) => match retry {
                 None => return Err(e),
                 Some(stall) => {
+                    full = true;
                     let since = *stuck_since.get_or_insert_with(Instant::now);
                     if stall.is_some_and(|stall| since.elapsed() >= stall) {
                         return Err(Expired(Disconnect::Stalled).into_io());
@@ -913,6 +1038,10 @@ fn requeue(
     rest.extend_from_slice(&bytes[n..]);
     let shift = rest.len();
     rest.extend_from_slice(&st.buf);
+    // Deadlines queued during the write are in `buf`, now behind the rest.
+    for (at, _) in &mut st.deadlines {
+        *at += shift;
+    }
     st.buf = rest;
     for (at, segment) in st.large.drain(..) {
         rest_large.push((at + shift, segment));
@@ -1006,6 +1135,7 @@ mod tests {
             let res = outbox.push_request(
                 &request(tag, 3),
                 b"abc",
+                None,
                 Admission::Wait,
                 false,
                 &end,
@@ -1029,6 +1159,7 @@ mod tests {
         let res = outbox.push_request(
             &request(2, 60),
             &[0; 60],
+            None,
             Admission::NoWait,
             false,
             &end,
@@ -1038,13 +1169,16 @@ mod tests {
         let res = outbox.push_request(
             &request(3, 60),
             &[0; 60],
+            None,
             Admission::NoWait,
             false,
             &end,
             &stats,
         );
         assert!(matches!(res, Err(Error::WouldBlock)));
-        assert!(outbox.push_reply(&reply(9, 60), vec![0; 60], &stats));
+        assert!(outbox
+            .push_reply(&reply(9, 60), vec![0; 60], &stats)
+            .is_some());
         assert!(outbox.write_now(&stats).is_none());
         let want = request(2, 60).packet_len(60) + reply(9, 60).packet_len(60);
         assert_eq!(rec.0.lock().concat().len(), want);
@@ -1060,6 +1194,7 @@ mod tests {
         let res = outbox.push_request(
             &request(2, big.len()),
             &big,
+            None,
             Admission::NoWait,
             false,
             &end,
@@ -1089,7 +1224,7 @@ mod tests {
             let head = reply(tag, payload.len());
             want.extend_from_slice(head.as_bytes());
             want.extend_from_slice(&payload);
-            assert!(outbox.push_reply(&head, payload, &stats));
+            assert!(outbox.push_reply(&head, payload, &stats).is_some());
         }
         assert!(outbox.write_now(&stats).is_none());
         let writes = rec.0.lock();
@@ -1117,12 +1252,24 @@ mod tests {
         assert!(outbox.end_requests(&stats));
         assert!(!outbox.end_requests(&stats));
         assert_eq!(outbox.phase(), Phase::RequestsEnded);
-        let res = outbox.push_request(&request(2, 0), b"", Admission::Wait, false, &end, &stats);
+        let res = outbox.push_request(
+            &request(2, 0),
+            b"",
+            None,
+            Admission::Wait,
+            false,
+            &end,
+            &stats,
+        );
         assert!(matches!(res, Err(Error::Closed)));
-        assert!(outbox.push_reply(&reply(9, 0), Vec::new(), &stats));
+        assert!(outbox
+            .push_reply(&reply(9, 0), Vec::new(), &stats)
+            .is_some());
         assert!(outbox.push_eof(&stats));
         assert!(!outbox.push_eof(&stats));
-        assert!(!outbox.push_reply(&reply(10, 0), Vec::new(), &stats));
+        assert!(outbox
+            .push_reply(&reply(10, 0), Vec::new(), &stats)
+            .is_none());
         // A grace of Duration::MAX never runs out, but ERQ and EOF are urgent.
         assert!(outbox.run_send_loop(&stats).is_none());
         assert_eq!(outbox.phase(), Phase::Finished);
@@ -1146,23 +1293,40 @@ mod tests {
         let (end_a, end_b) = (AtomicU64::new(0), AtomicU64::new(0));
         let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 3];
         // Written first: request 2.
-        let res = outbox.push_request(&request(2, 1), b"a", Admission::Wait, true, &end_a, &stats);
+        let res = outbox.push_request(
+            &request(2, 1),
+            b"a",
+            None,
+            Admission::Wait,
+            true,
+            &end_a,
+            &stats,
+        );
         assert!(matches!(res, Ok(None)));
         assert!(outbox.write_now(&stats).is_none());
         let written = rec.0.lock().concat().len() as u64;
         // Queued, not written: request 3, a reply, a large request, a large
         // reply.
         let mut want = Vec::new();
-        let res = outbox.push_request(&request(3, 2), b"bb", Admission::Wait, true, &end_b, &stats);
+        let res = outbox.push_request(
+            &request(3, 2),
+            b"bb",
+            None,
+            Admission::Wait,
+            true,
+            &end_b,
+            &stats,
+        );
         assert!(matches!(res, Ok(None)));
         let head = reply(7, 3);
         want.extend_from_slice(head.as_bytes());
         want.extend_from_slice(b"ccc");
-        assert!(outbox.push_reply(&head, b"ccc".to_vec(), &stats));
+        assert!(outbox.push_reply(&head, b"ccc".to_vec(), &stats).is_some());
         let large = big(4);
         let res = outbox.push_request(
             &request(4, large.len()),
             &large,
+            None,
             Admission::NoWait,
             true,
             &end_b,
@@ -1172,7 +1336,7 @@ mod tests {
         let head = reply(8, LARGE_PAYLOAD + 3);
         want.extend_from_slice(head.as_bytes());
         want.extend_from_slice(&big(5));
-        assert!(outbox.push_reply(&head, big(5), &stats));
+        assert!(outbox.push_reply(&head, big(5), &stats).is_some());
         let written_to = outbox.end_requests_dropping_unsent(&stats);
         assert_eq!(written_to, written);
         assert!(end_a.load(Ordering::SeqCst) <= written_to);
@@ -1254,7 +1418,7 @@ mod tests {
                 let head = reply(tag, payload.len());
                 want.extend_from_slice(head.as_bytes());
                 want.extend_from_slice(&payload);
-                assert!(outbox.push_reply(&head, payload, &stats));
+                assert!(outbox.push_reply(&head, payload, &stats).is_some());
             }
             assert!(outbox.write_now_nonblocking(true, &stats).is_none());
             assert_eq!(
@@ -1269,7 +1433,7 @@ mod tests {
             let head = reply(5, 2);
             want.extend_from_slice(head.as_bytes());
             want.extend_from_slice(b"zz");
-            assert!(outbox.push_reply(&head, b"zz".to_vec(), &stats));
+            assert!(outbox.push_reply(&head, b"zz".to_vec(), &stats).is_some());
             assert!(outbox.write_now(&stats).is_none());
             assert_eq!(tight.inner.lock().wire, want, "room {room}");
             assert_eq!(tight.inner.lock().timeouts, 2);
@@ -1301,6 +1465,7 @@ mod tests {
                 let res = outbox.push_request(
                     &request(tag, 7),
                     b"request",
+                    None,
                     Admission::NoWait,
                     false,
                     end,
@@ -1309,7 +1474,9 @@ mod tests {
                 assert!(matches!(res, Ok(None)));
             };
             push_rq(2, &ends[0]);
-            assert!(outbox.push_reply(&reply(7, big.len()), big.clone(), &stats));
+            assert!(outbox
+                .push_reply(&reply(7, big.len()), big.clone(), &stats)
+                .is_some());
             push_rq(3, &ends[1]);
             assert!(outbox.write_now_nonblocking(true, &stats).is_none());
             let written = tight.inner.lock().wire.len();
@@ -1362,14 +1529,30 @@ mod tests {
         );
         let stats = Counters::default();
         let end = AtomicU64::new(0);
-        let res = outbox.push_request(&request(2, 1), b"x", Admission::Wait, true, &end, &stats);
+        let res = outbox.push_request(
+            &request(2, 1),
+            b"x",
+            None,
+            Admission::Wait,
+            true,
+            &end,
+            &stats,
+        );
         assert!(matches!(res, Ok(None)));
         let failed = outbox.write_now(&stats).expect("the write failed");
         assert_eq!(failed.0.kind(), io::ErrorKind::BrokenPipe);
         assert_eq!(outbox.phase(), Phase::Dead);
         assert!(outbox.write_now(&stats).is_none());
         assert!(outbox.run_send_loop(&stats).is_none());
-        let res = outbox.push_request(&request(3, 1), b"x", Admission::Wait, true, &end, &stats);
+        let res = outbox.push_request(
+            &request(3, 1),
+            b"x",
+            None,
+            Admission::Wait,
+            true,
+            &end,
+            &stats,
+        );
         assert!(matches!(res, Err(Error::Closed)));
     }
 }

@@ -24,9 +24,10 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::sync::ThreadSet;
 
@@ -271,6 +272,11 @@ impl<J: Job> Pool<J> {
     }
 }
 
+/// How often a producer waiting for room in its quota is told it still
+/// waits: the reader of a connection then shows the peer it is alive,
+/// though it reads nothing.
+pub(crate) const STALLED_EVERY: Duration = Duration::from_millis(100);
+
 /// What one producer may have queued and not yet started: `max_jobs` jobs
 /// and `max_bytes` bytes (one job is always let in, however large).
 pub(crate) struct Quota {
@@ -307,14 +313,17 @@ impl Quota {
 
     /// Counts a job of `size` bytes in, first waiting for room if the quota
     /// is full; `wake` is called before waiting, so that workers drain what
-    /// is queued. Returns at once once the quota is closed.
-    pub(crate) fn acquire(&self, size: usize, wake: impl Fn()) {
+    /// is queued, and `stalled` every [`STALLED_EVERY`] while it waits, with
+    /// no lock held. Returns at once once the quota is closed.
+    pub(crate) fn acquire(&self, size: usize, wake: impl Fn(), stalled: impl Fn()) {
         if self.full(size) {
             wake();
             let mut guard = self.lock.lock();
             self.waiting.store(true, Ordering::SeqCst);
             while self.full(size) && !self.closed.load(Ordering::SeqCst) {
-                self.room.wait(&mut guard);
+                if self.room.wait_for(&mut guard, STALLED_EVERY).timed_out() {
+                    MutexGuard::unlocked(&mut guard, &stalled);
+                }
             }
             self.waiting.store(false, Ordering::SeqCst);
         }
@@ -470,19 +479,19 @@ mod tests {
             ..job(id, &done_tx)
         };
         // The worker is held inside job 0, which has left the quota.
-        quota.acquire(10, || pool.wake());
+        quota.acquire(10, || pool.wake(), || {});
         pool.push(sized(0, 10, Some(gate)));
         pool.wake();
         wait_until("job 0 to start", || pool.n_busy.load(Ordering::SeqCst) == 1);
         // One job is always let in, however large.
-        quota.acquire(5000, || pool.wake());
+        quota.acquire(5000, || pool.wake(), || {});
         pool.push(sized(1, 5000, None));
         std::thread::scope(|s| {
             // As a receive thread does, the producer wakes the workers for
             // what it has queued.
             let producer = s.spawn(|| {
                 for id in [2, 3] {
-                    quota.acquire(600, || pool.wake());
+                    quota.acquire(600, || pool.wake(), || {});
                     pool.push(sized(id, 600, None));
                     pool.wake();
                 }
@@ -511,9 +520,9 @@ mod tests {
     #[test]
     fn closing_a_quota_lets_its_waiting_producer_go() {
         let quota = Quota::new(1, 1 << 20);
-        quota.acquire(1, || {});
+        quota.acquire(1, || {}, || {});
         std::thread::scope(|s| {
-            let producer = s.spawn(|| quota.acquire(1, || {}));
+            let producer = s.spawn(|| quota.acquire(1, || {}, || {}));
             wait_until("the producer to wait", || {
                 quota.waiting.load(Ordering::SeqCst)
             });

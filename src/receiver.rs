@@ -13,6 +13,7 @@ use crate::handler::Request;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Packet, PacketKind};
 use crate::reply::Response;
 use crate::shared::{PacketSource, Returned, Shared, Step};
+use crate::sync;
 
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
@@ -40,8 +41,11 @@ struct Watched {
     timeouts: Option<ReadTimeouts>,
     /// The reader is inside a packet.
     mid_packet: bool,
-    /// When a byte last came, and when the connection was last busy.
+    /// When a byte last came; when a packet of the application (not of
+    /// the extensions' control channel) last came; and when the
+    /// connection was last busy.
     last_read: Instant,
+    last_packet: Instant,
     last_busy: Instant,
     /// When the last keepalive ping went.
     pinged: Instant,
@@ -73,29 +77,34 @@ impl Watched {
     fn expired(&mut self) -> Option<Disconnect> {
         let timeouts = self.timeouts?;
         let now = Instant::now();
-        if self.mid_packet {
-            let silent = now.duration_since(self.last_read);
-            return timeouts
-                .packet
-                .filter(|&limit| silent >= limit)
-                .map(|_| Disconnect::Silent);
+        let silent = now.duration_since(self.last_read);
+        if self.mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
+            return Some(Disconnect::Silent);
         }
         if let Some(every) = timeouts.keepalive {
-            let quiet = now.duration_since(self.last_read);
-            if quiet >= every.saturating_mul(2) {
-                return Some(Disconnect::NoAnswer);
-            }
-            if quiet >= every && self.pinged <= self.last_read {
-                log::debug!("{}: quiet for {quiet:?}: ping", self.shared.name);
-                self.shared.send_ping();
+            // Signs of life: a byte from the peer, or one of this end's
+            // taken by it.
+            let last_write = self.shared.stats.send.last_write.load(Ordering::Relaxed);
+            let heard = self.last_read.max(sync::stamped(last_write));
+            if self.pinged > heard {
+                if now.duration_since(self.pinged) >= every {
+                    return Some(Disconnect::NoAnswer);
+                }
+            } else if now.duration_since(heard) >= every && self.shared.send_ping() {
+                log::debug!("{}: nothing heard for {every:?}: ping", self.shared.name);
                 self.pinged = now;
             }
+        }
+        if self.mid_packet {
+            return None;
         }
         let limit = timeouts.idle?;
         if !self.shared.is_idle() {
             self.last_busy = now;
         }
-        let quiet = now.duration_since(self.last_read.max(self.last_busy));
+        // The extensions' control packets, pings among them, are not
+        // activity of the application.
+        let quiet = now.duration_since(self.last_packet.max(self.last_busy));
         (quiet >= limit).then_some(Disconnect::Idle)
     }
 }
@@ -124,6 +133,7 @@ pub(crate) fn run_recv_loop(
         timeouts,
         mid_packet: false,
         last_read: now,
+        last_packet: now,
         last_busy: now,
         pinged: now,
     };
@@ -200,6 +210,9 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
         Next::Skipped => return Ok(Some(false)),
         Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
     };
+    if channel != CONTROL_CHANNEL {
+        r.get_mut().last_packet = Instant::now();
+    }
     match kind {
         PacketKind::Control { flags } => {
             let packet = Packet {

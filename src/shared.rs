@@ -18,7 +18,7 @@ use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Expired, RequestId, Result};
 use crate::ext::{self, Signals, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
-use crate::outbox::{Admission, Control, Outbox, Phase, WriteFailed};
+use crate::outbox::{Admission, Control, DeadlineNote, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, PacketKind};
 use crate::pending::{Cell, Completion, PendingTable, TagSet};
 use crate::pool::{self, Pool, Quota};
@@ -33,6 +33,9 @@ pub(crate) type Hook = Box<dyn FnOnce() + Send>;
 #[derive(Debug, Default)]
 pub(crate) struct Inbound {
     in_progress: TagSet,
+    /// Requests answered, their tags free again, whose replies are being
+    /// queued: EOF waits for them too.
+    replying: usize,
     /// The peer sent ERQ: it will send no more requests.
     peer_ended_requests: bool,
     /// This end is closing: EOF goes out once `in_progress` is empty.
@@ -52,6 +55,17 @@ impl Inbound {
     /// Takes in the peer's request `(channel, tag)`, or says why not. With
     /// `queued` bytes already queued for the peer, at `budget` the request
     /// is refused as busy, unless none is in progress.
+    /// No request of the peer's is in progress, nor a reply to one being
+    /// queued.
+    fn is_idle(&self) -> bool {
+        self.in_progress.is_empty() && self.replying == 0
+    }
+
+    /// The peer's requests taken in and not yet answered on the wire.
+    fn in_flight(&self) -> usize {
+        self.in_progress.len() + self.replying
+    }
+
     fn admit(
         &mut self,
         has_handler: bool,
@@ -155,8 +169,8 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) admission: Admission,
     /// The caller is about to wait for it, and writes the queue itself then.
     pub(crate) then_writes: bool,
-    /// A deadline to send the peer with it, if the peer can take one.
-    pub(crate) within: Option<Duration>,
+    /// Its deadline, sent to the peer with it if the peer can take one.
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl<'a> Outgoing<'a> {
@@ -169,7 +183,7 @@ impl<'a> Outgoing<'a> {
             payload,
             admission: Admission::Wait,
             then_writes: false,
-            within: None,
+            deadline: None,
         }
     }
 
@@ -180,6 +194,14 @@ impl<'a> Outgoing<'a> {
             ..Outgoing::new(CONTROL_CHANNEL, rq_type, 0, payload)
         }
     }
+}
+
+/// The replies owed to a peer past which it is cut off: four times the
+/// budget at which its requests are refused as busy, and at least 1 MiB.
+/// Past the budget only small refusals are added, and only as fast as the
+/// peer sends requests, so a peer that reads at all stays far below.
+fn reply_cap(budget: usize) -> usize {
+    budget.saturating_mul(4).max(1 << 20)
 }
 
 thread_local! {
@@ -225,6 +247,8 @@ pub(crate) struct Shared {
     /// The bytes of replies queued for the peer at which requests are
     /// refused as busy, not run.
     reply_budget: usize,
+    /// The bytes of replies owed past which the peer is cut off.
+    reply_cap: usize,
     /// Extensions are on at this end.
     extensions: bool,
     /// The peer's cancels and deadlines for its requests.
@@ -410,6 +434,7 @@ impl Shared {
             owns_pool,
             quota: Quota::new(config.handler_queue, config.max_queued_bytes),
             reply_budget: config.max_queued_bytes,
+            reply_cap: reply_cap(config.max_queued_bytes),
             extensions: config.extensions,
             signals: Arc::default(),
             hello: Mutex::new(None),
@@ -437,9 +462,8 @@ impl Shared {
     }
 
     /// Sends a request: a new tag and response cell, then the packet into
-    /// the outbox (with extensions, a deadline `within` goes to the peer
-    /// just before it). An error means nothing was sent and no entry is
-    /// left.
+    /// the outbox (with extensions, its deadline goes to the peer just
+    /// before it). An error means nothing was sent and no entry is left.
     pub(crate) fn submit(&self, rq: Outgoing<'_>) -> Result<(u64, Arc<Cell>)> {
         let Outgoing {
             channel,
@@ -448,7 +472,7 @@ impl Shared {
             payload,
             admission,
             then_writes,
-            within,
+            deadline,
         } = rq;
         // The thread that reads never waits for room: an inline handler's
         // submit fails at once on a full queue.
@@ -457,9 +481,6 @@ impl Shared {
             other => other,
         };
         let (tag, cell) = self.table.register(channel)?;
-        if let Some(within) = within.filter(|_| self.peer_can(ext::CAN_DEADLINE)) {
-            self.send_control(ext::DEADLINE, &ext::deadline(channel, tag, within));
-        }
         let head = Head::new(
             channel,
             tag,
@@ -471,10 +492,18 @@ impl Shared {
                 len: head.body_len,
                 max: self.max_packet_len,
             })
+        } else if channel == CONTROL_CHANNEL {
+            self.outbox
+                .push_control_request(&head, payload, &cell.queued_end, &self.stats)
+                .map(|()| None)
         } else {
+            let note = deadline
+                .filter(|_| self.peer_can(ext::CAN_DEADLINE))
+                .and_then(|at| self.deadline_note(channel, tag, at));
             self.outbox.push_request(
                 &head,
                 payload,
+                note.as_ref(),
                 admission,
                 then_writes,
                 &cell.queued_end,
@@ -546,12 +575,28 @@ impl Shared {
             self.name,
             payload.len()
         );
-        if !self.outbox.push_reply(&head, payload, &self.stats) {
-            log::debug!(
+        match self.outbox.push_reply(&head, payload, &self.stats) {
+            None => log::debug!(
                 "{}: dropped reply to {channel}:{tag}: the send side is closed",
                 self.name
-            );
+            ),
+            Some(owed) if owed > self.reply_cap => self.cut_off(owed),
+            Some(_) => {}
         }
+    }
+
+    /// The peer has been sending requests without reading the answers, far
+    /// past the budget of replies owed to it (load shedding keeps a peer
+    /// that reads under it): it has stopped reading, and holding more for
+    /// it would hold memory without bound. The connection ends as
+    /// [`Disconnect::Stalled`], as a write that makes no progress does.
+    fn cut_off(&self, owed: usize) {
+        log::warn!(
+            "{}: {owed} bytes of replies owed to a peer that reads none of them: cut off",
+            self.name
+        );
+        self.outbox.abort();
+        self.after_write(Some(WriteFailed(Expired(Disconnect::Stalled).into_io())));
     }
 
     /// Hands a request from the peer to the handler pool, or refuses it.
@@ -580,7 +625,10 @@ impl Shared {
         );
         match admitted {
             Ok(()) => {}
-            Err(Refusal::Denied(reason)) => return self.refuse(channel, tag, reason, 0),
+            Err(Refusal::Denied(reason)) => {
+                log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+                return self.refuse(channel, tag, reason, 0);
+            }
             Err(Refusal::Busy) => return self.refuse_busy(channel, tag, owed),
         }
         if self.extensions {
@@ -594,7 +642,11 @@ impl Shared {
             Some(pool) => {
                 // Blocks while this connection has too much queued: that is
                 // the backpressure on the peer.
-                self.quota.acquire(rq.payload.len(), || pool.wake());
+                // While it waits, the peer hears from this end now and
+                // then, so that its keepalive does not take this end for
+                // gone.
+                self.quota
+                    .acquire(rq.payload.len(), || pool.wake(), || self.show_alive());
                 pool.push(Job {
                     shared: Arc::clone(self),
                     rq,
@@ -625,7 +677,12 @@ impl Shared {
                 Vec::new()
             }),
             ext::DEADLINE => ext::read_target(&rq.payload, true).map(|(ch, tag, ms)| {
-                self.signals.set_deadline(ch, tag, ms);
+                if !self.signals.set_deadline(ch, tag, ms) {
+                    log::warn!(
+                        "{}: deadlines for requests that never came piled up: forgotten",
+                        self.name
+                    );
+                }
                 Vec::new()
             }),
             other => Err(Error::Decode(format!("unknown control request {other}"))),
@@ -645,7 +702,11 @@ impl Shared {
             Err(e) => Outcome {
                 ok: false,
                 flags: 0,
-                payload: e.to_string().into_bytes(),
+                payload: match e {
+                    Error::Decode(reason) => reason,
+                    other => other.to_string(),
+                }
+                .into_bytes(),
             },
         };
         self.reply(channel, tag, outcome);
@@ -717,26 +778,78 @@ impl Shared {
         Some(*self.peer_caps.get_or_init(|| caps))
     }
 
-    /// Sends a control request whose answer nobody waits for.
-    fn send_control(&self, rq_type: u64, payload: &[u8]) {
-        if let Ok((tag, cell)) = self.submit(Outgoing::control(rq_type, payload)) {
-            self.table.remove(CONTROL_CHANNEL, tag);
-            self.table.recycle(cell);
+    /// The deadline packet for this end's request `(channel, tag)`, due at
+    /// `at`, on a tag of the control channel whose answer nobody waits for.
+    fn deadline_note(&self, channel: u64, tag: u64, at: Instant) -> Option<DeadlineNote> {
+        let (control_tag, cell) = self.table.register(CONTROL_CHANNEL).ok()?;
+        self.table.remove(CONTROL_CHANNEL, control_tag);
+        self.table.recycle(cell);
+        let payload = ext::deadline(channel, tag);
+        let head = Head::new(
+            CONTROL_CHANNEL,
+            control_tag,
+            PacketKind::Request {
+                rq_type: ext::DEADLINE,
+                flags: 0,
+            },
+            payload.len(),
+        );
+        let mut packet = head.as_bytes().to_vec();
+        packet.extend_from_slice(&payload);
+        Some(DeadlineNote {
+            ms_at: packet.len() - 4,
+            packet,
+            at,
+        })
+    }
+
+    /// Sends a control request whose answer nobody waits for; false if
+    /// the connection is ending.
+    fn send_control(&self, rq_type: u64, payload: &[u8]) -> bool {
+        match self.submit(Outgoing::control(rq_type, payload)) {
+            Ok((tag, cell)) => {
+                self.table.remove(CONTROL_CHANNEL, tag);
+                self.table.recycle(cell);
+                true
+            }
+            Err(_) => false,
         }
     }
 
     /// Sends a ping whose answer nobody waits for: the answer is traffic,
-    /// which is all a keepalive needs. Never blocks.
-    pub(crate) fn send_ping(&self) {
-        self.send_control(ext::PING, &[]);
+    /// which is all a keepalive needs. Never blocks. False if it could not
+    /// be sent: the connection is ending, or this end's requests have ended
+    /// and the peer has no extensions to answer a ping after that.
+    pub(crate) fn send_ping(&self) -> bool {
+        if !self.may_ping() {
+            return false;
+        }
+        let sent = self.send_control(ext::PING, &[]);
         self.outbox.flush_soon(false);
+        sent
+    }
+
+    /// This end reads nothing for now (its handler queue is full), but is
+    /// there: a ping tells a peer with the extensions so.
+    fn show_alive(&self) {
+        if self.peer_can(ext::CAN_PING) {
+            let _ = self.send_control(ext::PING, &[]);
+            self.outbox.flush_soon(false);
+        }
+    }
+
+    /// A ping may go: before this end's ERQ to any peer (it answers a
+    /// request, even one it refuses), after it to a peer with the
+    /// extensions only.
+    fn may_ping(&self) -> bool {
+        self.outbox.phase() == Phase::Open || self.peer_can(ext::CAN_PING)
     }
 
     /// This end gives up on its request `(channel, tag)`: with extensions,
     /// the peer is asked to stop it.
     pub(crate) fn cancelled(&self, channel: u64, tag: u64) {
         if self.peer_can(ext::CAN_CANCEL) {
-            self.send_control(ext::CANCEL, &ext::cancel(channel, tag));
+            let _ = self.send_control(ext::CANCEL, &ext::cancel(channel, tag));
             // Not worth a grace: the peer may be spending work on it now.
             self.outbox.flush_soon(false);
         }
@@ -746,6 +859,9 @@ impl Shared {
     /// until `deadline`. A refusal is an answer too: a peer of the base
     /// protocol refuses the ping, and so shows it is there.
     pub(crate) fn ping(&self, started: Instant, deadline: Option<Instant>) -> Result<()> {
+        if !self.may_ping() {
+            return Err(Error::Closed);
+        }
         let (tag, cell) = self.submit(Outgoing {
             admission: Admission::Until(deadline),
             ..Outgoing::control(ext::PING, &[])
@@ -779,13 +895,13 @@ impl Shared {
             .busy_refusals
             .fetch_add(1, Ordering::Relaxed);
         let reason = format!("busy: {owed} bytes of replies wait for this peer to read them");
+        log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
         self.refuse(channel, tag, reason, BUSY_FLAGS);
     }
 
     /// Answers the peer's request `(channel, tag)` with a not-ok reply,
-    /// without running it.
+    /// without running it. The caller logs why, at the level it deserves.
     pub(crate) fn refuse(&self, channel: u64, tag: u64, reason: String, flags: u64) {
-        log::warn!("{}: rejecting request {channel}:{tag}: {reason}", self.name);
         let outcome = Outcome {
             ok: false,
             flags,
@@ -806,8 +922,9 @@ impl Shared {
             // end hold stays bounded, and nothing waits for the peer.
             let owed = self.outbox.depths().reply_bytes;
             if owed >= self.reply_budget {
+                self.answering(channel, tag);
                 self.refuse_busy(channel, tag, owed);
-                return self.finish_request(channel, tag, false);
+                return self.finish_request(false);
             }
         }
         // Cancelled, or past its deadline, before a handler took it: not run.
@@ -817,34 +934,51 @@ impl Shared {
             } else {
                 "deadline passed before it ran"
             };
+            // The peer's own doing, in ordinary use: not worth a warning.
+            log::debug!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+            self.answering(channel, tag);
             self.refuse(channel, tag, reason.to_string(), 0);
-            return self.finish_request(channel, tag, reading);
+            return self.finish_request(reading);
         }
         // A request that has arrived is served, even if its reply can no
         // longer be sent (the peer may only have wanted it done); after this
         // end's abort, nothing more runs.
         let aborted = self.life.lock().aborted;
-        if let (Some(handler), false) = (&self.handler, aborted) {
-            let outcome = run_handler(&self.name, handler, rq);
+        let outcome = match (&self.handler, aborted) {
+            (Some(handler), false) => Some(run_handler(&self.name, handler, rq)),
+            _ => None,
+        };
+        self.answering(channel, tag);
+        if let Some(outcome) = outcome {
             self.reply(channel, tag, outcome);
         }
-        self.finish_request(channel, tag, reading);
+        self.finish_request(reading);
     }
 
-    /// The reply to the peer's request `(channel, tag)` is queued. If it was
+    /// The peer's request `(channel, tag)` is answered, its reply about to be
+    /// queued: its tag is free for the peer again from now (it may reuse it
+    /// as soon as it reads the reply), and it can no longer be cancelled.
+    /// [`finish_request`](Shared::finish_request) follows the reply.
+    fn answering(&self, channel: u64, tag: u64) {
+        if self.extensions {
+            self.signals.finished(channel, tag);
+        }
+        let mut inbound = self.inbound.lock();
+        inbound.in_progress.remove(&(channel, tag));
+        inbound.replying += 1;
+    }
+
+    /// A reply to one of the peer's requests is queued. If it was
     /// the last one owed before EOF, queue EOF. Otherwise, if no more
     /// replies are about to follow (no request waits for a handler, and the
     /// receive thread has nothing left to parse), write now: the peer may be
     /// waiting. The thread that reads (`reading`) never blocks in that
     /// write.
-    fn finish_request(&self, channel: u64, tag: u64, reading: bool) {
-        if self.extensions {
-            self.signals.finished(channel, tag);
-        }
+    fn finish_request(&self, reading: bool) {
         let (idle, closing) = {
             let mut inbound = self.inbound.lock();
-            inbound.in_progress.remove(&(channel, tag));
-            (inbound.in_progress.is_empty(), inbound.closing)
+            inbound.replying -= 1;
+            (inbound.is_idle(), inbound.closing)
         };
         let jobs_queued = self.quota.queued() > 0;
         if idle && closing {
@@ -988,7 +1122,7 @@ impl Shared {
         let idle = {
             let mut inbound = self.inbound.lock();
             inbound.closing = true;
-            inbound.in_progress.is_empty()
+            inbound.is_idle()
         };
         // The peer's EOF is to be read promptly now.
         self.recall_reader();
@@ -1049,6 +1183,17 @@ impl Shared {
         let n_failed = self.table.fail_all(why, written_to);
         if n_failed > 0 {
             log::warn!("{}: {n_failed} requests lost: {why}", self.name);
+        }
+        if matches!(
+            why,
+            Disconnect::Silent | Disconnect::Idle | Disconnect::NoAnswer
+        ) {
+            // This end has given up on a peer that may be gone without
+            // closing: a write blocked on it is interrupted, where the
+            // transport allows, so that the connection ends now. (A peer
+            // that closed, or sent garbage, fails or drains the writes by
+            // itself.)
+            self.interrupt();
         }
         self.close_inbound();
         self.loop_ended();
@@ -1243,7 +1388,7 @@ impl Shared {
 
     /// True if no request is pending either way.
     pub(crate) fn is_idle(&self) -> bool {
-        self.table.len() == 0 && self.inbound.lock().in_progress.is_empty()
+        self.table.len() == 0 && self.inbound.lock().is_idle()
     }
 
     /// A snapshot of the counters and the queue depths.
@@ -1251,7 +1396,7 @@ impl Shared {
         let depths = self.outbox.depths();
         self.stats.snapshot(Depths {
             pending: self.table.len() as u64,
-            in_progress: self.inbound.lock().in_progress.len() as u64,
+            in_progress: self.inbound.lock().in_flight() as u64,
             requests_waiting: self.quota.queued() as u64,
             queued_bytes: depths.bytes as u64,
             queued_packets: depths.packets as u64,

@@ -32,6 +32,9 @@ pub(crate) struct SendCounters {
     pub(crate) requests_sent: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) writes: AtomicU64,
+    /// When the peer last took bytes from a full stream: a
+    /// [`sync::stamp`](crate::sync::stamp), or 0.
+    pub(crate) last_write: AtomicU64,
 }
 
 /// Written by the handler threads.

@@ -40,6 +40,20 @@ pub(crate) fn wait_until<T>(
     }
 }
 
+/// Microseconds since the first call in this process: a moment that fits in
+/// an atomic.
+pub(crate) fn stamp() -> u64 {
+    let base = *STAMP_BASE.get_or_init(Instant::now);
+    u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The moment of a [`stamp`].
+pub(crate) fn stamped(micros: u64) -> Instant {
+    *STAMP_BASE.get_or_init(Instant::now) + Duration::from_micros(micros)
+}
+
+static STAMP_BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 /// A panic payload from a joined thread.
 pub(crate) type Panic = Box<dyn Any + Send + 'static>;
 

@@ -626,15 +626,17 @@ fn control_packets_have_the_bytes_of_the_wire_spec() {
 
     // A request with a deadline of 1.5 s: first the deadline, tag 1 of the
     // control channel, rq_type 3 + 1, payload BSUInt channel 0, tag 2,
-    // milliseconds 1500 (8b 5c); then the request itself on channel 0.
+    // UInt32BE milliseconds left as it is written (1500, 00 00 05 dc, less
+    // any time it waited to be written); then the request itself on
+    // channel 0.
     let pending = conn
         .submit_timeout(7, 0, b"x", Duration::from_millis(1500))
         .unwrap();
     let _ = pending.wait_timeout(Duration::ZERO);
-    assert_eq!(
-        peer.recv_bytes(13),
-        bytes("0c 01 03 8fffffff7f 04 00 02 8b5c")
-    );
+    let deadline = peer.recv_bytes(15);
+    assert_eq!(deadline[..11], bytes("0e 01 03 8fffffff7f 04 00 02"));
+    let ms = u32::from_be_bytes(deadline[11..].try_into().unwrap());
+    assert!((1000..=1500).contains(&ms), "{ms} ms left");
     assert_eq!(peer.recv_bytes(5), bytes("04 02 02 08 78"));
     // Dropped unanswered: a cancel, tag 2, rq_type 2 + 1, payload channel
     // 0, tag 2.
@@ -649,7 +651,7 @@ fn control_packets_have_the_bytes_of_the_wire_spec() {
     // never comes: each answered ok and empty.
     peer.send_bytes(&bytes("0a 01 03 8fffffff7f 03 00 63"));
     assert_eq!(peer.recv_bytes(8), bytes("07 01 05 8fffffff7f"));
-    peer.send_bytes(&bytes("0b 02 03 8fffffff7f 04 00 63 01"));
+    peer.send_bytes(&bytes("0e 02 03 8fffffff7f 04 00 63 00000001"));
     assert_eq!(peer.recv_bytes(8), bytes("07 02 05 8fffffff7f"));
     // An unknown control request and a truncated payload: not ok (header
     // 01: flags 0, ok bit 0, has channel), with a reason.
@@ -714,7 +716,8 @@ fn a_flood_of_control_requests_holds_no_memory_and_the_connection_goes_on() {
             // Targets on channel 0 from tag 1000 on: never a real request.
             payload.extend_from_slice(&common::bsuint(u128::from(tag + 1000)));
             if rq_type == 3 {
-                payload.push(0x7f);
+                // UInt32BE milliseconds.
+                payload.extend_from_slice(&127u32.to_be_bytes());
             }
             Packet {
                 channel: CONTROL_CHANNEL,

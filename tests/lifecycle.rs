@@ -1716,7 +1716,7 @@ fn every_log_line_names_its_connection() {
         ("logB", "==> reply"),
         ("logA", "<== response"),
         ("logA", "failed: logA's handler says no"),
-        ("logC", "rejecting request"),
+        ("logC", "refusing request"),
         ("logA", "ended"),
         ("logD", "ended"),
     ] {
