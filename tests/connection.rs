@@ -36,13 +36,6 @@ fn exercise_round_trips(client: &PacketConnection) {
     }
 }
 
-fn close_both(client: PacketConnection, server: PacketConnection) {
-    within("close", move || {
-        client.close().unwrap();
-        server.join().unwrap();
-    });
-}
-
 /// The transports a pair of connections can run over in one process.
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -58,13 +51,7 @@ fn connect(
     right: Config,
 ) -> (PacketConnection, PacketConnection) {
     match transport {
-        Transport::Socketpair => {
-            let (a, b) = UnixStream::pair().unwrap();
-            (
-                PacketConnection::from_unix_stream(a, left).unwrap(),
-                PacketConnection::from_unix_stream(b, right).unwrap(),
-            )
-        }
+        Transport::Socketpair => pair_with(left, right),
         Transport::Pipes => {
             let (l_recv, r_send) = io::pipe().unwrap();
             let (r_recv, l_send) = io::pipe().unwrap();
@@ -154,17 +141,9 @@ fn both_ends_issue_requests_at_the_same_time(transport: Transport) {
     r.join().unwrap();
     assert_eq!(left.stats().requests_received, 2200);
     assert_eq!(right.stats().requests_received, 2200);
-    let (left, right) = (
-        Arc::try_unwrap(left).unwrap(),
-        Arc::try_unwrap(right).unwrap(),
-    );
-    within("close both", move || {
-        // Both close at once: neither may wait for the other's EOF before
-        // sending its own.
-        let l = thread::spawn(move || left.close());
-        right.close().unwrap();
-        l.join().unwrap().unwrap();
-    });
+    // Both close at once: neither may wait for the other's EOF before
+    // sending its own.
+    close_both(&left, &right);
 }
 
 fn every_scenario(transport: Transport) {
@@ -172,7 +151,7 @@ fn every_scenario(transport: Transport) {
     exercise_round_trips(&client);
     let client = Arc::new(client);
     ten_threads_submit_a_thousand_each(&client);
-    close_both(Arc::try_unwrap(client).unwrap(), server);
+    close_both(&client, &server);
     both_ends_issue_requests_at_the_same_time(transport);
 }
 
@@ -235,13 +214,11 @@ fn round_trips_and_concurrency_with_a_child_process() {
 
 #[test]
 fn a_connection_without_handler_refuses_requests() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let no_handler = PacketConnection::from_unix_stream(b, Config::default()).unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let (client, no_handler) = pair_with(Config::default(), Config::default());
     let err = client.call(ECHO, 0, b"").unwrap_err();
     assert!(matches!(err, Error::Failed { flags: 0, .. }), "{err:?}");
     assert_eq!(err.failure_reason().as_deref(), Some("no request handler"));
-    close_both(client, no_handler);
+    close_both(&client, &no_handler);
 }
 
 #[test]
@@ -267,7 +244,7 @@ fn handler_errors_and_panics_become_not_ok_replies_and_the_connection_goes_on() 
         p.wait_timeout(LIMIT).unwrap();
     }
     assert_eq!(server.stats().replies_failed, 4);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -334,7 +311,7 @@ fn reply_shapes_and_typed_decoding() {
         client.call_as::<String>(5, 0, b""),
         Err(Error::Decode(_))
     ));
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -368,7 +345,7 @@ fn every_channel_has_its_own_tag_sequence() {
         );
     }
     assert_eq!(client.call_on(9, ECHO, 1, b"z").unwrap().payload, b"z");
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -427,7 +404,7 @@ fn requests_after_end_requests_are_refused_locally() {
             .as_deref(),
         Some("no request handler")
     );
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -545,7 +522,7 @@ fn every_constructor_works() {
     let server = PacketConnection::from_fd(OwnedFd::from(b), server_config("fd-server")).unwrap();
     let client = PacketConnection::from_borrowed_fd(a.as_fd(), Config::default()).unwrap();
     assert_eq!(client.call(ECHO, 1, b"fd").unwrap().payload, b"fd");
-    close_both(client, server);
+    close_both(&client, &server);
     // The caller's fd was duplicated, not closed: it is still a socket.
     assert!(a.local_addr().is_ok());
 
@@ -563,7 +540,7 @@ fn every_constructor_works() {
             .unwrap();
     assert_eq!(client.call(ECHO, 2, b"fds").unwrap().flags, 2);
     drop((c_recv, c_send));
-    close_both(client, server);
+    close_both(&client, &server);
 
     // A connector with an on-close hook, run exactly once.
     let closed = Arc::new(AtomicUsize::new(0));
@@ -582,7 +559,7 @@ fn every_constructor_works() {
     .unwrap();
     assert_eq!(client.call(ECHO, 3, b"c").unwrap().flags, 3);
     assert_eq!(closed.load(Ordering::SeqCst), 0);
-    close_both(client, server);
+    close_both(&client, &server);
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     let failing = PacketConnection::connect_with(
         || -> io::Result<(UnixStream, UnixStream, Option<OnClose>)> {
@@ -660,8 +637,7 @@ fn a_lone_call_never_waits_out_the_grace_and_takes_one_write_each_way() {
             "server writes per call"
         );
     }
-    let client = Arc::try_unwrap(client).ok().unwrap();
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -704,7 +680,7 @@ fn a_pipelined_burst_goes_out_in_one_write() {
         "server replies batched: {:?}",
         server.stats()
     );
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -716,7 +692,7 @@ fn default_grace_still_writes_an_unwaited_submit() {
         server.stats().requests_received > 0
     });
     assert_eq!(pending.wait_timeout(LIMIT).unwrap().flags, 1);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -728,10 +704,10 @@ fn connections_are_send_and_sync() {
 
 #[test]
 fn threads_are_named_after_the_connection_and_all_end_on_close() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server =
-        PacketConnection::from_unix_stream(b, server_config("tn-s").handler_threads(2)).unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default().name("tn-c")).unwrap();
+    let (client, server) = pair_with(
+        Config::default().name("tn-c"),
+        server_config("tn-s").handler_threads(2),
+    );
     // A thread names itself as it starts.
     wait_for("the threads to start", LIMIT, || {
         threads_named("tn-").len() >= 6
@@ -742,7 +718,7 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
         ["tn-s:handler0", "tn-s:handler1", "tn-s:recv", "tn-s:send"]
     );
     assert_eq!(client.name(), "tn-c");
-    close_both(client, server);
+    close_both(&client, &server);
     assert!(
         threads_named("tn-").is_empty(),
         "{:?}",

@@ -14,31 +14,22 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    body_len, echo, ms, pair, report, request, response, spawn_self, timed, unique_name, wait_for,
-    within_or, Gate, RawPeer, Running, SkipPast, Timed, ECHO, LIMIT, SLEEP,
+    body_len, echo, ms, pair, report, request, response, serial, spawn_self, timed, unique_name,
+    wait_for, wire, within_or, Gate, RawPeer, Running, SkipPast, Timed, DEADLINE, ECHO, HANG,
+    LIMIT, SLACK, SLEEP,
 };
 use packetstream::{
     Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
     Request, Server, ServerConfig,
 };
 
-/// The deadline given to every call that takes one.
-const DEADLINE: Duration = Duration::from_millis(200);
-/// How far past its deadline a call may return, in a debug build: the
-/// contract of every call that takes a deadline.
-const SLACK: Duration = Duration::from_millis(100);
 /// A call that must never block counts as blocked after this long.
 const TRY_BOUND: Duration = Duration::from_secs(1);
-/// How long past its bound a call is given before it counts as hung; the
-/// test then takes away what it blocks on, so that it returns.
-const HANG: Duration = Duration::from_secs(1);
-/// Every wait that should succeed ends after this long.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A reply of `flags` bytes.
 const BIG: u64 = 5;
@@ -47,14 +38,6 @@ const STUCK: u64 = 6;
 /// A reply of flags `flags` and as many bytes as the payload's decimal text
 /// says.
 const SIZED: u64 = 7;
-
-/// The tests that measure a deadline take this lock, so that no other
-/// test's load skews what they measure.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// ECHO echoes, BIG replies with `flags` bytes, STUCK waits at `gate` and
 /// then echoes, SIZED replies with the size and flags asked for.
@@ -74,12 +57,6 @@ fn gated_service(gate: Gate) -> impl Fn(Request) -> HandlerResult + Send + Sync 
         }
         _ => echo(rq),
     }
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut buf = Vec::new();
-    packet.encode_into(&mut buf);
-    buf
 }
 
 /// The first half of an ok response to tag 2, the first tag a connection
@@ -358,7 +335,7 @@ impl Link {
             FarEnd::Raw(raw) => drop(raw),
             FarEnd::Conn(conn) => {
                 conn.abort();
-                let dropped = timed(PATIENCE, move || drop(conn));
+                let dropped = timed(LIMIT, move || drop(conn));
                 assert!(
                     matches!(dropped, Timed::Done(..)),
                     "{}: far end hangs",
@@ -380,13 +357,13 @@ impl Link {
         self.conn.abort();
         for running in self.blocked.drain(..) {
             assert!(
-                running.finish_within(PATIENCE).is_some(),
+                running.finish_within(LIMIT).is_some(),
                 "{}: a blocked call did not return once the far end was gone",
                 self.what
             );
         }
         let conn = self.conn;
-        let dropped = timed(PATIENCE, move || drop(conn));
+        let dropped = timed(LIMIT, move || drop(conn));
         assert!(
             matches!(dropped, Timed::Done(..)),
             "{}: dropping the connection hangs",
@@ -408,7 +385,7 @@ fn run_call<T: Debug + Send + 'static>(
         Timed::Done(value, elapsed) => (Some(elapsed), Ok(value)),
         Timed::Stuck(running) => {
             unstick();
-            match running.finish_within(PATIENCE) {
+            match running.finish_within(LIMIT) {
                 Some((value, elapsed)) => (
                     None,
                     Err(format!(
@@ -540,7 +517,7 @@ fn requester(transport: Transport, condition: Condition) -> (Link, PendingRespon
             let link = Link::new(transport, config, Far::StuckServer, gate.clone());
             let pending = link.conn.submit(STUCK, 0, b"hold").unwrap();
             if transport != Transport::Child {
-                gate.wait_entered(1, PATIENCE);
+                gate.wait_entered(1, LIMIT);
             }
             (link, pending)
         }
@@ -582,7 +559,7 @@ fn close_timeout_cell(transport: Transport, condition: Condition) -> Cell {
             let gate = Gate::new();
             let config = base_config(condition).handler(gated_service(gate.clone()));
             let link = Link::new(transport, config, Far::AskThenLeave, gate.clone());
-            gate.wait_entered(1, PATIENCE);
+            gate.wait_entered(1, LIMIT);
             link
         }
         _ => requester(transport, condition).0,
@@ -634,9 +611,7 @@ fn server_and_client(listen: Listen, config: Config) -> (Server, RawEnd, Option<
             (server, RawEnd::Tcp(TcpStream::connect(addr).unwrap()), None)
         }
     };
-    wait_for("the server to accept", PATIENCE, || {
-        server.connections() == 1
-    });
+    wait_for("the server to accept", LIMIT, || server.connections() == 1);
     (server, client, path)
 }
 
@@ -663,7 +638,7 @@ fn stop_timeout_cell(listen: Listen, condition: Condition) -> Cell {
         }
         Condition::HandlerNeverReturns => {
             client.write_all(&wire(&request(2, STUCK, 0, b"hold")));
-            gate.wait_entered(1, PATIENCE);
+            gate.wait_entered(1, LIMIT);
         }
         Condition::WriterBlockedInKernel => {
             client.write_all(&wire(&request(2, BIG, 16 << 20, b"")));
@@ -760,7 +735,7 @@ fn try_cells(transport: Transport, condition: Condition) -> Vec<Cell> {
     let mut after_cut = vec![None; names.len()];
     if !hung.is_empty() {
         link.cut();
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + LIMIT;
         for _ in &hung {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok((idx, elapsed, res, _)) = rx.recv_timeout(left) {
@@ -876,7 +851,7 @@ fn wait_timeout_with_unread_queue(grace: Option<Duration>) -> (Option<Duration>,
     if let Some(grace) = grace {
         config = config.packet_grace(grace);
     }
-    let (conn, peer) = RawPeer::with_patience(config, PATIENCE);
+    let (conn, peer) = RawPeer::with_patience(config, LIMIT);
     let conn = Arc::new(conn);
     let mut pending = None;
     for idx in 0..2000u64 {
@@ -929,10 +904,10 @@ fn stuck_handler_link() -> (Arc<PacketConnection>, RawPeer, Gate, String) {
         Config::default()
             .name(&name)
             .handler(gated_service(gate.clone())),
-        PATIENCE,
+        LIMIT,
     );
     peer.request(2, STUCK, b"hold");
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     (Arc::new(conn), peer, gate, name)
 }
 
@@ -967,7 +942,7 @@ fn close_timeout_does_not_wait_for_a_stuck_handler_once_the_peer_has_gone() {
     drop(peer);
     let res = close_timeout_with_stuck_handler(&conn, &gate, true);
     gate.open();
-    common::assert_threads_gone(&name, PATIENCE);
+    common::assert_threads_gone(&name, LIMIT);
     let elapsed = res.unwrap();
     report(format!(
         "close_timeout, handler stuck, peer gone: {elapsed:?}"
@@ -983,7 +958,7 @@ fn close_timeout_after_abort_does_not_wait_for_a_stuck_handler() {
     let res = close_timeout_with_stuck_handler(&conn, &gate, false);
     gate.open();
     drop(peer);
-    common::assert_threads_gone(&name, PATIENCE);
+    common::assert_threads_gone(&name, LIMIT);
     let elapsed = res.unwrap();
     report(format!(
         "close_timeout after abort, handler stuck: {elapsed:?}"
@@ -1003,7 +978,7 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
     // A well-behaved client whose request the handler holds.
     let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     let pending = client.submit(STUCK, 0, b"hold").unwrap();
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     let timeout = ms(500);
     let (elapsed, res) = run_call(
         timeout + SLACK,
@@ -1011,8 +986,8 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
         || gate.open(),
     );
     gate.open();
-    let _ = pending.wait_timeout(PATIENCE);
-    let _ = client.close_timeout(PATIENCE);
+    let _ = pending.wait_timeout(LIMIT);
+    let _ = client.close_timeout(LIMIT);
     report(format!(
         "stop_timeout({timeout:?}), handler stuck: {elapsed:?}, {}",
         shown(&res)
@@ -1031,8 +1006,7 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
 fn try_submit_never_blocks_on_a_peer_that_does_not_read() {
     let _serial = serial();
     for on_channel in [None, Some(3)] {
-        let (conn, peer) =
-            RawPeer::with_patience(Config::default().name(unique_name("ts")), PATIENCE);
+        let (conn, peer) = RawPeer::with_patience(Config::default().name(unique_name("ts")), LIMIT);
         let conn = Arc::new(conn);
         let peer = Arc::new(Mutex::new(Some(peer)));
         let mut results = Vec::new();
@@ -1116,7 +1090,7 @@ fn run_steps(steps: Vec<Step>, unstick: impl FnOnce()) {
     }
     unstick();
     for running in hung {
-        running.finish_within(PATIENCE);
+        running.finish_within(LIMIT);
     }
     assert!(failed.is_empty(), "after abort:\n{}", failed.join("\n"));
 }
@@ -1191,7 +1165,7 @@ fn aborted_with_a_handler_blocked_on_a_pipe() -> (Arc<PacketConnection>, PipeRea
     let conn = Arc::new(conn);
     in_w.write_all(&wire(&request(2, BIG, 4 << 20, b"")))
         .unwrap();
-    wait_for("the request to arrive", PATIENCE, || {
+    wait_for("the request to arrive", LIMIT, || {
         conn.stats().requests_received == 1
     });
     // Time for the handler to make its reply and for the write to block.
@@ -1262,7 +1236,7 @@ fn after_abort_a_caller_blocked_in_any_writer_blocks_nothing() {
     let writer = timed(ms(100), move || {
         let _ = c.submit(ECHO, 0, &vec![0x33; 128 << 10]);
     });
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     conn.abort();
     thread::sleep(ms(50));
     let g = gate.clone();
@@ -1270,12 +1244,12 @@ fn after_abort_a_caller_blocked_in_any_writer_blocks_nothing() {
     gate.open();
     if let Timed::Stuck(running) = writer {
         assert!(
-            running.finish_within(PATIENCE).is_some(),
+            running.finish_within(LIMIT).is_some(),
             "the blocked submit returns once its writer fails"
         );
     }
     drop(in_w);
-    let dropped = timed(PATIENCE, move || drop(conn));
+    let dropped = timed(LIMIT, move || drop(conn));
     assert!(matches!(dropped, Timed::Done(..)), "drop hangs");
 }
 
@@ -1290,24 +1264,24 @@ fn wait_timeout_of_duration_max_means_no_limit() {
         let pending = client.submit(SLEEP, 0, b"50").unwrap();
         let res = within_or(
             "wait_timeout",
-            PATIENCE,
+            LIMIT,
             move || pending.wait_timeout(timeout),
             || {},
         );
         assert_eq!(res.unwrap().payload, b"50");
         // Answered already.
         let pending = client.submit(ECHO, 0, b"now").unwrap();
-        wait_for("the response", PATIENCE, || pending.is_ready());
+        wait_for("the response", LIMIT, || pending.is_ready());
         let res = within_or(
             "wait_timeout",
-            PATIENCE,
+            LIMIT,
             move || pending.wait_timeout(timeout),
             || {},
         );
         assert_eq!(res.unwrap().payload, b"now");
     }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 #[test]
@@ -1318,14 +1292,14 @@ fn close_timeout_of_duration_max_means_no_limit() {
     let c = Arc::clone(&client);
     let res = within_or(
         "close_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || c.close_timeout(Duration::MAX),
         || client.abort(),
     );
     res.unwrap();
     let res = within_or(
         "close_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || server.close_timeout(Duration::MAX),
         || {},
     );
@@ -1345,12 +1319,12 @@ fn server_stop_timeout_of_duration_max_means_no_limit() {
     assert_eq!(client.call(ECHO, 0, b"x").unwrap().payload, b"x");
     let res = within_or(
         "stop_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || server.stop_timeout(Duration::MAX),
         || {},
     );
     res.unwrap();
-    client.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
 }
 
 #[test]
@@ -1374,7 +1348,7 @@ fn packet_grace_of_duration_max_never_panics_and_close_returns() {
     // grace), then waited for: the wait writes it.
     let pending = client.submit(ECHO, 0, b"queued").unwrap();
     thread::sleep(ms(50));
-    assert_eq!(pending.wait_timeout(PATIENCE).unwrap().payload, b"queued");
+    assert_eq!(pending.wait_timeout(LIMIT).unwrap().payload, b"queued");
     assert_eq!(client.call(ECHO, 0, b"call").unwrap().payload, b"call");
     let c = Arc::clone(&client);
     let res = within_or(
@@ -1387,7 +1361,7 @@ fn packet_grace_of_duration_max_never_panics_and_close_returns() {
         },
     );
     res.unwrap();
-    within_or("server join", PATIENCE, move || server.join(), || {}).unwrap();
+    within_or("server join", LIMIT, move || server.join(), || {}).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -1469,7 +1443,7 @@ fn a_whole_request_is_answered_while_the_next_packet_is_incomplete() {
                         peer.send_bytes(&next[split..]);
                         match tail {
                             Tail::HalfResponse => {
-                                assert_eq!(ours.wait_timeout(PATIENCE).unwrap().payload.len(), 1000)
+                                assert_eq!(ours.wait_timeout(LIMIT).unwrap().payload.len(), 1000)
                             }
                             _ => assert_eq!(peer.recv_until(is_reply_to(3)).1.payload.len(), 1000),
                         }
@@ -1555,18 +1529,18 @@ fn a_small_request_is_answered_before_a_large_one_behind_it_has_arrived() {
     let large_payload = vec![0x88; LARGE];
     let large = thread::spawn(move || {
         c.submit(ECHO, 0, &large_payload)
-            .and_then(|p| p.wait_timeout(PATIENCE))
+            .and_then(|p| p.wait_timeout(LIMIT))
             .map(|rsp| rsp.payload.len())
     });
     // The link stalls a quarter of the way into the large request, and only
     // then does this thread wait for the small one.
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     let res = small.wait_timeout(Duration::from_secs(5));
     let sent_then = written.load(Ordering::SeqCst);
     gate.open();
     let large = large.join().unwrap();
-    let closed = client.close_timeout(PATIENCE);
-    let _ = server.close_timeout(PATIENCE);
+    let closed = client.close_timeout(LIMIT);
+    let _ = server.close_timeout(LIMIT);
     match res {
         Ok(rsp) => assert_eq!(rsp.payload, b"small"),
         Err(e) => panic!(
@@ -1590,7 +1564,7 @@ fn every_accepted_request_gets_its_echo_under_a_small_packet_limit() {
             .name(unique_name("lm"))
             .max_packet_len(LIMIT_1K)
             .handler(echo),
-        PATIENCE,
+        LIMIT,
     );
     let mut wrong = Vec::new();
     let mut largest_accepted = 0;
@@ -1635,7 +1609,7 @@ fn a_reply_is_sent_if_and_only_if_its_encoded_body_fits_the_limit() {
             .name(unique_name("lr"))
             .max_packet_len(LIMIT_1K)
             .handler(gated_service(Gate::new())),
-        PATIENCE,
+        LIMIT,
     );
     let mut wrong = Vec::new();
     let mut fits_exactly = 0;
@@ -1717,7 +1691,7 @@ fn between_two_ends_every_request_within_the_limit_is_echoed() {
         let fits = body_len(&request(tag, ECHO, 0, &vec![0; len])) <= LIMIT_1K;
         let res = client
             .submit(ECHO, 0, &vec![0x44; len])
-            .and_then(|p| p.wait_timeout(PATIENCE));
+            .and_then(|p| p.wait_timeout(LIMIT));
         match (fits, res) {
             (true, Ok(rsp)) if rsp.payload.len() == len => largest_echoed = len,
             (false, Err(Error::TooLarge { .. })) => {}
@@ -1727,8 +1701,8 @@ fn between_two_ends_every_request_within_the_limit_is_echoed() {
             )),
         }
     }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
     assert!(
         wrong.is_empty(),
         "{} calls wrong:\n{}",
@@ -1816,13 +1790,13 @@ fn stop_with_busy_clients(
                     let client = connect();
                     let first = client
                         .submit(FIRST, idx as u64, b"first")
-                        .and_then(|p| p.wait_timeout(PATIENCE));
+                        .and_then(|p| p.wait_timeout(LIMIT));
                     let mut again = (0, 0);
                     let until = Instant::now() + Duration::from_secs(3);
                     while Instant::now() < until && again.0 < 50 {
                         let res = client
                             .submit(ECHO, idx as u64, b"again")
-                            .and_then(|p| p.wait_timeout(PATIENCE));
+                            .and_then(|p| p.wait_timeout(LIMIT));
                         if res.is_ok() {
                             again.0 += 1;
                         } else {
@@ -1830,12 +1804,12 @@ fn stop_with_busy_clients(
                             break;
                         }
                     }
-                    let _ = client.close_timeout(PATIENCE);
+                    let _ = client.close_timeout(LIMIT);
                     (first.map(drop), again)
                 })
             })
             .collect();
-        gate.wait_entered(CLIENTS, PATIENCE);
+        gate.wait_entered(CLIENTS, LIMIT);
         stopping.store(true, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
         let stopper = thread::spawn(move || {
@@ -1908,7 +1882,7 @@ fn server_stop_timeout_drains_fifty_busy_clients_side_by_side_within_its_deadlin
 #[test]
 fn server_stop_refuses_new_requests_and_drains_every_connection_at_once() {
     let _serial = serial();
-    let run = stop_with_busy_clients(Listen::Unix, PATIENCE, |server| {
+    let run = stop_with_busy_clients(Listen::Unix, LIMIT, |server| {
         server.stop();
         Ok(())
     });

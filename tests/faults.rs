@@ -13,13 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer};
+use common::{
+    assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer, LIMIT,
+};
 use packetstream::{
     Config, Disconnect, Error, OnClose, Packet, PacketConnection, PacketKind, Reply, Request,
 };
-
-/// Every blocking wait in this file ends after this long.
-const PATIENCE: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
 // Maximum packet size.
@@ -33,7 +32,7 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
             .name(&name)
             .max_packet_len(MAX)
             .handler(echo),
-        PATIENCE,
+        LIMIT,
     );
     // 16 MiB announced and sent; the limit is 1 KiB.
     let big = vec![0xa5u8; 16 << 20];
@@ -58,24 +57,24 @@ fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
     assert!(stats.bytes_in > big.len() as u64);
     // The connection still closes in order.
     peer.send(&Packet::eof());
-    conn.close_timeout(PATIENCE).expect("orderly close");
-    assert_threads_gone(&name, PATIENCE);
+    conn.close_timeout(LIMIT).expect("orderly close");
+    assert_threads_gone(&name, LIMIT);
 }
 
 #[test]
 fn oversize_response_fails_its_request_only() {
     const MAX: u64 = 1024;
-    let (conn, mut peer) = RawPeer::with_patience(Config::default().max_packet_len(MAX), PATIENCE);
+    let (conn, mut peer) = RawPeer::with_patience(Config::default().max_packet_len(MAX), LIMIT);
     let first = conn.submit(1, 0, b"big please").unwrap();
     let second = conn.submit(1, 0, b"small please").unwrap();
     let (t1, t2) = (first.tag(), second.tag());
     peer.send(&response(t1, true, 0, &vec![1; 1 << 20]));
     peer.send(&response(t2, true, 0, b"fine"));
-    match first.wait_timeout(PATIENCE) {
+    match first.wait_timeout(LIMIT) {
         Err(Error::ResponseTooLarge { max, .. }) => assert_eq!(max, MAX),
         other => panic!("{other:?}"),
     }
-    assert_eq!(second.wait_timeout(PATIENCE).unwrap().payload, b"fine");
+    assert_eq!(second.wait_timeout(LIMIT).unwrap().payload, b"fine");
     conn.abort();
 }
 
@@ -87,7 +86,7 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
     for tail in tails {
         let name = unique_name("ab");
         let (conn, mut peer) =
-            RawPeer::with_patience(Config::default().name(&name).handler(echo), PATIENCE);
+            RawPeer::with_patience(Config::default().name(&name).handler(echo), LIMIT);
         let pending = conn.submit(1, 0, b"q").unwrap();
         let mut wire = vec![0xa0, 0x80, 0x80, 0x80, 0x80, 0x00]; // 2^40
         wire.extend_from_slice(tail);
@@ -95,19 +94,19 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
         peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
         // Lost if it was written before the bad bytes arrived, unsent if
         // not.
-        match pending.wait_timeout(PATIENCE) {
+        match pending.wait_timeout(LIMIT) {
             Err(
                 Error::ConnectionLost(Disconnect::Protocol) | Error::Unsent(Disconnect::Protocol),
             ) => {}
             other => panic!("tail {tail:?}: {other:?}"),
         }
-        match conn.close_timeout(PATIENCE) {
+        match conn.close_timeout(LIMIT) {
             Err(Error::TooLarge { len, .. }) => assert_eq!(len, 1 << 40),
             Err(Error::Malformed { .. }) => assert!(!tail.is_empty()),
             other => panic!("tail {tail:?}: {other:?}"),
         }
         assert!(conn.submit(1, 0, b"").unwrap_err().is_disconnect());
-        assert_threads_gone(&name, PATIENCE);
+        assert_threads_gone(&name, LIMIT);
     }
 }
 
@@ -124,10 +123,10 @@ fn oversize_submit_fails_with_too_large_and_the_connection_goes_on() {
         other => panic!("{other:?}"),
     }
     assert_eq!(client.stats().pending, 0);
-    let rsp = client.submit(1, 0, b"ok").unwrap().wait_timeout(PATIENCE);
+    let rsp = client.submit(1, 0, b"ok").unwrap().wait_timeout(LIMIT);
     assert_eq!(rsp.unwrap().payload, b"ok");
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -151,15 +150,15 @@ fn handler_panic_is_a_not_ok_reply_and_the_connection_goes_on() {
         let err = client
             .submit(13, 0, b"")
             .unwrap()
-            .wait_timeout(PATIENCE)
+            .wait_timeout(LIMIT)
             .unwrap_err();
         let reason = err.failure_reason().expect("a not-ok reply");
         assert!(reason.contains("unlucky request"), "{reason}");
-        let rsp = client.submit(1, 0, b"fine").unwrap().wait_timeout(PATIENCE);
+        let rsp = client.submit(1, 0, b"fine").unwrap().wait_timeout(LIMIT);
         assert_eq!(rsp.unwrap().payload, b"fine");
     }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 #[test]
@@ -173,20 +172,20 @@ fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
                 .handler_threads(handler_threads)
                 .handler_queue(1)
                 .handler(|rq: Request| Ok(Reply::payload(vec![rq.tag as u8; 1 << 20]))),
-            PATIENCE,
+            LIMIT,
         );
         let ours = conn.submit(5, 0, b"question").unwrap();
         let question = peer.recv_packet();
         assert_eq!(question.tag, ours.tag());
         peer.request(100, 1, b"");
-        wait_for("the first reply", PATIENCE, || conn.stats().replies_ok == 1);
+        wait_for("the first reply", LIMIT, || conn.stats().replies_ok == 1);
         // Give a handler time to start writing, were it to write.
         thread::sleep(Duration::from_millis(100));
         for tag in 101..106 {
             peer.request(tag, 1, b"");
         }
         peer.send(&response(ours.tag(), true, 9, b"answer"));
-        let rsp = ours.wait_timeout(PATIENCE);
+        let rsp = ours.wait_timeout(LIMIT);
         conn.abort();
         let rsp = rsp.unwrap_or_else(|e| panic!("{handler_threads} handler threads: {e}"));
         assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"answer"[..]));
@@ -201,7 +200,7 @@ fn gated(
     open: Arc<std::sync::atomic::AtomicBool>,
 ) -> impl Fn(Request) -> packetstream::HandlerResult {
     move |rq: Request| {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + LIMIT;
         while !open.load(Ordering::SeqCst) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
@@ -237,20 +236,17 @@ fn wait_timeout_leaves_the_request_pending_and_cancel_frees_it() {
     // Their entries are freed now, not when (or if) the peer answers.
     assert_eq!(client.stats().pending, 1);
     open.store(true, Ordering::SeqCst);
-    let rsp = kept.wait_timeout(PATIENCE).expect("the kept request");
+    let rsp = kept.wait_timeout(LIMIT).expect("the kept request");
     assert_eq!(rsp.payload, b"kept");
     // The late replies are dropped quietly, and the connection goes on.
-    wait_for("the late replies", PATIENCE, || {
+    wait_for("the late replies", LIMIT, || {
         client.stats().responses_ok == 1001
     });
-    let rsp = client
-        .submit(1, 5, b"after")
-        .unwrap()
-        .wait_timeout(PATIENCE);
+    let rsp = client.submit(1, 5, b"after").unwrap().wait_timeout(LIMIT);
     assert_eq!(rsp.unwrap().flags, 5);
     assert_eq!(client.stats().pending, 0);
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -423,7 +419,7 @@ fn scripted_exchange(
             }
         }
         for (idx, p) in pending {
-            let res = p.wait_timeout(PATIENCE);
+            let res = p.wait_timeout(LIMIT);
             if let Ok(rsp) = &res {
                 assert_eq!(
                     (rsp.flags, rsp.payload.as_slice()),
@@ -448,8 +444,8 @@ fn scripted_exchange(
                 Err(e) => panic!("{what}: unexpected outcome {e:?}"),
             }
         }
-        let closer = s.spawn(|| clean.close_timeout(PATIENCE));
-        let res = faulty.close_timeout(PATIENCE);
+        let closer = s.spawn(|| clean.close_timeout(LIMIT));
+        let res = faulty.close_timeout(LIMIT);
         let stats = faulty.stats();
         bytes = (stats.bytes_in, stats.bytes_out);
         let other = closer.join().unwrap();
@@ -461,8 +457,8 @@ fn scripted_exchange(
             }
         }
     });
-    assert_threads_gone(&fa, PATIENCE);
-    assert_threads_gone(&fb, PATIENCE);
+    assert_threads_gone(&fa, LIMIT);
+    assert_threads_gone(&fb, LIMIT);
     tally.trials += 1;
     bytes
 }
@@ -598,7 +594,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         let what = format!("trial {trial}, kill after {kill_after} replies");
         let outcomes = thread::scope(|s| {
             let killer = s.spawn(|| {
-                let deadline = Instant::now() + PATIENCE;
+                let deadline = Instant::now() + LIMIT;
                 while conn.stats().responses_ok < kill_after && Instant::now() < deadline {
                     thread::sleep(Duration::from_micros(200));
                 }
@@ -614,7 +610,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
                 }
             }
             for (idx, p) in pending {
-                let res = p.wait_timeout(PATIENCE);
+                let res = p.wait_timeout(LIMIT);
                 if let Ok(rsp) = &res {
                     assert_eq!(rsp.payload, idx.to_le_bytes(), "{what}");
                 }
@@ -635,14 +631,14 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         assert!(n_ok >= kill_after, "{what}: only {n_ok} ok");
         tally.ok += n_ok;
         tally.requests += N;
-        let res = conn.close_timeout(PATIENCE);
+        let res = conn.close_timeout(LIMIT);
         assert!(
             !matches!(res, Err(Error::Timeout { .. })),
             "{what}: close timed out"
         );
         let status = child.into_inner().unwrap().wait().unwrap();
         assert!(!status.success(), "{what}: {status}");
-        assert_threads_gone(&name, PATIENCE);
+        assert_threads_gone(&name, LIMIT);
         tally.trials += 1;
     }
     report(format!(

@@ -14,29 +14,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use common::{
-    echo, ms, pair, report, spawn_self, timed, unique_name, wait_for, within, Gate, RawPeer,
-    SkipPast, Timed, ECHO, FAIL, LIMIT,
+    bad_control, decode_all, echo, join_all, ms, pair, report, serial, spawn_self, timed,
+    unique_name, wait_for, wire, within, Gate, RawPeer, SkipPast, Timed, DEADLINE, ECHO, FAIL,
+    HANG, LIMIT, SLACK,
 };
 use packetstream::{
     impl_payload, Config, Disconnect, Dispatcher, Error, Fulfil, HandlerError, HandlerResult,
     OnClose, Packet, PacketConnection, PacketKind, PendingResponse, Request, RequestId,
     RequestType, Response,
 };
-
-/// Every wait that should succeed ends after this long.
-const PATIENCE: Duration = Duration::from_secs(10);
-/// The deadline given to the calls that take one.
-const DEADLINE: Duration = Duration::from_millis(200);
-/// How far past its deadline a call may return: the contract of every call
-/// that takes a deadline.
-const SLACK: Duration = Duration::from_millis(100);
-/// How long past its bound a call is given before it counts as hung.
-const HANG: Duration = Duration::from_secs(2);
 
 /// The child sleeps in its handler and never answers.
 const HOLD: u64 = 10;
@@ -47,43 +38,6 @@ const QUIT: u64 = 12;
 /// Waits at the test's gate, then echoes.
 const STUCK: u64 = 13;
 
-/// The tests that measure a deadline take this lock, and so do those that
-/// load the machine most (child processes, many threads), so that no other
-/// test of this binary skews what is measured.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut buf = Vec::new();
-    packet.encode_into(&mut buf);
-    buf
-}
-
-/// A control packet that is neither EOF nor ERQ: a protocol error.
-fn bad_control() -> Packet {
-    Packet {
-        channel: 0,
-        tag: 5,
-        kind: PacketKind::Control { flags: 0 },
-        payload: Vec::new(),
-    }
-}
-
-/// The whole packets in `bytes`, and how many bytes of a partial packet
-/// follow them.
-fn decode_all(bytes: &[u8]) -> (Vec<Packet>, usize) {
-    let mut packets = Vec::new();
-    let mut pos = 0;
-    while let Some((packet, used)) = Packet::decode(&bytes[pos..], u64::MAX).unwrap() {
-        packets.push(packet);
-        pos += used;
-    }
-    (packets, bytes.len() - pos)
-}
-
 fn request_tags(packets: &[Packet]) -> BTreeSet<u64> {
     packets
         .iter()
@@ -92,14 +46,11 @@ fn request_tags(packets: &[Packet]) -> BTreeSet<u64> {
         .collect()
 }
 
-/// The outcome of a request, which must come within `PATIENCE`.
+/// The outcome of a request, which must come within `LIMIT`.
 fn outcome(pending: &PendingResponse) -> Result<Response, Error> {
-    let res = pending.wait_timeout(PATIENCE);
+    let res = pending.wait_timeout(LIMIT);
     if let Err(Error::Timeout { .. }) = res {
-        panic!(
-            "request {} had no outcome within {PATIENCE:?}",
-            pending.tag()
-        );
+        panic!("request {} had no outcome within {LIMIT:?}", pending.tag());
     }
     res
 }
@@ -107,7 +58,7 @@ fn outcome(pending: &PendingResponse) -> Result<Response, Error> {
 /// The outcome of a request, once it has come, waited for without asking
 /// for the queue to be written (as a wait with a deadline does).
 fn settled(pending: &PendingResponse) -> Result<Response, Error> {
-    wait_for("the request's outcome", PATIENCE, || pending.is_ready());
+    wait_for("the request's outcome", LIMIT, || pending.is_ready());
     pending.try_wait().expect("ready")
 }
 
@@ -115,7 +66,7 @@ fn settled(pending: &PendingResponse) -> Result<Response, Error> {
 /// was queued is on the wire.
 fn flush(conn: &PacketConnection, pending: &PendingResponse) {
     let _ = pending.wait_timeout(Duration::ZERO);
-    wait_for("the queue is written", PATIENCE, || {
+    wait_for("the queue is written", LIMIT, || {
         conn.stats().queued_bytes == 0
     });
 }
@@ -124,13 +75,6 @@ fn flush(conn: &PacketConnection, pending: &PendingResponse) {
 fn close(conn: &Arc<PacketConnection>) -> Result<(), Error> {
     let conn = Arc::clone(conn);
     within("close", move || conn.close())
-}
-
-/// Joins `handles`, failing the test if one is still running after
-/// `PATIENCE`.
-fn join_all<T>(what: &str, handles: Vec<JoinHandle<T>>) -> Vec<T> {
-    wait_for(what, PATIENCE, || handles.iter().all(|h| h.is_finished()));
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// What a connection's lifecycle hooks saw.
@@ -241,7 +185,7 @@ impl Wire {
     /// partial packet after them.
     fn finish(self) -> (Vec<Packet>, usize) {
         let handle = self.handle;
-        wait_for("the end of the raw peer's stream", PATIENCE, || {
+        wait_for("the end of the raw peer's stream", LIMIT, || {
             handle.is_finished()
         });
         handle.join().unwrap();
@@ -396,7 +340,7 @@ fn a_killed_child_is_a_lost_stream_never_an_eof_and_close_says_so_every_time() {
             .name(unique_name("killed"))
             .packet_grace(Duration::MAX));
         let (child, conn) = start_child("serve", &[], config);
-        conn.call_timeout(ECHO, 0, b"serving?", PATIENCE).unwrap();
+        conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
         let held = conn.submit(HOLD, 0, b"").unwrap();
         flush(&conn, &held);
         // Even rounds queue requests that are never written: the grace
@@ -468,7 +412,7 @@ fn a_child_that_exits_mid_stream_is_a_lost_stream_not_an_eof() {
         .name(unique_name("exits"))
         .packet_grace(Duration::MAX));
     let (child, conn) = start_child("serve", &[(TRIGGER_ENV, trigger.to_str().unwrap())], config);
-    conn.call_timeout(ECHO, 0, b"serving?", PATIENCE).unwrap();
+    conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
     // EXIT waits in the child's handler for the trigger.
     let exit = conn.submit(EXIT, 0, b"").unwrap();
     flush(&conn, &exit);
@@ -560,14 +504,12 @@ fn a_child_that_closes_in_order_is_the_peers_eof() {
     let config = hooks.on(Config::default().name(unique_name("polite")));
     let (child, conn) = start_child("serve", &[], config);
     assert_eq!(
-        conn.call_timeout(ECHO, 4, b"hello", PATIENCE)
-            .unwrap()
-            .payload,
+        conn.call_timeout(ECHO, 4, b"hello", LIMIT).unwrap().payload,
         b"hello"
     );
     // The child closes once it has answered QUIT: ERQ, the answer, EOF.
-    conn.call_timeout(QUIT, 0, b"", PATIENCE).unwrap();
-    wait_for("the connection ends", PATIENCE, || {
+    conn.call_timeout(QUIT, 0, b"", LIMIT).unwrap();
+    wait_for("the connection ends", LIMIT, || {
         conn.status().ended.is_some()
     });
     let status = conn.status();
@@ -589,11 +531,11 @@ fn a_child_that_closes_in_order_is_the_peers_eof() {
 fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
     // After close().
     let (client, server) = pair();
-    client.call_timeout(ECHO, 0, b"hi", PATIENCE).unwrap();
-    client.close_timeout(PATIENCE).unwrap();
+    client.call_timeout(ECHO, 0, b"hi", LIMIT).unwrap();
+    client.close_timeout(LIMIT).unwrap();
     let err = client.submit(ECHO, 0, b"after close").unwrap_err();
     assert!(matches!(err, Error::Closed) && !err.was_sent(), "{err:?}");
-    server.close_timeout(PATIENCE).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 
     for case in [
         "end_requests",
@@ -603,7 +545,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
         "protocol error",
     ] {
         let name = unique_name("closed");
-        let (conn, mut peer) = RawPeer::with_patience(Config::default().name(&name), PATIENCE);
+        let (conn, mut peer) = RawPeer::with_patience(Config::default().name(&name), LIMIT);
         match case {
             "end_requests" => conn.end_requests(),
             "abort" => conn.abort(),
@@ -613,7 +555,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
             _ => unreachable!(),
         }
         if !matches!(case, "end_requests" | "abort") {
-            wait_for("the connection sees its peer's end", PATIENCE, || {
+            wait_for("the connection sees its peer's end", LIMIT, || {
                 conn.status().ended.is_some()
             });
         }
@@ -621,7 +563,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
             conn.submit(ECHO, 0, b"after").map(|_| ()),
             conn.try_submit(ECHO, 0, b"after").map(|_| ()),
             conn.submit_on(3, ECHO, 0, b"after").map(|_| ()),
-            conn.call_timeout(ECHO, 0, b"after", PATIENCE).map(|_| ()),
+            conn.call_timeout(ECHO, 0, b"after", LIMIT).map(|_| ()),
         ] {
             match res {
                 Err(err @ Error::Closed) => assert!(!err.was_sent()),
@@ -632,7 +574,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
         if case == "end_requests" {
             peer.send(&Packet::eof());
         }
-        let _ = conn.close_timeout(PATIENCE);
+        let _ = conn.close_timeout(LIMIT);
         // What reached the peer: control packets only, never a request.
         let mut packets = Vec::new();
         while let Ok(Some(packet)) = peer.try_recv() {
@@ -665,7 +607,7 @@ fn written_requests_are_lost_and_unwritten_ones_unsent_for_every_ending() {
             .map(|n| conn.submit(ECHO, n, b"written").unwrap())
             .collect();
         flush(&conn, &written[3]);
-        wait_for("the peer has the four requests", PATIENCE, || {
+        wait_for("the peer has the four requests", LIMIT, || {
             wire.request_tags().len() == 4
         });
         // The grace never runs out and nobody waits: these stay queued.
@@ -686,7 +628,7 @@ fn written_requests_are_lost_and_unwritten_ones_unsent_for_every_ending() {
                 other => panic!("{ending:?}: a request never written: {other:?}"),
             }
         }
-        let _ = conn.close_timeout(PATIENCE);
+        let _ = conn.close_timeout(LIMIT);
         drop(conn);
         let (packets, _) = wire.finish();
         let on_wire = request_tags(&packets);
@@ -726,9 +668,9 @@ fn requests_queued_when_this_end_closes_and_the_peer_ends_are_not_unsent_if_writ
         .collect();
     let closer = {
         let conn = Arc::clone(&conn);
-        thread::spawn(move || conn.close_timeout(PATIENCE))
+        thread::spawn(move || conn.close_timeout(LIMIT))
     };
-    wait_for("the close begins", PATIENCE, || conn.status().closing);
+    wait_for("the close begins", LIMIT, || conn.status().closing);
     let mut raw = b;
     raw.write_all(&wire(&Packet::eof())).unwrap();
     let outcomes: Vec<_> = queued.iter().map(settled).collect();
@@ -828,7 +770,7 @@ fn unsent_never_names_a_request_that_reached_the_wire_under_concurrent_submitter
             thread::sleep(ms(2 + 4 * round));
             ending.end_raw(&conn, &mut raw);
             let results = join_all("the submitters", submitters);
-            let _ = conn.close_timeout(PATIENCE);
+            let _ = conn.close_timeout(LIMIT);
             let (packets, _) = wire.finish();
             let on_wire = request_tags(&packets);
             let erq_at = packets.iter().position(Packet::is_erq);
@@ -887,7 +829,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     let hooks = Hooks::default();
     let (conn, mut peer) = RawPeer::with_patience(
         hooks.on(Config::default().name(unique_name("status"))),
-        PATIENCE,
+        LIMIT,
     );
     let conn = Arc::new(conn);
     let status = conn.status();
@@ -902,7 +844,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     assert!(peer.recv_packet().is_erq());
 
     peer.send(&Packet::erq());
-    wait_for("the peer's ERQ is seen", PATIENCE, || {
+    wait_for("the peer's ERQ is seen", LIMIT, || {
         conn.status().peer_requests_ended && hooks.peer_erqs() == 1
     });
     let status = conn.status();
@@ -913,7 +855,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
         let conn = Arc::clone(&conn);
         thread::spawn(move || conn.close())
     };
-    wait_for("the close begins", PATIENCE, || conn.status().closing);
+    wait_for("the close begins", LIMIT, || conn.status().closing);
     assert!(peer.recv_packet().is_eof());
     let status = conn.status();
     assert!(
@@ -935,7 +877,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     // Once set, the ending never changes.
     conn.abort();
     assert_eq!(conn.status().ended, Some(Disconnect::PeerEof));
-    conn.close_timeout(PATIENCE).expect("still the orderly end");
+    conn.close_timeout(LIMIT).expect("still the orderly end");
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
     assert_eq!(hooks.peer_erqs(), 1);
 }
@@ -946,10 +888,10 @@ fn status_ends_with_each_reason_and_the_reason_never_changes() {
         let hooks = Hooks::default();
         let (conn, mut peer) = RawPeer::with_patience(
             hooks.on(Config::default().name(unique_name("ending"))),
-            PATIENCE,
+            LIMIT,
         );
         ending.end_raw(&conn, &mut peer.stream);
-        wait_for("the connection ends", PATIENCE, || {
+        wait_for("the connection ends", LIMIT, || {
             conn.status().ended.is_some()
         });
         let status = conn.status();
@@ -958,7 +900,7 @@ fn status_ends_with_each_reason_and_the_reason_never_changes() {
             !status.is_open() && status.requests_ended && status.closing,
             "{ending:?}: {status:?}"
         );
-        let res = conn.close_timeout(PATIENCE);
+        let res = conn.close_timeout(LIMIT);
         match (ending, &res) {
             (Ending::PeerEof, Ok(())) => {}
             (Ending::StreamEnded, Err(Error::ConnectionLost(Disconnect::StreamEnded))) => {}
@@ -1194,11 +1136,11 @@ fn on_end_for_every_constructor(ending: Ending) {
         let res = match ending {
             Ending::PeerEof => {
                 let served = far.serve();
-                let rsp = conn.call_timeout(ECHO, 9, b"hi", PATIENCE).unwrap();
+                let rsp = conn.call_timeout(ECHO, 9, b"hi", LIMIT).unwrap();
                 assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"hi"[..]));
                 let res = close(&conn);
                 match served {
-                    Ok(served) => served.close_timeout(PATIENCE).unwrap(),
+                    Ok(served) => served.close_timeout(LIMIT).unwrap(),
                     Err(child) => {
                         assert!(reap(child).success(), "{ctor:?}: the child ends in order")
                     }
@@ -1286,7 +1228,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
     let hooks = Hooks::default();
     let (conn, mut peer) = RawPeer::with_patience(
         hooks.on(Config::default().name(unique_name("erq")).handler(echo)),
-        PATIENCE,
+        LIMIT,
     );
     // A request and its answer: no ERQ yet.
     peer.request(2, ECHO, b"one");
@@ -1295,7 +1237,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
     assert_eq!(hooks.peer_erqs(), 0);
     assert!(!conn.status().peer_requests_ended);
     peer.send(&Packet::erq());
-    wait_for("the hook runs", PATIENCE, || hooks.peer_erqs() == 1);
+    wait_for("the hook runs", LIMIT, || hooks.peer_erqs() == 1);
     assert!(conn.status().peer_requests_ended);
     // A request after ERQ is refused; the hook does not run again.
     peer.request(3, ECHO, b"late");
@@ -1305,7 +1247,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
         PacketKind::Response { ok: false, .. }
     ));
     peer.send(&Packet::eof());
-    conn.close_timeout(PATIENCE).unwrap();
+    conn.close_timeout(LIMIT).unwrap();
     assert_eq!(hooks.peer_erqs(), 1);
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
 }
@@ -1336,7 +1278,7 @@ fn a_request_is_served_while_one_read_with_it_holds_a_handler() {
     // A connection that has been serving a while: its handler threads are
     // idle, parked, not still starting.
     for _ in 0..3 {
-        client.call_timeout(ECHO, 0, b"warm", PATIENCE).unwrap();
+        client.call_timeout(ECHO, 0, b"warm", LIMIT).unwrap();
     }
     thread::sleep(ms(50));
     let held = client.submit(STUCK, 0, b"").unwrap();
@@ -1344,8 +1286,8 @@ fn a_request_is_served_while_one_read_with_it_holds_a_handler() {
     let res = quick.wait_timeout(HANG);
     gate.open();
     outcome(&held).unwrap();
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
     match res {
         Ok(rsp) => assert_eq!(rsp.payload, b"quick"),
         Err(err) => panic!(
@@ -1439,12 +1381,12 @@ fn call_timeout_names_its_request_and_waits_about_its_deadline() {
     for pending in &held {
         outcome(pending).unwrap();
     }
-    client.call_timeout(ECHO, 0, b"after", PATIENCE).unwrap();
-    wait_for("nothing is left pending", PATIENCE, || {
+    client.call_timeout(ECHO, 0, b"after", LIMIT).unwrap();
+    wait_for("nothing is left pending", LIMIT, || {
         client.stats().pending == 0
     });
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 /// A typed request the gated server holds.
@@ -1471,8 +1413,8 @@ fn request_timeout_names_the_typed_request() {
     );
     assert!(err.to_string().contains("(rq_type 13)"), "{err}");
     gate.open();
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 /// `call_timeout` on its own thread: its result and how long it took. The
@@ -1488,7 +1430,7 @@ fn timed_call(
         Timed::Done(res, took) => (res, took),
         Timed::Stuck(running) => {
             conn.abort();
-            let _ = running.finish_within(PATIENCE);
+            let _ = running.finish_within(LIMIT);
             panic!(
                 "call_timeout({timeout:?}) was still blocked after {:?}",
                 timeout + HANG
@@ -1516,8 +1458,7 @@ fn call_timeout_meets_its_deadline_when_the_peer_never_reads() {
     let mut lines = Vec::new();
 
     // Nothing written yet.
-    let (conn, peer) =
-        RawPeer::with_patience(Config::default().name(unique_name("deaf")), PATIENCE);
+    let (conn, peer) = RawPeer::with_patience(Config::default().name(unique_name("deaf")), LIMIT);
     let conn = Arc::new(conn);
     let (res, took) = timed_call(&conn, DEADLINE);
     assert!(res.unwrap_err().is_timeout());
@@ -1539,7 +1480,7 @@ fn call_timeout_meets_its_deadline_when_the_peer_never_reads() {
         Config::default()
             .name(unique_name("full"))
             .max_queued_bytes(256 << 10),
-        PATIENCE,
+        LIMIT,
     );
     let conn = Arc::new(conn);
     let writer = blocked_writer(&conn);
@@ -1654,28 +1595,26 @@ fn every_log_line_names_its_connection() {
     )
     .unwrap();
     // Requests and answers both ways, ok and not ok.
-    log_a.request_timeout(&Ping, PATIENCE).unwrap();
-    log_b.call_timeout(ECHO, 0, b"b to a", PATIENCE).unwrap();
-    assert!(log_b.call_timeout(FAIL, 0, b"", PATIENCE).is_err());
-    assert!(log_a.call_timeout(77, 0, b"", PATIENCE).is_err());
+    log_a.request_timeout(&Ping, LIMIT).unwrap();
+    log_b.call_timeout(ECHO, 0, b"b to a", LIMIT).unwrap();
+    assert!(log_b.call_timeout(FAIL, 0, b"", LIMIT).is_err());
+    assert!(log_a.call_timeout(77, 0, b"", LIMIT).is_err());
     // logC has no handler: it refuses logD's request.
     let (c, d) = UnixStream::pair().unwrap();
     let log_c = PacketConnection::from_unix_stream(c, Config::default().name("logC")).unwrap();
     let log_d = PacketConnection::from_unix_stream(d, Config::default().name("logD").handler(echo))
         .unwrap();
-    log_c.call_timeout(ECHO, 0, b"c to d", PATIENCE).unwrap();
-    let refused = log_d
-        .call_timeout(ECHO, 0, b"d to c", PATIENCE)
-        .unwrap_err();
+    log_c.call_timeout(ECHO, 0, b"c to d", LIMIT).unwrap();
+    let refused = log_d.call_timeout(ECHO, 0, b"d to c", LIMIT).unwrap_err();
     assert_eq!(
         refused.failure_reason().as_deref(),
         Some("no request handler")
     );
     for conn in [&log_a, &log_c] {
-        conn.close_timeout(PATIENCE).unwrap();
+        conn.close_timeout(LIMIT).unwrap();
     }
     for conn in [&log_b, &log_d] {
-        conn.close_timeout(PATIENCE).unwrap();
+        conn.close_timeout(LIMIT).unwrap();
     }
     *LOG_WATCHED.lock().unwrap() = None;
     let lines = std::mem::take(&mut *LOG_LINES.lock().unwrap());
@@ -1822,19 +1761,19 @@ fn three_connections_in_a_row_over_streams_the_caller_keeps() {
                 Config::default().name(unique_name("far")).handler(echo),
             );
             let rsp = near
-                .call_timeout(ECHO, round, b"near to far", PATIENCE)
+                .call_timeout(ECHO, round, b"near to far", LIMIT)
                 .unwrap();
             assert_eq!(
                 (rsp.flags, rsp.payload.as_slice()),
                 (round, &b"near to far"[..])
             );
             let rsp = far
-                .call_timeout(ECHO, round, b"far to near", PATIENCE)
+                .call_timeout(ECHO, round, b"far to near", LIMIT)
                 .unwrap();
             assert_eq!(rsp.payload, b"far to near");
-            near.close_timeout(PATIENCE)
+            near.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: near close: {e:?}"));
-            far.close_timeout(PATIENCE)
+            far.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: far close: {e:?}"));
             // The near end cannot be given bytes back: none may be left.
             assert!(near.take_unread().is_empty(), "{what} round {round}");
@@ -1848,7 +1787,7 @@ fn three_connections_in_a_row_over_streams_the_caller_keeps() {
 #[test]
 fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     let (a, mut raw) = UnixStream::pair().unwrap();
-    raw.set_read_timeout(Some(PATIENCE)).unwrap();
+    raw.set_read_timeout(Some(LIMIT)).unwrap();
     let kept = Kept::Socket(a);
     let first = kept.connect(
         Vec::new(),
@@ -1863,7 +1802,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     burst.extend_from_slice(&next_first);
     burst.extend_from_slice(&next_second[..half]);
     raw.write_all(&burst).unwrap();
-    first.close_timeout(PATIENCE).unwrap();
+    first.close_timeout(LIMIT).unwrap();
     let mut expected = next_first.clone();
     expected.extend_from_slice(&next_second[..half]);
     assert_eq!(first.take_unread(), expected);
@@ -1875,7 +1814,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     );
     let wire = Wire::record(raw.try_clone().unwrap());
     raw.write_all(&next_second[half..]).unwrap();
-    wait_for("the next connection answers both", PATIENCE, || {
+    wait_for("the next connection answers both", LIMIT, || {
         let packets = wire.packets();
         [2, 3].iter().all(|tag| {
             packets
@@ -1884,7 +1823,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
         })
     });
     raw.write_all(&wire_bytes_eof()).unwrap();
-    next.close_timeout(PATIENCE).unwrap();
+    next.close_timeout(LIMIT).unwrap();
     drop(next);
     drop(kept);
     let (packets, partial) = wire.finish();
@@ -1944,7 +1883,7 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
         let mut read_ahead = 0;
         let mut unread_bytes = 0;
         for round in 0..ROUNDS {
-            b.call_timeout(ECHO, round, b"b to a", PATIENCE).unwrap();
+            b.call_timeout(ECHO, round, b"b to a", LIMIT).unwrap();
             // A's requests from the start of its connection, answered by
             // B's next connection from the bytes it was handed.
             for p in pending.drain(..) {
@@ -1953,14 +1892,14 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
                 assert_eq!(rsp.payload, b"from the start");
             }
             a.end_requests();
-            wait_for("B's receive thread is held", PATIENCE, || {
+            wait_for("B's receive thread is held", LIMIT, || {
                 stalls.load(Ordering::SeqCst) as u64 == round + 1
             });
             let closer = {
                 let b = Arc::clone(&b);
-                thread::spawn(move || (b.close_timeout(PATIENCE), b.take_unread()))
+                thread::spawn(move || (b.close_timeout(LIMIT), b.take_unread()))
             };
-            a.close_timeout(PATIENCE)
+            a.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: A's close: {e:?}"));
             let a_unread = a.take_unread();
             a = a_kept.connect(a_unread, a_config());
@@ -1978,8 +1917,8 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
         for p in pending.drain(..) {
             assert_eq!(outcome(&p).unwrap().payload, b"from the start");
         }
-        a.close_timeout(PATIENCE).unwrap();
-        b.close_timeout(PATIENCE).unwrap();
+        a.close_timeout(LIMIT).unwrap();
+        b.close_timeout(LIMIT).unwrap();
         report(format!(
             "{what}: {read_ahead} of {ROUNDS} closes read past the peer's EOF \
              ({unread_bytes} bytes handed on)"
@@ -2026,7 +1965,7 @@ fn abort_unblocks_the_peer(ctor: Ctor) -> Option<String> {
     // Unstick what is still blocked, then join.
     opened.far.shutdown();
     join_all("the peer's read", vec![handle]);
-    let _ = opened.conn.close_timeout(PATIENCE);
+    let _ = opened.conn.close_timeout(LIMIT);
     if let Some(path) = &opened.socket_path {
         let _ = std::fs::remove_file(path);
     }

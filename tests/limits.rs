@@ -5,30 +5,17 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, proc_status, report, request, threads_named, unique_name, wait_for, within};
+use common::{
+    isolated, ms, proc_status, report, request, serial, threads_named, unique_name, wait_for, wire,
+    within, LIMIT,
+};
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
     Server, ServerConfig,
 };
-
-/// How long any one step may take before it counts as a hang.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// The tests that measure time or memory run one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    packet.encode_into(&mut bytes);
-    bytes
-}
 
 /// BIG: a reply of the payload's decimal number of bytes.
 const BIG: u64 = 7;
@@ -41,48 +28,17 @@ fn big_replies(rq: Request) -> HandlerResult {
 // ---------------------------------------------------------------------------
 // Memory.
 
-const ISOLATED_ENV: &str = "PACKETSTREAM_ISOLATED";
-
-/// True in the copy of this binary that runs `test` alone, for a clean
-/// measure of the process's memory; in the normal run, runs that copy and
-/// returns false.
-fn isolated(test: &str) -> bool {
-    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
-        return true;
-    }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--test-threads=1", "--nocapture"])
-        .env(ISOLATED_ENV, test)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE * 4;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{test} did not finish in time");
-        }
-        thread::sleep(ms(20));
-    };
-    assert!(status.success(), "{test}: {status}");
-    false
-}
-
 #[test]
 fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
     const TEST: &str = "a_peer_that_never_reads_cannot_grow_memory_past_the_budget";
-    if !isolated(TEST) {
+    if !isolated(TEST, LIMIT * 4) {
         return;
     }
     const REQUESTS: u64 = 10_000;
     const REPLY: usize = 256 << 10;
     const BUDGET: u64 = 8 << 20;
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     // Default settings: a budget of 8 MiB. The peer is scripted: no hello.
     let config = Config::default().handler(big_replies).extensions(false);
     let conn = PacketConnection::from_unix_stream(a, config).unwrap();
@@ -101,7 +57,7 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
         writer.write_all(&bytes)
     });
     within("the requests sent", move || sender.join().unwrap()).unwrap();
-    wait_for("every request answered or refused", PATIENCE, || {
+    wait_for("every request answered or refused", LIMIT, || {
         let stats = conn.stats();
         stats.replies_ok + stats.replies_failed == REQUESTS
     });
@@ -164,7 +120,7 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
 /// scripts the base protocol: the connection's extensions are off.
 fn socket_pair(config: Config) -> (PacketConnection, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
-    b.set_read_timeout(Some(PATIENCE)).unwrap();
+    b.set_read_timeout(Some(LIMIT)).unwrap();
     let config = config.extensions(false);
     (PacketConnection::from_unix_stream(a, config).unwrap(), b)
 }
@@ -184,9 +140,9 @@ fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
     // Half of a packet, then nothing.
     let bytes = wire(&request(2, 1, 0, &[7; 100]));
     peer.write_all(&bytes[..50]).unwrap();
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Silent));
-    let res = pending.wait_timeout(PATIENCE);
+    let res = pending.wait_timeout(LIMIT);
     assert!(
         matches!(
             res,
@@ -257,9 +213,9 @@ fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
     assert_eq!(ended(&conn), None, "idle while a request was pending");
     peer.write_all(&wire(&common::response(tag, true, 0, b"a")))
         .unwrap();
-    assert_eq!(pending.wait_timeout(PATIENCE).unwrap().payload, b"a");
+    assert_eq!(pending.wait_timeout(LIMIT).unwrap().payload, b"a");
     // Now nothing is pending and nothing comes.
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Idle));
     assert!(matches!(conn.submit(1, 0, b""), Err(Error::Closed)));
 }
@@ -284,10 +240,10 @@ fn a_peer_that_stops_reading_ends_the_connection_as_stalled() {
             }
         }
     }
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Stalled));
     for p in pending {
-        let res = p.wait_timeout(PATIENCE);
+        let res = p.wait_timeout(LIMIT);
         assert!(
             matches!(
                 res,
@@ -322,10 +278,7 @@ fn timeouts_set_on_pipes_are_not_enforced_and_break_nothing() {
     .unwrap();
     thread::sleep(ms(300));
     assert_eq!((ended(&a), ended(&b)), (None, None));
-    assert_eq!(
-        a.call_timeout(1, 0, b"hi", PATIENCE).unwrap().payload,
-        b"hi"
-    );
+    assert_eq!(a.call_timeout(1, 0, b"hi", LIMIT).unwrap().payload, b"hi");
     within("closing both", move || {
         a.close().unwrap();
         b.join().unwrap();
@@ -375,7 +328,7 @@ fn stats_show_the_queue_depths_and_wait_drained_waits_for_the_low_water_mark() {
         }
         total
     });
-    conn.wait_drained(PATIENCE).unwrap();
+    conn.wait_drained(LIMIT).unwrap();
     assert!(conn.stats().queued_bytes <= 64 << 10);
     drop(pending);
     conn.abort();
@@ -393,10 +346,10 @@ fn good_client(addr: std::net::SocketAddr, secs: Duration) -> Vec<Duration> {
     let until = Instant::now() + secs;
     while Instant::now() < until {
         let t0 = Instant::now();
-        conn.call_timeout(1, 0, b"ping", PATIENCE).unwrap();
+        conn.call_timeout(1, 0, b"ping", LIMIT).unwrap();
         lat.push(t0.elapsed());
     }
-    conn.close_timeout(PATIENCE).unwrap();
+    conn.close_timeout(LIMIT).unwrap();
     lat
 }
 
@@ -439,7 +392,7 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
         .collect();
     // The first may be reclaimed before the last is accepted.
     let (mut threads_peak, mut rss_peak, mut held) = (0, 0, 0);
-    wait_for("every client accepted", PATIENCE, || {
+    wait_for("every client accepted", LIMIT, || {
         threads_peak = threads_peak.max(proc_status("Threads"));
         rss_peak = rss_peak.max(proc_status("VmRSS"));
         held = held.max(server.connections());
@@ -449,13 +402,13 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
     let mut attacked = good_client(addr, ms(500));
     wait_for(
         "the stalled clients reclaimed",
-        packet_timeout + PATIENCE,
+        packet_timeout + LIMIT,
         || server.connections() == 0,
     );
     let reclaimed = started.elapsed();
     for mut s in loris {
         // Each saw the server end: ERQ and EOF, then the end of the stream.
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
     }
@@ -475,8 +428,8 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
         "{threads_before} -> {threads_peak} threads"
     );
     assert!(!attacked.is_empty());
-    within("stopping", move || server.stop_timeout(PATIENCE).unwrap());
-    wait_for("the server's threads to end", PATIENCE, || {
+    within("stopping", move || server.stop_timeout(LIMIT).unwrap());
+    wait_for("the server's threads to end", LIMIT, || {
         threads_named(&name).is_empty()
     });
 }

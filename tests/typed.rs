@@ -17,7 +17,7 @@ use packetstream::{
     CONTROL_CHANNEL,
 };
 
-use common::{threads_named, wait_for, within, LIMIT};
+use common::{close_both, pair_with, threads_named, wait_for, within, LIMIT};
 
 /// The service's context: a running total, and a hook to hold a request
 /// in its handler.
@@ -137,21 +137,13 @@ fn dispatcher(ctx: Arc<Total>) -> Dispatcher<Total> {
 
 fn typed_pair() -> (PacketConnection, PacketConnection, Arc<Total>) {
     let ctx = Arc::new(Total::default());
-    let (a, b) = UnixStream::pair().unwrap();
-    let config = Config::default()
-        .name("typed-server")
-        .handler(dispatcher(Arc::clone(&ctx)));
-    let server = PacketConnection::from_unix_stream(b, config).unwrap();
-    let client =
-        PacketConnection::from_unix_stream(a, Config::default().name("typed-client")).unwrap();
+    let (client, server) = pair_with(
+        Config::default().name("typed-client"),
+        Config::default()
+            .name("typed-server")
+            .handler(dispatcher(Arc::clone(&ctx))),
+    );
     (client, server, ctx)
-}
-
-fn close_both(client: PacketConnection, server: PacketConnection) {
-    within("closing both ends", move || {
-        client.close_timeout(LIMIT).unwrap();
-        server.close_timeout(LIMIT).unwrap();
-    });
 }
 
 fn failed(err: Error) -> (u64, String) {
@@ -172,7 +164,7 @@ fn typed_calls_return_typed_responses() {
         text: "żółw".into(),
     };
     assert_eq!(client.request(&note).unwrap(), "k=żółw");
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -182,7 +174,7 @@ fn unknown_rq_type_gets_a_not_ok_reply_naming_it() {
     assert_eq!((flags, reason.as_str()), (0, "unknown rq_type 42"));
     let (flags, reason) = failed(client.call(1000, 0, b"").unwrap_err());
     assert_eq!((flags, reason.as_str()), (0, "unknown rq_type 1000"));
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -194,7 +186,7 @@ fn a_failure_from_fulfil_reaches_the_caller_with_its_flags_and_reason() {
     assert_eq!((flags, reason.as_str()), (0, "far too much"));
     // The connection goes on after a failure.
     assert_eq!(client.request(&Add(1)).unwrap(), 1);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -213,7 +205,7 @@ fn an_undecodable_request_payload_is_refused_naming_the_type() {
         reason,
         "Add (rq_type 1): cannot decode payload: 1 unexpected bytes after offset 1"
     );
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -227,7 +219,7 @@ fn a_response_of_the_wrong_shape_is_a_decode_error_naming_the_request() {
         ),
         other => panic!("expected a decode error, got {other:?}"),
     }
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -235,7 +227,7 @@ fn request_flags_travel_both_ways() {
     let (client, server, _) = typed_pair();
     assert_eq!(client.request(&Shout { level: 21 }).unwrap(), 42);
     assert_eq!(client.request(&Shout { level: 0 }).unwrap(), 0);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -264,7 +256,7 @@ fn many_submitted_requests_each_get_their_own_typed_response() {
     totals.sort_unstable();
     assert_eq!(totals, (1..=100).collect::<Vec<u64>>());
     assert_eq!(ctx.sum.load(Ordering::SeqCst), 100);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 fn tcp_server(name: &str, max_connections: usize) -> (Server, std::net::SocketAddr, Arc<Total>) {
@@ -470,5 +462,5 @@ fn request_handler_and_typed_clients_mix_on_one_connection() {
     .unwrap();
     let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
     assert_eq!(client.request(&Add(4)).unwrap(), 40);
-    close_both(client, server);
+    close_both(&client, &server);
 }
