@@ -6,11 +6,11 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use common::child::{self, child_fixture, Mode};
 use common::*;
 use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Response};
 
@@ -170,46 +170,23 @@ fn round_trips_concurrency_and_two_way_traffic_over_tcp_loopback() {
     every_scenario(Transport::Tcp);
 }
 
-/// Builds the demo example (a child that serves over its stdin/stdout) with
-/// the same profile as this test, and returns its path.
-fn demo_binary() -> std::path::PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().unwrap().parent().unwrap();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "--example", "demo"]);
-    if profile_dir.file_name().unwrap() == "release" {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the demo example failed");
-    profile_dir.join("examples").join("demo")
-}
+child_fixture!();
 
 #[test]
 fn round_trips_and_concurrency_with_a_child_process() {
-    let mut child = Command::new(demo_binary())
-        .arg("serve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = child::spawn(Mode::Serve);
+    child::skip_to_ready(&mut child);
     let client = PacketConnection::from_child(&mut child, Config::default()).unwrap();
-    // The demo's ECHO is rq_type 1, as here. The demo child only serves, so
-    // two-way traffic is covered by the in-process transports.
+    // The child only serves, so two-way traffic is covered by the
+    // in-process transports.
     exercise_round_trips(&client);
     let client = Arc::new(client);
     ten_threads_submit_a_thousand_each(&client);
     let err = client.call(99, 0, b"").unwrap_err();
     assert!(matches!(err, Error::Failed { .. }), "{err:?}");
-    let client = Arc::try_unwrap(client).unwrap();
-    within("close and child exit", move || {
-        client.close().unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "child exited with {status}");
-    });
+    client.close_timeout(LIMIT).unwrap();
+    let status = child::reap(child);
+    assert!(status.success(), "child exited with {status}");
 }
 
 #[test]

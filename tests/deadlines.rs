@@ -18,10 +18,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::child::{self, child_fixture, half_response, Mode};
 use common::{
-    body_len, echo, ms, pair, report, request, response, serial, spawn_self, timed, unique_name,
-    wait_for, wire, within_or, Gate, RawPeer, Running, SkipPast, Timed, DEADLINE, ECHO, HANG,
-    LIMIT, SLACK, SLEEP,
+    body_len, echo, ms, pair, report, request, response, serial, timed, unique_name, wait_for,
+    wire, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD, LIMIT, SLACK,
+    SLEEP,
 };
 use packetstream::{
     Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
@@ -33,18 +34,16 @@ const TRY_BOUND: Duration = Duration::from_secs(1);
 
 /// A reply of `flags` bytes.
 const BIG: u64 = 5;
-/// Waits at the test's gate, then echoes.
-const STUCK: u64 = 6;
 /// A reply of flags `flags` and as many bytes as the payload's decimal text
 /// says.
 const SIZED: u64 = 7;
 
-/// ECHO echoes, BIG replies with `flags` bytes, STUCK waits at `gate` and
+/// ECHO echoes, BIG replies with `flags` bytes, HOLD waits at `gate` and
 /// then echoes, SIZED replies with the size and flags asked for.
 fn gated_service(gate: Gate) -> impl Fn(Request) -> HandlerResult + Send + Sync + 'static {
     move |rq: Request| match rq.rq_type {
         BIG => Ok(Reply::payload(vec![0x5a; rq.flags as usize])),
-        STUCK => {
+        HOLD => {
             gate.pass();
             echo(rq)
         }
@@ -57,14 +56,6 @@ fn gated_service(gate: Gate) -> impl Fn(Request) -> HandlerResult + Send + Sync 
         }
         _ => echo(rq),
     }
-}
-
-/// The first half of an ok response to tag 2, the first tag a connection
-/// uses: the rest never comes.
-fn half_response() -> Vec<u8> {
-    let mut bytes = wire(&response(2, true, 0, &[0x33; 200]));
-    bytes.truncate(bytes.len() / 2);
-    bytes
 }
 
 /// The lines, at most ten of them, then how many more there were.
@@ -93,52 +84,7 @@ fn shown<T: Debug>(res: &T) -> String {
 // ---------------------------------------------------------------------------
 // The far end of a connection under test, over each transport.
 
-/// Set in the environment of a copy of this test binary that plays the far
-/// end of a link over its standard input and output.
-const CHILD_ENV: &str = "PACKETSTREAM_DEADLINES_CHILD";
-/// What the child writes before its first byte of the stream, after the
-/// test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-DEADLINES-CHILD-READY\n";
-
-/// The child's side, one of the far ends of [`Far`], chosen by
-/// [`CHILD_ENV`]. Does nothing in a normal test run.
-#[test]
-fn child_peer() {
-    let Some(mode) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    match mode.to_str().unwrap() {
-        "idle" => {}
-        "half" => stdout.write_all(&half_response()).unwrap(),
-        "ask" => {
-            stdout
-                .write_all(&wire(&request(2, STUCK, 0, b"hold")))
-                .unwrap();
-            stdout.flush().unwrap();
-            std::process::exit(0);
-        }
-        "stuck" => {
-            stdout.flush().unwrap();
-            drop(stdout);
-            let config = Config::default()
-                .name("child")
-                .handler(|_: Request| -> HandlerResult {
-                    thread::sleep(LIMIT);
-                    Ok(().into())
-                });
-            let conn = PacketConnection::stdio(config).unwrap();
-            let _ = conn.join();
-            std::process::exit(0);
-        }
-        other => panic!("unknown child mode {other}"),
-    }
-    stdout.flush().unwrap();
-    // Reads nothing and sends nothing more until killed.
-    thread::sleep(LIMIT);
-    std::process::exit(0);
-}
+child_fixture!();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
@@ -190,7 +136,7 @@ enum Far {
     /// A connection of this crate whose handler never returns (until the
     /// test opens the link's gate).
     StuckServer,
-    /// Sends one STUCK request, then closes its end.
+    /// Sends one HOLD request, then closes its end.
     AskThenLeave,
 }
 
@@ -267,15 +213,12 @@ impl Link {
             }
             Transport::Child => {
                 let mode = match far {
-                    Far::Idle => "idle",
-                    Far::HalfPacket => "half",
-                    Far::StuckServer => "stuck",
-                    Far::AskThenLeave => "ask",
+                    Far::Idle => Mode::Silent,
+                    Far::HalfPacket => Mode::HalfPacket,
+                    Far::StuckServer => Mode::Serve,
+                    Far::AskThenLeave => Mode::AskThenExit,
                 };
-                let mut child = spawn_self("child_peer", &[(CHILD_ENV, mode)]);
-                let stdout = SkipPast::new(child.stdout.take().unwrap(), CHILD_READY);
-                let stdin = child.stdin.take().unwrap();
-                let conn = PacketConnection::new(stdout, stdin, config).unwrap();
+                let (child, conn) = child::connect(mode, config);
                 return Link {
                     what,
                     conn: Arc::new(conn),
@@ -299,7 +242,7 @@ impl Link {
                 FarEnd::Conn(raw.into_conn(config))
             }
             Far::AskThenLeave => {
-                raw.write_all(&wire(&request(2, STUCK, 0, b"hold")));
+                raw.write_all(&wire(&request(2, HOLD, 0, b"hold")));
                 drop(raw);
                 FarEnd::Gone
             }
@@ -342,9 +285,8 @@ impl Link {
                     self.what
                 );
             }
-            FarEnd::Child(mut child) => {
-                let _ = child.kill();
-                let _ = child.wait();
+            FarEnd::Child(child) => {
+                child::kill(child);
             }
             FarEnd::Gone => {}
         }
@@ -515,7 +457,7 @@ fn requester(transport: Transport, condition: Condition) -> (Link, PendingRespon
         }
         Condition::HandlerNeverReturns => {
             let link = Link::new(transport, config, Far::StuckServer, gate.clone());
-            let pending = link.conn.submit(STUCK, 0, b"hold").unwrap();
+            let pending = link.conn.submit(HOLD, 0, b"hold").unwrap();
             if transport != Transport::Child {
                 gate.wait_entered(1, LIMIT);
             }
@@ -637,7 +579,7 @@ fn stop_timeout_cell(listen: Listen, condition: Condition) -> Cell {
             client.write_all(&bytes);
         }
         Condition::HandlerNeverReturns => {
-            client.write_all(&wire(&request(2, STUCK, 0, b"hold")));
+            client.write_all(&wire(&request(2, HOLD, 0, b"hold")));
             gate.wait_entered(1, LIMIT);
         }
         Condition::WriterBlockedInKernel => {
@@ -896,7 +838,7 @@ fn wait_timeout_meets_its_deadline_when_the_peer_never_reads() {
 // ---------------------------------------------------------------------------
 // close_timeout and Server::stop_timeout with a handler that does not return.
 
-/// A connection whose handler holds the raw peer's STUCK request.
+/// A connection whose handler holds the raw peer's HOLD request.
 fn stuck_handler_link() -> (Arc<PacketConnection>, RawPeer, Gate, String) {
     let gate = Gate::new();
     let name = unique_name("sh");
@@ -906,7 +848,7 @@ fn stuck_handler_link() -> (Arc<PacketConnection>, RawPeer, Gate, String) {
             .handler(gated_service(gate.clone())),
         LIMIT,
     );
-    peer.request(2, STUCK, b"hold");
+    peer.request(2, HOLD, b"hold");
     gate.wait_entered(1, LIMIT);
     (Arc::new(conn), peer, gate, name)
 }
@@ -977,7 +919,7 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
     let server = Server::serve_tcp(listener, config).unwrap();
     // A well-behaved client whose request the handler holds.
     let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    let pending = client.submit(STUCK, 0, b"hold").unwrap();
+    let pending = client.submit(HOLD, 0, b"hold").unwrap();
     gate.wait_entered(1, LIMIT);
     let timeout = ms(500);
     let (elapsed, res) = run_call(

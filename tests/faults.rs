@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::child::{self, child_fixture, Mode};
 use common::{
-    assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer, LIMIT,
+    assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer, LIMIT, SLEEP,
 };
 use packetstream::{
     Config, Disconnect, Error, OnClose, Packet, PacketConnection, PacketKind, Reply, Request,
@@ -502,72 +503,7 @@ fn a_fault_at_every_byte_offset_of_a_scripted_exchange_loses_nothing_and_hangs_n
 // ---------------------------------------------------------------------------
 // A child-process peer killed mid-stream.
 
-/// Set in the environment of a copy of this test binary that serves echo
-/// over its standard input and output.
-const CHILD_ENV: &str = "PACKETSTREAM_FAULTS_CHILD";
-/// What the child writes on its standard output before its first packet,
-/// after the test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-CHILD-READY\n";
-
-/// The child's side: serves echo with [`PacketConnection::stdio`] until its
-/// parent closes, or kills it. Does nothing in a normal test run.
-#[test]
-fn child_echo_server() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    stdout.flush().unwrap();
-    // Each request takes a little while, so that the parent's kill lands
-    // in the middle of the exchange.
-    let slow_echo = |rq: Request| {
-        thread::sleep(Duration::from_micros(100));
-        echo(rq)
-    };
-    let config = Config::default().name("child").handler(slow_echo);
-    let conn = PacketConnection::stdio(config).unwrap();
-    let res = conn.join();
-    std::process::exit(i32::from(res.is_err()));
-}
-
-/// Reads the child's standard output, dropping everything up to and
-/// including [`CHILD_READY`].
-struct AfterReady<R> {
-    inner: R,
-    ready: bool,
-}
-
-impl<R: Read> Read for AfterReady<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut seen = Vec::new();
-        while !self.ready {
-            let mut byte = [0u8];
-            if self.inner.read(&mut byte)? == 0 {
-                return Ok(0);
-            }
-            seen.push(byte[0]);
-            self.ready = seen.ends_with(CHILD_READY);
-        }
-        self.inner.read(buf)
-    }
-}
-
-fn spawn_child() -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_echo_server",
-            "--exact",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
+child_fixture!();
 
 #[test]
 fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
@@ -582,14 +518,8 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         // Kill once this many replies have arrived: from before the first
         // to after the last.
         let kill_after = rng % (N + 1);
-        let mut child = spawn_child();
         let name = unique_name("ck");
-        let stdout = AfterReady {
-            inner: child.stdout.take().unwrap(),
-            ready: false,
-        };
-        let stdin = child.stdin.take().unwrap();
-        let conn = PacketConnection::new(stdout, stdin, Config::default().name(&name)).unwrap();
+        let (child, conn) = child::connect(Mode::Serve, Config::default().name(&name));
         let child = Mutex::new(child);
         let what = format!("trial {trial}, kill after {kill_after} replies");
         let outcomes = thread::scope(|s| {
@@ -602,9 +532,10 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
             });
             let mut outcomes = Vec::new();
             let mut pending = Vec::new();
+            // Each request takes a little while, 0.1 ms, so that the kill
+            // lands in the middle of the exchange.
             for idx in 0..N {
-                let payload = idx.to_le_bytes();
-                match conn.submit(1, idx, &payload) {
+                match conn.submit(SLEEP, idx, b"0.1") {
                     Ok(p) => pending.push((idx, p)),
                     Err(e) => outcomes.push(Err(e)),
                 }
@@ -612,7 +543,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
             for (idx, p) in pending {
                 let res = p.wait_timeout(LIMIT);
                 if let Ok(rsp) = &res {
-                    assert_eq!(rsp.payload, idx.to_le_bytes(), "{what}");
+                    assert_eq!(rsp.flags, idx, "{what}: the reply to another request");
                 }
                 outcomes.push(res);
             }
@@ -636,7 +567,7 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
             !matches!(res, Err(Error::Timeout { .. })),
             "{what}: close timed out"
         );
-        let status = child.into_inner().unwrap().wait().unwrap();
+        let status = child::reap(child.into_inner().unwrap());
         assert!(!status.success(), "{what}: {status}");
         assert_threads_gone(&name, LIMIT);
         tally.trials += 1;

@@ -12,16 +12,17 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, ExitStatus};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
+use common::child::{self, child_fixture, Mode};
 use common::{
-    bad_control, decode_all, echo, join_all, ms, pair, report, serial, spawn_self, timed,
-    unique_name, wait_for, wire, within, Gate, RawPeer, SkipPast, Timed, DEADLINE, ECHO, FAIL,
-    HANG, LIMIT, SLACK,
+    bad_control, decode_all, echo, join_all, ms, pair, report, serial, timed, unique_name,
+    wait_for, wire, within, Gate, RawPeer, Timed, DEADLINE, ECHO, EXIT, FAIL, HANG, HOLD, LIMIT,
+    QUIT, SLACK,
 };
 use packetstream::{
     impl_payload, Config, Disconnect, Dispatcher, Error, Fulfil, HandlerError, HandlerResult,
@@ -29,12 +30,6 @@ use packetstream::{
     RequestType, Response,
 };
 
-/// The child sleeps in its handler and never answers.
-const HOLD: u64 = 10;
-/// The child exits with status 3, once the trigger file exists.
-const EXIT: u64 = 11;
-/// The child answers, then closes its connection in order.
-const QUIT: u64 = 12;
 /// Waits at the test's gate, then echoes.
 const STUCK: u64 = 13;
 
@@ -197,125 +192,12 @@ impl Wire {
 // A copy of this test binary as the far end, over its standard input and
 // output.
 
-/// Set in the environment of a copy of this test binary that plays a far
-/// end; its value is the mode.
-const CHILD_ENV: &str = "PACKETSTREAM_LIFECYCLE_CHILD";
-/// The file whose appearance lets the child's EXIT handler exit.
-const TRIGGER_ENV: &str = "PACKETSTREAM_LIFECYCLE_TRIGGER";
-/// What the child writes before its first byte of the stream, after the
-/// test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-LIFECYCLE-CHILD-READY\n";
-
-/// The child's side, chosen by [`CHILD_ENV`]: `serve` serves its parent
-/// with `PacketConnection::stdio`; `exit_now` exits before it says a word;
-/// `garbage` sends a malformed packet and then nothing. Does nothing in a
-/// normal test run.
-#[test]
-fn lifecycle_child() {
-    let Some(mode) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let mode = mode.into_string().unwrap();
-    if mode == "exit_now" {
-        std::process::exit(0);
-    }
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    if mode == "garbage" {
-        stdout.write_all(&wire(&bad_control())).unwrap();
-    }
-    stdout.flush().unwrap();
-    drop(stdout);
-    match mode.as_str() {
-        "serve" => serve_parent(),
-        "garbage" => {
-            thread::sleep(LIMIT);
-            std::process::exit(0);
-        }
-        other => panic!("unknown child mode {other}"),
-    }
-}
-
-/// Serves the parent until it asks to QUIT (then closes in order), the
-/// connection ends, or EXIT's trigger appears.
-fn serve_parent() -> ! {
-    // true: close now; false: the connection has ended.
-    let (tx, rx) = mpsc::channel::<bool>();
-    let quit = tx.clone();
-    let trigger = std::env::var_os(TRIGGER_ENV).map(PathBuf::from);
-    let config = Config::default()
-        .name("child")
-        .handler(move |rq: Request| -> HandlerResult {
-            match rq.rq_type {
-                HOLD => {
-                    thread::sleep(LIMIT);
-                    Ok(().into())
-                }
-                EXIT => {
-                    let trigger = trigger.as_ref().ok_or("no trigger file")?;
-                    let deadline = Instant::now() + LIMIT;
-                    while !trigger.exists() && Instant::now() < deadline {
-                        thread::sleep(ms(1));
-                    }
-                    std::process::exit(3);
-                }
-                QUIT => {
-                    let _ = quit.send(true);
-                    Ok(().into())
-                }
-                _ => echo(rq),
-            }
-        })
-        .on_end(move |_| {
-            let _ = tx.send(false);
-        });
-    let conn = PacketConnection::stdio(config).unwrap();
-    match rx.recv_timeout(LIMIT) {
-        Ok(true) => {
-            let _ = conn.close();
-        }
-        Ok(false) => {
-            let _ = conn.join();
-        }
-        Err(_) => std::process::exit(1),
-    }
-    std::process::exit(0)
-}
+child_fixture!();
 
 /// A child in `mode`, and a connection to it with `new` over its pipes.
-fn start_child(mode: &str, env: &[(&str, &str)], config: Config) -> (Child, Arc<PacketConnection>) {
-    let mut vars = vec![(CHILD_ENV, mode)];
-    vars.extend_from_slice(env);
-    let mut child = spawn_self("lifecycle_child", &vars);
-    let recv = SkipPast::new(child.stdout.take().unwrap(), CHILD_READY);
-    let send = child.stdin.take().unwrap();
-    let conn = PacketConnection::new(recv, send, config).unwrap();
+fn start_child(mode: Mode, config: Config) -> (Child, Arc<PacketConnection>) {
+    let (child, conn) = child::connect(mode, config);
     (child, Arc::new(conn))
-}
-
-/// Reads the child's standard output up to its ready line, leaving the
-/// rest to whoever reads it next.
-fn skip_to_ready(child: &mut Child) {
-    let mut stdout = child.stdout.take().unwrap();
-    let stdout = within("the child says it is ready", move || {
-        let mut seen = Vec::new();
-        let mut byte = [0u8];
-        while !seen.ends_with(CHILD_READY) {
-            assert_eq!(stdout.read(&mut byte).unwrap(), 1, "child ended early");
-            seen.push(byte[0]);
-        }
-        stdout
-    });
-    child.stdout = Some(stdout);
-}
-
-fn reap(mut child: Child) -> ExitStatus {
-    within("the child exits", move || child.wait().unwrap())
-}
-
-fn kill(mut child: Child) -> ExitStatus {
-    let _ = child.kill();
-    reap(child)
 }
 
 fn temp_path(what: &str) -> PathBuf {
@@ -339,7 +221,7 @@ fn a_killed_child_is_a_lost_stream_never_an_eof_and_close_says_so_every_time() {
         let config = hooks.on(Config::default()
             .name(unique_name("killed"))
             .packet_grace(Duration::MAX));
-        let (child, conn) = start_child("serve", &[], config);
+        let (child, conn) = start_child(Mode::Serve, config);
         conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
         let held = conn.submit(HOLD, 0, b"").unwrap();
         flush(&conn, &held);
@@ -352,7 +234,7 @@ fn a_killed_child_is_a_lost_stream_never_an_eof_and_close_says_so_every_time() {
         } else {
             Vec::new()
         };
-        assert!(!kill(child).success());
+        assert!(!child::kill(child).success());
         if round % 2 == 1 {
             // Odd rounds write into the dead child's pipe at once, racing
             // the receive side's discovery of the end.
@@ -411,16 +293,18 @@ fn a_child_that_exits_mid_stream_is_a_lost_stream_not_an_eof() {
     let config = hooks.on(Config::default()
         .name(unique_name("exits"))
         .packet_grace(Duration::MAX));
-    let (child, conn) = start_child("serve", &[(TRIGGER_ENV, trigger.to_str().unwrap())], config);
+    let (child, conn) = start_child(Mode::Serve, config);
     conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
     // EXIT waits in the child's handler for the trigger.
-    let exit = conn.submit(EXIT, 0, b"").unwrap();
+    let exit = conn
+        .submit(EXIT, 0, trigger.to_str().unwrap().as_bytes())
+        .unwrap();
     flush(&conn, &exit);
     let queued: Vec<_> = (0..3)
         .map(|_| conn.submit(ECHO, 0, b"queued").unwrap())
         .collect();
     std::fs::write(&trigger, b"").unwrap();
-    let status = reap(child);
+    let status = child::reap(child);
     std::fs::remove_file(&trigger).unwrap();
     assert_eq!(status.code(), Some(3), "the child exits with status 3");
 
@@ -462,7 +346,7 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
     for round in 0..10 {
         let hooks = Hooks::default();
         let config = hooks.on(Config::default().name(unique_name("mute")));
-        let (child, conn) = start_child("exit_now", &[], config);
+        let (child, conn) = start_child(Mode::ExitAtOnce, config);
         // Each wait has the request written now, while the child starts or
         // as it exits.
         for _ in 0..3 {
@@ -492,7 +376,7 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
         if hooks.ends() != [Disconnect::StreamEnded] {
             findings.push(format!("round {round}: on_end saw {:?}", hooks.ends()));
         }
-        reap(child);
+        child::reap(child);
     }
     report(format!("a child that never serves: outcomes seen {seen:?}"));
     assert!(findings.is_empty(), "{}", findings.join("\n"));
@@ -502,7 +386,7 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
 fn a_child_that_closes_in_order_is_the_peers_eof() {
     let hooks = Hooks::default();
     let config = hooks.on(Config::default().name(unique_name("polite")));
-    let (child, conn) = start_child("serve", &[], config);
+    let (child, conn) = start_child(Mode::Serve, config);
     assert_eq!(
         conn.call_timeout(ECHO, 4, b"hello", LIMIT).unwrap().payload,
         b"hello"
@@ -521,7 +405,7 @@ fn a_child_that_closes_in_order_is_the_peers_eof() {
     }
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
     assert_eq!(hooks.peer_erqs(), 1);
-    assert!(reap(child).success());
+    assert!(child::reap(child).success());
 }
 
 // ---------------------------------------------------------------------------
@@ -994,7 +878,7 @@ impl Far {
     /// Ends the far end's process, or drops its stream.
     fn vanish(self) {
         if let Far::Child(child) = self {
-            kill(child);
+            child::kill(child);
         }
     }
 }
@@ -1020,7 +904,7 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 
 /// Opens a connection with `ctor`; a child plays the far end in
 /// `child_mode`.
-fn open(ctor: Ctor, child_mode: &str, config: Config) -> Opened {
+fn open(ctor: Ctor, child_mode: Mode, config: Config) -> Opened {
     let on_close_runs = Arc::new(AtomicUsize::new(0));
     let mut lent = Vec::new();
     let mut socket_path = None;
@@ -1065,8 +949,8 @@ fn open(ctor: Ctor, child_mode: &str, config: Config) -> Opened {
             (conn, Far::Pipes(out_r, in_w))
         }
         Ctor::FromChild => {
-            let mut child = spawn_self("lifecycle_child", &[(CHILD_ENV, child_mode)]);
-            skip_to_ready(&mut child);
+            let mut child = child::spawn(child_mode);
+            child::skip_to_ready(&mut child);
             (
                 PacketConnection::from_child(&mut child, config),
                 Far::Child(child),
@@ -1121,9 +1005,9 @@ fn on_end_for_every_constructor(ending: Ending) {
     for ctor in CTORS {
         let hooks = Hooks::default();
         let child_mode = if ending == Ending::Protocol {
-            "garbage"
+            Mode::ProtocolError
         } else {
-            "serve"
+            Mode::Serve
         };
         let config = hooks.on(Config::default().name(unique_name("ctor")));
         let Opened {
@@ -1142,7 +1026,10 @@ fn on_end_for_every_constructor(ending: Ending) {
                 match served {
                     Ok(served) => served.close_timeout(LIMIT).unwrap(),
                     Err(child) => {
-                        assert!(reap(child).success(), "{ctor:?}: the child ends in order")
+                        assert!(
+                            child::reap(child).success(),
+                            "{ctor:?}: the child ends in order"
+                        )
                     }
                 }
                 res
@@ -1933,7 +1820,7 @@ fn abort_unblocks_the_peer(ctor: Ctor) -> Option<String> {
     let hooks = Hooks::default();
     let opened = open(
         ctor,
-        "serve",
+        Mode::Serve,
         // No hello: the far end's read blocks until the abort.
         hooks.on(Config::default()
             .name(unique_name("abort"))

@@ -2,10 +2,12 @@
 // Each test binary uses some of these; `pub` items in a test-only module are fine.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod child;
+
 use std::fmt::Display;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -206,58 +208,6 @@ impl Gate {
     }
 }
 
-/// Reads `inner`, dropping everything up to and including the first
-/// `marker`: a child copy of a test binary prints the harness's lines on
-/// its standard output before its own bytes.
-pub struct SkipPast<R> {
-    inner: R,
-    marker: &'static [u8],
-    seen: Vec<u8>,
-    found: bool,
-}
-
-impl<R> SkipPast<R> {
-    pub fn new(inner: R, marker: &'static [u8]) -> SkipPast<R> {
-        SkipPast {
-            inner,
-            marker,
-            seen: Vec::new(),
-            found: false,
-        }
-    }
-}
-
-impl<R: Read> Read for SkipPast<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while !self.found {
-            let mut byte = [0u8];
-            if self.inner.read(&mut byte)? == 0 {
-                return Ok(0);
-            }
-            self.seen.push(byte[0]);
-            self.found = self.seen.ends_with(self.marker);
-        }
-        self.inner.read(buf)
-    }
-}
-
-/// Starts a copy of this test binary that runs test `name` alone, with the
-/// variables `env` set, its standard input and output piped and its
-/// standard error discarded. The test `name` looks for its variable and
-/// plays its part; in a normal run it returns at once.
-pub fn spawn_self(name: &str, env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([name, "--exact", "--test-threads=1", "--nocapture"]);
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// The length of `packet`'s body on the wire: what a packet length limit
 /// counts (the length prefix excluded).
 pub fn body_len(packet: &Packet) -> u64 {
@@ -333,6 +283,14 @@ pub const ECHO: u64 = 1;
 pub const FAIL: u64 = 2;
 pub const SLEEP: u64 = 3;
 pub const PANIC: u64 = 4;
+/// Never answered: the child fixture's handler sleeps for `LIMIT`; a gated
+/// service holds it at its gate.
+pub const HOLD: u64 = 10;
+/// The child fixture exits with status 3: at once, or, if the payload is a
+/// path, once that file exists.
+pub const EXIT: u64 = 11;
+/// The child fixture answers, then closes its connection in order.
+pub const QUIT: u64 = 12;
 
 /// A handler that answers every request with its own flags and payload.
 pub fn echo(rq: Request) -> HandlerResult {
@@ -343,15 +301,15 @@ pub fn echo(rq: Request) -> HandlerResult {
 }
 
 /// ECHO answers with the request's flags and payload; FAIL fails with the
-/// payload as reason; SLEEP sleeps the payload's decimal milliseconds, then
-/// echoes; PANIC panics.
+/// payload as reason; SLEEP sleeps the payload's decimal milliseconds (a
+/// fraction allowed), then echoes; PANIC panics.
 pub fn service(rq: Request) -> HandlerResult {
     match rq.rq_type {
         ECHO => echo(rq),
         FAIL => Err(String::from_utf8(rq.payload)?.into()),
         SLEEP => {
-            let millis: u64 = std::str::from_utf8(&rq.payload)?.parse()?;
-            std::thread::sleep(ms(millis));
+            let millis: f64 = std::str::from_utf8(&rq.payload)?.parse()?;
+            std::thread::sleep(Duration::from_secs_f64(millis / 1e3));
             echo(rq)
         }
         PANIC => panic!("handler told to panic"),
