@@ -17,50 +17,10 @@ use common::child::{self, child_fixture, Mode};
 use common::{
     assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer, LIMIT, SLEEP,
 };
-use packetstream::{
-    Config, Disconnect, Error, OnClose, Packet, PacketConnection, PacketKind, Reply, Request,
-};
+use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Reply, Request};
 
 // ---------------------------------------------------------------------------
 // Maximum packet size.
-
-#[test]
-fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
-    const MAX: u64 = 1024;
-    let name = unique_name("ov");
-    let (conn, mut peer) = RawPeer::with_patience(
-        Config::default()
-            .name(&name)
-            .max_packet_len(MAX)
-            .handler(echo),
-        LIMIT,
-    );
-    // 16 MiB announced and sent; the limit is 1 KiB.
-    let big = vec![0xa5u8; 16 << 20];
-    peer.request(7, 1, &big);
-    peer.request(8, 1, b"after");
-    let refusal = peer.recv_packet();
-    assert_eq!(refusal.tag, 7);
-    assert_eq!(
-        refusal.kind,
-        PacketKind::Response {
-            ok: false,
-            flags: 0
-        }
-    );
-    let reason = String::from_utf8(refusal.payload).unwrap();
-    assert!(reason.starts_with("packet too large"), "{reason}");
-    let reply = peer.recv_packet();
-    assert_eq!((reply.tag, reply.payload.as_slice()), (8, &b"after"[..]));
-    assert_eq!(reply.kind, PacketKind::Response { ok: true, flags: 0 });
-    let stats = conn.stats();
-    assert_eq!(stats.requests_received, 2);
-    assert!(stats.bytes_in > big.len() as u64);
-    // The connection still closes in order.
-    peer.send(&Packet::eof());
-    conn.close_timeout(LIMIT).expect("orderly close");
-    assert_threads_gone(&name, LIMIT);
-}
 
 #[test]
 fn oversize_response_fails_its_request_only() {

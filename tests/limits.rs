@@ -1,4 +1,4 @@
-//! Bounded memory and liveness against peers that never read, go silent, sit idle or crawl.
+//! Bounded memory and liveness against peers that never read, send packets over the limit, go silent, sit idle or crawl.
 
 mod common;
 
@@ -9,8 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    isolated, ms, proc_status, report, request, serial, threads_named, unique_name, wait_for, wire,
-    within, LIMIT,
+    assert_threads_gone, bsuint, echo, isolated, ms, proc_status, report, request, serial,
+    threads_named, unique_name, wait_for, wire, within, RawPeer, ECHO, LIMIT,
 };
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
@@ -111,6 +111,72 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
     report(format!("then read: {ok} ok, {busy} busy"));
     assert_eq!(ok + busy, REQUESTS);
     conn.abort();
+}
+
+/// A request over `max_packet_len` is refused with "packet too large" and
+/// its body skipped as it comes, never held: a 256 MiB body against a 1 MiB
+/// limit raises peak memory by less than 16 MiB. The request after it is
+/// answered, and the connection closes in order.
+#[test]
+fn an_oversize_request_is_refused_and_skipped_unbuffered_and_the_connection_goes_on() {
+    const TEST: &str =
+        "an_oversize_request_is_refused_and_skipped_unbuffered_and_the_connection_goes_on";
+    if !isolated(TEST, LIMIT * 4) {
+        return;
+    }
+    const BODY: usize = 256 << 20;
+    let name = unique_name("ov");
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(&name)
+            .max_packet_len(1 << 20)
+            .handler(echo),
+    );
+    let hwm_before = proc_status("VmHWM");
+    // The head of a request with a 256 MiB payload, then the payload in
+    // 64 KiB pieces, then a small request.
+    let head = wire(&request(5, ECHO, 0, b""));
+    let prefix = bsuint((head.len() - 1 + BODY) as u128);
+    let mut writer = peer.stream.try_clone().unwrap();
+    let feeder = thread::spawn(move || {
+        writer.write_all(&prefix)?;
+        writer.write_all(&head[1..])?;
+        let piece = vec![0x5a; 64 << 10];
+        for _ in 0..BODY / piece.len() {
+            writer.write_all(&piece)?;
+        }
+        writer.write_all(&wire(&request(6, ECHO, 0, b"after")))
+    });
+    let refusal = peer.recv_packet();
+    assert_eq!(
+        (refusal.tag, refusal.kind),
+        (
+            5,
+            PacketKind::Response {
+                ok: false,
+                flags: 0
+            }
+        )
+    );
+    let reason = String::from_utf8(refusal.payload).unwrap();
+    assert!(reason.starts_with("packet too large"), "{reason}");
+    let reply = peer.recv_packet();
+    assert_eq!((reply.tag, reply.payload.as_slice()), (6, &b"after"[..]));
+    assert_eq!(reply.kind, PacketKind::Response { ok: true, flags: 0 });
+    within("the peer's writes", move || feeder.join().unwrap()).unwrap();
+    let grown = proc_status("VmHWM") - hwm_before;
+    report(format!(
+        "oversize: {} MiB request skipped; peak RSS grew {grown} kB",
+        BODY >> 20
+    ));
+    assert!(grown < 16 * 1024, "peak RSS grew {grown} kB");
+    let stats = conn.stats();
+    assert_eq!(stats.requests_received, 2);
+    assert!(stats.bytes_in > BODY as u64);
+    // The connection still closes in order.
+    peer.send(&Packet::eof());
+    conn.close_timeout(LIMIT).expect("orderly close");
+    assert_threads_gone(&name, LIMIT);
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -345,86 +344,4 @@ fn soak_memory_stays_flat() {
     );
     close_both(&a, &b);
     wait_for_threads(baseline);
-}
-
-#[test]
-fn an_oversize_request_body_is_skipped_without_being_buffered() {
-    if !isolated(
-        "an_oversize_request_body_is_skipped_without_being_buffered",
-        isolated_limit(),
-    ) {
-        return;
-    }
-    use packetstream::{Packet, PacketKind};
-    use std::io::Write;
-    const BODY: usize = 256 << 20;
-    let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(LOAD_LIMIT)).unwrap();
-    // The peer is scripted, packet by packet: no hello.
-    let conn = PacketConnection::from_unix_stream(
-        a,
-        Config::default()
-            .max_packet_len(1 << 20)
-            .handler(echo)
-            .extensions(false),
-    )
-    .unwrap();
-    let hwm_before = proc_status("VmHWM");
-    // The head of a request with a 256 MiB payload, then the payload in
-    // 64 KiB pieces, then a small request.
-    let mut head = Vec::new();
-    Packet {
-        channel: 0,
-        tag: 5,
-        kind: PacketKind::Request {
-            rq_type: 1,
-            flags: 0,
-        },
-        payload: Vec::new(),
-    }
-    .encode_into(&mut head);
-    let body_len = head.len() - 1 + BODY;
-    let prefix = common::bsuint(body_len as u128);
-    let mut writer = peer.try_clone().unwrap();
-    let feeder = thread::spawn(move || {
-        writer.write_all(&prefix)?;
-        writer.write_all(&head[1..])?;
-        let piece = vec![0x5a; 64 << 10];
-        for _ in 0..BODY / piece.len() {
-            writer.write_all(&piece)?;
-        }
-        let mut wire = Vec::new();
-        Packet {
-            channel: 0,
-            tag: 6,
-            kind: PacketKind::Request {
-                rq_type: 1,
-                flags: 0,
-            },
-            payload: b"after".to_vec(),
-        }
-        .encode_into(&mut wire);
-        writer.write_all(&wire)
-    });
-    let refusal = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
-    assert_eq!(
-        (refusal.tag, refusal.kind),
-        (
-            5,
-            PacketKind::Response {
-                ok: false,
-                flags: 0
-            }
-        )
-    );
-    let reply = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
-    assert_eq!((reply.tag, reply.payload.as_slice()), (6, &b"after"[..]));
-    feeder.join().unwrap().unwrap();
-    let grown = proc_status("VmHWM") - hwm_before;
-    report(format!(
-        "oversize: {} MiB request skipped; peak RSS grew {grown} kB",
-        BODY >> 20
-    ));
-    assert!(grown < 16 * 1024, "peak RSS grew {grown} kB");
-    conn.abort();
 }

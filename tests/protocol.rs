@@ -388,34 +388,6 @@ fn after_the_peers_eof_a_server_answers_what_is_in_progress_then_sends_eof() {
 }
 
 #[test]
-fn an_oversize_request_gets_a_not_ok_reply_and_the_connection_goes_on() {
-    let (conn, mut peer) = RawPeer::with(server_config("oversize").max_packet_len(1024));
-    peer.send(&request(2, ECHO, 0, &[0u8; 5000]));
-    peer.send(&request(3, ECHO, 0, b"small"));
-    let too_big = peer.recv().unwrap();
-    assert_eq!(
-        (too_big.tag, too_big.kind),
-        (
-            2,
-            PacketKind::Response {
-                ok: false,
-                flags: 0
-            }
-        )
-    );
-    let reason = String::from_utf8(too_big.payload).unwrap();
-    assert!(reason.starts_with("packet too large"), "{reason}");
-    let small = peer.recv().unwrap();
-    assert_eq!((small.tag, small.payload.as_slice()), (3, &b"small"[..]));
-    assert!(matches!(
-        conn.submit(ECHO, 0, &[0u8; 2000]),
-        Err(Error::TooLarge { max: 1024, .. })
-    ));
-    peer.send(&Packet::eof());
-    join_within(conn).unwrap();
-}
-
-#[test]
 fn packets_are_logged_at_trace_level() {
     logs();
     let (conn, mut peer) = RawPeer::with(server_config("traced"));
