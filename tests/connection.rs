@@ -12,7 +12,7 @@ use std::thread;
 
 use common::child::{self, child_fixture, Mode};
 use common::*;
-use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Response};
+use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Request, Response};
 
 const SIZES: [usize; 8] = [0, 1, 127, 128, 16383, 16384, 65536, 1 << 20];
 
@@ -200,27 +200,47 @@ fn a_connection_without_handler_refuses_requests() {
 
 #[test]
 fn handler_errors_and_panics_become_not_ok_replies_and_the_connection_goes_on() {
-    let (client, server) = pair();
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (client, server) = pair_with(
+        Config::default().name("client"),
+        Config::default()
+            .name("server")
+            .handler(move |rq: Request| match rq.rq_type {
+                HOLD => {
+                    held.pass();
+                    echo(rq)
+                }
+                _ => service(rq),
+            }),
+    );
     let err = client
-        .call(FAIL, 0, "bad thing: ünïcode".as_bytes())
+        .call_timeout(FAIL, 0, "bad thing: ünïcode".as_bytes(), LIMIT)
         .unwrap_err();
     assert_eq!(err.failure_reason().as_deref(), Some("bad thing: ünïcode"));
-    for _ in 0..3 {
-        let err = client.call(PANIC, 0, b"").unwrap_err();
-        let reason = err.failure_reason().unwrap();
+    // Each panic is a not-ok reply saying so, and the next request is
+    // answered.
+    for round in 0..10 {
+        let err = client.call_timeout(PANIC, 0, b"", LIMIT).unwrap_err();
+        let reason = err.failure_reason().expect("a not-ok reply");
         assert!(
             reason.contains("handler panicked: handler told to panic"),
             "{reason}"
         );
+        let rsp = client.call_timeout(ECHO, round, b"fine", LIMIT).unwrap();
+        assert_eq!((rsp.flags, rsp.payload.as_slice()), (round, &b"fine"[..]));
     }
-    // All four handler threads are still there to serve.
-    let pending: Vec<_> = (0..8)
-        .map(|i| client.submit(SLEEP, i, b"20").unwrap())
+    // All four handler threads are still there: four requests are held in
+    // the handler at once.
+    let pending: Vec<_> = (0..4)
+        .map(|i| client.submit(HOLD, i, b"held").unwrap())
         .collect();
-    for p in pending {
-        p.wait_timeout(LIMIT).unwrap();
+    gate.wait_entered(4, LIMIT);
+    gate.open();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
     }
-    assert_eq!(server.stats().replies_failed, 4);
+    assert_eq!(server.stats().replies_failed, 11);
     close_both(&client, &server);
 }
 

@@ -91,36 +91,7 @@ fn oversize_submit_fails_with_too_large_and_the_connection_goes_on() {
 }
 
 // ---------------------------------------------------------------------------
-// Handlers and a peer that stops reading.
-
-#[test]
-fn handler_panic_is_a_not_ok_reply_and_the_connection_goes_on() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(
-        b,
-        Config::default().handler(|rq: Request| {
-            if rq.rq_type == 13 {
-                panic!("unlucky request");
-            }
-            echo(rq)
-        }),
-    )
-    .unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
-    for _ in 0..10 {
-        let err = client
-            .submit(13, 0, b"")
-            .unwrap()
-            .wait_timeout(LIMIT)
-            .unwrap_err();
-        let reason = err.failure_reason().expect("a not-ok reply");
-        assert!(reason.contains("unlucky request"), "{reason}");
-        let rsp = client.submit(1, 0, b"fine").unwrap().wait_timeout(LIMIT);
-        assert_eq!(rsp.unwrap().payload, b"fine");
-    }
-    client.close_timeout(LIMIT).unwrap();
-    server.close_timeout(LIMIT).unwrap();
-}
+// A peer that stops reading.
 
 #[test]
 fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
