@@ -12,7 +12,7 @@ use std::thread;
 
 use common::child::{self, child_fixture, Mode};
 use common::*;
-use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Request, Response};
+use packetstream::{Config, Error, OnClose, PacketConnection, Request, Response};
 
 const SIZES: [usize; 8] = [0, 1, 127, 128, 16383, 16384, 65536, 1 << 20];
 
@@ -346,47 +346,6 @@ fn every_channel_has_its_own_tag_sequence() {
 }
 
 #[test]
-fn close_lets_the_peer_finish_requests_in_progress() {
-    let (client, server) = pair();
-    let pending: Vec<_> = (0..8)
-        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
-        .collect();
-    // Close at once: ERQ and EOF go out while the server still works. The
-    // server answers everything in progress before its own EOF, and our
-    // receive side stays open for those answers.
-    within("close", move || {
-        client.close().unwrap();
-        for (i, p) in pending.into_iter().enumerate() {
-            assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
-        }
-        server.join().unwrap();
-    });
-}
-
-#[test]
-fn server_close_finishes_its_handlers_before_eof() {
-    let (client, server) = pair();
-    let pending: Vec<_> = (0..6)
-        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
-        .collect();
-    // Once the server has them all in progress, it closes.
-    wait_for("6 requests in progress", LIMIT, || {
-        server.stats().in_progress >= 6
-    });
-    within("server close", move || server.close().unwrap());
-    for (i, p) in pending.into_iter().enumerate() {
-        assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
-    }
-    // The server sent ERQ: new requests from us fail at once with a not-ok
-    // reply or a lost connection, never a hang.
-    match client.submit(ECHO, 0, b"") {
-        Ok(p) => assert!(p.wait_timeout(LIMIT).is_err()),
-        Err(e) => assert!(e.is_disconnect(), "{e:?}"),
-    }
-    within("client join", move || client.close().unwrap());
-}
-
-#[test]
 fn requests_after_end_requests_are_refused_locally() {
     let (client, server) = pair();
     client.end_requests();
@@ -450,66 +409,6 @@ fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
     }
     drop(release_tx);
     drop(server);
-}
-
-#[test]
-fn abort_fails_pending_requests_at_once_telling_written_from_unsent() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
-    // A grace that never runs out: nothing is written until a caller waits.
-    let client = PacketConnection::from_unix_stream(
-        a,
-        Config::default()
-            .name("client")
-            .packet_grace(std::time::Duration::MAX),
-    )
-    .unwrap();
-    let written: Vec<_> = (0..3)
-        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
-        .collect();
-    // A wait has the queue written; the handlers now sleep on them.
-    assert!(written[0].wait_timeout(ms(50)).unwrap_err().is_timeout());
-    wait_for("the requests in progress", LIMIT, || {
-        server.stats().in_progress == 3
-    });
-    let unsent: Vec<_> = (0..3)
-        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
-        .collect();
-    client.abort();
-    for (p, want) in written
-        .into_iter()
-        .map(|p| (p, Error::ConnectionLost(Disconnect::Local)))
-        .chain(
-            unsent
-                .into_iter()
-                .map(|p| (p, Error::Unsent(Disconnect::Local))),
-        )
-    {
-        let res = p.wait_timeout(LIMIT);
-        assert_eq!(format!("{res:?}"), format!("{:?}", Err::<(), _>(want)));
-    }
-    assert!(matches!(client.submit(ECHO, 0, b""), Err(Error::Closed)));
-    within("joins after abort", move || {
-        // The socket was shut down, so both sides end without the EOF dance.
-        assert!(matches!(
-            client.join(),
-            Err(Error::ConnectionLost(Disconnect::Local))
-        ));
-        let _ = server.join();
-    });
-}
-
-#[test]
-fn dropping_a_connection_never_blocks() {
-    let (a, b) = UnixStream::pair().unwrap();
-    // The peer never reads nor answers.
-    let conn = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
-    let pending = conn.submit(ECHO, 0, &vec![0; 1 << 16]).unwrap();
-    within("drop", move || {
-        drop(pending);
-        drop(conn);
-    });
-    drop(b);
 }
 
 #[test]

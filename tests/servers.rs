@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    decode_all, echo, join_all, report, request, serial, timed, unique_name, wait_for, wire, Gate,
-    Timed, ECHO, HANG, LIMIT, SLACK,
+    decode_all, echo, join_all, report, request, serial, threads_named, timed, unique_name,
+    wait_for, wire, Gate, Timed, ECHO, HANG, LIMIT, SLACK,
 };
 use packetstream::{
     ClientInfo, Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind,
@@ -102,14 +102,15 @@ impl RawClient {
         }
     }
 
-    /// Reads packets until the end of the stream (or a read error).
-    fn read_to_end(&mut self) -> Vec<Packet> {
+    /// Reads packets until the end of the stream (or a read error): the
+    /// whole packets, and how many bytes of a partial one follow them.
+    fn read_to_end(&mut self) -> (Vec<Packet>, usize) {
         let mut bytes = Vec::new();
         let mut chunk = [0u8; 4096];
         while let Ok(n @ 1..) = self.read(&mut chunk) {
             bytes.extend_from_slice(&chunk[..n]);
         }
-        decode_all(&bytes).0
+        decode_all(&bytes)
     }
 
     /// Reads until a whole packet has come, passing over the server's
@@ -732,8 +733,9 @@ fn connect_tcp_timeout_connects_normally_to_a_server_that_answers() {
 #[test]
 fn stop_ends_every_client_in_order_and_answers_what_is_in_flight() {
     let seen = Seen::default();
+    let name = unique_name("stop");
     let config = seen.on(ServerConfig::new(
-        Config::default().name(unique_name("stop")).handler(echo),
+        Config::default().name(&name).handler(echo),
     ));
     let (server, addr) = serve(Listen::Tcp, config);
     let gate = Gate::new();
@@ -792,6 +794,10 @@ fn stop_ends_every_client_in_order_and_answers_what_is_in_flight() {
             .collect::<Vec<_>>()
     );
     assert_eq!(seen.accepted(), [1, 2, 3, 4]);
+    // Every thread the server started has ended.
+    wait_for("the server's threads to end", LIMIT, || {
+        threads_named(&name).is_empty()
+    });
 }
 
 #[test]
@@ -799,8 +805,9 @@ fn stop_timeout_aborts_a_client_that_never_answers_and_ends_the_rest_in_order() 
     let _serial = serial();
     const TIMEOUT: Duration = Duration::from_millis(300);
     let seen = Seen::default();
+    let name = unique_name("stopt");
     let config = seen.on(ServerConfig::new(
-        Config::default().name(unique_name("stopt")).handler(echo),
+        Config::default().name(&name).handler(echo),
     ));
     let (server, addr) = serve(Listen::Unix, config);
     let gate = Gate::new();
@@ -830,9 +837,15 @@ fn stop_timeout_aborts_a_client_that_never_answers_and_ends_the_rest_in_order() 
     ));
     assert!(took <= TIMEOUT + SLACK, "took {took:?}");
 
-    // The silent client was sent ERQ and EOF, then cut off.
-    let packets = silent.read_to_end();
-    assert!(packets.iter().any(Packet::is_eof), "{packets:?}");
+    // The silent client was sent ERQ and EOF, whole, then cut off. (The
+    // server's hello may have come before its answer, or after.)
+    let (packets, partial) = silent.read_to_end();
+    let ending: Vec<_> = packets
+        .into_iter()
+        .filter(|p| p.channel != CONTROL_CHANNEL)
+        .collect();
+    assert_eq!(ending, [Packet::erq(), Packet::eof()]);
+    assert_eq!(partial, 0, "bytes of a packet cut short");
     for client in &clients {
         wait_for("the client ends", LIMIT, || client.status().ended.is_some());
         assert_eq!(client.status().ended, Some(Disconnect::PeerEof));
@@ -853,4 +866,7 @@ fn stop_timeout_aborts_a_client_that_never_answers_and_ends_the_rest_in_order() 
             (3, Disconnect::Local)
         ])
     );
+    wait_for("the server's threads to end", LIMIT, || {
+        threads_named(&name).is_empty()
+    });
 }

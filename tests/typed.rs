@@ -1,36 +1,23 @@
-//! The typed layer over real connections: request types, the dispatcher, typed errors, and the TCP and Unix server helpers.
+//! The typed layer over real connections: request types, the dispatcher, typed errors, and typed services behind the TCP and Unix servers.
 
 mod common;
 
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::Duration;
+use std::sync::Arc;
 
 use packetstream::{
-    impl_payload, Config, Dispatcher, Error, Failure, Fulfil, HandlerError, Packet,
-    PacketConnection, Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
-    CONTROL_CHANNEL,
+    impl_payload, Config, Dispatcher, Error, Failure, Fulfil, HandlerError, PacketConnection,
+    Payload, PayloadReader, Request, RequestType, Result, Server, ServerConfig,
 };
 
 use common::{close_both, pair_with, threads_named, wait_for, within, LIMIT};
 
-/// The service's context: a running total, and a hook to hold a request
-/// in its handler.
+/// The service's context: a running total.
 #[derive(Default)]
 struct Total {
     sum: AtomicU64,
-    hold: Mutex<Option<Hold>>,
-}
-
-/// Tells the test that a HOLD request started, then waits to be let go.
-struct Hold {
-    started: mpsc::Sender<()>,
-    release: mpsc::Receiver<()>,
 }
 
 /// ADD n: adds n to the total and returns the new total.
@@ -94,22 +81,6 @@ impl Fulfil<Total> for Shout {
     }
 }
 
-/// HOLD: waits in the handler until the test lets it go.
-struct HoldRq;
-impl_payload!(HoldRq);
-impl RequestType for HoldRq {
-    const RQ_TYPE: u64 = 4;
-    type Response = ();
-}
-impl Fulfil<Total> for HoldRq {
-    fn fulfil(self, ctx: &Total) -> std::result::Result<(), HandlerError> {
-        let hold = ctx.hold.lock().unwrap().take().ok_or("no hold set")?;
-        hold.started.send(()).map_err(|_| "test gone")?;
-        hold.release.recv_timeout(LIMIT)?;
-        Ok(())
-    }
-}
-
 /// A request type the server does not route.
 struct Unrouted;
 impl_payload!(Unrouted);
@@ -132,7 +103,6 @@ fn dispatcher(ctx: Arc<Total>) -> Dispatcher<Total> {
         .route::<Add>()
         .route::<Note>()
         .route::<Shout>()
-        .route::<HoldRq>()
 }
 
 fn typed_pair() -> (PacketConnection, PacketConnection, Arc<Total>) {
@@ -259,7 +229,7 @@ fn many_submitted_requests_each_get_their_own_typed_response() {
     close_both(&client, &server);
 }
 
-fn tcp_server(name: &str, max_connections: usize) -> (Server, std::net::SocketAddr, Arc<Total>) {
+fn tcp_server(name: &str) -> (Server, std::net::SocketAddr, Arc<Total>) {
     let ctx = Arc::new(Total::default());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -267,11 +237,7 @@ fn tcp_server(name: &str, max_connections: usize) -> (Server, std::net::SocketAd
         .name(name)
         .handler_threads(2)
         .handler(dispatcher(Arc::clone(&ctx)));
-    let server = Server::serve_tcp(
-        listener,
-        ServerConfig::new(config).max_connections(max_connections),
-    )
-    .unwrap();
+    let server = Server::serve_tcp(listener, ServerConfig::new(config).max_connections(8)).unwrap();
     (server, addr, ctx)
 }
 
@@ -281,7 +247,7 @@ fn connect(addr: std::net::SocketAddr) -> PacketConnection {
 
 #[test]
 fn tcp_server_serves_each_client_on_its_own_connection_with_a_shared_context() {
-    let (server, addr, ctx) = tcp_server("srv-a", 8);
+    let (server, addr, ctx) = tcp_server("srv-a");
     let clients: Vec<PacketConnection> = (0..4).map(|_| connect(addr)).collect();
     within("four clients adding", {
         let clients: Vec<_> = clients
@@ -314,81 +280,6 @@ fn tcp_server_serves_each_client_on_its_own_connection_with_a_shared_context() {
 }
 
 #[test]
-fn stop_answers_requests_in_progress_then_closes_every_connection() {
-    let (server, addr, ctx) = tcp_server("srv-b", 8);
-    let (started_tx, started_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    *ctx.hold.lock().unwrap() = Some(Hold {
-        started: started_tx,
-        release: release_rx,
-    });
-    let holder = connect(addr);
-    let others: Vec<PacketConnection> = (0..3).map(|_| connect(addr)).collect();
-    for other in &others {
-        assert_eq!(other.request(&Shout { level: 1 }).unwrap(), 2);
-    }
-    let held = holder.submit_request(&HoldRq).unwrap();
-    started_rx.recv_timeout(LIMIT).expect("HOLD started");
-    let packets_before = holder.stats().packets_in;
-    let stopping = thread::spawn(move || server.stop_timeout(LIMIT));
-    // The stop closes the holder's connection first: its ERQ arrives, and
-    // the close waits for the request in progress before its EOF. The
-    // others are closed after it.
-    wait_for("the stop to begin", LIMIT, || {
-        holder.stats().packets_in != packets_before || held.is_ready()
-    });
-    assert!(!held.is_ready(), "the request in progress was cut off");
-    release_tx.send(()).unwrap();
-    held.wait_timeout(LIMIT)
-        .expect("a request in progress is answered during the stop");
-    within("the stop", move || stopping.join().unwrap().unwrap());
-    for client in others.into_iter().chain([holder]) {
-        // The server's EOF ended each client's connection.
-        let client = within("a client seeing the end", move || {
-            client.join().unwrap();
-            client
-        });
-        assert!(matches!(client.request(&Add(1)), Err(e) if e.is_disconnect()));
-    }
-    assert_eq!(threads_named("srv-b"), Vec::<String>::new());
-}
-
-#[test]
-fn a_client_beyond_max_connections_is_refused_at_once_as_server_full() {
-    let (server, addr, _) = tcp_server("srv-c", 1);
-    let first = connect(addr);
-    assert_eq!(first.request(&Add(1)).unwrap(), 1);
-    // The second client is not left in the backlog: its first request is
-    // refused for load, by name, and then the server ends the connection.
-    let second = connect(addr);
-    let err = second
-        .submit_request(&Add(1))
-        .unwrap()
-        .wait_timeout(LIMIT)
-        .unwrap_err();
-    assert!(err.is_busy(), "{err:?}");
-    assert_eq!(
-        err.failure_reason().as_deref(),
-        Some("server full: 1 connections")
-    );
-    within("the refused client's end", move || {
-        assert_eq!(second.join().ok(), Some(()));
-    });
-    assert_eq!((server.accepted(), server.refused()), (1, 1));
-    // Once the first leaves, a new client is served.
-    within("closing the first client", move || {
-        first.close_timeout(LIMIT).unwrap()
-    });
-    wait_for("the slot to free", LIMIT, || server.connections() == 0);
-    let third = connect(addr);
-    assert_eq!(third.request(&Add(1)).unwrap(), 2);
-    within("stopping", move || {
-        server.stop_timeout(LIMIT).unwrap();
-        third.join().unwrap();
-    });
-}
-
-#[test]
 fn unix_server_serves_clients_that_connect_unix() {
     let path = std::env::temp_dir().join(format!("packetstream-typed-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -406,50 +297,6 @@ fn unix_server_serves_clients_that_connect_unix() {
     });
     std::fs::remove_file(&path).unwrap();
     assert_eq!(threads_named("srv-d"), Vec::<String>::new());
-}
-
-#[test]
-fn dropping_the_server_starts_closing_its_connections() {
-    let (server, addr, _) = tcp_server("srv-e", 4);
-    let client = connect(addr);
-    assert_eq!(client.request(&Add(2)).unwrap(), 2);
-    drop(server);
-    // The server's EOF ends the client's connection.
-    within("the client seeing the end", move || client.join().unwrap());
-    // The server's threads end by themselves.
-    wait_for("the threads of srv-e to end", LIMIT, || {
-        threads_named("srv-e").is_empty()
-    });
-}
-
-#[test]
-fn stop_timeout_gives_up_on_a_client_that_never_answers() {
-    let (server, addr, _) = tcp_server("srv-f", 4);
-    // A raw client that sends nothing and never sends its EOF.
-    let mut silent = TcpStream::connect(addr).unwrap();
-    wait_for("the server to accept", LIMIT, || server.connections() > 0);
-    let res = within("a bounded stop", move || {
-        server.stop_timeout(Duration::from_millis(300))
-    });
-    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
-    // The silent client got the server's hello, ERQ and EOF, then the
-    // shutdown.
-    silent.set_read_timeout(Some(LIMIT)).unwrap();
-    let mut got = Vec::new();
-    silent.read_to_end(&mut got).unwrap();
-    let mut packets = Vec::new();
-    let mut used = 0;
-    while let Some((packet, n)) = Packet::decode(&got[used..], u64::MAX).unwrap() {
-        packets.push(packet);
-        used += n;
-    }
-    assert_eq!(used, got.len(), "whole packets");
-    assert_eq!(packets.len(), 3, "{packets:?}");
-    assert_eq!(packets[0].channel, CONTROL_CHANNEL, "the hello first");
-    assert_eq!(packets[1..], [Packet::erq(), Packet::eof()]);
-    wait_for("the threads of srv-f to end", LIMIT, || {
-        threads_named("srv-f").is_empty()
-    });
 }
 
 #[test]
