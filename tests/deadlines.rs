@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use common::child::{self, child_fixture, half_response, Mode};
 use common::{
-    body_len, echo, ms, pair, report, request, response, serial, timed, unique_name, wait_for,
-    wire, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD, LIMIT, SLACK,
-    SLEEP,
+    body_len, echo, ms, pair, report, request, response, serial, threads_named, timed, unique_name,
+    wait_for, wire, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD, LIMIT,
+    SLACK, SLEEP,
 };
 use packetstream::{
     Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
@@ -292,9 +292,11 @@ impl Link {
         }
     }
 
-    /// Cuts the far end, aborts the connection, and joins what the test
-    /// left blocked and drops the connection, each within the patience.
+    /// Cuts the far end, aborts the connection, joins what the test left
+    /// blocked and drops the connection, each within `LIMIT`; then every
+    /// thread of the connection must end.
     fn finish(mut self) {
+        let threads = format!("{}:", self.conn.name());
         self.cut();
         self.conn.abort();
         for running in self.blocked.drain(..) {
@@ -311,6 +313,8 @@ impl Link {
             "{}: dropping the connection hangs",
             self.what
         );
+        let what = format!("{}: every thread of the connection to end", self.what);
+        wait_for(&what, LIMIT, || threads_named(&threads).is_empty());
     }
 }
 
@@ -838,73 +842,40 @@ fn wait_timeout_meets_its_deadline_when_the_peer_never_reads() {
 // ---------------------------------------------------------------------------
 // close_timeout and Server::stop_timeout with a handler that does not return.
 
-/// A connection whose handler holds the raw peer's HOLD request.
-fn stuck_handler_link() -> (Arc<PacketConnection>, RawPeer, Gate, String) {
+/// After an abort, `close_timeout` returns by its deadline, whatever it
+/// returns, while a handler holds the raw peer's request.
+#[test]
+fn close_timeout_after_abort_does_not_wait_for_a_stuck_handler() {
+    let _serial = serial();
     let gate = Gate::new();
     let name = unique_name("sh");
-    let (conn, mut peer) = RawPeer::with_patience(
+    let (conn, mut peer) = RawPeer::with(
         Config::default()
             .name(&name)
             .handler(gated_service(gate.clone())),
-        LIMIT,
     );
     peer.request(2, HOLD, b"hold");
     gate.wait_entered(1, LIMIT);
-    (Arc::new(conn), peer, gate, name)
-}
-
-/// Runs `close_timeout(500 ms)` while the handler is stuck, releasing the
-/// handler if it hangs. With `must_fail`, the close cannot have completed
-/// in order and must report an error.
-fn close_timeout_with_stuck_handler(
-    conn: &Arc<PacketConnection>,
-    gate: &Gate,
-    must_fail: bool,
-) -> Result<Duration, String> {
+    let conn = Arc::new(conn);
+    conn.abort();
     let timeout = ms(500);
-    let c = Arc::clone(conn);
+    let c = Arc::clone(&conn);
     let (elapsed, res) = run_call(
         timeout + SLACK,
         move || c.close_timeout(timeout),
         || gate.open(),
     );
-    match elapsed {
-        Some(e) if e <= timeout + SLACK && (!must_fail || matches!(res, Ok(Err(_)))) => Ok(e),
-        _ => Err(format!(
-            "close_timeout({timeout:?}) took {elapsed:?} (None: hung until the handler was released) and returned {}",
-            shown(&res)
-        )),
-    }
-}
-
-#[test]
-fn close_timeout_does_not_wait_for_a_stuck_handler_once_the_peer_has_gone() {
-    let _serial = serial();
-    let (conn, peer, gate, name) = stuck_handler_link();
-    drop(peer);
-    let res = close_timeout_with_stuck_handler(&conn, &gate, true);
-    gate.open();
-    common::assert_threads_gone(&name, LIMIT);
-    let elapsed = res.unwrap();
-    report(format!(
-        "close_timeout, handler stuck, peer gone: {elapsed:?}"
-    ));
-}
-
-#[test]
-fn close_timeout_after_abort_does_not_wait_for_a_stuck_handler() {
-    let _serial = serial();
-    let (conn, peer, gate, name) = stuck_handler_link();
-    conn.abort();
-    // After an abort, any result will do, in time.
-    let res = close_timeout_with_stuck_handler(&conn, &gate, false);
     gate.open();
     drop(peer);
     common::assert_threads_gone(&name, LIMIT);
-    let elapsed = res.unwrap();
     report(format!(
         "close_timeout after abort, handler stuck: {elapsed:?}"
     ));
+    assert!(
+        elapsed.is_some_and(|e| e <= timeout + SLACK),
+        "close_timeout({timeout:?}) took {elapsed:?} (None: hung until the handler was released) and returned {}",
+        shown(&res)
+    );
 }
 
 #[test]
