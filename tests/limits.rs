@@ -180,16 +180,8 @@ fn an_oversize_request_is_refused_and_skipped_unbuffered_and_the_connection_goes
 }
 
 // ---------------------------------------------------------------------------
-// Liveness timeouts.
-
-/// A connection over a socketpair, and the raw peer's end of it, which
-/// scripts the base protocol: the connection's extensions are off.
-fn socket_pair(config: Config) -> (PacketConnection, UnixStream) {
-    let (a, b) = UnixStream::pair().unwrap();
-    b.set_read_timeout(Some(LIMIT)).unwrap();
-    let config = config.extensions(false);
-    (PacketConnection::from_unix_stream(a, config).unwrap(), b)
-}
+// Liveness timeouts. Each test writes and reads the raw peer's socket by
+// hand.
 
 fn ended(conn: &PacketConnection) -> Option<Disconnect> {
     conn.status().ended
@@ -197,7 +189,12 @@ fn ended(conn: &PacketConnection) -> Option<Disconnect> {
 
 #[test]
 fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("silent"))
             .packet_timeout(ms(300)),
@@ -224,7 +221,12 @@ fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
 
 #[test]
 fn a_peer_that_pauses_between_packets_is_not_silent() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("pause"))
             .packet_timeout(ms(200))
@@ -260,7 +262,12 @@ fn a_peer_that_pauses_between_packets_is_not_silent() {
 fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
     // Pending: the peer holds our request for twice the idle timeout, then
     // answers; the connection is not idle meanwhile.
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("idle"))
             .idle_timeout(ms(300)),
@@ -288,7 +295,7 @@ fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
 
 #[test]
 fn a_peer_that_stops_reading_ends_the_connection_as_stalled() {
-    let (conn, peer) = socket_pair(
+    let (conn, RawPeer { stream: peer, .. }) = RawPeer::with(
         Config::default()
             .name(unique_name("stall"))
             .stall_timeout(ms(300)),
@@ -356,7 +363,12 @@ fn timeouts_set_on_pipes_are_not_enforced_and_break_nothing() {
 
 #[test]
 fn stats_show_the_queue_depths_and_wait_drained_waits_for_the_low_water_mark() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("depth"))
             .max_queued_bytes(1 << 20)
