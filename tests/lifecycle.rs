@@ -1709,7 +1709,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
                 .any(|p| p.tag == *tag && matches!(p.kind, PacketKind::Response { ok: true, .. }))
         })
     });
-    raw.write_all(&wire_bytes_eof()).unwrap();
+    raw.write_all(&common::wire(&Packet::eof())).unwrap();
     next.close_timeout(LIMIT).unwrap();
     drop(next);
     drop(kept);
@@ -1726,10 +1726,6 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
         answers,
         [(2, b"next one".to_vec()), (3, b"next two".to_vec())]
     );
-}
-
-fn wire_bytes_eof() -> Vec<u8> {
-    wire(&Packet::eof())
 }
 
 /// How long the closing end's receive thread is held in its

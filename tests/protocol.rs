@@ -244,9 +244,7 @@ fn a_malformed_packet_fails_what_is_pending() {
 fn a_truncated_packet_fails_what_is_pending() {
     every_pending_request_fails(
         |peer| {
-            let mut wire = Vec::new();
-            response(3, true, 0, &[1; 100]).encode_into(&mut wire);
-            peer.send_bytes(&wire[..50]);
+            peer.send_bytes(&wire(&response(3, true, 0, &[1; 100]))[..50]);
             peer.stream.shutdown(Shutdown::Write).unwrap();
         },
         Disconnect::Protocol,
@@ -279,9 +277,7 @@ fn an_io_error_fails_what_is_pending() {
     let conn =
         PacketConnection::new(Failing(rx, Vec::new()), io::sink(), Config::default()).unwrap();
     let pending: Vec<_> = (0..3).map(|_| conn.submit(ECHO, 0, b"").unwrap()).collect();
-    let mut wire = Vec::new();
-    response(2, true, 0, b"one").encode_into(&mut wire);
-    tx.send(wire).unwrap();
+    tx.send(wire(&response(2, true, 0, b"one"))).unwrap();
     drop(tx);
     let mut outcomes = pending.into_iter().map(|p| p.wait_timeout(LIMIT));
     assert_eq!(outcomes.next().unwrap().unwrap().payload, b"one");
