@@ -338,13 +338,19 @@ mod tests {
     fn wait_then_fill_from_another_thread() {
         let table = PendingTable::new();
         let (tag, cell) = table.register(0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(20));
-                table.complete(0, tag, ok(3));
-            });
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let res = cell.wait_until(Some(deadline)).expect("filled in time");
+            let waiter = s.spawn(|| cell.wait_until(Some(deadline)));
+            // A notify that finds a thread asleep on the cell proves the
+            // waiter is blocked; the slot still empty, it goes back to
+            // sleep.
+            while cell.ready.notify_all() == 0 {
+                assert!(Instant::now() < deadline, "the waiter never blocked");
+                std::thread::yield_now();
+            }
+            assert!(!waiter.is_finished(), "the waiter returned unfilled");
+            assert_eq!(table.complete(0, tag, ok(3)), Completion::Delivered);
+            let res = waiter.join().unwrap().expect("filled in time");
             assert_eq!(res.unwrap().flags, 3);
         });
     }

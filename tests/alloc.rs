@@ -16,46 +16,31 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
-use std::time::Duration;
 
-use common::echo;
+use common::{close_both, echo, pair_with, serial, ECHO, LIMIT};
 use packetstream::{Config, PacketConnection};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
-/// The counts are process-wide: tests in this file take turns.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-const ECHO: u64 = 1;
 const PAYLOAD_ALLOCS_PER_REQUEST: usize = 2;
 const WARMUP: usize = 2_000;
 const N: usize = 20_000;
 /// One-off allocations tolerated in a measured run of `N` requests.
-const SLACK: usize = 100;
-const TIMEOUT: Duration = Duration::from_secs(10);
+const ONE_OFF_ALLOCATIONS: usize = 100;
 
 fn echo_pair() -> (PacketConnection, PacketConnection) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server =
-        PacketConnection::from_unix_stream(b, Config::default().name("server").handler(echo))
-            .unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default().name("client")).unwrap();
-    (client, server)
-}
-
-fn shut(client: PacketConnection, server: PacketConnection) {
-    client.close_timeout(TIMEOUT).unwrap();
-    server.close_timeout(TIMEOUT).unwrap();
+    pair_with(
+        Config::default().name("client"),
+        Config::default().name("server").handler(echo),
+    )
 }
 
 fn sync_calls(client: &PacketConnection, payload: &[u8], n: usize) {
     for _ in 0..n {
         let pending = client.submit(ECHO, 0, payload).unwrap();
-        let rsp = pending.wait_timeout(TIMEOUT).unwrap();
+        let rsp = pending.wait_timeout(LIMIT).unwrap();
         assert_eq!(rsp.payload.len(), payload.len());
     }
 }
@@ -65,22 +50,22 @@ fn pipelined(client: &PacketConnection, payload: &[u8], window: usize, n: usize)
     for _ in 0..n {
         if queue.len() == window {
             let pending: packetstream::PendingResponse = queue.pop_front().unwrap();
-            let rsp = pending.wait_timeout(TIMEOUT).unwrap();
+            let rsp = pending.wait_timeout(LIMIT).unwrap();
             assert_eq!(rsp.payload.len(), payload.len());
         }
         queue.push_back(client.submit(ECHO, 0, payload).unwrap());
     }
     for pending in queue {
-        pending.wait_timeout(TIMEOUT).unwrap();
+        pending.wait_timeout(LIMIT).unwrap();
     }
 }
 
 fn check_budget(what: &str, allocations: usize) {
-    let budget = PAYLOAD_ALLOCS_PER_REQUEST * N + SLACK;
+    let budget = PAYLOAD_ALLOCS_PER_REQUEST * N + ONE_OFF_ALLOCATIONS;
     assert!(
         allocations <= budget,
         "{what}: {allocations} allocations for {N} requests ({:.3} per request); \
-         the budget is {PAYLOAD_ALLOCS_PER_REQUEST} per request (payload buffers) plus {SLACK}",
+         the budget is {PAYLOAD_ALLOCS_PER_REQUEST} per request (payload buffers) plus {ONE_OFF_ALLOCATIONS}",
         allocations as f64 / N as f64
     );
     // The payload buffers themselves are counted, so the counter works.
@@ -92,20 +77,22 @@ fn check_budget(what: &str, allocations: usize) {
 
 #[test]
 fn sync_calls_allocate_only_payload_buffers() {
-    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The counts are process-wide: the tests take turns.
+    let _turn = serial();
     let (client, server) = echo_pair();
     let payload = [0xa5u8; 32];
     sync_calls(&client, &payload, WARMUP);
     let region = Region::new(GLOBAL);
     sync_calls(&client, &payload, N);
     let allocations = region.change().allocations;
-    shut(client, server);
+    close_both(&client, &server);
     check_budget("sync calls", allocations);
 }
 
 #[test]
 fn pipelined_requests_allocate_only_payload_buffers() {
-    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The counts are process-wide: the tests take turns.
+    let _turn = serial();
     let (client, server) = echo_pair();
     let payload = [0xa5u8; 32];
     let window = 256;
@@ -113,6 +100,6 @@ fn pipelined_requests_allocate_only_payload_buffers() {
     let region = Region::new(GLOBAL);
     pipelined(&client, &payload, window, N);
     let allocations = region.change().allocations;
-    shut(client, server);
+    close_both(&client, &server);
     check_budget("pipelined, 256 in flight", allocations);
 }

@@ -13,28 +13,22 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{echo, ms, server_config, within, within_or, ECHO, SLEEP};
+use common::{
+    decode_all, echo, ms, pair_with, server_config, wire, within, within_or, ECHO, HANG, LIMIT,
+    SLEEP,
+};
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, OnClose, Packet, PacketConnection, Request, Response,
     Server, ServerConfig,
 };
 
-/// Long enough for any step that should succeed.
-const PATIENCE: Duration = Duration::from_secs(10);
-/// How long a step that should return at once is given before it counts as
-/// hung.
-const HANG: Duration = Duration::from_secs(3);
-
 /// A client with an echo handler of its own and a server with the common
 /// service, over a socketpair.
 fn pair_both_serving(tag: &str) -> (Arc<PacketConnection>, Arc<PacketConnection>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(b, server_config(&format!("{tag}s"))).unwrap();
-    let client = PacketConnection::from_unix_stream(
-        a,
+    let (client, server) = pair_with(
         Config::default().name(format!("{tag}c")).handler(echo),
-    )
-    .unwrap();
+        server_config(&format!("{tag}s")),
+    );
     (Arc::new(client), Arc::new(server))
 }
 
@@ -80,8 +74,8 @@ fn a_request_from_the_peer_is_served_after_a_caller_read_past_the_lease() {
     for res in outcomes {
         assert_eq!(res.unwrap(), b"ping", "the peer's request was never read");
     }
-    assert!(client.close_timeout(PATIENCE).is_ok());
-    assert!(server.close_timeout(PATIENCE).is_ok());
+    assert!(client.close_timeout(LIMIT).is_ok());
+    assert!(server.close_timeout(LIMIT).is_ok());
 }
 
 /// A `call` from one thread while another thread's `call_timeout` waited
@@ -93,7 +87,7 @@ fn a_call_after_a_call_timeout_raced_a_reading_caller_gets_its_response() {
     let reader = spawn_reading_caller(&client, 200);
     thread::sleep(ms(80));
     // Waits with a deadline while the other caller reads.
-    let res = client.call_timeout(ECHO, 0, b"meanwhile", PATIENCE);
+    let res = client.call_timeout(ECHO, 0, b"meanwhile", LIMIT);
     assert_eq!(res.unwrap().payload, b"meanwhile");
     let joined = within("the reading caller", move || reader.join().unwrap());
     assert_eq!(joined.unwrap(), b"200");
@@ -105,8 +99,8 @@ fn a_call_after_a_call_timeout_raced_a_reading_caller_gets_its_response() {
         || client.abort(),
     );
     assert_eq!(res.unwrap(), b"after");
-    assert!(client.close_timeout(PATIENCE).is_ok());
-    assert!(server.close_timeout(PATIENCE).is_ok());
+    assert!(client.close_timeout(LIMIT).is_ok());
+    assert!(server.close_timeout(LIMIT).is_ok());
 }
 
 /// `close` while a caller reads its own response must still read the peer's
@@ -130,7 +124,7 @@ fn close_while_a_caller_reads_still_reads_the_peers_eof() {
     assert!(res.is_ok(), "{res:?}");
     let joined = within("the reading caller", move || reader.join().unwrap());
     assert_eq!(joined.unwrap(), b"150");
-    assert!(server.close_timeout(PATIENCE).is_ok());
+    assert!(server.close_timeout(LIMIT).is_ok());
 }
 
 /// The whole packets read so far from `stream`, reading until `n` have
@@ -149,12 +143,6 @@ fn read_packets(stream: &mut UnixStream, buf: &mut Vec<u8>, n: usize) -> Vec<Pac
         buf.extend_from_slice(&chunk[..got]);
     }
     packets
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut buf = Vec::new();
-    packet.encode_into(&mut buf);
-    buf
 }
 
 /// How many quick calls a caller makes, answered at once, before the call
@@ -198,7 +186,7 @@ fn answer_warm_calls(peer: &mut UnixStream, buf: &mut Vec<u8>) -> Packet {
 #[test]
 fn abort_wakes_a_caller_in_call_on_connect_with_streams_without_a_hook() {
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let client = Arc::new(
         PacketConnection::connect_with(
             move || {
@@ -245,10 +233,7 @@ fn a_refused_client_that_keeps_sending_is_still_sent_eof_and_does_not_hold_up_st
     let (server, addr) = serve(ServerConfig::new(server_config("full")).max_connections(1));
     let holder = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     assert_eq!(
-        holder
-            .call_timeout(ECHO, 0, b"in", PATIENCE)
-            .unwrap()
-            .payload,
+        holder.call_timeout(ECHO, 0, b"in", LIMIT).unwrap().payload,
         b"in"
     );
 
@@ -260,7 +245,7 @@ fn a_refused_client_that_keeps_sending_is_still_sent_eof_and_does_not_hold_up_st
         let (mut stream, flooding) = (refused.try_clone().unwrap(), Arc::clone(&flooding));
         thread::spawn(move || {
             let chunk = wire(&Packet::erq()).repeat(1024);
-            let deadline = Instant::now() + PATIENCE;
+            let deadline = Instant::now() + LIMIT;
             while flooding.load(Ordering::SeqCst) && Instant::now() < deadline {
                 match stream.write(&chunk) {
                     Ok(_) => {}
@@ -299,7 +284,7 @@ fn a_refused_client_that_keeps_sending_is_still_sent_eof_and_does_not_hold_up_st
     let stopped = within("stop_timeout", move || server.stop_timeout(ms(1000)));
     flooding.store(false, Ordering::SeqCst);
     within("the flooder", move || flooder.join().unwrap());
-    let _ = holder.close_timeout(PATIENCE);
+    let _ = holder.close_timeout(LIMIT);
     assert!(
         ended && stopped.is_ok(),
         "EOF sent to the refused client: {ended}; stop_timeout(1 s): {stopped:?}"
@@ -335,23 +320,23 @@ fn a_flooding_client_does_not_make_another_wait_behind_its_whole_quota() {
         .map(|_| flooder.submit(SLOW, 0, b"").unwrap())
         .collect();
     let victim = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    common::wait_for("the flood to start", PATIENCE, || {
+    common::wait_for("the flood to start", LIMIT, || {
         started.lock().unwrap().len() >= 10
     });
     let before = started.lock().unwrap().len();
     let asked = Instant::now();
-    let res = victim.call_timeout(ECHO, 0, b"me", PATIENCE);
+    let res = victim.call_timeout(ECHO, 0, b"me", LIMIT);
     let waited = asked.elapsed();
     assert_eq!(res.unwrap().payload, b"me");
     let log = started.lock().unwrap().clone();
     let at = log.iter().position(|&tag| tag == u64::MAX).unwrap();
     let overtaken_by = at - before;
     for pending in flood {
-        pending.wait_timeout(PATIENCE).unwrap();
+        pending.wait_timeout(LIMIT).unwrap();
     }
-    assert!(flooder.close_timeout(PATIENCE).is_ok());
-    assert!(victim.close_timeout(PATIENCE).is_ok());
-    assert!(server.stop_timeout(PATIENCE).is_ok());
+    assert!(flooder.close_timeout(LIMIT).is_ok());
+    assert!(victim.close_timeout(LIMIT).is_ok());
+    assert!(server.stop_timeout(LIMIT).is_ok());
     // Two handler threads and two clients: a fair pool starts a handful of
     // the flood's jobs before the victim's; a FIFO shared by all starts the
     // flooder's whole quota (256 by default).
@@ -419,14 +404,14 @@ fn clients_that_end_at_once_get_on_accept_then_on_close_once_each() {
         stream.write_all(&eof).unwrap();
         drop(stream);
     }
-    common::wait_for("every client's on_close", PATIENCE, || {
+    common::wait_for("every client's on_close", LIMIT, || {
         let seen = seen.lock().unwrap();
         seen.iter()
             .filter(|h| matches!(h, Hooked::Close(_)))
             .count() as u64
             >= CLIENTS
     });
-    assert!(server.stop_timeout(PATIENCE).is_ok());
+    assert!(server.stop_timeout(LIMIT).is_ok());
     let seen = seen.lock().unwrap().clone();
     for id in 1..=CLIENTS {
         let events: Vec<Hooked> = seen
@@ -458,7 +443,7 @@ fn dropping_a_busy_server_ends_its_clients_in_order_and_all_its_threads() {
             thread::spawn(move || {
                 let mut n_ok = 0;
                 loop {
-                    match c.call_timeout(SLEEP, 0, b"1", PATIENCE) {
+                    match c.call_timeout(SLEEP, 0, b"1", LIMIT) {
                         Ok(_) => n_ok += 1,
                         // The ends of a request the server's close overtook:
                         // refused, or sent as the server's EOF went out.
@@ -485,7 +470,7 @@ fn dropping_a_busy_server_ends_its_clients_in_order_and_all_its_threads() {
         let res = within("a client's join", move || c.join());
         assert!(res.is_ok(), "{res:?}");
     }
-    common::wait_for("the server's threads to end", PATIENCE, || {
+    common::wait_for("the server's threads to end", LIMIT, || {
         common::threads_named(name).is_empty()
     });
 }
@@ -498,13 +483,7 @@ fn read_to_end_packets(stream: &mut UnixStream) -> (Vec<Packet>, usize) {
     while let Ok(n @ 1..) = stream.read(&mut chunk) {
         bytes.extend_from_slice(&chunk[..n]);
     }
-    let mut packets = Vec::new();
-    let mut pos = 0;
-    while let Ok(Some((packet, used))) = Packet::decode(&bytes[pos..], u64::MAX) {
-        packets.push(packet);
-        pos += used;
-    }
-    (packets, bytes.len() - pos)
+    decode_all(&bytes)
 }
 
 /// An inline handler's large reply, cut short by the socket's write timeout
@@ -520,7 +499,7 @@ fn a_large_reply_cut_short_by_a_bounded_write_reaches_a_slow_peer_whole() {
         // Lengths that leave different remainders after the socket's fill.
         let len = LEN + trial;
         let (a, mut peer) = UnixStream::pair().unwrap();
-        peer.set_read_timeout(Some(PATIENCE)).unwrap();
+        peer.set_read_timeout(Some(LIMIT)).unwrap();
         let conn = PacketConnection::from_unix_stream(
             a,
             Config::default()
@@ -621,7 +600,7 @@ fn two_inline_ends_flooding_each_other_answer_every_request_exactly() {
                             let got = if round % 3 == 1 {
                                 pending.wait()
                             } else {
-                                pending.wait_timeout(PATIENCE)
+                                pending.wait_timeout(LIMIT)
                             }?;
                             assert_eq!(got.flags, seed);
                             assert!(got.payload == want, "reply to {seed:#x} differs");
@@ -639,15 +618,15 @@ fn two_inline_ends_flooding_each_other_answer_every_request_exactly() {
             .map(|counts| counts.into_iter().sum::<usize>())
     };
     let (l, r) = (Arc::clone(&left), Arc::clone(&right));
-    let n_checked = within_or("the flood", PATIENCE + HANG, flood, || {
+    let n_checked = within_or("the flood", LIMIT + HANG, flood, || {
         l.abort();
         r.abort();
     })
     .unwrap();
     assert_eq!(n_checked, 6 * (20 + 40 * 12));
     let closing = Arc::clone(&right);
-    let closer = thread::spawn(move || closing.close_timeout(PATIENCE));
-    assert!(left.close_timeout(PATIENCE).is_ok());
+    let closer = thread::spawn(move || closing.close_timeout(LIMIT));
+    assert!(left.close_timeout(LIMIT).is_ok());
     assert!(within("the other close", move || closer.join().unwrap()).is_ok());
 }
 
@@ -659,7 +638,7 @@ fn two_inline_ends_flooding_each_other_answer_every_request_exactly() {
 fn a_slow_reader_gets_every_inline_reply_in_order_and_whole() {
     const N: u64 = 300;
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let conn = PacketConnection::from_unix_stream(
         a,
         Config::default()
@@ -756,11 +735,11 @@ fn two_inline_ends_whose_handlers_submit_do_not_deadlock() {
                     for _ in 0..600 {
                         window.push_back(end.submit(PING, 0, &payload)?);
                         if window.len() > 64 {
-                            window.pop_front().unwrap().wait_timeout(PATIENCE)?;
+                            window.pop_front().unwrap().wait_timeout(LIMIT)?;
                         }
                     }
                     for pending in window {
-                        pending.wait_timeout(PATIENCE)?;
+                        pending.wait_timeout(LIMIT)?;
                     }
                     Ok::<(), Error>(())
                 })
@@ -779,8 +758,8 @@ fn two_inline_ends_whose_handlers_submit_do_not_deadlock() {
         assert!(res.is_ok(), "{res:?}");
     }
     let closing = Arc::clone(&right);
-    let closer = thread::spawn(move || closing.close_timeout(PATIENCE));
-    assert!(left.close_timeout(PATIENCE).is_ok());
+    let closer = thread::spawn(move || closing.close_timeout(LIMIT));
+    assert!(left.close_timeout(LIMIT).is_ok());
     assert!(within("the other close", move || closer.join().unwrap()).is_ok());
 }
 
@@ -802,13 +781,11 @@ fn threads_mixing_every_way_of_waiting_on_one_connection_all_get_their_answers()
                 let got = match (thread_idx + round) % 5 {
                     0 => c.call(SLEEP, seed, sleep.as_bytes()),
                     1 => c.submit(SLEEP, seed, sleep.as_bytes())?.wait(),
-                    2 => c
-                        .submit(SLEEP, seed, sleep.as_bytes())?
-                        .wait_timeout(PATIENCE),
-                    3 => c.call_timeout(SLEEP, seed, sleep.as_bytes(), PATIENCE),
+                    2 => c.submit(SLEEP, seed, sleep.as_bytes())?.wait_timeout(LIMIT),
+                    3 => c.call_timeout(SLEEP, seed, sleep.as_bytes(), LIMIT),
                     _ => {
                         let pending = c.submit(SLEEP, seed, sleep.as_bytes())?;
-                        let deadline = Instant::now() + PATIENCE;
+                        let deadline = Instant::now() + LIMIT;
                         loop {
                             if let Some(res) = pending.try_wait() {
                                 break res;
@@ -829,7 +806,7 @@ fn threads_mixing_every_way_of_waiting_on_one_connection_all_get_their_answers()
     let s = Arc::clone(&server);
     workers.push(thread::spawn(move || {
         for round in 0..100u64 {
-            let got = s.call_timeout(ECHO, round, b"back", PATIENCE)?;
+            let got = s.call_timeout(ECHO, round, b"back", LIMIT)?;
             assert_eq!(got.flags, round);
             thread::sleep(ms(3));
         }
@@ -852,8 +829,8 @@ fn threads_mixing_every_way_of_waiting_on_one_connection_all_get_their_answers()
     for res in results {
         assert!(res.is_ok(), "{res:?}");
     }
-    assert!(client.close_timeout(PATIENCE).is_ok());
-    assert!(server.close_timeout(PATIENCE).is_ok());
+    assert!(client.close_timeout(LIMIT).is_ok());
+    assert!(server.close_timeout(LIMIT).is_ok());
 }
 
 /// A server's handlers call back over the connection they serve and wait
@@ -920,8 +897,8 @@ fn handlers_that_call_back_and_wait_while_the_client_calls_all_complete() {
     for res in results {
         assert!(res.is_ok(), "{res:?}");
     }
-    assert!(client.close_timeout(PATIENCE).is_ok());
-    assert!(server.close_timeout(PATIENCE).is_ok());
+    assert!(client.close_timeout(LIMIT).is_ok());
+    assert!(server.close_timeout(LIMIT).is_ok());
 }
 
 /// A peer that crashes (its stream ends without EOF) while one of our
@@ -930,7 +907,7 @@ fn handlers_that_call_back_and_wait_while_the_client_calls_all_complete() {
 #[test]
 fn a_crash_read_by_a_caller_on_the_lent_reader_is_stream_ended() {
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let (ended_tx, ended_rx) = std::sync::mpsc::channel();
     let ended_tx = Mutex::new(ended_tx);
     let client = Arc::new(
@@ -962,13 +939,13 @@ fn a_crash_read_by_a_caller_on_the_lent_reader_is_stream_ended() {
         "{last:?}"
     );
     for _ in 0..2 {
-        let closed = client.close_timeout(PATIENCE);
+        let closed = client.close_timeout(LIMIT);
         assert!(
             matches!(closed, Err(Error::ConnectionLost(Disconnect::StreamEnded))),
             "close after a crash: {closed:?}"
         );
     }
-    let why = ended_rx.recv_timeout(PATIENCE).unwrap();
+    let why = ended_rx.recv_timeout(LIMIT).unwrap();
     assert_eq!(why, Disconnect::StreamEnded);
     assert_eq!(client.status().ended, Some(why));
 }
@@ -984,23 +961,23 @@ fn a_panicking_factory_cuts_its_client_off_and_the_server_goes_on() {
     let (server, addr) = serve(config);
     let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     assert_eq!(
-        first.call_timeout(ECHO, 0, b"1", PATIENCE).unwrap().payload,
+        first.call_timeout(ECHO, 0, b"1", LIMIT).unwrap().payload,
         b"1"
     );
     // The second client's factory panics: its stream ends.
     let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    let err = second.call_timeout(ECHO, 0, b"2", PATIENCE).unwrap_err();
+    let err = second.call_timeout(ECHO, 0, b"2", LIMIT).unwrap_err();
     assert!(err.is_disconnect(), "{err:?}");
     // The third is served.
     let third = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     assert_eq!(
-        third.call_timeout(ECHO, 0, b"3", PATIENCE).unwrap().payload,
+        third.call_timeout(ECHO, 0, b"3", LIMIT).unwrap().payload,
         b"3"
     );
     assert_eq!(server.connections(), 2);
-    let stopper = thread::spawn(move || server.stop_timeout(PATIENCE));
+    let stopper = thread::spawn(move || server.stop_timeout(LIMIT));
     for client in [&first, &third] {
-        client.close_timeout(PATIENCE).unwrap();
+        client.close_timeout(LIMIT).unwrap();
     }
     within("the server's stop", move || stopper.join().unwrap()).unwrap();
     second.abort();
@@ -1015,7 +992,7 @@ fn a_panicking_factory_cuts_its_client_off_and_the_server_goes_on() {
 fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
     use std::collections::HashSet;
     let (a, peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let conn = Arc::new(
         PacketConnection::from_unix_stream(
             a,
@@ -1100,7 +1077,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
                     let res = if idx == 0 {
                         pending.wait()
                     } else {
-                        pending.wait_timeout(PATIENCE)
+                        pending.wait_timeout(LIMIT)
                     };
                     outcomes.push((tag, res.map(drop)));
                 }
@@ -1108,7 +1085,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
         })
         .collect();
     thread::sleep(ms(150));
-    let closed = conn.close_timeout(PATIENCE);
+    let closed = conn.close_timeout(LIMIT);
     let n_peer_requests = within("the peer's writer", move || peer_writer.join().unwrap());
     let (seen, left_over) = within("the peer's reader", move || peer_reader.join().unwrap());
     let outcomes: Vec<_> = callers
@@ -1176,7 +1153,7 @@ fn an_inline_end_closing_under_a_two_way_flood_keeps_the_shutdown_order() {
 #[test]
 fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let client = Arc::new(
         PacketConnection::from_unix_stream(
             a,
@@ -1224,7 +1201,7 @@ fn a_panicking_on_end_hook_neither_lands_in_a_callers_call_nor_hangs_close() {
 #[test]
 fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     let conn = PacketConnection::from_unix_stream(
         a,
         Config::default()
@@ -1238,7 +1215,7 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
     // send thread takes the rest and blocks in it.
     peer.write_all(&wire(&common::request(2, ECHO, 0, b"")))
         .unwrap();
-    common::wait_for("the reply to start going out", PATIENCE, || {
+    common::wait_for("the reply to start going out", LIMIT, || {
         conn.stats().bytes_out > 0
     });
     thread::sleep(ms(100));
@@ -1251,7 +1228,7 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
     conn.abort();
     let outcomes: Vec<_> = pending
         .into_iter()
-        .map(|p| p.wait_timeout(PATIENCE).map(drop))
+        .map(|p| p.wait_timeout(LIMIT).map(drop))
         .collect();
     let (packets, _) = within("the peer's reads", move || read_to_end_packets(&mut peer));
     let on_wire: Vec<u64> = packets
@@ -1275,7 +1252,7 @@ fn requests_never_written_behind_a_cut_short_reply_are_unsent_on_abort() {
 fn an_inline_end_keeps_reading_a_peer_that_never_reads_and_closes_in_time() {
     const N: u64 = 5000;
     let (a, peer) = UnixStream::pair().unwrap();
-    peer.set_write_timeout(Some(PATIENCE)).unwrap();
+    peer.set_write_timeout(Some(LIMIT)).unwrap();
     let conn = Arc::new(
         PacketConnection::from_unix_stream(
             a,
@@ -1295,7 +1272,7 @@ fn an_inline_end_keeps_reading_a_peer_that_never_reads_and_closes_in_time() {
         Ok::<(), std::io::Error>(())
     });
     let c = Arc::clone(&conn);
-    common::wait_for("every request to be read", PATIENCE, move || {
+    common::wait_for("every request to be read", LIMIT, move || {
         c.stats().requests_received == N
     });
     assert!(within("the peer's writes", move || writing.join().unwrap()).is_ok());
@@ -1321,12 +1298,12 @@ fn an_idle_connection_over_a_socket_with_a_read_timeout_stays_up() {
     a.set_read_timeout(Some(ms(50))).unwrap();
     let server = PacketConnection::from_unix_stream(b, server_config("rto-s")).unwrap();
     let client = PacketConnection::from_unix_stream(a, Config::default().name("rto-c")).unwrap();
-    assert!(client.call_timeout(ECHO, 0, b"before", PATIENCE).is_ok());
+    assert!(client.call_timeout(ECHO, 0, b"before", LIMIT).is_ok());
     thread::sleep(ms(200));
-    let res = client.call_timeout(ECHO, 0, b"after", PATIENCE);
+    let res = client.call_timeout(ECHO, 0, b"after", LIMIT);
     let status = client.status();
-    let _ = server.close_timeout(PATIENCE);
-    let _ = client.close_timeout(PATIENCE);
+    let _ = server.close_timeout(LIMIT);
+    let _ = client.close_timeout(LIMIT);
     assert!(
         res.is_ok(),
         "after an idle spell: {res:?}; status {status:?}"

@@ -11,14 +11,13 @@ mod blockstore;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::thread;
 
 use packetstream::{Config, Error, PacketConnection, Server, ServerConfig};
 
 use blockstore::service::{Add, BlockStore, Contains, Flush, Get, HashCode, Len, TOO_LARGE};
 use blockstore::{block, get_all, put_all};
-use common::{within, LIMIT};
+use common::{close_both, pair_with, within, LIMIT};
 
 const BLOCKS: u64 = 10_000;
 const THREADS: u64 = 8;
@@ -118,12 +117,10 @@ fn ten_thousand_blocks_over_tcp_loopback_from_eight_client_threads() {
 }
 
 fn store_pair(store: BlockStore) -> (PacketConnection, PacketConnection) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server =
-        PacketConnection::from_unix_stream(b, Config::default().handler(store.dispatcher()))
-            .unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
-    (client, server)
+    pair_with(
+        Config::default(),
+        Config::default().handler(store.dispatcher()),
+    )
 }
 
 #[test]
@@ -139,10 +136,7 @@ fn a_block_over_the_limit_is_refused_with_flags_and_reason() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(client.request(&Len).unwrap(), 1);
-    within("closing", move || {
-        client.close_timeout(LIMIT).unwrap();
-        server.join().unwrap();
-    });
+    close_both(&client, &server);
 }
 
 #[test]
@@ -162,10 +156,7 @@ fn the_store_reads_back_its_file_after_flush() {
         })
         .unwrap();
     client.request(&Flush).unwrap();
-    within("closing", move || {
-        client.close_timeout(LIMIT).unwrap();
-        server.join().unwrap();
-    });
+    close_both(&client, &server);
 
     let (client, server) = store_pair(BlockStore::open(&path).unwrap());
     let distinct: HashSet<&HashCode> = hashes.iter().collect();
@@ -174,10 +165,7 @@ fn the_store_reads_back_its_file_after_flush() {
     for (data, want) in got.into_iter().zip(&blocks) {
         assert_eq!(data.as_ref(), Some(want));
     }
-    within("closing", move || {
-        client.close_timeout(LIMIT).unwrap();
-        server.join().unwrap();
-    });
+    close_both(&client, &server);
     let file_len = std::fs::metadata(&path).unwrap().len();
     let distinct_bytes: usize = blocks
         .iter()
@@ -206,8 +194,5 @@ fn the_store_serves_over_a_pair_of_pipes_as_a_child_process_would() {
     for (data, want) in got.into_iter().zip(&blocks) {
         assert_eq!(data.as_ref(), Some(want));
     }
-    within("closing", move || {
-        client.close_timeout(LIMIT).unwrap();
-        server.join().unwrap();
-    });
+    close_both(&client, &server);
 }

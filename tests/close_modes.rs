@@ -5,16 +5,14 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_threads_gone, echo, unique_name, within_or};
+use common::{assert_threads_gone, echo, pair_with, unique_name, within_or, LIMIT};
 use packetstream::{
     Config, Disconnect, Error, PacketConnection, PendingResponse, Request, Response,
 };
-
-/// Every blocking wait in this file ends after this long.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 const IN_FLIGHT: u64 = 10_000;
 
@@ -24,24 +22,16 @@ fn pair(
     server_name: &str,
     client_name: &str,
     pause: Duration,
-) -> (
-    std::sync::Arc<PacketConnection>,
-    std::sync::Arc<PacketConnection>,
-) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(
-        b,
-        Config::default()
-            .name(server_name)
-            .handler(move |rq: Request| {
-                thread::sleep(pause);
-                echo(rq)
-            }),
-    )
-    .unwrap();
-    let client =
-        PacketConnection::from_unix_stream(a, Config::default().name(client_name)).unwrap();
-    (std::sync::Arc::new(server), std::sync::Arc::new(client))
+) -> (Arc<PacketConnection>, Arc<PacketConnection>) {
+    let paused_echo = move |rq: Request| {
+        thread::sleep(pause);
+        echo(rq)
+    };
+    let (client, server) = pair_with(
+        Config::default().name(client_name),
+        Config::default().name(server_name).handler(paused_echo),
+    );
+    (Arc::new(server), Arc::new(client))
 }
 
 fn submit_many(client: &PacketConnection, n: u64) -> Vec<PendingResponse> {
@@ -56,7 +46,7 @@ fn outcomes(pending: Vec<PendingResponse>) -> Vec<(u64, Result<Response, Error>)
         .into_iter()
         .enumerate()
         .map(|(idx, p)| {
-            let res = p.wait_timeout(PATIENCE);
+            let res = p.wait_timeout(LIMIT);
             assert!(
                 !matches!(res, Err(Error::Timeout { .. })),
                 "request {idx} hangs"
@@ -80,7 +70,7 @@ fn drain_close_of_the_client_answers_all_10k_requests_in_flight() {
     let (s1, s2) = (server.clone(), client.clone());
     within_or(
         "close",
-        PATIENCE,
+        LIMIT,
         move || c.close(),
         move || {
             s1.abort();
@@ -93,9 +83,9 @@ fn drain_close_of_the_client_answers_all_10k_requests_in_flight() {
     assert!(all.iter().all(|(_, res)| res.is_ok()));
     assert_eq!(client.stats().responses_ok, IN_FLIGHT);
     let s = server.clone();
-    within_or("server join", PATIENCE, move || s.join(), || server.abort()).expect("server join");
-    assert_threads_gone(&sn, PATIENCE);
-    assert_threads_gone(&cn, PATIENCE);
+    within_or("server join", LIMIT, move || s.join(), || server.abort()).expect("server join");
+    assert_threads_gone(&sn, LIMIT);
+    assert_threads_gone(&cn, LIMIT);
 }
 
 #[test]
@@ -104,7 +94,7 @@ fn drain_close_of_the_server_answers_or_refuses_each_of_10k_requests_once() {
     let (server, client) = pair(&sn, &cn, Duration::from_micros(20));
     let pending = submit_many(&client, IN_FLIGHT);
     let s = server.clone();
-    let closer = thread::spawn(move || s.close_timeout(PATIENCE));
+    let closer = thread::spawn(move || s.close_timeout(LIMIT));
     let all = outcomes(pending);
     let (mut ok, mut refused, mut lost) = (0, 0, 0);
     for (idx, res) in &all {
@@ -122,10 +112,10 @@ fn drain_close_of_the_server_answers_or_refuses_each_of_10k_requests_once() {
     assert_eq!(ok + refused + lost, IN_FLIGHT);
     // The client closes once it has its answers; then the server's close
     // completes.
-    client.close_timeout(PATIENCE).expect("client close");
+    client.close_timeout(LIMIT).expect("client close");
     closer.join().unwrap().expect("server close");
-    assert_threads_gone(&sn, PATIENCE);
-    assert_threads_gone(&cn, PATIENCE);
+    assert_threads_gone(&sn, LIMIT);
+    assert_threads_gone(&cn, LIMIT);
 }
 
 #[test]
@@ -133,17 +123,17 @@ fn drain_with_a_deadline_that_is_met_answers_everything() {
     let (sn, cn) = (unique_name("ts"), unique_name("tc"));
     let (server, client) = pair(&sn, &cn, Duration::ZERO);
     let pending = submit_many(&client, IN_FLIGHT);
-    client.close_timeout(PATIENCE).expect("drained in time");
+    client.close_timeout(LIMIT).expect("drained in time");
     assert!(outcomes(pending).iter().all(|(_, res)| res.is_ok()));
-    server.close_timeout(PATIENCE).expect("server close");
-    assert_threads_gone(&sn, PATIENCE);
-    assert_threads_gone(&cn, PATIENCE);
+    server.close_timeout(LIMIT).expect("server close");
+    assert_threads_gone(&sn, LIMIT);
+    assert_threads_gone(&cn, LIMIT);
 }
 
 /// Fills the outgoing queue of a connection whose peer reads nothing, with
 /// `try_submit_on` until it would block, and returns the handles.
 fn fill_queue(conn: &PacketConnection) -> Vec<PendingResponse> {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LIMIT;
     let mut pending = Vec::new();
     loop {
         match conn.try_submit_on(0, 1, 0, &[7; 4096]) {
@@ -156,14 +146,14 @@ fn fill_queue(conn: &PacketConnection) -> Vec<PendingResponse> {
 }
 
 /// A client whose peer never reads or answers, with a small queue.
-fn silent_pair(name: &str) -> (std::sync::Arc<PacketConnection>, UnixStream) {
+fn silent_pair(name: &str) -> (Arc<PacketConnection>, UnixStream) {
     let (a, silent) = UnixStream::pair().unwrap();
     let config = Config::default()
         .name(name)
         .max_queued_bytes(64 << 10)
         .max_queued_packets(64);
     let client = PacketConnection::from_unix_stream(a, config).unwrap();
-    (std::sync::Arc::new(client), silent)
+    (Arc::new(client), silent)
 }
 
 #[test]
@@ -181,14 +171,14 @@ fn drain_with_a_deadline_against_a_silent_peer_gives_up_and_fails_every_request(
     // the same way as the others.
     let submitter = thread::spawn(move || {
         c.submit(1, 0, &[7; 4096])
-            .and_then(|p| p.wait_timeout(PATIENCE))
+            .and_then(|p| p.wait_timeout(LIMIT))
             .map(|_| ())
     });
     let res = client.close_timeout(Duration::from_millis(200));
     assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
     let res = within_or(
         "the blocked submitter",
-        PATIENCE,
+        LIMIT,
         move || submitter.join().unwrap(),
         || {},
     );
@@ -199,7 +189,7 @@ fn drain_with_a_deadline_against_a_silent_peer_gives_up_and_fails_every_request(
             other => panic!("request {idx}: {other:?}"),
         }
     }
-    assert_threads_gone(&name, PATIENCE);
+    assert_threads_gone(&name, LIMIT);
     drop(silent);
 }
 
@@ -209,7 +199,7 @@ fn abort_with_10k_requests_in_flight_ends_each_one_at_once() {
     let (server, client) = pair(&sn, &cn, Duration::from_micros(50));
     let pending = submit_many(&client, IN_FLIGHT);
     let c = client.clone();
-    within_or("abort", PATIENCE, move || c.abort(), || {});
+    within_or("abort", LIMIT, move || c.abort(), || {});
     let all = outcomes(pending);
     let lost = all
         .iter()
@@ -227,9 +217,9 @@ fn abort_with_10k_requests_in_flight_ends_each_one_at_once() {
     assert!(matches!(client.submit(1, 0, b""), Err(e) if e.is_disconnect()));
     // The server sees the socket shut down and ends too.
     let s = server.clone();
-    within_or("server join", PATIENCE, move || s.join(), || server.abort()).ok();
-    assert_threads_gone(&cn, PATIENCE);
-    assert_threads_gone(&sn, PATIENCE);
+    within_or("server join", LIMIT, move || s.join(), || server.abort()).ok();
+    assert_threads_gone(&cn, LIMIT);
+    assert_threads_gone(&sn, LIMIT);
 }
 
 #[test]
@@ -241,21 +231,21 @@ fn abort_never_blocks_on_a_peer_that_never_reads() {
     let c = client.clone();
     let writer = thread::spawn(move || {
         c.submit(1, 0, &vec![1; 8 << 20])
-            .and_then(|p| p.wait_timeout(PATIENCE))
+            .and_then(|p| p.wait_timeout(LIMIT))
     });
     let pending = fill_queue(&client);
     let c = client.clone();
-    within_or("abort", PATIENCE, move || c.abort(), || {});
+    within_or("abort", LIMIT, move || c.abort(), || {});
     // The socket is shut down, which ends the blocked write.
     let res = within_or(
         "the blocked writer",
-        PATIENCE,
+        LIMIT,
         move || writer.join().unwrap(),
         || {},
     );
     assert!(matches!(&res, Err(e) if e.is_disconnect()), "{res:?}");
     assert!(outcomes(pending).iter().all(|(_, res)| res.is_err()));
-    assert_threads_gone(&name, PATIENCE);
+    assert_threads_gone(&name, LIMIT);
     drop(silent);
 }
 
@@ -264,8 +254,8 @@ fn drop_never_blocks_and_the_threads_end_once_the_peer_goes() {
     let name = unique_name("nd");
     let (client, silent) = silent_pair(&name);
     let pending = fill_queue(&client);
-    let client = std::sync::Arc::into_inner(client).unwrap();
-    within_or("drop", PATIENCE, move || drop(client), || {});
+    let client = Arc::into_inner(client).unwrap();
+    within_or("drop", LIMIT, move || drop(client), || {});
     // The handles still wait; the connection ends when the peer goes away,
     // and each of them then fails.
     drop(silent);
@@ -275,5 +265,5 @@ fn drop_never_blocks_and_the_threads_end_once_the_peer_goes() {
             "request {idx}: {res:?}"
         );
     }
-    assert_threads_gone(&name, PATIENCE);
+    assert_threads_gone(&name, LIMIT);
 }

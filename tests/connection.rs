@@ -6,13 +6,13 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use common::child::{self, child_fixture, Mode};
 use common::*;
-use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Response};
+use packetstream::{Config, Error, OnClose, PacketConnection, Request, Response};
 
 const SIZES: [usize; 8] = [0, 1, 127, 128, 16383, 16384, 65536, 1 << 20];
 
@@ -36,13 +36,6 @@ fn exercise_round_trips(client: &PacketConnection) {
     }
 }
 
-fn close_both(client: PacketConnection, server: PacketConnection) {
-    within("close", move || {
-        client.close().unwrap();
-        server.join().unwrap();
-    });
-}
-
 /// The transports a pair of connections can run over in one process.
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -58,13 +51,7 @@ fn connect(
     right: Config,
 ) -> (PacketConnection, PacketConnection) {
     match transport {
-        Transport::Socketpair => {
-            let (a, b) = UnixStream::pair().unwrap();
-            (
-                PacketConnection::from_unix_stream(a, left).unwrap(),
-                PacketConnection::from_unix_stream(b, right).unwrap(),
-            )
-        }
+        Transport::Socketpair => pair_with(left, right),
         Transport::Pipes => {
             let (l_recv, r_send) = io::pipe().unwrap();
             let (r_recv, l_send) = io::pipe().unwrap();
@@ -154,17 +141,9 @@ fn both_ends_issue_requests_at_the_same_time(transport: Transport) {
     r.join().unwrap();
     assert_eq!(left.stats().requests_received, 2200);
     assert_eq!(right.stats().requests_received, 2200);
-    let (left, right) = (
-        Arc::try_unwrap(left).unwrap(),
-        Arc::try_unwrap(right).unwrap(),
-    );
-    within("close both", move || {
-        // Both close at once: neither may wait for the other's EOF before
-        // sending its own.
-        let l = thread::spawn(move || left.close());
-        right.close().unwrap();
-        l.join().unwrap().unwrap();
-    });
+    // Both close at once: neither may wait for the other's EOF before
+    // sending its own.
+    close_both(&left, &right);
 }
 
 fn every_scenario(transport: Transport) {
@@ -172,7 +151,7 @@ fn every_scenario(transport: Transport) {
     exercise_round_trips(&client);
     let client = Arc::new(client);
     ten_threads_submit_a_thousand_each(&client);
-    close_both(Arc::try_unwrap(client).unwrap(), server);
+    close_both(&client, &server);
     both_ends_issue_requests_at_the_same_time(transport);
 }
 
@@ -191,83 +170,78 @@ fn round_trips_concurrency_and_two_way_traffic_over_tcp_loopback() {
     every_scenario(Transport::Tcp);
 }
 
-/// Builds the demo example (a child that serves over its stdin/stdout) with
-/// the same profile as this test, and returns its path.
-fn demo_binary() -> std::path::PathBuf {
-    let test_exe = std::env::current_exe().unwrap();
-    let profile_dir = test_exe.parent().unwrap().parent().unwrap();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "--example", "demo"]);
-    if profile_dir.file_name().unwrap() == "release" {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the demo example failed");
-    profile_dir.join("examples").join("demo")
-}
+child_fixture!();
 
 #[test]
 fn round_trips_and_concurrency_with_a_child_process() {
-    let mut child = Command::new(demo_binary())
-        .arg("serve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = child::spawn(Mode::Serve);
+    child::skip_to_ready(&mut child);
     let client = PacketConnection::from_child(&mut child, Config::default()).unwrap();
-    // The demo's ECHO is rq_type 1, as here. The demo child only serves, so
-    // two-way traffic is covered by the in-process transports.
+    // The child only serves, so two-way traffic is covered by the
+    // in-process transports.
     exercise_round_trips(&client);
     let client = Arc::new(client);
     ten_threads_submit_a_thousand_each(&client);
     let err = client.call(99, 0, b"").unwrap_err();
     assert!(matches!(err, Error::Failed { .. }), "{err:?}");
-    let client = Arc::try_unwrap(client).unwrap();
-    within("close and child exit", move || {
-        client.close().unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "child exited with {status}");
-    });
+    client.close_timeout(LIMIT).unwrap();
+    let status = child::reap(child);
+    assert!(status.success(), "child exited with {status}");
 }
 
 #[test]
 fn a_connection_without_handler_refuses_requests() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let no_handler = PacketConnection::from_unix_stream(b, Config::default()).unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
+    let (client, no_handler) = pair_with(Config::default(), Config::default());
     let err = client.call(ECHO, 0, b"").unwrap_err();
     assert!(matches!(err, Error::Failed { flags: 0, .. }), "{err:?}");
     assert_eq!(err.failure_reason().as_deref(), Some("no request handler"));
-    close_both(client, no_handler);
+    close_both(&client, &no_handler);
 }
 
 #[test]
 fn handler_errors_and_panics_become_not_ok_replies_and_the_connection_goes_on() {
-    let (client, server) = pair();
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (client, server) = pair_with(
+        Config::default().name("client"),
+        Config::default()
+            .name("server")
+            .handler(move |rq: Request| match rq.rq_type {
+                HOLD => {
+                    held.pass();
+                    echo(rq)
+                }
+                _ => service(rq),
+            }),
+    );
     let err = client
-        .call(FAIL, 0, "bad thing: ünïcode".as_bytes())
+        .call_timeout(FAIL, 0, "bad thing: ünïcode".as_bytes(), LIMIT)
         .unwrap_err();
     assert_eq!(err.failure_reason().as_deref(), Some("bad thing: ünïcode"));
-    for _ in 0..3 {
-        let err = client.call(PANIC, 0, b"").unwrap_err();
-        let reason = err.failure_reason().unwrap();
+    // Each panic is a not-ok reply saying so, and the next request is
+    // answered.
+    for round in 0..10 {
+        let err = client.call_timeout(PANIC, 0, b"", LIMIT).unwrap_err();
+        let reason = err.failure_reason().expect("a not-ok reply");
         assert!(
             reason.contains("handler panicked: handler told to panic"),
             "{reason}"
         );
+        let rsp = client.call_timeout(ECHO, round, b"fine", LIMIT).unwrap();
+        assert_eq!((rsp.flags, rsp.payload.as_slice()), (round, &b"fine"[..]));
     }
-    // All four handler threads are still there to serve.
-    let pending: Vec<_> = (0..8)
-        .map(|i| client.submit(SLEEP, i, b"20").unwrap())
+    // All four handler threads are still there: four requests are held in
+    // the handler at once.
+    let pending: Vec<_> = (0..4)
+        .map(|i| client.submit(HOLD, i, b"held").unwrap())
         .collect();
-    for p in pending {
-        p.wait_timeout(LIMIT).unwrap();
+    gate.wait_entered(4, LIMIT);
+    gate.open();
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
     }
-    assert_eq!(server.stats().replies_failed, 4);
-    close_both(client, server);
+    assert_eq!(server.stats().replies_failed, 11);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -334,7 +308,7 @@ fn reply_shapes_and_typed_decoding() {
         client.call_as::<String>(5, 0, b""),
         Err(Error::Decode(_))
     ));
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -368,48 +342,7 @@ fn every_channel_has_its_own_tag_sequence() {
         );
     }
     assert_eq!(client.call_on(9, ECHO, 1, b"z").unwrap().payload, b"z");
-    close_both(client, server);
-}
-
-#[test]
-fn close_lets_the_peer_finish_requests_in_progress() {
-    let (client, server) = pair();
-    let pending: Vec<_> = (0..8)
-        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
-        .collect();
-    // Close at once: ERQ and EOF go out while the server still works. The
-    // server answers everything in progress before its own EOF, and our
-    // receive side stays open for those answers.
-    within("close", move || {
-        client.close().unwrap();
-        for (i, p) in pending.into_iter().enumerate() {
-            assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
-        }
-        server.join().unwrap();
-    });
-}
-
-#[test]
-fn server_close_finishes_its_handlers_before_eof() {
-    let (client, server) = pair();
-    let pending: Vec<_> = (0..6)
-        .map(|i| client.submit(SLEEP, i, b"100").unwrap())
-        .collect();
-    // Once the server has them all in progress, it closes.
-    wait_for("6 requests in progress", LIMIT, || {
-        server.stats().in_progress >= 6
-    });
-    within("server close", move || server.close().unwrap());
-    for (i, p) in pending.into_iter().enumerate() {
-        assert_eq!(p.wait_timeout(LIMIT).unwrap().flags, i as u64);
-    }
-    // The server sent ERQ: new requests from us fail at once with a not-ok
-    // reply or a lost connection, never a hang.
-    match client.submit(ECHO, 0, b"") {
-        Ok(p) => assert!(p.wait_timeout(LIMIT).is_err()),
-        Err(e) => assert!(e.is_disconnect(), "{e:?}"),
-    }
-    within("client join", move || client.close().unwrap());
+    close_both(&client, &server);
 }
 
 #[test]
@@ -427,7 +360,7 @@ fn requests_after_end_requests_are_refused_locally() {
             .as_deref(),
         Some("no request handler")
     );
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -479,73 +412,13 @@ fn close_timeout_fails_what_is_pending_when_the_peer_stalls() {
 }
 
 #[test]
-fn abort_fails_pending_requests_at_once_telling_written_from_unsent() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
-    // A grace that never runs out: nothing is written until a caller waits.
-    let client = PacketConnection::from_unix_stream(
-        a,
-        Config::default()
-            .name("client")
-            .packet_grace(std::time::Duration::MAX),
-    )
-    .unwrap();
-    let written: Vec<_> = (0..3)
-        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
-        .collect();
-    // A wait has the queue written; the handlers now sleep on them.
-    assert!(written[0].wait_timeout(ms(50)).unwrap_err().is_timeout());
-    wait_for("the requests in progress", LIMIT, || {
-        server.stats().in_progress == 3
-    });
-    let unsent: Vec<_> = (0..3)
-        .map(|_| client.submit(SLEEP, 0, b"300").unwrap())
-        .collect();
-    client.abort();
-    for (p, want) in written
-        .into_iter()
-        .map(|p| (p, Error::ConnectionLost(Disconnect::Local)))
-        .chain(
-            unsent
-                .into_iter()
-                .map(|p| (p, Error::Unsent(Disconnect::Local))),
-        )
-    {
-        let res = p.wait_timeout(LIMIT);
-        assert_eq!(format!("{res:?}"), format!("{:?}", Err::<(), _>(want)));
-    }
-    assert!(matches!(client.submit(ECHO, 0, b""), Err(Error::Closed)));
-    within("joins after abort", move || {
-        // The socket was shut down, so both sides end without the EOF dance.
-        assert!(matches!(
-            client.join(),
-            Err(Error::ConnectionLost(Disconnect::Local))
-        ));
-        let _ = server.join();
-    });
-}
-
-#[test]
-fn dropping_a_connection_never_blocks() {
-    let (a, b) = UnixStream::pair().unwrap();
-    // The peer never reads nor answers.
-    let conn = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
-    let pending = conn.submit(ECHO, 0, &vec![0; 1 << 16]).unwrap();
-    within("drop", move || {
-        drop(pending);
-        drop(conn);
-    });
-    drop(b);
-}
-
-#[test]
 fn every_constructor_works() {
     // A single owned fd, and a borrowed one which stays open.
     let (a, b) = UnixStream::pair().unwrap();
     let server = PacketConnection::from_fd(OwnedFd::from(b), server_config("fd-server")).unwrap();
     let client = PacketConnection::from_borrowed_fd(a.as_fd(), Config::default()).unwrap();
     assert_eq!(client.call(ECHO, 1, b"fd").unwrap().payload, b"fd");
-    close_both(client, server);
+    close_both(&client, &server);
     // The caller's fd was duplicated, not closed: it is still a socket.
     assert!(a.local_addr().is_ok());
 
@@ -563,7 +436,7 @@ fn every_constructor_works() {
             .unwrap();
     assert_eq!(client.call(ECHO, 2, b"fds").unwrap().flags, 2);
     drop((c_recv, c_send));
-    close_both(client, server);
+    close_both(&client, &server);
 
     // A connector with an on-close hook, run exactly once.
     let closed = Arc::new(AtomicUsize::new(0));
@@ -582,7 +455,7 @@ fn every_constructor_works() {
     .unwrap();
     assert_eq!(client.call(ECHO, 3, b"c").unwrap().flags, 3);
     assert_eq!(closed.load(Ordering::SeqCst), 0);
-    close_both(client, server);
+    close_both(&client, &server);
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     let failing = PacketConnection::connect_with(
         || -> io::Result<(UnixStream, UnixStream, Option<OnClose>)> {
@@ -660,8 +533,7 @@ fn a_lone_call_never_waits_out_the_grace_and_takes_one_write_each_way() {
             "server writes per call"
         );
     }
-    let client = Arc::try_unwrap(client).ok().unwrap();
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -704,7 +576,7 @@ fn a_pipelined_burst_goes_out_in_one_write() {
         "server replies batched: {:?}",
         server.stats()
     );
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -716,7 +588,7 @@ fn default_grace_still_writes_an_unwaited_submit() {
         server.stats().requests_received > 0
     });
     assert_eq!(pending.wait_timeout(LIMIT).unwrap().flags, 1);
-    close_both(client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -728,10 +600,10 @@ fn connections_are_send_and_sync() {
 
 #[test]
 fn threads_are_named_after_the_connection_and_all_end_on_close() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server =
-        PacketConnection::from_unix_stream(b, server_config("tn-s").handler_threads(2)).unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default().name("tn-c")).unwrap();
+    let (client, server) = pair_with(
+        Config::default().name("tn-c"),
+        server_config("tn-s").handler_threads(2),
+    );
     // A thread names itself as it starts.
     wait_for("the threads to start", LIMIT, || {
         threads_named("tn-").len() >= 6
@@ -742,7 +614,7 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
         ["tn-s:handler0", "tn-s:handler1", "tn-s:recv", "tn-s:send"]
     );
     assert_eq!(client.name(), "tn-c");
-    close_both(client, server);
+    close_both(&client, &server);
     assert!(
         threads_named("tn-").is_empty(),
         "{:?}",

@@ -14,54 +14,36 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::child::{self, child_fixture, half_response, Mode};
 use common::{
-    body_len, echo, ms, pair, report, request, response, spawn_self, timed, unique_name, wait_for,
-    within_or, Gate, RawPeer, Running, SkipPast, Timed, ECHO, LIMIT, SLEEP,
+    body_len, echo, ms, pair, report, request, response, serial, threads_named, timed, unique_name,
+    wait_for, wire, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD, LIMIT,
+    SLACK, SLEEP,
 };
 use packetstream::{
     Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
     Request, Server, ServerConfig,
 };
 
-/// The deadline given to every call that takes one.
-const DEADLINE: Duration = Duration::from_millis(200);
-/// How far past its deadline a call may return, in a debug build: the
-/// contract of every call that takes a deadline.
-const SLACK: Duration = Duration::from_millis(100);
 /// A call that must never block counts as blocked after this long.
 const TRY_BOUND: Duration = Duration::from_secs(1);
-/// How long past its bound a call is given before it counts as hung; the
-/// test then takes away what it blocks on, so that it returns.
-const HANG: Duration = Duration::from_secs(1);
-/// Every wait that should succeed ends after this long.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A reply of `flags` bytes.
 const BIG: u64 = 5;
-/// Waits at the test's gate, then echoes.
-const STUCK: u64 = 6;
 /// A reply of flags `flags` and as many bytes as the payload's decimal text
 /// says.
 const SIZED: u64 = 7;
 
-/// The tests that measure a deadline take this lock, so that no other
-/// test's load skews what they measure.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// ECHO echoes, BIG replies with `flags` bytes, STUCK waits at `gate` and
+/// ECHO echoes, BIG replies with `flags` bytes, HOLD waits at `gate` and
 /// then echoes, SIZED replies with the size and flags asked for.
 fn gated_service(gate: Gate) -> impl Fn(Request) -> HandlerResult + Send + Sync + 'static {
     move |rq: Request| match rq.rq_type {
         BIG => Ok(Reply::payload(vec![0x5a; rq.flags as usize])),
-        STUCK => {
+        HOLD => {
             gate.pass();
             echo(rq)
         }
@@ -74,20 +56,6 @@ fn gated_service(gate: Gate) -> impl Fn(Request) -> HandlerResult + Send + Sync 
         }
         _ => echo(rq),
     }
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut buf = Vec::new();
-    packet.encode_into(&mut buf);
-    buf
-}
-
-/// The first half of an ok response to tag 2, the first tag a connection
-/// uses: the rest never comes.
-fn half_response() -> Vec<u8> {
-    let mut bytes = wire(&response(2, true, 0, &[0x33; 200]));
-    bytes.truncate(bytes.len() / 2);
-    bytes
 }
 
 /// The lines, at most ten of them, then how many more there were.
@@ -116,52 +84,7 @@ fn shown<T: Debug>(res: &T) -> String {
 // ---------------------------------------------------------------------------
 // The far end of a connection under test, over each transport.
 
-/// Set in the environment of a copy of this test binary that plays the far
-/// end of a link over its standard input and output.
-const CHILD_ENV: &str = "PACKETSTREAM_DEADLINES_CHILD";
-/// What the child writes before its first byte of the stream, after the
-/// test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-DEADLINES-CHILD-READY\n";
-
-/// The child's side, one of the far ends of [`Far`], chosen by
-/// [`CHILD_ENV`]. Does nothing in a normal test run.
-#[test]
-fn child_peer() {
-    let Some(mode) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    match mode.to_str().unwrap() {
-        "idle" => {}
-        "half" => stdout.write_all(&half_response()).unwrap(),
-        "ask" => {
-            stdout
-                .write_all(&wire(&request(2, STUCK, 0, b"hold")))
-                .unwrap();
-            stdout.flush().unwrap();
-            std::process::exit(0);
-        }
-        "stuck" => {
-            stdout.flush().unwrap();
-            drop(stdout);
-            let config = Config::default()
-                .name("child")
-                .handler(|_: Request| -> HandlerResult {
-                    thread::sleep(LIMIT);
-                    Ok(().into())
-                });
-            let conn = PacketConnection::stdio(config).unwrap();
-            let _ = conn.join();
-            std::process::exit(0);
-        }
-        other => panic!("unknown child mode {other}"),
-    }
-    stdout.flush().unwrap();
-    // Reads nothing and sends nothing more until killed.
-    thread::sleep(LIMIT);
-    std::process::exit(0);
-}
+child_fixture!();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
@@ -213,7 +136,7 @@ enum Far {
     /// A connection of this crate whose handler never returns (until the
     /// test opens the link's gate).
     StuckServer,
-    /// Sends one STUCK request, then closes its end.
+    /// Sends one HOLD request, then closes its end.
     AskThenLeave,
 }
 
@@ -290,15 +213,12 @@ impl Link {
             }
             Transport::Child => {
                 let mode = match far {
-                    Far::Idle => "idle",
-                    Far::HalfPacket => "half",
-                    Far::StuckServer => "stuck",
-                    Far::AskThenLeave => "ask",
+                    Far::Idle => Mode::Silent,
+                    Far::HalfPacket => Mode::HalfPacket,
+                    Far::StuckServer => Mode::Serve,
+                    Far::AskThenLeave => Mode::AskThenExit,
                 };
-                let mut child = spawn_self("child_peer", &[(CHILD_ENV, mode)]);
-                let stdout = SkipPast::new(child.stdout.take().unwrap(), CHILD_READY);
-                let stdin = child.stdin.take().unwrap();
-                let conn = PacketConnection::new(stdout, stdin, config).unwrap();
+                let (child, conn) = child::connect(mode, config);
                 return Link {
                     what,
                     conn: Arc::new(conn),
@@ -322,7 +242,7 @@ impl Link {
                 FarEnd::Conn(raw.into_conn(config))
             }
             Far::AskThenLeave => {
-                raw.write_all(&wire(&request(2, STUCK, 0, b"hold")));
+                raw.write_all(&wire(&request(2, HOLD, 0, b"hold")));
                 drop(raw);
                 FarEnd::Gone
             }
@@ -358,40 +278,43 @@ impl Link {
             FarEnd::Raw(raw) => drop(raw),
             FarEnd::Conn(conn) => {
                 conn.abort();
-                let dropped = timed(PATIENCE, move || drop(conn));
+                let dropped = timed(LIMIT, move || drop(conn));
                 assert!(
                     matches!(dropped, Timed::Done(..)),
                     "{}: far end hangs",
                     self.what
                 );
             }
-            FarEnd::Child(mut child) => {
-                let _ = child.kill();
-                let _ = child.wait();
+            FarEnd::Child(child) => {
+                child::kill(child);
             }
             FarEnd::Gone => {}
         }
     }
 
-    /// Cuts the far end, aborts the connection, and joins what the test
-    /// left blocked and drops the connection, each within the patience.
+    /// Cuts the far end, aborts the connection, joins what the test left
+    /// blocked and drops the connection, each within `LIMIT`; then every
+    /// thread of the connection must end.
     fn finish(mut self) {
+        let threads = format!("{}:", self.conn.name());
         self.cut();
         self.conn.abort();
         for running in self.blocked.drain(..) {
             assert!(
-                running.finish_within(PATIENCE).is_some(),
+                running.finish_within(LIMIT).is_some(),
                 "{}: a blocked call did not return once the far end was gone",
                 self.what
             );
         }
         let conn = self.conn;
-        let dropped = timed(PATIENCE, move || drop(conn));
+        let dropped = timed(LIMIT, move || drop(conn));
         assert!(
             matches!(dropped, Timed::Done(..)),
             "{}: dropping the connection hangs",
             self.what
         );
+        let what = format!("{}: every thread of the connection to end", self.what);
+        wait_for(&what, LIMIT, || threads_named(&threads).is_empty());
     }
 }
 
@@ -408,7 +331,7 @@ fn run_call<T: Debug + Send + 'static>(
         Timed::Done(value, elapsed) => (Some(elapsed), Ok(value)),
         Timed::Stuck(running) => {
             unstick();
-            match running.finish_within(PATIENCE) {
+            match running.finish_within(LIMIT) {
                 Some((value, elapsed)) => (
                     None,
                     Err(format!(
@@ -538,9 +461,9 @@ fn requester(transport: Transport, condition: Condition) -> (Link, PendingRespon
         }
         Condition::HandlerNeverReturns => {
             let link = Link::new(transport, config, Far::StuckServer, gate.clone());
-            let pending = link.conn.submit(STUCK, 0, b"hold").unwrap();
+            let pending = link.conn.submit(HOLD, 0, b"hold").unwrap();
             if transport != Transport::Child {
-                gate.wait_entered(1, PATIENCE);
+                gate.wait_entered(1, LIMIT);
             }
             (link, pending)
         }
@@ -582,7 +505,7 @@ fn close_timeout_cell(transport: Transport, condition: Condition) -> Cell {
             let gate = Gate::new();
             let config = base_config(condition).handler(gated_service(gate.clone()));
             let link = Link::new(transport, config, Far::AskThenLeave, gate.clone());
-            gate.wait_entered(1, PATIENCE);
+            gate.wait_entered(1, LIMIT);
             link
         }
         _ => requester(transport, condition).0,
@@ -634,9 +557,7 @@ fn server_and_client(listen: Listen, config: Config) -> (Server, RawEnd, Option<
             (server, RawEnd::Tcp(TcpStream::connect(addr).unwrap()), None)
         }
     };
-    wait_for("the server to accept", PATIENCE, || {
-        server.connections() == 1
-    });
+    wait_for("the server to accept", LIMIT, || server.connections() == 1);
     (server, client, path)
 }
 
@@ -662,8 +583,8 @@ fn stop_timeout_cell(listen: Listen, condition: Condition) -> Cell {
             client.write_all(&bytes);
         }
         Condition::HandlerNeverReturns => {
-            client.write_all(&wire(&request(2, STUCK, 0, b"hold")));
-            gate.wait_entered(1, PATIENCE);
+            client.write_all(&wire(&request(2, HOLD, 0, b"hold")));
+            gate.wait_entered(1, LIMIT);
         }
         Condition::WriterBlockedInKernel => {
             client.write_all(&wire(&request(2, BIG, 16 << 20, b"")));
@@ -760,7 +681,7 @@ fn try_cells(transport: Transport, condition: Condition) -> Vec<Cell> {
     let mut after_cut = vec![None; names.len()];
     if !hung.is_empty() {
         link.cut();
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + LIMIT;
         for _ in &hung {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok((idx, elapsed, res, _)) = rx.recv_timeout(left) {
@@ -876,7 +797,7 @@ fn wait_timeout_with_unread_queue(grace: Option<Duration>) -> (Option<Duration>,
     if let Some(grace) = grace {
         config = config.packet_grace(grace);
     }
-    let (conn, peer) = RawPeer::with_patience(config, PATIENCE);
+    let (conn, peer) = RawPeer::with_patience(config, LIMIT);
     let conn = Arc::new(conn);
     let mut pending = None;
     for idx in 0..2000u64 {
@@ -921,73 +842,40 @@ fn wait_timeout_meets_its_deadline_when_the_peer_never_reads() {
 // ---------------------------------------------------------------------------
 // close_timeout and Server::stop_timeout with a handler that does not return.
 
-/// A connection whose handler holds the raw peer's STUCK request.
-fn stuck_handler_link() -> (Arc<PacketConnection>, RawPeer, Gate, String) {
+/// After an abort, `close_timeout` returns by its deadline, whatever it
+/// returns, while a handler holds the raw peer's request.
+#[test]
+fn close_timeout_after_abort_does_not_wait_for_a_stuck_handler() {
+    let _serial = serial();
     let gate = Gate::new();
     let name = unique_name("sh");
-    let (conn, mut peer) = RawPeer::with_patience(
+    let (conn, mut peer) = RawPeer::with(
         Config::default()
             .name(&name)
             .handler(gated_service(gate.clone())),
-        PATIENCE,
     );
-    peer.request(2, STUCK, b"hold");
-    gate.wait_entered(1, PATIENCE);
-    (Arc::new(conn), peer, gate, name)
-}
-
-/// Runs `close_timeout(500 ms)` while the handler is stuck, releasing the
-/// handler if it hangs. With `must_fail`, the close cannot have completed
-/// in order and must report an error.
-fn close_timeout_with_stuck_handler(
-    conn: &Arc<PacketConnection>,
-    gate: &Gate,
-    must_fail: bool,
-) -> Result<Duration, String> {
+    peer.request(2, HOLD, b"hold");
+    gate.wait_entered(1, LIMIT);
+    let conn = Arc::new(conn);
+    conn.abort();
     let timeout = ms(500);
-    let c = Arc::clone(conn);
+    let c = Arc::clone(&conn);
     let (elapsed, res) = run_call(
         timeout + SLACK,
         move || c.close_timeout(timeout),
         || gate.open(),
     );
-    match elapsed {
-        Some(e) if e <= timeout + SLACK && (!must_fail || matches!(res, Ok(Err(_)))) => Ok(e),
-        _ => Err(format!(
-            "close_timeout({timeout:?}) took {elapsed:?} (None: hung until the handler was released) and returned {}",
-            shown(&res)
-        )),
-    }
-}
-
-#[test]
-fn close_timeout_does_not_wait_for_a_stuck_handler_once_the_peer_has_gone() {
-    let _serial = serial();
-    let (conn, peer, gate, name) = stuck_handler_link();
-    drop(peer);
-    let res = close_timeout_with_stuck_handler(&conn, &gate, true);
-    gate.open();
-    common::assert_threads_gone(&name, PATIENCE);
-    let elapsed = res.unwrap();
-    report(format!(
-        "close_timeout, handler stuck, peer gone: {elapsed:?}"
-    ));
-}
-
-#[test]
-fn close_timeout_after_abort_does_not_wait_for_a_stuck_handler() {
-    let _serial = serial();
-    let (conn, peer, gate, name) = stuck_handler_link();
-    conn.abort();
-    // After an abort, any result will do, in time.
-    let res = close_timeout_with_stuck_handler(&conn, &gate, false);
     gate.open();
     drop(peer);
-    common::assert_threads_gone(&name, PATIENCE);
-    let elapsed = res.unwrap();
+    common::assert_threads_gone(&name, LIMIT);
     report(format!(
         "close_timeout after abort, handler stuck: {elapsed:?}"
     ));
+    assert!(
+        elapsed.is_some_and(|e| e <= timeout + SLACK),
+        "close_timeout({timeout:?}) took {elapsed:?} (None: hung until the handler was released) and returned {}",
+        shown(&res)
+    );
 }
 
 #[test]
@@ -1002,8 +890,8 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
     let server = Server::serve_tcp(listener, config).unwrap();
     // A well-behaved client whose request the handler holds.
     let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    let pending = client.submit(STUCK, 0, b"hold").unwrap();
-    gate.wait_entered(1, PATIENCE);
+    let pending = client.submit(HOLD, 0, b"hold").unwrap();
+    gate.wait_entered(1, LIMIT);
     let timeout = ms(500);
     let (elapsed, res) = run_call(
         timeout + SLACK,
@@ -1011,8 +899,8 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
         || gate.open(),
     );
     gate.open();
-    let _ = pending.wait_timeout(PATIENCE);
-    let _ = client.close_timeout(PATIENCE);
+    let _ = pending.wait_timeout(LIMIT);
+    let _ = client.close_timeout(LIMIT);
     report(format!(
         "stop_timeout({timeout:?}), handler stuck: {elapsed:?}, {}",
         shown(&res)
@@ -1031,8 +919,7 @@ fn server_stop_timeout_does_not_wait_for_a_stuck_handler() {
 fn try_submit_never_blocks_on_a_peer_that_does_not_read() {
     let _serial = serial();
     for on_channel in [None, Some(3)] {
-        let (conn, peer) =
-            RawPeer::with_patience(Config::default().name(unique_name("ts")), PATIENCE);
+        let (conn, peer) = RawPeer::with_patience(Config::default().name(unique_name("ts")), LIMIT);
         let conn = Arc::new(conn);
         let peer = Arc::new(Mutex::new(Some(peer)));
         let mut results = Vec::new();
@@ -1116,7 +1003,7 @@ fn run_steps(steps: Vec<Step>, unstick: impl FnOnce()) {
     }
     unstick();
     for running in hung {
-        running.finish_within(PATIENCE);
+        running.finish_within(LIMIT);
     }
     assert!(failed.is_empty(), "after abort:\n{}", failed.join("\n"));
 }
@@ -1191,7 +1078,7 @@ fn aborted_with_a_handler_blocked_on_a_pipe() -> (Arc<PacketConnection>, PipeRea
     let conn = Arc::new(conn);
     in_w.write_all(&wire(&request(2, BIG, 4 << 20, b"")))
         .unwrap();
-    wait_for("the request to arrive", PATIENCE, || {
+    wait_for("the request to arrive", LIMIT, || {
         conn.stats().requests_received == 1
     });
     // Time for the handler to make its reply and for the write to block.
@@ -1262,7 +1149,7 @@ fn after_abort_a_caller_blocked_in_any_writer_blocks_nothing() {
     let writer = timed(ms(100), move || {
         let _ = c.submit(ECHO, 0, &vec![0x33; 128 << 10]);
     });
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     conn.abort();
     thread::sleep(ms(50));
     let g = gate.clone();
@@ -1270,12 +1157,12 @@ fn after_abort_a_caller_blocked_in_any_writer_blocks_nothing() {
     gate.open();
     if let Timed::Stuck(running) = writer {
         assert!(
-            running.finish_within(PATIENCE).is_some(),
+            running.finish_within(LIMIT).is_some(),
             "the blocked submit returns once its writer fails"
         );
     }
     drop(in_w);
-    let dropped = timed(PATIENCE, move || drop(conn));
+    let dropped = timed(LIMIT, move || drop(conn));
     assert!(matches!(dropped, Timed::Done(..)), "drop hangs");
 }
 
@@ -1290,24 +1177,24 @@ fn wait_timeout_of_duration_max_means_no_limit() {
         let pending = client.submit(SLEEP, 0, b"50").unwrap();
         let res = within_or(
             "wait_timeout",
-            PATIENCE,
+            LIMIT,
             move || pending.wait_timeout(timeout),
             || {},
         );
         assert_eq!(res.unwrap().payload, b"50");
         // Answered already.
         let pending = client.submit(ECHO, 0, b"now").unwrap();
-        wait_for("the response", PATIENCE, || pending.is_ready());
+        wait_for("the response", LIMIT, || pending.is_ready());
         let res = within_or(
             "wait_timeout",
-            PATIENCE,
+            LIMIT,
             move || pending.wait_timeout(timeout),
             || {},
         );
         assert_eq!(res.unwrap().payload, b"now");
     }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 #[test]
@@ -1318,14 +1205,14 @@ fn close_timeout_of_duration_max_means_no_limit() {
     let c = Arc::clone(&client);
     let res = within_or(
         "close_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || c.close_timeout(Duration::MAX),
         || client.abort(),
     );
     res.unwrap();
     let res = within_or(
         "close_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || server.close_timeout(Duration::MAX),
         || {},
     );
@@ -1345,12 +1232,12 @@ fn server_stop_timeout_of_duration_max_means_no_limit() {
     assert_eq!(client.call(ECHO, 0, b"x").unwrap().payload, b"x");
     let res = within_or(
         "stop_timeout(Duration::MAX)",
-        PATIENCE,
+        LIMIT,
         move || server.stop_timeout(Duration::MAX),
         || {},
     );
     res.unwrap();
-    client.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
 }
 
 #[test]
@@ -1374,7 +1261,7 @@ fn packet_grace_of_duration_max_never_panics_and_close_returns() {
     // grace), then waited for: the wait writes it.
     let pending = client.submit(ECHO, 0, b"queued").unwrap();
     thread::sleep(ms(50));
-    assert_eq!(pending.wait_timeout(PATIENCE).unwrap().payload, b"queued");
+    assert_eq!(pending.wait_timeout(LIMIT).unwrap().payload, b"queued");
     assert_eq!(client.call(ECHO, 0, b"call").unwrap().payload, b"call");
     let c = Arc::clone(&client);
     let res = within_or(
@@ -1387,7 +1274,7 @@ fn packet_grace_of_duration_max_never_panics_and_close_returns() {
         },
     );
     res.unwrap();
-    within_or("server join", PATIENCE, move || server.join(), || {}).unwrap();
+    within_or("server join", LIMIT, move || server.join(), || {}).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -1469,7 +1356,7 @@ fn a_whole_request_is_answered_while_the_next_packet_is_incomplete() {
                         peer.send_bytes(&next[split..]);
                         match tail {
                             Tail::HalfResponse => {
-                                assert_eq!(ours.wait_timeout(PATIENCE).unwrap().payload.len(), 1000)
+                                assert_eq!(ours.wait_timeout(LIMIT).unwrap().payload.len(), 1000)
                             }
                             _ => assert_eq!(peer.recv_until(is_reply_to(3)).1.payload.len(), 1000),
                         }
@@ -1555,18 +1442,18 @@ fn a_small_request_is_answered_before_a_large_one_behind_it_has_arrived() {
     let large_payload = vec![0x88; LARGE];
     let large = thread::spawn(move || {
         c.submit(ECHO, 0, &large_payload)
-            .and_then(|p| p.wait_timeout(PATIENCE))
+            .and_then(|p| p.wait_timeout(LIMIT))
             .map(|rsp| rsp.payload.len())
     });
     // The link stalls a quarter of the way into the large request, and only
     // then does this thread wait for the small one.
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     let res = small.wait_timeout(Duration::from_secs(5));
     let sent_then = written.load(Ordering::SeqCst);
     gate.open();
     let large = large.join().unwrap();
-    let closed = client.close_timeout(PATIENCE);
-    let _ = server.close_timeout(PATIENCE);
+    let closed = client.close_timeout(LIMIT);
+    let _ = server.close_timeout(LIMIT);
     match res {
         Ok(rsp) => assert_eq!(rsp.payload, b"small"),
         Err(e) => panic!(
@@ -1590,7 +1477,7 @@ fn every_accepted_request_gets_its_echo_under_a_small_packet_limit() {
             .name(unique_name("lm"))
             .max_packet_len(LIMIT_1K)
             .handler(echo),
-        PATIENCE,
+        LIMIT,
     );
     let mut wrong = Vec::new();
     let mut largest_accepted = 0;
@@ -1635,7 +1522,7 @@ fn a_reply_is_sent_if_and_only_if_its_encoded_body_fits_the_limit() {
             .name(unique_name("lr"))
             .max_packet_len(LIMIT_1K)
             .handler(gated_service(Gate::new())),
-        PATIENCE,
+        LIMIT,
     );
     let mut wrong = Vec::new();
     let mut fits_exactly = 0;
@@ -1717,7 +1604,7 @@ fn between_two_ends_every_request_within_the_limit_is_echoed() {
         let fits = body_len(&request(tag, ECHO, 0, &vec![0; len])) <= LIMIT_1K;
         let res = client
             .submit(ECHO, 0, &vec![0x44; len])
-            .and_then(|p| p.wait_timeout(PATIENCE));
+            .and_then(|p| p.wait_timeout(LIMIT));
         match (fits, res) {
             (true, Ok(rsp)) if rsp.payload.len() == len => largest_echoed = len,
             (false, Err(Error::TooLarge { .. })) => {}
@@ -1727,8 +1614,8 @@ fn between_two_ends_every_request_within_the_limit_is_echoed() {
             )),
         }
     }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
     assert!(
         wrong.is_empty(),
         "{} calls wrong:\n{}",
@@ -1816,13 +1703,13 @@ fn stop_with_busy_clients(
                     let client = connect();
                     let first = client
                         .submit(FIRST, idx as u64, b"first")
-                        .and_then(|p| p.wait_timeout(PATIENCE));
+                        .and_then(|p| p.wait_timeout(LIMIT));
                     let mut again = (0, 0);
                     let until = Instant::now() + Duration::from_secs(3);
                     while Instant::now() < until && again.0 < 50 {
                         let res = client
                             .submit(ECHO, idx as u64, b"again")
-                            .and_then(|p| p.wait_timeout(PATIENCE));
+                            .and_then(|p| p.wait_timeout(LIMIT));
                         if res.is_ok() {
                             again.0 += 1;
                         } else {
@@ -1830,12 +1717,12 @@ fn stop_with_busy_clients(
                             break;
                         }
                     }
-                    let _ = client.close_timeout(PATIENCE);
+                    let _ = client.close_timeout(LIMIT);
                     (first.map(drop), again)
                 })
             })
             .collect();
-        gate.wait_entered(CLIENTS, PATIENCE);
+        gate.wait_entered(CLIENTS, LIMIT);
         stopping.store(true, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
         let stopper = thread::spawn(move || {
@@ -1908,7 +1795,7 @@ fn server_stop_timeout_drains_fifty_busy_clients_side_by_side_within_its_deadlin
 #[test]
 fn server_stop_refuses_new_requests_and_drains_every_connection_at_once() {
     let _serial = serial();
-    let run = stop_with_busy_clients(Listen::Unix, PATIENCE, |server| {
+    let run = stop_with_busy_clients(Listen::Unix, LIMIT, |server| {
         server.stop();
         Ok(())
     });

@@ -5,48 +5,31 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, report, unique_name, wait_for, within, Gate, RawPeer, ECHO};
+use common::{
+    close_both, ms, pair_with, report, unique_name, wait_for, within, Gate, RawPeer, ECHO, LIMIT,
+};
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
     CONTROL_CHANNEL,
 };
 
-/// How long a step may take before the test calls it a hang.
-const PATIENCE: Duration = Duration::from_secs(10);
-
 /// Request types of the test service.
 const HOLD: u64 = 10;
 const WORK: u64 = 11;
 
-/// A client and a server over a socketpair, with the given configs.
-fn pair_with(client: Config, server: Config) -> (PacketConnection, PacketConnection) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(b, server).unwrap();
-    let client = PacketConnection::from_unix_stream(a, client).unwrap();
-    (client, server)
-}
-
 /// Waits until the hello has had its answer at `conn`.
 fn hello_done(conn: &PacketConnection) -> bool {
     let mut known = None;
-    wait_for("the hello's answer", PATIENCE, || {
+    wait_for("the hello's answer", LIMIT, || {
         known = conn.peer_extensions();
         known.is_some()
     });
     known.unwrap()
-}
-
-/// Closes both ends in order; each must end cleanly.
-fn close_both(client: &PacketConnection, server: PacketConnection) {
-    let closer = thread::spawn(move || server.close_timeout(PATIENCE));
-    client.close_timeout(PATIENCE).expect("client close");
-    within("the server's close", move || closer.join().unwrap()).expect("server close");
 }
 
 // ---------------------------------------------------------------------------
@@ -64,11 +47,9 @@ fn the_hello_turns_extensions_on_between_two_ends_and_is_not_counted_as_a_reques
     assert!(hello_done(&client));
     assert!(hello_done(&server));
     // Two hellos and their answers went by, beside the call.
-    wait_for(
-        "the client's answer to the server's hello",
-        PATIENCE,
-        || client.stats().packets_out >= 3,
-    );
+    wait_for("the client's answer to the server's hello", LIMIT, || {
+        client.stats().packets_out >= 3
+    });
     let (c, s) = (client.stats(), server.stats());
     assert_eq!(c.packets_out, 3, "hello, hello's answer, the call");
     assert_eq!((c.requests_sent, c.responses_ok, c.pending), (1, 1, 0));
@@ -76,7 +57,7 @@ fn the_hello_turns_extensions_on_between_two_ends_and_is_not_counted_as_a_reques
         (s.requests_received, s.replies_ok, s.replies_failed),
         (1, 1, 0)
     );
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -100,19 +81,19 @@ fn an_end_with_extensions_off_refuses_the_hello_and_nothing_else_changes() {
     let pending = client
         .submit_timeout(HOLD, 0, b"", Duration::from_secs(60))
         .unwrap();
-    wait_for("the handler to start", PATIENCE, || {
+    wait_for("the handler to start", LIMIT, || {
         server.stats().in_progress == 1
     });
     drop(pending);
-    wait_for("the handler to end", PATIENCE, || {
+    wait_for("the handler to end", LIMIT, || {
         seen.lock().unwrap().len() == 1
     });
     assert_eq!(*seen.lock().unwrap(), [(false, None)]);
     // The ping is refused, and is an answer all the same.
-    client.ping(PATIENCE).unwrap();
+    client.ping(LIMIT).unwrap();
     let s = server.stats();
     assert_eq!((s.requests_received, s.replies_failed), (1, 0));
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -132,7 +113,7 @@ fn a_request_on_the_control_channel_is_refused_and_nothing_is_sent() {
     let err = client.call_on(CONTROL_CHANNEL, ECHO, 0, b"").unwrap_err();
     assert!(matches!(err, Error::ReservedChannel(_)), "{err:?}");
     assert_eq!(client.stats().requests_sent, 0);
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 // ---------------------------------------------------------------------------
@@ -180,16 +161,16 @@ fn a_dropped_request_stops_its_10_s_handler_at_once() {
     let mut latencies = Vec::new();
     for _ in 0..20 {
         let pending = client.submit(HOLD, 10_000, b"").unwrap();
-        wait_for("the handler to start", PATIENCE, || {
+        wait_for("the handler to start", LIMIT, || {
             let s = server.stats();
             s.in_progress == 1 && s.requests_waiting == 0
         });
         let dropped = Instant::now();
         drop(pending);
-        let (tag, cancelled, _) = rx.recv_timeout(PATIENCE).expect("the handler to stop");
+        let (tag, cancelled, _) = rx.recv_timeout(LIMIT).expect("the handler to stop");
         latencies.push(dropped.elapsed());
         assert!(cancelled, "request {tag} ran its 10 s");
-        wait_for("the reply", PATIENCE, || server.stats().in_progress == 0);
+        wait_for("the reply", LIMIT, || server.stats().in_progress == 0);
     }
     latencies.sort();
     report(format!(
@@ -200,7 +181,7 @@ fn a_dropped_request_stops_its_10_s_handler_at_once() {
     let s = server.stats();
     assert_eq!((s.replies_ok, s.replies_failed), (0, 20));
     assert_eq!(client.stats().pending, 0);
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -221,21 +202,21 @@ fn seven_dropped_requests_of_eight_do_not_run_and_close_does_not_wait_for_them()
         .map(|_| client.submit(WORK, 0, b"").unwrap())
         .collect();
     let kept = client.submit(WORK, 0, b"kept").unwrap();
-    wait_for("the first to run and the rest to queue", PATIENCE, || {
+    wait_for("the first to run and the rest to queue", LIMIT, || {
         let s = server.stats();
         s.in_progress == 8 && s.requests_waiting == 7
     });
     // The queued ones first: their cancels are read before the first ends.
     drop(queued);
     drop(first);
-    let (_, cancelled, _) = rx.recv_timeout(PATIENCE).expect("the first to stop");
+    let (_, cancelled, _) = rx.recv_timeout(LIMIT).expect("the first to stop");
     assert!(cancelled);
-    assert_eq!(kept.wait_timeout(PATIENCE).unwrap().payload, b"kept");
+    assert_eq!(kept.wait_timeout(LIMIT).unwrap().payload, b"kept");
     assert_eq!(ran.load(Ordering::SeqCst), 1, "only the kept request ran");
     let s = server.stats();
     assert_eq!((s.replies_ok, s.replies_failed), (1, 7));
     let started = Instant::now();
-    close_both(&client, server);
+    close_both(&client, &server);
     report(format!(
         "close after 7 of 8 requests dropped: {:?}",
         started.elapsed()
@@ -255,7 +236,7 @@ fn a_cancel_that_loses_the_race_to_the_reply_changes_nothing() {
     assert!(hello_done(&client));
     for round in 0..200u64 {
         let pending = client.submit(ECHO, round, b"").unwrap();
-        wait_for("the reply to be sent", PATIENCE, || {
+        wait_for("the reply to be sent", LIMIT, || {
             server.stats().replies_ok == round + 1
         });
         drop(pending);
@@ -268,7 +249,7 @@ fn a_cancel_that_loses_the_race_to_the_reply_changes_nothing() {
     );
     assert_eq!(c.pending, 0);
     assert_eq!(s.in_progress, 0);
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 // ---------------------------------------------------------------------------
@@ -301,7 +282,7 @@ fn ten_thousand_requests_whose_1_ms_deadline_passed_in_the_queue_never_run() {
     );
     assert!(hello_done(&client));
     let hold = client.submit(HOLD, 0, b"").unwrap();
-    gate.wait_entered(1, PATIENCE);
+    gate.wait_entered(1, LIMIT);
     // The only handler thread is held: 10,000 requests with 1 ms deadlines
     // queue behind it, one live request with a minute to go in every 100.
     let mut stale = Vec::new();
@@ -316,13 +297,13 @@ fn ten_thousand_requests_whose_1_ms_deadline_passed_in_the_queue_never_run() {
             );
         }
     }
-    wait_for("every request to arrive", PATIENCE * 3, || {
+    wait_for("every request to arrive", LIMIT * 3, || {
         server.stats().requests_received == 1 + STALE + LIVE
     });
     // Every 1 ms deadline has passed; the handler thread is let go.
     thread::sleep(ms(10));
     gate.open();
-    hold.wait_timeout(PATIENCE).unwrap();
+    hold.wait_timeout(LIMIT).unwrap();
     // The caller's wait ends at the deadline, or, if the refusal is in
     // already, with it.
     let (mut timeouts, mut refusals) = (0, 0);
@@ -339,7 +320,7 @@ fn ten_thousand_requests_whose_1_ms_deadline_passed_in_the_queue_never_run() {
     }
     assert_eq!(timeouts + refusals, STALE);
     for pending in live {
-        pending.wait_timeout(PATIENCE).unwrap();
+        pending.wait_timeout(LIMIT).unwrap();
     }
     let ran = ran.lock().unwrap().clone();
     let mut ids: Vec<u64> = ran.iter().map(|(id, _)| *id).collect();
@@ -352,7 +333,7 @@ fn ten_thousand_requests_whose_1_ms_deadline_passed_in_the_queue_never_run() {
     assert!(ran
         .iter()
         .all(|(_, left)| left.is_some_and(|left| left > Duration::from_secs(30))));
-    wait_for("every request answered", PATIENCE, || {
+    wait_for("every request answered", LIMIT, || {
         server.stats().in_progress == 0
     });
     let s = server.stats();
@@ -363,7 +344,7 @@ fn ten_thousand_requests_whose_1_ms_deadline_passed_in_the_queue_never_run() {
         s.replies_failed,
         ran.len()
     ));
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 #[test]
@@ -384,7 +365,7 @@ fn a_handler_reads_the_time_left_and_plain_requests_have_none() {
         .flags;
     assert!(left > 10_000 && left <= 20_000, "{left} ms left");
     assert_eq!(client.call(ECHO, 0, b"").unwrap().flags, u64::MAX);
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 // ---------------------------------------------------------------------------
@@ -481,7 +462,7 @@ fn cancels_and_deadlines_racing_replies_end_every_request_exactly_once() {
                             let rsp = client
                                 .submit(WORK, work, &payload)
                                 .unwrap()
-                                .wait_timeout(PATIENCE)
+                                .wait_timeout(LIMIT)
                                 .unwrap();
                             assert_eq!(rsp.payload, payload);
                             4
@@ -499,7 +480,7 @@ fn cancels_and_deadlines_racing_replies_end_every_request_exactly_once() {
     let outcomes = *outcomes.lock().unwrap();
     assert_eq!(outcomes.iter().sum::<u64>(), total);
     // Every request arrived and was answered once, run or refused.
-    wait_for("every request answered", PATIENCE, || {
+    wait_for("every request answered", LIMIT, || {
         let s = server.stats();
         s.requests_received == total && s.in_progress == 0
     });
@@ -517,7 +498,7 @@ fn cancels_and_deadlines_racing_replies_end_every_request_exactly_once() {
         handled.load(Ordering::SeqCst),
         total - handled.load(Ordering::SeqCst)
     ));
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 // ---------------------------------------------------------------------------
@@ -529,11 +510,11 @@ fn ping_is_answered_by_any_peer_and_times_out_against_a_silent_one() {
         Config::default().name(unique_name("pc")),
         Config::default().name(unique_name("ps")),
     );
-    let rtt = client.ping(PATIENCE).unwrap();
-    assert!(rtt < PATIENCE);
+    let rtt = client.ping(LIMIT).unwrap();
+    assert!(rtt < LIMIT);
     assert_eq!(client.stats().requests_sent, 0, "a ping is no request");
-    close_both(&client, server);
-    assert!(matches!(client.ping(PATIENCE), Err(Error::Closed)));
+    close_both(&client, &server);
+    assert!(matches!(client.ping(LIMIT), Err(Error::Closed)));
 
     // A raw peer that reads and never answers.
     let (conn, mut peer) = RawPeer::with(Config::default().name(unique_name("pq")));
@@ -562,7 +543,7 @@ fn ping_is_answered_by_any_peer_and_times_out_against_a_silent_one() {
 fn keepalive_ends_a_connection_whose_peer_answers_nothing() {
     let (conn, mut peer) =
         RawPeer::with(Config::default().name(unique_name("ka")).keepalive(ms(100)));
-    wait_for("the connection to end", PATIENCE, || {
+    wait_for("the connection to end", LIMIT, || {
         conn.status().ended.is_some()
     });
     assert_eq!(conn.status().ended, Some(Disconnect::NoAnswer));
@@ -595,7 +576,7 @@ fn keepalive_keeps_a_quiet_connection_to_a_live_peer() {
     }
     assert!(client.stats().packets_out > 0, "pings went");
     assert_eq!(client.call(ECHO, 1, b"still").unwrap().payload, b"still");
-    close_both(&client, server);
+    close_both(&client, &server);
 }
 
 // ---------------------------------------------------------------------------
@@ -613,8 +594,7 @@ fn bytes(hex: &str) -> Vec<u8> {
 #[test]
 fn control_packets_have_the_bytes_of_the_wire_spec() {
     // The control channel, 0xFFFF_FFFF, is the BSUInt 8f ff ff ff 7f.
-    let (conn, mut peer) =
-        RawPeer::speaking_to(Config::default().name(unique_name("wv")), PATIENCE);
+    let (conn, mut peer) = RawPeer::speaking_to(Config::default().name(unique_name("wv")), LIMIT);
     // Hello: length 10; tag 0; header 03 (request, has channel); channel;
     // rq_type 0 + 1; payload BSUInt version 1, BSUInt capabilities 7.
     assert_eq!(peer.recv_bytes(11), bytes("0a 00 03 8fffffff7f 01 01 07"));
@@ -697,7 +677,7 @@ fn a_flood_of_control_requests_holds_no_memory_and_the_connection_goes_on() {
                 s.fetch_add(1, Ordering::SeqCst);
                 Ok(rq.payload.into())
             }),
-        PATIENCE,
+        LIMIT,
     );
     const FLOOD: u64 = 50_000;
     let writer_stream = peer.stream.try_clone().unwrap();

@@ -13,69 +13,29 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer};
-use packetstream::{
-    Config, Disconnect, Error, OnClose, Packet, PacketConnection, PacketKind, Reply, Request,
+use common::child::{self, child_fixture, Mode};
+use common::{
+    assert_threads_gone, echo, long, report, response, unique_name, wait_for, RawPeer, LIMIT, SLEEP,
 };
-
-/// Every blocking wait in this file ends after this long.
-const PATIENCE: Duration = Duration::from_secs(20);
+use packetstream::{Config, Disconnect, Error, OnClose, PacketConnection, Reply, Request};
 
 // ---------------------------------------------------------------------------
 // Maximum packet size.
 
 #[test]
-fn oversize_incoming_request_is_refused_skipped_and_the_connection_goes_on() {
-    const MAX: u64 = 1024;
-    let name = unique_name("ov");
-    let (conn, mut peer) = RawPeer::with_patience(
-        Config::default()
-            .name(&name)
-            .max_packet_len(MAX)
-            .handler(echo),
-        PATIENCE,
-    );
-    // 16 MiB announced and sent; the limit is 1 KiB.
-    let big = vec![0xa5u8; 16 << 20];
-    peer.request(7, 1, &big);
-    peer.request(8, 1, b"after");
-    let refusal = peer.recv_packet();
-    assert_eq!(refusal.tag, 7);
-    assert_eq!(
-        refusal.kind,
-        PacketKind::Response {
-            ok: false,
-            flags: 0
-        }
-    );
-    let reason = String::from_utf8(refusal.payload).unwrap();
-    assert!(reason.starts_with("packet too large"), "{reason}");
-    let reply = peer.recv_packet();
-    assert_eq!((reply.tag, reply.payload.as_slice()), (8, &b"after"[..]));
-    assert_eq!(reply.kind, PacketKind::Response { ok: true, flags: 0 });
-    let stats = conn.stats();
-    assert_eq!(stats.requests_received, 2);
-    assert!(stats.bytes_in > big.len() as u64);
-    // The connection still closes in order.
-    peer.send(&Packet::eof());
-    conn.close_timeout(PATIENCE).expect("orderly close");
-    assert_threads_gone(&name, PATIENCE);
-}
-
-#[test]
 fn oversize_response_fails_its_request_only() {
     const MAX: u64 = 1024;
-    let (conn, mut peer) = RawPeer::with_patience(Config::default().max_packet_len(MAX), PATIENCE);
+    let (conn, mut peer) = RawPeer::with_patience(Config::default().max_packet_len(MAX), LIMIT);
     let first = conn.submit(1, 0, b"big please").unwrap();
     let second = conn.submit(1, 0, b"small please").unwrap();
     let (t1, t2) = (first.tag(), second.tag());
     peer.send(&response(t1, true, 0, &vec![1; 1 << 20]));
     peer.send(&response(t2, true, 0, b"fine"));
-    match first.wait_timeout(PATIENCE) {
+    match first.wait_timeout(LIMIT) {
         Err(Error::ResponseTooLarge { max, .. }) => assert_eq!(max, MAX),
         other => panic!("{other:?}"),
     }
-    assert_eq!(second.wait_timeout(PATIENCE).unwrap().payload, b"fine");
+    assert_eq!(second.wait_timeout(LIMIT).unwrap().payload, b"fine");
     conn.abort();
 }
 
@@ -87,7 +47,7 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
     for tail in tails {
         let name = unique_name("ab");
         let (conn, mut peer) =
-            RawPeer::with_patience(Config::default().name(&name).handler(echo), PATIENCE);
+            RawPeer::with_patience(Config::default().name(&name).handler(echo), LIMIT);
         let pending = conn.submit(1, 0, b"q").unwrap();
         let mut wire = vec![0xa0, 0x80, 0x80, 0x80, 0x80, 0x00]; // 2^40
         wire.extend_from_slice(tail);
@@ -95,19 +55,19 @@ fn absurd_length_then_nothing_or_garbage_ends_the_connection_with_a_typed_error(
         peer.stream.shutdown(std::net::Shutdown::Write).unwrap();
         // Lost if it was written before the bad bytes arrived, unsent if
         // not.
-        match pending.wait_timeout(PATIENCE) {
+        match pending.wait_timeout(LIMIT) {
             Err(
                 Error::ConnectionLost(Disconnect::Protocol) | Error::Unsent(Disconnect::Protocol),
             ) => {}
             other => panic!("tail {tail:?}: {other:?}"),
         }
-        match conn.close_timeout(PATIENCE) {
+        match conn.close_timeout(LIMIT) {
             Err(Error::TooLarge { len, .. }) => assert_eq!(len, 1 << 40),
             Err(Error::Malformed { .. }) => assert!(!tail.is_empty()),
             other => panic!("tail {tail:?}: {other:?}"),
         }
         assert!(conn.submit(1, 0, b"").unwrap_err().is_disconnect());
-        assert_threads_gone(&name, PATIENCE);
+        assert_threads_gone(&name, LIMIT);
     }
 }
 
@@ -124,43 +84,14 @@ fn oversize_submit_fails_with_too_large_and_the_connection_goes_on() {
         other => panic!("{other:?}"),
     }
     assert_eq!(client.stats().pending, 0);
-    let rsp = client.submit(1, 0, b"ok").unwrap().wait_timeout(PATIENCE);
+    let rsp = client.submit(1, 0, b"ok").unwrap().wait_timeout(LIMIT);
     assert_eq!(rsp.unwrap().payload, b"ok");
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 // ---------------------------------------------------------------------------
-// Handlers and a peer that stops reading.
-
-#[test]
-fn handler_panic_is_a_not_ok_reply_and_the_connection_goes_on() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(
-        b,
-        Config::default().handler(|rq: Request| {
-            if rq.rq_type == 13 {
-                panic!("unlucky request");
-            }
-            echo(rq)
-        }),
-    )
-    .unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default()).unwrap();
-    for _ in 0..10 {
-        let err = client
-            .submit(13, 0, b"")
-            .unwrap()
-            .wait_timeout(PATIENCE)
-            .unwrap_err();
-        let reason = err.failure_reason().expect("a not-ok reply");
-        assert!(reason.contains("unlucky request"), "{reason}");
-        let rsp = client.submit(1, 0, b"fine").unwrap().wait_timeout(PATIENCE);
-        assert_eq!(rsp.unwrap().payload, b"fine");
-    }
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
-}
+// A peer that stops reading.
 
 #[test]
 fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
@@ -173,20 +104,20 @@ fn responses_still_arrive_while_the_peer_reads_none_of_our_replies() {
                 .handler_threads(handler_threads)
                 .handler_queue(1)
                 .handler(|rq: Request| Ok(Reply::payload(vec![rq.tag as u8; 1 << 20]))),
-            PATIENCE,
+            LIMIT,
         );
         let ours = conn.submit(5, 0, b"question").unwrap();
         let question = peer.recv_packet();
         assert_eq!(question.tag, ours.tag());
         peer.request(100, 1, b"");
-        wait_for("the first reply", PATIENCE, || conn.stats().replies_ok == 1);
+        wait_for("the first reply", LIMIT, || conn.stats().replies_ok == 1);
         // Give a handler time to start writing, were it to write.
         thread::sleep(Duration::from_millis(100));
         for tag in 101..106 {
             peer.request(tag, 1, b"");
         }
         peer.send(&response(ours.tag(), true, 9, b"answer"));
-        let rsp = ours.wait_timeout(PATIENCE);
+        let rsp = ours.wait_timeout(LIMIT);
         conn.abort();
         let rsp = rsp.unwrap_or_else(|e| panic!("{handler_threads} handler threads: {e}"));
         assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"answer"[..]));
@@ -201,7 +132,7 @@ fn gated(
     open: Arc<std::sync::atomic::AtomicBool>,
 ) -> impl Fn(Request) -> packetstream::HandlerResult {
     move |rq: Request| {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + LIMIT;
         while !open.load(Ordering::SeqCst) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
@@ -237,20 +168,17 @@ fn wait_timeout_leaves_the_request_pending_and_cancel_frees_it() {
     // Their entries are freed now, not when (or if) the peer answers.
     assert_eq!(client.stats().pending, 1);
     open.store(true, Ordering::SeqCst);
-    let rsp = kept.wait_timeout(PATIENCE).expect("the kept request");
+    let rsp = kept.wait_timeout(LIMIT).expect("the kept request");
     assert_eq!(rsp.payload, b"kept");
     // The late replies are dropped quietly, and the connection goes on.
-    wait_for("the late replies", PATIENCE, || {
+    wait_for("the late replies", LIMIT, || {
         client.stats().responses_ok == 1001
     });
-    let rsp = client
-        .submit(1, 5, b"after")
-        .unwrap()
-        .wait_timeout(PATIENCE);
+    let rsp = client.submit(1, 5, b"after").unwrap().wait_timeout(LIMIT);
     assert_eq!(rsp.unwrap().flags, 5);
     assert_eq!(client.stats().pending, 0);
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -423,7 +351,7 @@ fn scripted_exchange(
             }
         }
         for (idx, p) in pending {
-            let res = p.wait_timeout(PATIENCE);
+            let res = p.wait_timeout(LIMIT);
             if let Ok(rsp) = &res {
                 assert_eq!(
                     (rsp.flags, rsp.payload.as_slice()),
@@ -448,8 +376,8 @@ fn scripted_exchange(
                 Err(e) => panic!("{what}: unexpected outcome {e:?}"),
             }
         }
-        let closer = s.spawn(|| clean.close_timeout(PATIENCE));
-        let res = faulty.close_timeout(PATIENCE);
+        let closer = s.spawn(|| clean.close_timeout(LIMIT));
+        let res = faulty.close_timeout(LIMIT);
         let stats = faulty.stats();
         bytes = (stats.bytes_in, stats.bytes_out);
         let other = closer.join().unwrap();
@@ -461,8 +389,8 @@ fn scripted_exchange(
             }
         }
     });
-    assert_threads_gone(&fa, PATIENCE);
-    assert_threads_gone(&fb, PATIENCE);
+    assert_threads_gone(&fa, LIMIT);
+    assert_threads_gone(&fb, LIMIT);
     tally.trials += 1;
     bytes
 }
@@ -506,72 +434,7 @@ fn a_fault_at_every_byte_offset_of_a_scripted_exchange_loses_nothing_and_hangs_n
 // ---------------------------------------------------------------------------
 // A child-process peer killed mid-stream.
 
-/// Set in the environment of a copy of this test binary that serves echo
-/// over its standard input and output.
-const CHILD_ENV: &str = "PACKETSTREAM_FAULTS_CHILD";
-/// What the child writes on its standard output before its first packet,
-/// after the test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-CHILD-READY\n";
-
-/// The child's side: serves echo with [`PacketConnection::stdio`] until its
-/// parent closes, or kills it. Does nothing in a normal test run.
-#[test]
-fn child_echo_server() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    stdout.flush().unwrap();
-    // Each request takes a little while, so that the parent's kill lands
-    // in the middle of the exchange.
-    let slow_echo = |rq: Request| {
-        thread::sleep(Duration::from_micros(100));
-        echo(rq)
-    };
-    let config = Config::default().name("child").handler(slow_echo);
-    let conn = PacketConnection::stdio(config).unwrap();
-    let res = conn.join();
-    std::process::exit(i32::from(res.is_err()));
-}
-
-/// Reads the child's standard output, dropping everything up to and
-/// including [`CHILD_READY`].
-struct AfterReady<R> {
-    inner: R,
-    ready: bool,
-}
-
-impl<R: Read> Read for AfterReady<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut seen = Vec::new();
-        while !self.ready {
-            let mut byte = [0u8];
-            if self.inner.read(&mut byte)? == 0 {
-                return Ok(0);
-            }
-            seen.push(byte[0]);
-            self.ready = seen.ends_with(CHILD_READY);
-        }
-        self.inner.read(buf)
-    }
-}
-
-fn spawn_child() -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_echo_server",
-            "--exact",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
+child_fixture!();
 
 #[test]
 fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
@@ -586,19 +449,13 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         // Kill once this many replies have arrived: from before the first
         // to after the last.
         let kill_after = rng % (N + 1);
-        let mut child = spawn_child();
         let name = unique_name("ck");
-        let stdout = AfterReady {
-            inner: child.stdout.take().unwrap(),
-            ready: false,
-        };
-        let stdin = child.stdin.take().unwrap();
-        let conn = PacketConnection::new(stdout, stdin, Config::default().name(&name)).unwrap();
+        let (child, conn) = child::connect(Mode::Serve, Config::default().name(&name));
         let child = Mutex::new(child);
         let what = format!("trial {trial}, kill after {kill_after} replies");
         let outcomes = thread::scope(|s| {
             let killer = s.spawn(|| {
-                let deadline = Instant::now() + PATIENCE;
+                let deadline = Instant::now() + LIMIT;
                 while conn.stats().responses_ok < kill_after && Instant::now() < deadline {
                     thread::sleep(Duration::from_micros(200));
                 }
@@ -606,17 +463,18 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
             });
             let mut outcomes = Vec::new();
             let mut pending = Vec::new();
+            // Each request takes a little while, 0.1 ms, so that the kill
+            // lands in the middle of the exchange.
             for idx in 0..N {
-                let payload = idx.to_le_bytes();
-                match conn.submit(1, idx, &payload) {
+                match conn.submit(SLEEP, idx, b"0.1") {
                     Ok(p) => pending.push((idx, p)),
                     Err(e) => outcomes.push(Err(e)),
                 }
             }
             for (idx, p) in pending {
-                let res = p.wait_timeout(PATIENCE);
+                let res = p.wait_timeout(LIMIT);
                 if let Ok(rsp) = &res {
-                    assert_eq!(rsp.payload, idx.to_le_bytes(), "{what}");
+                    assert_eq!(rsp.flags, idx, "{what}: the reply to another request");
                 }
                 outcomes.push(res);
             }
@@ -635,14 +493,14 @@ fn killing_a_child_peer_mid_stream_fails_each_request_once_and_hangs_nothing() {
         assert!(n_ok >= kill_after, "{what}: only {n_ok} ok");
         tally.ok += n_ok;
         tally.requests += N;
-        let res = conn.close_timeout(PATIENCE);
+        let res = conn.close_timeout(LIMIT);
         assert!(
             !matches!(res, Err(Error::Timeout { .. })),
             "{what}: close timed out"
         );
-        let status = child.into_inner().unwrap().wait().unwrap();
+        let status = child::reap(child.into_inner().unwrap());
         assert!(!status.success(), "{what}: {status}");
-        assert_threads_gone(&name, PATIENCE);
+        assert_threads_gone(&name, LIMIT);
         tally.trials += 1;
     }
     report(format!(

@@ -12,15 +12,17 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, ExitStatus};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
+use common::child::{self, child_fixture, Mode};
 use common::{
-    echo, ms, pair, report, spawn_self, timed, unique_name, wait_for, within, Gate, RawPeer,
-    SkipPast, Timed, ECHO, FAIL, LIMIT,
+    bad_control, decode_all, echo, join_all, ms, pair, report, serial, timed, unique_name,
+    wait_for, wire, within, Gate, RawPeer, Timed, DEADLINE, ECHO, EXIT, FAIL, HANG, HOLD, LIMIT,
+    QUIT, SLACK,
 };
 use packetstream::{
     impl_payload, Config, Disconnect, Dispatcher, Error, Fulfil, HandlerError, HandlerResult,
@@ -28,61 +30,8 @@ use packetstream::{
     RequestType, Response,
 };
 
-/// Every wait that should succeed ends after this long.
-const PATIENCE: Duration = Duration::from_secs(10);
-/// The deadline given to the calls that take one.
-const DEADLINE: Duration = Duration::from_millis(200);
-/// How far past its deadline a call may return: the contract of every call
-/// that takes a deadline.
-const SLACK: Duration = Duration::from_millis(100);
-/// How long past its bound a call is given before it counts as hung.
-const HANG: Duration = Duration::from_secs(2);
-
-/// The child sleeps in its handler and never answers.
-const HOLD: u64 = 10;
-/// The child exits with status 3, once the trigger file exists.
-const EXIT: u64 = 11;
-/// The child answers, then closes its connection in order.
-const QUIT: u64 = 12;
 /// Waits at the test's gate, then echoes.
 const STUCK: u64 = 13;
-
-/// The tests that measure a deadline take this lock, and so do those that
-/// load the machine most (child processes, many threads), so that no other
-/// test of this binary skews what is measured.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut buf = Vec::new();
-    packet.encode_into(&mut buf);
-    buf
-}
-
-/// A control packet that is neither EOF nor ERQ: a protocol error.
-fn bad_control() -> Packet {
-    Packet {
-        channel: 0,
-        tag: 5,
-        kind: PacketKind::Control { flags: 0 },
-        payload: Vec::new(),
-    }
-}
-
-/// The whole packets in `bytes`, and how many bytes of a partial packet
-/// follow them.
-fn decode_all(bytes: &[u8]) -> (Vec<Packet>, usize) {
-    let mut packets = Vec::new();
-    let mut pos = 0;
-    while let Some((packet, used)) = Packet::decode(&bytes[pos..], u64::MAX).unwrap() {
-        packets.push(packet);
-        pos += used;
-    }
-    (packets, bytes.len() - pos)
-}
 
 fn request_tags(packets: &[Packet]) -> BTreeSet<u64> {
     packets
@@ -92,14 +41,11 @@ fn request_tags(packets: &[Packet]) -> BTreeSet<u64> {
         .collect()
 }
 
-/// The outcome of a request, which must come within `PATIENCE`.
+/// The outcome of a request, which must come within `LIMIT`.
 fn outcome(pending: &PendingResponse) -> Result<Response, Error> {
-    let res = pending.wait_timeout(PATIENCE);
+    let res = pending.wait_timeout(LIMIT);
     if let Err(Error::Timeout { .. }) = res {
-        panic!(
-            "request {} had no outcome within {PATIENCE:?}",
-            pending.tag()
-        );
+        panic!("request {} had no outcome within {LIMIT:?}", pending.tag());
     }
     res
 }
@@ -107,7 +53,7 @@ fn outcome(pending: &PendingResponse) -> Result<Response, Error> {
 /// The outcome of a request, once it has come, waited for without asking
 /// for the queue to be written (as a wait with a deadline does).
 fn settled(pending: &PendingResponse) -> Result<Response, Error> {
-    wait_for("the request's outcome", PATIENCE, || pending.is_ready());
+    wait_for("the request's outcome", LIMIT, || pending.is_ready());
     pending.try_wait().expect("ready")
 }
 
@@ -115,7 +61,7 @@ fn settled(pending: &PendingResponse) -> Result<Response, Error> {
 /// was queued is on the wire.
 fn flush(conn: &PacketConnection, pending: &PendingResponse) {
     let _ = pending.wait_timeout(Duration::ZERO);
-    wait_for("the queue is written", PATIENCE, || {
+    wait_for("the queue is written", LIMIT, || {
         conn.stats().queued_bytes == 0
     });
 }
@@ -124,13 +70,6 @@ fn flush(conn: &PacketConnection, pending: &PendingResponse) {
 fn close(conn: &Arc<PacketConnection>) -> Result<(), Error> {
     let conn = Arc::clone(conn);
     within("close", move || conn.close())
-}
-
-/// Joins `handles`, failing the test if one is still running after
-/// `PATIENCE`.
-fn join_all<T>(what: &str, handles: Vec<JoinHandle<T>>) -> Vec<T> {
-    wait_for(what, PATIENCE, || handles.iter().all(|h| h.is_finished()));
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// What a connection's lifecycle hooks saw.
@@ -241,7 +180,7 @@ impl Wire {
     /// partial packet after them.
     fn finish(self) -> (Vec<Packet>, usize) {
         let handle = self.handle;
-        wait_for("the end of the raw peer's stream", PATIENCE, || {
+        wait_for("the end of the raw peer's stream", LIMIT, || {
             handle.is_finished()
         });
         handle.join().unwrap();
@@ -253,125 +192,12 @@ impl Wire {
 // A copy of this test binary as the far end, over its standard input and
 // output.
 
-/// Set in the environment of a copy of this test binary that plays a far
-/// end; its value is the mode.
-const CHILD_ENV: &str = "PACKETSTREAM_LIFECYCLE_CHILD";
-/// The file whose appearance lets the child's EXIT handler exit.
-const TRIGGER_ENV: &str = "PACKETSTREAM_LIFECYCLE_TRIGGER";
-/// What the child writes before its first byte of the stream, after the
-/// test harness's own lines.
-const CHILD_READY: &[u8] = b"\nPACKETSTREAM-LIFECYCLE-CHILD-READY\n";
-
-/// The child's side, chosen by [`CHILD_ENV`]: `serve` serves its parent
-/// with `PacketConnection::stdio`; `exit_now` exits before it says a word;
-/// `garbage` sends a malformed packet and then nothing. Does nothing in a
-/// normal test run.
-#[test]
-fn lifecycle_child() {
-    let Some(mode) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let mode = mode.into_string().unwrap();
-    if mode == "exit_now" {
-        std::process::exit(0);
-    }
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(CHILD_READY).unwrap();
-    if mode == "garbage" {
-        stdout.write_all(&wire(&bad_control())).unwrap();
-    }
-    stdout.flush().unwrap();
-    drop(stdout);
-    match mode.as_str() {
-        "serve" => serve_parent(),
-        "garbage" => {
-            thread::sleep(LIMIT);
-            std::process::exit(0);
-        }
-        other => panic!("unknown child mode {other}"),
-    }
-}
-
-/// Serves the parent until it asks to QUIT (then closes in order), the
-/// connection ends, or EXIT's trigger appears.
-fn serve_parent() -> ! {
-    // true: close now; false: the connection has ended.
-    let (tx, rx) = mpsc::channel::<bool>();
-    let quit = tx.clone();
-    let trigger = std::env::var_os(TRIGGER_ENV).map(PathBuf::from);
-    let config = Config::default()
-        .name("child")
-        .handler(move |rq: Request| -> HandlerResult {
-            match rq.rq_type {
-                HOLD => {
-                    thread::sleep(LIMIT);
-                    Ok(().into())
-                }
-                EXIT => {
-                    let trigger = trigger.as_ref().ok_or("no trigger file")?;
-                    let deadline = Instant::now() + LIMIT;
-                    while !trigger.exists() && Instant::now() < deadline {
-                        thread::sleep(ms(1));
-                    }
-                    std::process::exit(3);
-                }
-                QUIT => {
-                    let _ = quit.send(true);
-                    Ok(().into())
-                }
-                _ => echo(rq),
-            }
-        })
-        .on_end(move |_| {
-            let _ = tx.send(false);
-        });
-    let conn = PacketConnection::stdio(config).unwrap();
-    match rx.recv_timeout(LIMIT) {
-        Ok(true) => {
-            let _ = conn.close();
-        }
-        Ok(false) => {
-            let _ = conn.join();
-        }
-        Err(_) => std::process::exit(1),
-    }
-    std::process::exit(0)
-}
+child_fixture!();
 
 /// A child in `mode`, and a connection to it with `new` over its pipes.
-fn start_child(mode: &str, env: &[(&str, &str)], config: Config) -> (Child, Arc<PacketConnection>) {
-    let mut vars = vec![(CHILD_ENV, mode)];
-    vars.extend_from_slice(env);
-    let mut child = spawn_self("lifecycle_child", &vars);
-    let recv = SkipPast::new(child.stdout.take().unwrap(), CHILD_READY);
-    let send = child.stdin.take().unwrap();
-    let conn = PacketConnection::new(recv, send, config).unwrap();
+fn start_child(mode: Mode, config: Config) -> (Child, Arc<PacketConnection>) {
+    let (child, conn) = child::connect(mode, config);
     (child, Arc::new(conn))
-}
-
-/// Reads the child's standard output up to its ready line, leaving the
-/// rest to whoever reads it next.
-fn skip_to_ready(child: &mut Child) {
-    let mut stdout = child.stdout.take().unwrap();
-    let stdout = within("the child says it is ready", move || {
-        let mut seen = Vec::new();
-        let mut byte = [0u8];
-        while !seen.ends_with(CHILD_READY) {
-            assert_eq!(stdout.read(&mut byte).unwrap(), 1, "child ended early");
-            seen.push(byte[0]);
-        }
-        stdout
-    });
-    child.stdout = Some(stdout);
-}
-
-fn reap(mut child: Child) -> ExitStatus {
-    within("the child exits", move || child.wait().unwrap())
-}
-
-fn kill(mut child: Child) -> ExitStatus {
-    let _ = child.kill();
-    reap(child)
 }
 
 fn temp_path(what: &str) -> PathBuf {
@@ -395,8 +221,8 @@ fn a_killed_child_is_a_lost_stream_never_an_eof_and_close_says_so_every_time() {
         let config = hooks.on(Config::default()
             .name(unique_name("killed"))
             .packet_grace(Duration::MAX));
-        let (child, conn) = start_child("serve", &[], config);
-        conn.call_timeout(ECHO, 0, b"serving?", PATIENCE).unwrap();
+        let (child, conn) = start_child(Mode::Serve, config);
+        conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
         let held = conn.submit(HOLD, 0, b"").unwrap();
         flush(&conn, &held);
         // Even rounds queue requests that are never written: the grace
@@ -408,7 +234,7 @@ fn a_killed_child_is_a_lost_stream_never_an_eof_and_close_says_so_every_time() {
         } else {
             Vec::new()
         };
-        assert!(!kill(child).success());
+        assert!(!child::kill(child).success());
         if round % 2 == 1 {
             // Odd rounds write into the dead child's pipe at once, racing
             // the receive side's discovery of the end.
@@ -467,16 +293,18 @@ fn a_child_that_exits_mid_stream_is_a_lost_stream_not_an_eof() {
     let config = hooks.on(Config::default()
         .name(unique_name("exits"))
         .packet_grace(Duration::MAX));
-    let (child, conn) = start_child("serve", &[(TRIGGER_ENV, trigger.to_str().unwrap())], config);
-    conn.call_timeout(ECHO, 0, b"serving?", PATIENCE).unwrap();
+    let (child, conn) = start_child(Mode::Serve, config);
+    conn.call_timeout(ECHO, 0, b"serving?", LIMIT).unwrap();
     // EXIT waits in the child's handler for the trigger.
-    let exit = conn.submit(EXIT, 0, b"").unwrap();
+    let exit = conn
+        .submit(EXIT, 0, trigger.to_str().unwrap().as_bytes())
+        .unwrap();
     flush(&conn, &exit);
     let queued: Vec<_> = (0..3)
         .map(|_| conn.submit(ECHO, 0, b"queued").unwrap())
         .collect();
     std::fs::write(&trigger, b"").unwrap();
-    let status = reap(child);
+    let status = child::reap(child);
     std::fs::remove_file(&trigger).unwrap();
     assert_eq!(status.code(), Some(3), "the child exits with status 3");
 
@@ -518,7 +346,7 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
     for round in 0..10 {
         let hooks = Hooks::default();
         let config = hooks.on(Config::default().name(unique_name("mute")));
-        let (child, conn) = start_child("exit_now", &[], config);
+        let (child, conn) = start_child(Mode::ExitAtOnce, config);
         // Each wait has the request written now, while the child starts or
         // as it exits.
         for _ in 0..3 {
@@ -548,7 +376,7 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
         if hooks.ends() != [Disconnect::StreamEnded] {
             findings.push(format!("round {round}: on_end saw {:?}", hooks.ends()));
         }
-        reap(child);
+        child::reap(child);
     }
     report(format!("a child that never serves: outcomes seen {seen:?}"));
     assert!(findings.is_empty(), "{}", findings.join("\n"));
@@ -558,16 +386,14 @@ fn a_child_that_never_serves_is_a_lost_stream_not_an_eof() {
 fn a_child_that_closes_in_order_is_the_peers_eof() {
     let hooks = Hooks::default();
     let config = hooks.on(Config::default().name(unique_name("polite")));
-    let (child, conn) = start_child("serve", &[], config);
+    let (child, conn) = start_child(Mode::Serve, config);
     assert_eq!(
-        conn.call_timeout(ECHO, 4, b"hello", PATIENCE)
-            .unwrap()
-            .payload,
+        conn.call_timeout(ECHO, 4, b"hello", LIMIT).unwrap().payload,
         b"hello"
     );
     // The child closes once it has answered QUIT: ERQ, the answer, EOF.
-    conn.call_timeout(QUIT, 0, b"", PATIENCE).unwrap();
-    wait_for("the connection ends", PATIENCE, || {
+    conn.call_timeout(QUIT, 0, b"", LIMIT).unwrap();
+    wait_for("the connection ends", LIMIT, || {
         conn.status().ended.is_some()
     });
     let status = conn.status();
@@ -579,7 +405,7 @@ fn a_child_that_closes_in_order_is_the_peers_eof() {
     }
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
     assert_eq!(hooks.peer_erqs(), 1);
-    assert!(reap(child).success());
+    assert!(child::reap(child).success());
 }
 
 // ---------------------------------------------------------------------------
@@ -589,11 +415,11 @@ fn a_child_that_closes_in_order_is_the_peers_eof() {
 fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
     // After close().
     let (client, server) = pair();
-    client.call_timeout(ECHO, 0, b"hi", PATIENCE).unwrap();
-    client.close_timeout(PATIENCE).unwrap();
+    client.call_timeout(ECHO, 0, b"hi", LIMIT).unwrap();
+    client.close_timeout(LIMIT).unwrap();
     let err = client.submit(ECHO, 0, b"after close").unwrap_err();
     assert!(matches!(err, Error::Closed) && !err.was_sent(), "{err:?}");
-    server.close_timeout(PATIENCE).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 
     for case in [
         "end_requests",
@@ -603,7 +429,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
         "protocol error",
     ] {
         let name = unique_name("closed");
-        let (conn, mut peer) = RawPeer::with_patience(Config::default().name(&name), PATIENCE);
+        let (conn, mut peer) = RawPeer::with_patience(Config::default().name(&name), LIMIT);
         match case {
             "end_requests" => conn.end_requests(),
             "abort" => conn.abort(),
@@ -613,7 +439,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
             _ => unreachable!(),
         }
         if !matches!(case, "end_requests" | "abort") {
-            wait_for("the connection sees its peer's end", PATIENCE, || {
+            wait_for("the connection sees its peer's end", LIMIT, || {
                 conn.status().ended.is_some()
             });
         }
@@ -621,7 +447,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
             conn.submit(ECHO, 0, b"after").map(|_| ()),
             conn.try_submit(ECHO, 0, b"after").map(|_| ()),
             conn.submit_on(3, ECHO, 0, b"after").map(|_| ()),
-            conn.call_timeout(ECHO, 0, b"after", PATIENCE).map(|_| ()),
+            conn.call_timeout(ECHO, 0, b"after", LIMIT).map(|_| ()),
         ] {
             match res {
                 Err(err @ Error::Closed) => assert!(!err.was_sent()),
@@ -632,7 +458,7 @@ fn submit_after_any_ending_is_refused_as_closed_and_sends_nothing() {
         if case == "end_requests" {
             peer.send(&Packet::eof());
         }
-        let _ = conn.close_timeout(PATIENCE);
+        let _ = conn.close_timeout(LIMIT);
         // What reached the peer: control packets only, never a request.
         let mut packets = Vec::new();
         while let Ok(Some(packet)) = peer.try_recv() {
@@ -665,7 +491,7 @@ fn written_requests_are_lost_and_unwritten_ones_unsent_for_every_ending() {
             .map(|n| conn.submit(ECHO, n, b"written").unwrap())
             .collect();
         flush(&conn, &written[3]);
-        wait_for("the peer has the four requests", PATIENCE, || {
+        wait_for("the peer has the four requests", LIMIT, || {
             wire.request_tags().len() == 4
         });
         // The grace never runs out and nobody waits: these stay queued.
@@ -686,7 +512,7 @@ fn written_requests_are_lost_and_unwritten_ones_unsent_for_every_ending() {
                 other => panic!("{ending:?}: a request never written: {other:?}"),
             }
         }
-        let _ = conn.close_timeout(PATIENCE);
+        let _ = conn.close_timeout(LIMIT);
         drop(conn);
         let (packets, _) = wire.finish();
         let on_wire = request_tags(&packets);
@@ -726,9 +552,9 @@ fn requests_queued_when_this_end_closes_and_the_peer_ends_are_not_unsent_if_writ
         .collect();
     let closer = {
         let conn = Arc::clone(&conn);
-        thread::spawn(move || conn.close_timeout(PATIENCE))
+        thread::spawn(move || conn.close_timeout(LIMIT))
     };
-    wait_for("the close begins", PATIENCE, || conn.status().closing);
+    wait_for("the close begins", LIMIT, || conn.status().closing);
     let mut raw = b;
     raw.write_all(&wire(&Packet::eof())).unwrap();
     let outcomes: Vec<_> = queued.iter().map(settled).collect();
@@ -828,7 +654,7 @@ fn unsent_never_names_a_request_that_reached_the_wire_under_concurrent_submitter
             thread::sleep(ms(2 + 4 * round));
             ending.end_raw(&conn, &mut raw);
             let results = join_all("the submitters", submitters);
-            let _ = conn.close_timeout(PATIENCE);
+            let _ = conn.close_timeout(LIMIT);
             let (packets, _) = wire.finish();
             let on_wire = request_tags(&packets);
             let erq_at = packets.iter().position(Packet::is_erq);
@@ -887,7 +713,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     let hooks = Hooks::default();
     let (conn, mut peer) = RawPeer::with_patience(
         hooks.on(Config::default().name(unique_name("status"))),
-        PATIENCE,
+        LIMIT,
     );
     let conn = Arc::new(conn);
     let status = conn.status();
@@ -902,7 +728,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     assert!(peer.recv_packet().is_erq());
 
     peer.send(&Packet::erq());
-    wait_for("the peer's ERQ is seen", PATIENCE, || {
+    wait_for("the peer's ERQ is seen", LIMIT, || {
         conn.status().peer_requests_ended && hooks.peer_erqs() == 1
     });
     let status = conn.status();
@@ -913,7 +739,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
         let conn = Arc::clone(&conn);
         thread::spawn(move || conn.close())
     };
-    wait_for("the close begins", PATIENCE, || conn.status().closing);
+    wait_for("the close begins", LIMIT, || conn.status().closing);
     assert!(peer.recv_packet().is_eof());
     let status = conn.status();
     assert!(
@@ -935,7 +761,7 @@ fn status_follows_a_connection_from_open_to_its_end() {
     // Once set, the ending never changes.
     conn.abort();
     assert_eq!(conn.status().ended, Some(Disconnect::PeerEof));
-    conn.close_timeout(PATIENCE).expect("still the orderly end");
+    conn.close_timeout(LIMIT).expect("still the orderly end");
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
     assert_eq!(hooks.peer_erqs(), 1);
 }
@@ -946,10 +772,10 @@ fn status_ends_with_each_reason_and_the_reason_never_changes() {
         let hooks = Hooks::default();
         let (conn, mut peer) = RawPeer::with_patience(
             hooks.on(Config::default().name(unique_name("ending"))),
-            PATIENCE,
+            LIMIT,
         );
         ending.end_raw(&conn, &mut peer.stream);
-        wait_for("the connection ends", PATIENCE, || {
+        wait_for("the connection ends", LIMIT, || {
             conn.status().ended.is_some()
         });
         let status = conn.status();
@@ -958,7 +784,7 @@ fn status_ends_with_each_reason_and_the_reason_never_changes() {
             !status.is_open() && status.requests_ended && status.closing,
             "{ending:?}: {status:?}"
         );
-        let res = conn.close_timeout(PATIENCE);
+        let res = conn.close_timeout(LIMIT);
         match (ending, &res) {
             (Ending::PeerEof, Ok(())) => {}
             (Ending::StreamEnded, Err(Error::ConnectionLost(Disconnect::StreamEnded))) => {}
@@ -1052,7 +878,7 @@ impl Far {
     /// Ends the far end's process, or drops its stream.
     fn vanish(self) {
         if let Far::Child(child) = self {
-            kill(child);
+            child::kill(child);
         }
     }
 }
@@ -1078,7 +904,7 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 
 /// Opens a connection with `ctor`; a child plays the far end in
 /// `child_mode`.
-fn open(ctor: Ctor, child_mode: &str, config: Config) -> Opened {
+fn open(ctor: Ctor, child_mode: Mode, config: Config) -> Opened {
     let on_close_runs = Arc::new(AtomicUsize::new(0));
     let mut lent = Vec::new();
     let mut socket_path = None;
@@ -1123,8 +949,8 @@ fn open(ctor: Ctor, child_mode: &str, config: Config) -> Opened {
             (conn, Far::Pipes(out_r, in_w))
         }
         Ctor::FromChild => {
-            let mut child = spawn_self("lifecycle_child", &[(CHILD_ENV, child_mode)]);
-            skip_to_ready(&mut child);
+            let mut child = child::spawn(child_mode);
+            child::skip_to_ready(&mut child);
             (
                 PacketConnection::from_child(&mut child, config),
                 Far::Child(child),
@@ -1179,9 +1005,9 @@ fn on_end_for_every_constructor(ending: Ending) {
     for ctor in CTORS {
         let hooks = Hooks::default();
         let child_mode = if ending == Ending::Protocol {
-            "garbage"
+            Mode::ProtocolError
         } else {
-            "serve"
+            Mode::Serve
         };
         let config = hooks.on(Config::default().name(unique_name("ctor")));
         let Opened {
@@ -1194,13 +1020,16 @@ fn on_end_for_every_constructor(ending: Ending) {
         let res = match ending {
             Ending::PeerEof => {
                 let served = far.serve();
-                let rsp = conn.call_timeout(ECHO, 9, b"hi", PATIENCE).unwrap();
+                let rsp = conn.call_timeout(ECHO, 9, b"hi", LIMIT).unwrap();
                 assert_eq!((rsp.flags, rsp.payload.as_slice()), (9, &b"hi"[..]));
                 let res = close(&conn);
                 match served {
-                    Ok(served) => served.close_timeout(PATIENCE).unwrap(),
+                    Ok(served) => served.close_timeout(LIMIT).unwrap(),
                     Err(child) => {
-                        assert!(reap(child).success(), "{ctor:?}: the child ends in order")
+                        assert!(
+                            child::reap(child).success(),
+                            "{ctor:?}: the child ends in order"
+                        )
                     }
                 }
                 res
@@ -1286,7 +1115,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
     let hooks = Hooks::default();
     let (conn, mut peer) = RawPeer::with_patience(
         hooks.on(Config::default().name(unique_name("erq")).handler(echo)),
-        PATIENCE,
+        LIMIT,
     );
     // A request and its answer: no ERQ yet.
     peer.request(2, ECHO, b"one");
@@ -1295,7 +1124,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
     assert_eq!(hooks.peer_erqs(), 0);
     assert!(!conn.status().peer_requests_ended);
     peer.send(&Packet::erq());
-    wait_for("the hook runs", PATIENCE, || hooks.peer_erqs() == 1);
+    wait_for("the hook runs", LIMIT, || hooks.peer_erqs() == 1);
     assert!(conn.status().peer_requests_ended);
     // A request after ERQ is refused; the hook does not run again.
     peer.request(3, ECHO, b"late");
@@ -1305,7 +1134,7 @@ fn on_peer_end_requests_runs_when_the_peers_erq_arrives_and_not_before() {
         PacketKind::Response { ok: false, .. }
     ));
     peer.send(&Packet::eof());
-    conn.close_timeout(PATIENCE).unwrap();
+    conn.close_timeout(LIMIT).unwrap();
     assert_eq!(hooks.peer_erqs(), 1);
     assert_eq!(hooks.ends(), [Disconnect::PeerEof]);
 }
@@ -1336,7 +1165,7 @@ fn a_request_is_served_while_one_read_with_it_holds_a_handler() {
     // A connection that has been serving a while: its handler threads are
     // idle, parked, not still starting.
     for _ in 0..3 {
-        client.call_timeout(ECHO, 0, b"warm", PATIENCE).unwrap();
+        client.call_timeout(ECHO, 0, b"warm", LIMIT).unwrap();
     }
     thread::sleep(ms(50));
     let held = client.submit(STUCK, 0, b"").unwrap();
@@ -1344,8 +1173,8 @@ fn a_request_is_served_while_one_read_with_it_holds_a_handler() {
     let res = quick.wait_timeout(HANG);
     gate.open();
     outcome(&held).unwrap();
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
     match res {
         Ok(rsp) => assert_eq!(rsp.payload, b"quick"),
         Err(err) => panic!(
@@ -1439,12 +1268,12 @@ fn call_timeout_names_its_request_and_waits_about_its_deadline() {
     for pending in &held {
         outcome(pending).unwrap();
     }
-    client.call_timeout(ECHO, 0, b"after", PATIENCE).unwrap();
-    wait_for("nothing is left pending", PATIENCE, || {
+    client.call_timeout(ECHO, 0, b"after", LIMIT).unwrap();
+    wait_for("nothing is left pending", LIMIT, || {
         client.stats().pending == 0
     });
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 /// A typed request the gated server holds.
@@ -1471,8 +1300,8 @@ fn request_timeout_names_the_typed_request() {
     );
     assert!(err.to_string().contains("(rq_type 13)"), "{err}");
     gate.open();
-    client.close_timeout(PATIENCE).unwrap();
-    server.close_timeout(PATIENCE).unwrap();
+    client.close_timeout(LIMIT).unwrap();
+    server.close_timeout(LIMIT).unwrap();
 }
 
 /// `call_timeout` on its own thread: its result and how long it took. The
@@ -1488,7 +1317,7 @@ fn timed_call(
         Timed::Done(res, took) => (res, took),
         Timed::Stuck(running) => {
             conn.abort();
-            let _ = running.finish_within(PATIENCE);
+            let _ = running.finish_within(LIMIT);
             panic!(
                 "call_timeout({timeout:?}) was still blocked after {:?}",
                 timeout + HANG
@@ -1516,8 +1345,7 @@ fn call_timeout_meets_its_deadline_when_the_peer_never_reads() {
     let mut lines = Vec::new();
 
     // Nothing written yet.
-    let (conn, peer) =
-        RawPeer::with_patience(Config::default().name(unique_name("deaf")), PATIENCE);
+    let (conn, peer) = RawPeer::with_patience(Config::default().name(unique_name("deaf")), LIMIT);
     let conn = Arc::new(conn);
     let (res, took) = timed_call(&conn, DEADLINE);
     assert!(res.unwrap_err().is_timeout());
@@ -1539,7 +1367,7 @@ fn call_timeout_meets_its_deadline_when_the_peer_never_reads() {
         Config::default()
             .name(unique_name("full"))
             .max_queued_bytes(256 << 10),
-        PATIENCE,
+        LIMIT,
     );
     let conn = Arc::new(conn);
     let writer = blocked_writer(&conn);
@@ -1654,28 +1482,26 @@ fn every_log_line_names_its_connection() {
     )
     .unwrap();
     // Requests and answers both ways, ok and not ok.
-    log_a.request_timeout(&Ping, PATIENCE).unwrap();
-    log_b.call_timeout(ECHO, 0, b"b to a", PATIENCE).unwrap();
-    assert!(log_b.call_timeout(FAIL, 0, b"", PATIENCE).is_err());
-    assert!(log_a.call_timeout(77, 0, b"", PATIENCE).is_err());
+    log_a.request_timeout(&Ping, LIMIT).unwrap();
+    log_b.call_timeout(ECHO, 0, b"b to a", LIMIT).unwrap();
+    assert!(log_b.call_timeout(FAIL, 0, b"", LIMIT).is_err());
+    assert!(log_a.call_timeout(77, 0, b"", LIMIT).is_err());
     // logC has no handler: it refuses logD's request.
     let (c, d) = UnixStream::pair().unwrap();
     let log_c = PacketConnection::from_unix_stream(c, Config::default().name("logC")).unwrap();
     let log_d = PacketConnection::from_unix_stream(d, Config::default().name("logD").handler(echo))
         .unwrap();
-    log_c.call_timeout(ECHO, 0, b"c to d", PATIENCE).unwrap();
-    let refused = log_d
-        .call_timeout(ECHO, 0, b"d to c", PATIENCE)
-        .unwrap_err();
+    log_c.call_timeout(ECHO, 0, b"c to d", LIMIT).unwrap();
+    let refused = log_d.call_timeout(ECHO, 0, b"d to c", LIMIT).unwrap_err();
     assert_eq!(
         refused.failure_reason().as_deref(),
         Some("no request handler")
     );
     for conn in [&log_a, &log_c] {
-        conn.close_timeout(PATIENCE).unwrap();
+        conn.close_timeout(LIMIT).unwrap();
     }
     for conn in [&log_b, &log_d] {
-        conn.close_timeout(PATIENCE).unwrap();
+        conn.close_timeout(LIMIT).unwrap();
     }
     *LOG_WATCHED.lock().unwrap() = None;
     let lines = std::mem::take(&mut *LOG_LINES.lock().unwrap());
@@ -1822,19 +1648,19 @@ fn three_connections_in_a_row_over_streams_the_caller_keeps() {
                 Config::default().name(unique_name("far")).handler(echo),
             );
             let rsp = near
-                .call_timeout(ECHO, round, b"near to far", PATIENCE)
+                .call_timeout(ECHO, round, b"near to far", LIMIT)
                 .unwrap();
             assert_eq!(
                 (rsp.flags, rsp.payload.as_slice()),
                 (round, &b"near to far"[..])
             );
             let rsp = far
-                .call_timeout(ECHO, round, b"far to near", PATIENCE)
+                .call_timeout(ECHO, round, b"far to near", LIMIT)
                 .unwrap();
             assert_eq!(rsp.payload, b"far to near");
-            near.close_timeout(PATIENCE)
+            near.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: near close: {e:?}"));
-            far.close_timeout(PATIENCE)
+            far.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: far close: {e:?}"));
             // The near end cannot be given bytes back: none may be left.
             assert!(near.take_unread().is_empty(), "{what} round {round}");
@@ -1848,7 +1674,7 @@ fn three_connections_in_a_row_over_streams_the_caller_keeps() {
 #[test]
 fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     let (a, mut raw) = UnixStream::pair().unwrap();
-    raw.set_read_timeout(Some(PATIENCE)).unwrap();
+    raw.set_read_timeout(Some(LIMIT)).unwrap();
     let kept = Kept::Socket(a);
     let first = kept.connect(
         Vec::new(),
@@ -1863,7 +1689,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     burst.extend_from_slice(&next_first);
     burst.extend_from_slice(&next_second[..half]);
     raw.write_all(&burst).unwrap();
-    first.close_timeout(PATIENCE).unwrap();
+    first.close_timeout(LIMIT).unwrap();
     let mut expected = next_first.clone();
     expected.extend_from_slice(&next_second[..half]);
     assert_eq!(first.take_unread(), expected);
@@ -1875,7 +1701,7 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
     );
     let wire = Wire::record(raw.try_clone().unwrap());
     raw.write_all(&next_second[half..]).unwrap();
-    wait_for("the next connection answers both", PATIENCE, || {
+    wait_for("the next connection answers both", LIMIT, || {
         let packets = wire.packets();
         [2, 3].iter().all(|tag| {
             packets
@@ -1883,8 +1709,8 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
                 .any(|p| p.tag == *tag && matches!(p.kind, PacketKind::Response { ok: true, .. }))
         })
     });
-    raw.write_all(&wire_bytes_eof()).unwrap();
-    next.close_timeout(PATIENCE).unwrap();
+    raw.write_all(&common::wire(&Packet::eof())).unwrap();
+    next.close_timeout(LIMIT).unwrap();
     drop(next);
     drop(kept);
     let (packets, partial) = wire.finish();
@@ -1900,10 +1726,6 @@ fn bytes_read_past_the_peers_eof_start_the_next_connection() {
         answers,
         [(2, b"next one".to_vec()), (3, b"next two".to_vec())]
     );
-}
-
-fn wire_bytes_eof() -> Vec<u8> {
-    wire(&Packet::eof())
 }
 
 /// How long the closing end's receive thread is held in its
@@ -1944,7 +1766,7 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
         let mut read_ahead = 0;
         let mut unread_bytes = 0;
         for round in 0..ROUNDS {
-            b.call_timeout(ECHO, round, b"b to a", PATIENCE).unwrap();
+            b.call_timeout(ECHO, round, b"b to a", LIMIT).unwrap();
             // A's requests from the start of its connection, answered by
             // B's next connection from the bytes it was handed.
             for p in pending.drain(..) {
@@ -1953,14 +1775,14 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
                 assert_eq!(rsp.payload, b"from the start");
             }
             a.end_requests();
-            wait_for("B's receive thread is held", PATIENCE, || {
+            wait_for("B's receive thread is held", LIMIT, || {
                 stalls.load(Ordering::SeqCst) as u64 == round + 1
             });
             let closer = {
                 let b = Arc::clone(&b);
-                thread::spawn(move || (b.close_timeout(PATIENCE), b.take_unread()))
+                thread::spawn(move || (b.close_timeout(LIMIT), b.take_unread()))
             };
-            a.close_timeout(PATIENCE)
+            a.close_timeout(LIMIT)
                 .unwrap_or_else(|e| panic!("{what} round {round}: A's close: {e:?}"));
             let a_unread = a.take_unread();
             a = a_kept.connect(a_unread, a_config());
@@ -1978,8 +1800,8 @@ fn no_request_is_lost_when_the_peers_next_connection_starts_at_once() {
         for p in pending.drain(..) {
             assert_eq!(outcome(&p).unwrap().payload, b"from the start");
         }
-        a.close_timeout(PATIENCE).unwrap();
-        b.close_timeout(PATIENCE).unwrap();
+        a.close_timeout(LIMIT).unwrap();
+        b.close_timeout(LIMIT).unwrap();
         report(format!(
             "{what}: {read_ahead} of {ROUNDS} closes read past the peer's EOF \
              ({unread_bytes} bytes handed on)"
@@ -1994,7 +1816,7 @@ fn abort_unblocks_the_peer(ctor: Ctor) -> Option<String> {
     let hooks = Hooks::default();
     let opened = open(
         ctor,
-        "serve",
+        Mode::Serve,
         // No hello: the far end's read blocks until the abort.
         hooks.on(Config::default()
             .name(unique_name("abort"))
@@ -2026,7 +1848,7 @@ fn abort_unblocks_the_peer(ctor: Ctor) -> Option<String> {
     // Unstick what is still blocked, then join.
     opened.far.shutdown();
     join_all("the peer's read", vec![handle]);
-    let _ = opened.conn.close_timeout(PATIENCE);
+    let _ = opened.conn.close_timeout(LIMIT);
     if let Some(path) = &opened.socket_path {
         let _ = std::fs::remove_file(path);
     }

@@ -1,34 +1,21 @@
-//! Bounded memory and liveness against peers that never read, go silent, sit idle or crawl.
+//! Bounded memory and liveness against peers that never read, send packets over the limit, go silent, sit idle or crawl.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, proc_status, report, request, threads_named, unique_name, wait_for, within};
+use common::{
+    assert_threads_gone, bsuint, echo, isolated, ms, proc_status, report, request, serial,
+    threads_named, unique_name, wait_for, wire, within, RawPeer, ECHO, LIMIT,
+};
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
     Server, ServerConfig,
 };
-
-/// How long any one step may take before it counts as a hang.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// The tests that measure time or memory run one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wire(packet: &Packet) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    packet.encode_into(&mut bytes);
-    bytes
-}
 
 /// BIG: a reply of the payload's decimal number of bytes.
 const BIG: u64 = 7;
@@ -41,48 +28,17 @@ fn big_replies(rq: Request) -> HandlerResult {
 // ---------------------------------------------------------------------------
 // Memory.
 
-const ISOLATED_ENV: &str = "PACKETSTREAM_ISOLATED";
-
-/// True in the copy of this binary that runs `test` alone, for a clean
-/// measure of the process's memory; in the normal run, runs that copy and
-/// returns false.
-fn isolated(test: &str) -> bool {
-    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
-        return true;
-    }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--test-threads=1", "--nocapture"])
-        .env(ISOLATED_ENV, test)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + PATIENCE * 4;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{test} did not finish in time");
-        }
-        thread::sleep(ms(20));
-    };
-    assert!(status.success(), "{test}: {status}");
-    false
-}
-
 #[test]
 fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
     const TEST: &str = "a_peer_that_never_reads_cannot_grow_memory_past_the_budget";
-    if !isolated(TEST) {
+    if !isolated(TEST, LIMIT * 4) {
         return;
     }
     const REQUESTS: u64 = 10_000;
     const REPLY: usize = 256 << 10;
     const BUDGET: u64 = 8 << 20;
     let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.set_read_timeout(Some(LIMIT)).unwrap();
     // Default settings: a budget of 8 MiB. The peer is scripted: no hello.
     let config = Config::default().handler(big_replies).extensions(false);
     let conn = PacketConnection::from_unix_stream(a, config).unwrap();
@@ -101,7 +57,7 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
         writer.write_all(&bytes)
     });
     within("the requests sent", move || sender.join().unwrap()).unwrap();
-    wait_for("every request answered or refused", PATIENCE, || {
+    wait_for("every request answered or refused", LIMIT, || {
         let stats = conn.stats();
         stats.replies_ok + stats.replies_failed == REQUESTS
     });
@@ -157,17 +113,75 @@ fn a_peer_that_never_reads_cannot_grow_memory_past_the_budget() {
     conn.abort();
 }
 
-// ---------------------------------------------------------------------------
-// Liveness timeouts.
-
-/// A connection over a socketpair, and the raw peer's end of it, which
-/// scripts the base protocol: the connection's extensions are off.
-fn socket_pair(config: Config) -> (PacketConnection, UnixStream) {
-    let (a, b) = UnixStream::pair().unwrap();
-    b.set_read_timeout(Some(PATIENCE)).unwrap();
-    let config = config.extensions(false);
-    (PacketConnection::from_unix_stream(a, config).unwrap(), b)
+/// A request over `max_packet_len` is refused with "packet too large" and
+/// its body skipped as it comes, never held: a 256 MiB body against a 1 MiB
+/// limit raises peak memory by less than 16 MiB. The request after it is
+/// answered, and the connection closes in order.
+#[test]
+fn an_oversize_request_is_refused_and_skipped_unbuffered_and_the_connection_goes_on() {
+    const TEST: &str =
+        "an_oversize_request_is_refused_and_skipped_unbuffered_and_the_connection_goes_on";
+    if !isolated(TEST, LIMIT * 4) {
+        return;
+    }
+    const BODY: usize = 256 << 20;
+    let name = unique_name("ov");
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(&name)
+            .max_packet_len(1 << 20)
+            .handler(echo),
+    );
+    let hwm_before = proc_status("VmHWM");
+    // The head of a request with a 256 MiB payload, then the payload in
+    // 64 KiB pieces, then a small request.
+    let head = wire(&request(5, ECHO, 0, b""));
+    let prefix = bsuint((head.len() - 1 + BODY) as u128);
+    let mut writer = peer.stream.try_clone().unwrap();
+    let feeder = thread::spawn(move || {
+        writer.write_all(&prefix)?;
+        writer.write_all(&head[1..])?;
+        let piece = vec![0x5a; 64 << 10];
+        for _ in 0..BODY / piece.len() {
+            writer.write_all(&piece)?;
+        }
+        writer.write_all(&wire(&request(6, ECHO, 0, b"after")))
+    });
+    let refusal = peer.recv_packet();
+    assert_eq!(
+        (refusal.tag, refusal.kind),
+        (
+            5,
+            PacketKind::Response {
+                ok: false,
+                flags: 0
+            }
+        )
+    );
+    let reason = String::from_utf8(refusal.payload).unwrap();
+    assert!(reason.starts_with("packet too large"), "{reason}");
+    let reply = peer.recv_packet();
+    assert_eq!((reply.tag, reply.payload.as_slice()), (6, &b"after"[..]));
+    assert_eq!(reply.kind, PacketKind::Response { ok: true, flags: 0 });
+    within("the peer's writes", move || feeder.join().unwrap()).unwrap();
+    let grown = proc_status("VmHWM") - hwm_before;
+    report(format!(
+        "oversize: {} MiB request skipped; peak RSS grew {grown} kB",
+        BODY >> 20
+    ));
+    assert!(grown < 16 * 1024, "peak RSS grew {grown} kB");
+    let stats = conn.stats();
+    assert_eq!(stats.requests_received, 2);
+    assert!(stats.bytes_in > BODY as u64);
+    // The connection still closes in order.
+    peer.send(&Packet::eof());
+    conn.close_timeout(LIMIT).expect("orderly close");
+    assert_threads_gone(&name, LIMIT);
 }
+
+// ---------------------------------------------------------------------------
+// Liveness timeouts. Each test writes and reads the raw peer's socket by
+// hand.
 
 fn ended(conn: &PacketConnection) -> Option<Disconnect> {
     conn.status().ended
@@ -175,7 +189,12 @@ fn ended(conn: &PacketConnection) -> Option<Disconnect> {
 
 #[test]
 fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("silent"))
             .packet_timeout(ms(300)),
@@ -184,9 +203,9 @@ fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
     // Half of a packet, then nothing.
     let bytes = wire(&request(2, 1, 0, &[7; 100]));
     peer.write_all(&bytes[..50]).unwrap();
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Silent));
-    let res = pending.wait_timeout(PATIENCE);
+    let res = pending.wait_timeout(LIMIT);
     assert!(
         matches!(
             res,
@@ -202,7 +221,12 @@ fn a_peer_silent_inside_a_packet_ends_the_connection_as_silent() {
 
 #[test]
 fn a_peer_that_pauses_between_packets_is_not_silent() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("pause"))
             .packet_timeout(ms(200))
@@ -238,7 +262,12 @@ fn a_peer_that_pauses_between_packets_is_not_silent() {
 fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
     // Pending: the peer holds our request for twice the idle timeout, then
     // answers; the connection is not idle meanwhile.
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("idle"))
             .idle_timeout(ms(300)),
@@ -257,16 +286,16 @@ fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
     assert_eq!(ended(&conn), None, "idle while a request was pending");
     peer.write_all(&wire(&common::response(tag, true, 0, b"a")))
         .unwrap();
-    assert_eq!(pending.wait_timeout(PATIENCE).unwrap().payload, b"a");
+    assert_eq!(pending.wait_timeout(LIMIT).unwrap().payload, b"a");
     // Now nothing is pending and nothing comes.
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Idle));
     assert!(matches!(conn.submit(1, 0, b""), Err(Error::Closed)));
 }
 
 #[test]
 fn a_peer_that_stops_reading_ends_the_connection_as_stalled() {
-    let (conn, peer) = socket_pair(
+    let (conn, RawPeer { stream: peer, .. }) = RawPeer::with(
         Config::default()
             .name(unique_name("stall"))
             .stall_timeout(ms(300)),
@@ -284,10 +313,10 @@ fn a_peer_that_stops_reading_ends_the_connection_as_stalled() {
             }
         }
     }
-    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
     assert_eq!(ended(&conn), Some(Disconnect::Stalled));
     for p in pending {
-        let res = p.wait_timeout(PATIENCE);
+        let res = p.wait_timeout(LIMIT);
         assert!(
             matches!(
                 res,
@@ -322,10 +351,7 @@ fn timeouts_set_on_pipes_are_not_enforced_and_break_nothing() {
     .unwrap();
     thread::sleep(ms(300));
     assert_eq!((ended(&a), ended(&b)), (None, None));
-    assert_eq!(
-        a.call_timeout(1, 0, b"hi", PATIENCE).unwrap().payload,
-        b"hi"
-    );
+    assert_eq!(a.call_timeout(1, 0, b"hi", LIMIT).unwrap().payload, b"hi");
     within("closing both", move || {
         a.close().unwrap();
         b.join().unwrap();
@@ -337,7 +363,12 @@ fn timeouts_set_on_pipes_are_not_enforced_and_break_nothing() {
 
 #[test]
 fn stats_show_the_queue_depths_and_wait_drained_waits_for_the_low_water_mark() {
-    let (conn, mut peer) = socket_pair(
+    let (
+        conn,
+        RawPeer {
+            stream: mut peer, ..
+        },
+    ) = RawPeer::with(
         Config::default()
             .name(unique_name("depth"))
             .max_queued_bytes(1 << 20)
@@ -375,7 +406,7 @@ fn stats_show_the_queue_depths_and_wait_drained_waits_for_the_low_water_mark() {
         }
         total
     });
-    conn.wait_drained(PATIENCE).unwrap();
+    conn.wait_drained(LIMIT).unwrap();
     assert!(conn.stats().queued_bytes <= 64 << 10);
     drop(pending);
     conn.abort();
@@ -393,10 +424,10 @@ fn good_client(addr: std::net::SocketAddr, secs: Duration) -> Vec<Duration> {
     let until = Instant::now() + secs;
     while Instant::now() < until {
         let t0 = Instant::now();
-        conn.call_timeout(1, 0, b"ping", PATIENCE).unwrap();
+        conn.call_timeout(1, 0, b"ping", LIMIT).unwrap();
         lat.push(t0.elapsed());
     }
-    conn.close_timeout(PATIENCE).unwrap();
+    conn.close_timeout(LIMIT).unwrap();
     lat
 }
 
@@ -439,7 +470,7 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
         .collect();
     // The first may be reclaimed before the last is accepted.
     let (mut threads_peak, mut rss_peak, mut held) = (0, 0, 0);
-    wait_for("every client accepted", PATIENCE, || {
+    wait_for("every client accepted", LIMIT, || {
         threads_peak = threads_peak.max(proc_status("Threads"));
         rss_peak = rss_peak.max(proc_status("VmRSS"));
         held = held.max(server.connections());
@@ -449,13 +480,13 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
     let mut attacked = good_client(addr, ms(500));
     wait_for(
         "the stalled clients reclaimed",
-        packet_timeout + PATIENCE,
+        packet_timeout + LIMIT,
         || server.connections() == 0,
     );
     let reclaimed = started.elapsed();
     for mut s in loris {
         // Each saw the server end: ERQ and EOF, then the end of the stream.
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
     }
@@ -475,8 +506,8 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
         "{threads_before} -> {threads_peak} threads"
     );
     assert!(!attacked.is_empty());
-    within("stopping", move || server.stop_timeout(PATIENCE).unwrap());
-    wait_for("the server's threads to end", PATIENCE, || {
+    within("stopping", move || server.stop_timeout(LIMIT).unwrap());
+    wait_for("the server's threads to end", LIMIT, || {
         threads_named(&name).is_empty()
     });
 }

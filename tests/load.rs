@@ -8,15 +8,15 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{echo, long, proc_status, report, wait_for};
+use common::{close_both, echo, isolated, long, pair_with, proc_status, report, wait_for};
 use packetstream::{Config, PacketConnection, PendingResponse};
 
-/// Every blocking wait in this file ends by this long after it starts.
-const PATIENCE: Duration = Duration::from_secs(120);
+/// How long a load run may take before it counts as a hang: longer than
+/// `LIMIT`, for the floods of a debug build.
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
 /// A deterministic payload for request `idx`, from `max_len / 2` to
 /// `max_len` bytes: its length and bytes depend on the index, so a reply
@@ -105,38 +105,27 @@ where
     });
 }
 
-/// Two connections over one socketpair, both serving echo.
+/// Two connections over one socketpair, both serving echo, named `{name}a`
+/// and `{name}b`.
 fn echo_pair(
     name: &str,
     config: impl Fn(Config) -> Config,
 ) -> (PacketConnection, PacketConnection) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let a = PacketConnection::from_unix_stream(
-        a,
-        config(Config::default().name(format!("{name}a")).handler(echo)),
-    )
-    .unwrap();
-    let b = PacketConnection::from_unix_stream(
-        b,
-        config(Config::default().name(format!("{name}b")).handler(echo)),
-    )
-    .unwrap();
-    (a, b)
-}
-
-fn close_pair(a: PacketConnection, b: PacketConnection) {
-    thread::scope(|s| {
-        let closer = s.spawn(|| b.close_timeout(PATIENCE));
-        a.close_timeout(PATIENCE).expect("close a");
-        closer.join().unwrap().expect("close b");
-    });
+    let end = |suffix| {
+        config(
+            Config::default()
+                .name(format!("{name}{suffix}"))
+                .handler(echo),
+        )
+    };
+    pair_with(end("a"), end("b"))
 }
 
 #[test]
 fn mutual_flood_of_100k_pipelined_requests_each_way_completes() {
     let n = if long() { 1_000_000 } else { 100_000 };
     let (a, b) = echo_pair("fl", |c| c);
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LOAD_LIMIT;
     with_watchdog(&[&a, &b], deadline, |_, conn| {
         pipeline(conn, n, 16, deadline);
     });
@@ -152,7 +141,7 @@ fn mutual_flood_of_100k_pipelined_requests_each_way_completes() {
         a.stats().busy_refusals,
         b.stats().busy_refusals
     ));
-    close_pair(a, b);
+    close_both(&a, &b);
 }
 
 #[test]
@@ -160,7 +149,7 @@ fn mutual_flood_of_large_payloads_completes() {
     // Requests and replies of up to 200 KB fill both socket buffers at once.
     let n = if long() { 10_000 } else { 1_000 };
     let (a, b) = echo_pair("fL", |c| c.handler_threads(2));
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LOAD_LIMIT;
     with_watchdog(&[&a, &b], deadline, |_, conn| {
         pipeline(conn, n, 200_000, deadline);
     });
@@ -169,7 +158,7 @@ fn mutual_flood_of_large_payloads_completes() {
         a.stats().busy_refusals,
         b.stats().busy_refusals
     ));
-    close_pair(a, b);
+    close_both(&a, &b);
 }
 
 #[test]
@@ -181,7 +170,7 @@ fn mutual_flood_with_one_handler_thread_and_tiny_queues_completes() {
             .max_queued_packets(8)
             .max_queued_bytes(4096)
     });
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LOAD_LIMIT;
     with_watchdog(&[&a, &b], deadline, |_, conn| {
         pipeline(conn, n, 3000, deadline);
     });
@@ -190,63 +179,40 @@ fn mutual_flood_with_one_handler_thread_and_tiny_queues_completes() {
         a.stats().busy_refusals,
         b.stats().busy_refusals
     ));
-    close_pair(a, b);
+    close_both(&a, &b);
 }
 
 // ---------------------------------------------------------------------------
 // Whole-process measurements, each in a copy of this binary running just
 // that test.
 
-const ISOLATED_ENV: &str = "PACKETSTREAM_ISOLATED";
-
-/// Returns true in the copy of this binary that runs `test` alone. In the
-/// normal run, starts that copy, waits for it (killing it if it takes too
-/// long) and returns false.
-fn isolated(test: &str) -> bool {
-    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
-        return true;
+/// How long the copy of this binary that runs one of them may take.
+fn isolated_limit() -> Duration {
+    if long() {
+        LOAD_LIMIT * 10
+    } else {
+        LOAD_LIMIT * 2
     }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--test-threads=1", "--nocapture"])
-        .env(ISOLATED_ENV, test)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let patience = if long() { PATIENCE * 10 } else { PATIENCE * 2 };
-    let deadline = Instant::now() + patience;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{test} did not finish within {patience:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{test}: {status}");
-    false
 }
 
 /// Waits until the process is back to `baseline` threads.
 fn wait_for_threads(baseline: u64) {
     wait_for(
         &format!("the thread count to return to {baseline}"),
-        PATIENCE,
+        LOAD_LIMIT,
         || proc_status("Threads") == baseline,
     );
 }
 
 #[test]
 fn sixty_four_threads_share_one_connection() {
-    if !isolated("sixty_four_threads_share_one_connection") {
+    if !isolated("sixty_four_threads_share_one_connection", isolated_limit()) {
         return;
     }
     let per_thread = 10_000;
     let baseline = proc_status("Threads");
     let (a, b) = echo_pair("t64", |c| c);
-    let deadline = Instant::now() + PATIENCE * 2;
+    let deadline = Instant::now() + LOAD_LIMIT * 2;
     let conns: Vec<&PacketConnection> = vec![&a; 64];
     with_watchdog(&conns, deadline, |thread_idx, conn| {
         // Windows of 100 pipelined requests, tagged with the thread in the
@@ -270,13 +236,16 @@ fn sixty_four_threads_share_one_connection() {
     report(format!(
         "load: 64 threads x {per_thread} requests on one connection"
     ));
-    close_pair(a, b);
+    close_both(&a, &b);
     wait_for_threads(baseline);
 }
 
 #[test]
 fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
-    if !isolated("two_hundred_connections_at_once_then_threads_return_to_baseline") {
+    if !isolated(
+        "two_hundred_connections_at_once_then_threads_return_to_baseline",
+        isolated_limit(),
+    ) {
         return;
     }
     const N_CONNS: usize = 200;
@@ -289,7 +258,7 @@ fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
     // Each pair: two connections of a receive, a send and two handler
     // threads.
     assert_eq!(peak, baseline + 8 * N_CONNS as u64);
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LOAD_LIMIT;
     // Pipeline on every client at once from a few driver threads.
     let clients: Vec<&PacketConnection> = pairs.iter().map(|(a, _)| a).collect();
     let drivers: Vec<&PacketConnection> = clients[..8].to_vec();
@@ -314,7 +283,7 @@ fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
     });
     for (a, b) in pairs {
         assert_eq!(a.stats().responses_ok, per_conn);
-        close_pair(a, b);
+        close_both(&a, &b);
     }
     report(format!(
         "load: {N_CONNS} connection pairs at once, {per_conn} requests each, \
@@ -325,7 +294,7 @@ fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
 
 #[test]
 fn soak_memory_stays_flat() {
-    if !isolated("soak_memory_stays_flat") {
+    if !isolated("soak_memory_stays_flat", isolated_limit()) {
         return;
     }
     let total: u64 = if long() { 1_000_000 } else { 200_000 };
@@ -335,7 +304,7 @@ fn soak_memory_stays_flat() {
     let baseline = proc_status("Threads");
     let (a, b) = echo_pair("soak", |c| c);
     let rss_at_checkpoint = std::sync::Mutex::new(None);
-    let deadline = Instant::now() + if long() { PATIENCE * 8 } else { PATIENCE };
+    let deadline = Instant::now() + if long() { LOAD_LIMIT * 8 } else { LOAD_LIMIT };
     let conns: Vec<&PacketConnection> = vec![&a; SUBMITTERS as usize];
     let done = std::sync::atomic::AtomicU64::new(0);
     with_watchdog(&conns, deadline, |thread_idx, conn| {
@@ -373,85 +342,6 @@ fn soak_memory_stays_flat() {
         rss_end <= rss_checkpoint + 16 * 1024,
         "RSS grew from {rss_checkpoint} kB to {rss_end} kB"
     );
-    close_pair(a, b);
+    close_both(&a, &b);
     wait_for_threads(baseline);
-}
-
-#[test]
-fn an_oversize_request_body_is_skipped_without_being_buffered() {
-    if !isolated("an_oversize_request_body_is_skipped_without_being_buffered") {
-        return;
-    }
-    use packetstream::{Packet, PacketKind};
-    use std::io::Write;
-    const BODY: usize = 256 << 20;
-    let (a, mut peer) = UnixStream::pair().unwrap();
-    peer.set_read_timeout(Some(PATIENCE)).unwrap();
-    // The peer is scripted, packet by packet: no hello.
-    let conn = PacketConnection::from_unix_stream(
-        a,
-        Config::default()
-            .max_packet_len(1 << 20)
-            .handler(echo)
-            .extensions(false),
-    )
-    .unwrap();
-    let hwm_before = proc_status("VmHWM");
-    // The head of a request with a 256 MiB payload, then the payload in
-    // 64 KiB pieces, then a small request.
-    let mut head = Vec::new();
-    Packet {
-        channel: 0,
-        tag: 5,
-        kind: PacketKind::Request {
-            rq_type: 1,
-            flags: 0,
-        },
-        payload: Vec::new(),
-    }
-    .encode_into(&mut head);
-    let body_len = head.len() - 1 + BODY;
-    let prefix = common::bsuint(body_len as u128);
-    let mut writer = peer.try_clone().unwrap();
-    let feeder = thread::spawn(move || {
-        writer.write_all(&prefix)?;
-        writer.write_all(&head[1..])?;
-        let piece = vec![0x5a; 64 << 10];
-        for _ in 0..BODY / piece.len() {
-            writer.write_all(&piece)?;
-        }
-        let mut wire = Vec::new();
-        Packet {
-            channel: 0,
-            tag: 6,
-            kind: PacketKind::Request {
-                rq_type: 1,
-                flags: 0,
-            },
-            payload: b"after".to_vec(),
-        }
-        .encode_into(&mut wire);
-        writer.write_all(&wire)
-    });
-    let refusal = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
-    assert_eq!(
-        (refusal.tag, refusal.kind),
-        (
-            5,
-            PacketKind::Response {
-                ok: false,
-                flags: 0
-            }
-        )
-    );
-    let reply = Packet::read_from(&mut peer, u64::MAX).unwrap().unwrap();
-    assert_eq!((reply.tag, reply.payload.as_slice()), (6, &b"after"[..]));
-    feeder.join().unwrap().unwrap();
-    let grown = proc_status("VmHWM") - hwm_before;
-    report(format!(
-        "oversize: {} MiB request skipped; peak RSS grew {grown} kB",
-        BODY >> 20
-    ));
-    assert!(grown < 16 * 1024, "peak RSS grew {grown} kB");
-    conn.abort();
 }

@@ -18,15 +18,14 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{long, ms, report, response, timed, unique_name, Gate, Timed};
+use common::{long, ms, report, response, timed, unique_name, Gate, Timed, LIMIT};
 use packetstream::{
     Config, Error, Packet, PacketConnection, PacketKind, PendingResponse, Response,
 };
 
-/// Every wait in a run that should succeed ends after this long.
-const PATIENCE: Duration = Duration::from_secs(10);
-/// A whole run that takes longer than this hangs.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
+/// A whole run that takes longer than this hangs: twice `LIMIT`, which
+/// bounds each wait of the run.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
 /// Payloads at least this long are "large".
 const LARGE: usize = 64 << 10;
 
@@ -82,8 +81,8 @@ struct Wire {
 /// each request ok, with the request's flags and its payload's length, and
 /// the first EOF with its own EOF. Waits at `go` before its first read.
 fn record(mut stream: UnixStream, plan: PeerPlan, go: Option<Gate>) -> Wire {
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.set_write_timeout(Some(LIMIT)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let mut rng = Rng::new(plan.seed);
     let mut wire = Wire::default();
@@ -308,7 +307,7 @@ fn check(
     }
     if let Some(closed) = closed {
         let fine = match shutdown {
-            Shutdown::CloseTimeout(timeout) if timeout < PATIENCE => {
+            Shutdown::CloseTimeout(timeout) if timeout < LIMIT => {
                 matches!(closed, Ok(()) | Err(Error::Timeout { .. }))
             }
             _ => closed.is_ok(),
@@ -374,27 +373,25 @@ fn large_submit_behind_a_big_write(shutdown: Shutdown) -> Vec<String> {
     }
     thread::sleep(ms(100));
     go.open();
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LIMIT;
     let mut submits = Vec::new();
     for (flags, size, rx) in [(1, 4 << 20, first), (2, 128 << 10, second)] {
         let res = rx
-            .recv_timeout(PATIENCE)
+            .recv_timeout(LIMIT)
             .expect("the submit returns once the peer reads");
         submits.push(settle(flags, size, res, deadline));
     }
-    let mut closed = closed_rx
-        .recv_timeout(PATIENCE)
-        .expect("the shutdown returns");
+    let mut closed = closed_rx.recv_timeout(LIMIT).expect("the shutdown returns");
     if shutdown == Shutdown::EndRequests {
         let c = Arc::clone(&conn);
-        match timed(PATIENCE, move || c.close()) {
+        match timed(LIMIT, move || c.close()) {
             Timed::Done(res, _) => closed = Some(res),
             Timed::Stuck(_) => return vec!["close after end_requests hangs".to_string()],
         }
     }
     drop(conn);
     let wire = peer
-        .recv_timeout(PATIENCE)
+        .recv_timeout(LIMIT)
         .expect("the peer sees the end of the stream");
     check(
         &wire,
@@ -457,7 +454,7 @@ fn plan(seed: u64) -> Plan {
     let total: usize = submits.iter().map(Vec::len).sum();
     let shutdown = match rng.below(100) {
         0..25 => Shutdown::Close,
-        25..35 => Shutdown::CloseTimeout(PATIENCE),
+        25..35 => Shutdown::CloseTimeout(LIMIT),
         35..50 => Shutdown::CloseTimeout(Duration::from_micros(rng.below(5000))),
         50..65 => Shutdown::Abort,
         65..80 => Shutdown::Drop,
@@ -538,7 +535,7 @@ fn run(seed: u64) -> Result<Tally, String> {
         };
         let (shutdown, after) = (plan.shutdown, plan.after);
         let closer = s.spawn(move || {
-            let deadline = Instant::now() + PATIENCE;
+            let deadline = Instant::now() + LIMIT;
             while returned.load(Ordering::SeqCst) < after.min(total) && Instant::now() < deadline {
                 thread::yield_now();
             }
@@ -569,14 +566,14 @@ fn run(seed: u64) -> Result<Tally, String> {
         closed = Some(main_conn.as_ref().unwrap().close());
     }
     drop(main_conn);
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + LIMIT;
     let submits: Vec<Submitted> = results
         .into_iter()
         .map(|(flags, size, res)| settle(flags, size, res, deadline))
         .collect();
     let aborted =
         plan.shutdown == Shutdown::Abort || matches!(closed, Some(Err(Error::Timeout { .. })));
-    let wire = match peer.recv_timeout(PATIENCE) {
+    let wire = match peer.recv_timeout(LIMIT) {
         Ok(wire) => wire,
         Err(_) => {
             return Err(format!(

@@ -2,12 +2,14 @@
 // Each test binary uses some of these; `pub` items in a test-only module are fine.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod child;
+
 use std::fmt::Display;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,8 +32,20 @@ pub fn report(line: impl Display) {
         .unwrap();
 }
 
-/// The longest any single step of a test may take before it counts as a hang.
+/// The longest any single step of a test may take before it counts as a hang:
+/// every blocking wait that should succeed gives up after this long.
 pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a call that should return at once, or by its bound, is given
+/// past that before it counts as hung.
+pub const HANG: Duration = Duration::from_secs(2);
+
+/// The deadline the tests give to the calls that take one.
+pub const DEADLINE: Duration = Duration::from_millis(200);
+
+/// How far past its deadline a call may return, in a debug build: the
+/// contract of every call that takes a deadline.
+pub const SLACK: Duration = Duration::from_millis(100);
 
 /// Runs `f` on its own thread and fails the test if it takes longer than
 /// `LIMIT`. The thread is joined when it finishes in time.
@@ -194,58 +208,6 @@ impl Gate {
     }
 }
 
-/// Reads `inner`, dropping everything up to and including the first
-/// `marker`: a child copy of a test binary prints the harness's lines on
-/// its standard output before its own bytes.
-pub struct SkipPast<R> {
-    inner: R,
-    marker: &'static [u8],
-    seen: Vec<u8>,
-    found: bool,
-}
-
-impl<R> SkipPast<R> {
-    pub fn new(inner: R, marker: &'static [u8]) -> SkipPast<R> {
-        SkipPast {
-            inner,
-            marker,
-            seen: Vec::new(),
-            found: false,
-        }
-    }
-}
-
-impl<R: Read> Read for SkipPast<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while !self.found {
-            let mut byte = [0u8];
-            if self.inner.read(&mut byte)? == 0 {
-                return Ok(0);
-            }
-            self.seen.push(byte[0]);
-            self.found = self.seen.ends_with(self.marker);
-        }
-        self.inner.read(buf)
-    }
-}
-
-/// Starts a copy of this test binary that runs test `name` alone, with the
-/// variables `env` set, its standard input and output piped and its
-/// standard error discarded. The test `name` looks for its variable and
-/// plays its part; in a normal run it returns at once.
-pub fn spawn_self(name: &str, env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([name, "--exact", "--test-threads=1", "--nocapture"]);
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// The length of `packet`'s body on the wire: what a packet length limit
 /// counts (the length prefix excluded).
 pub fn body_len(packet: &Packet) -> u64 {
@@ -267,10 +229,68 @@ pub fn wait_for(what: &str, patience: Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// A lock that the tests of one binary which measure time or memory, or
+/// load the machine most, take in turn, so that no other test of that
+/// binary skews what they measure.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Joins `handles`, failing the test if one is still running after
+/// `LIMIT`.
+pub fn join_all<T>(what: &str, handles: Vec<JoinHandle<T>>) -> Vec<T> {
+    wait_for(what, LIMIT, || handles.iter().all(|h| h.is_finished()));
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Set in the environment of a copy of a test binary that runs one test
+/// alone; its value is the test's name.
+const ISOLATED_ENV: &str = "PACKETSTREAM_ISOLATED";
+
+/// For a test that measures the whole process (its memory, its threads):
+/// true in a copy of this test binary that runs `test` alone, where the
+/// test does its work. In the normal run, starts that copy, waits for it
+/// to pass (killing it and failing after `patience`), and returns false:
+/// the test then has nothing left to do.
+pub fn isolated(test: &str, patience: Duration) -> bool {
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
+        return true;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ISOLATED_ENV, test)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + patience;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{test} did not finish within {patience:?}");
+        }
+        std::thread::sleep(ms(20));
+    };
+    assert!(status.success(), "{test}: {status}");
+    false
+}
+
 pub const ECHO: u64 = 1;
 pub const FAIL: u64 = 2;
 pub const SLEEP: u64 = 3;
 pub const PANIC: u64 = 4;
+/// Never answered: the child fixture's handler sleeps for `LIMIT`; a gated
+/// service holds it at its gate.
+pub const HOLD: u64 = 10;
+/// The child fixture exits with status 3: at once, or, if the payload is a
+/// path, once that file exists.
+pub const EXIT: u64 = 11;
+/// The child fixture answers, then closes its connection in order.
+pub const QUIT: u64 = 12;
 
 /// A handler that answers every request with its own flags and payload.
 pub fn echo(rq: Request) -> HandlerResult {
@@ -281,15 +301,15 @@ pub fn echo(rq: Request) -> HandlerResult {
 }
 
 /// ECHO answers with the request's flags and payload; FAIL fails with the
-/// payload as reason; SLEEP sleeps the payload's decimal milliseconds, then
-/// echoes; PANIC panics.
+/// payload as reason; SLEEP sleeps the payload's decimal milliseconds (a
+/// fraction allowed), then echoes; PANIC panics.
 pub fn service(rq: Request) -> HandlerResult {
     match rq.rq_type {
         ECHO => echo(rq),
         FAIL => Err(String::from_utf8(rq.payload)?.into()),
         SLEEP => {
-            let millis: u64 = std::str::from_utf8(&rq.payload)?.parse()?;
-            std::thread::sleep(ms(millis));
+            let millis: f64 = std::str::from_utf8(&rq.payload)?.parse()?;
+            std::thread::sleep(Duration::from_secs_f64(millis / 1e3));
             echo(rq)
         }
         PANIC => panic!("handler told to panic"),
@@ -301,12 +321,31 @@ pub fn server_config(name: &str) -> Config {
     Config::default().name(name).handler(service)
 }
 
-/// A client and a server over a socketpair.
+/// A client and a server with [`service`] over a socketpair.
 pub fn pair() -> (PacketConnection, PacketConnection) {
+    pair_with(Config::default().name("client"), server_config("server"))
+}
+
+/// A client and a server over a socketpair, with the given configs.
+pub fn pair_with(client: Config, server: Config) -> (PacketConnection, PacketConnection) {
     let (a, b) = UnixStream::pair().unwrap();
-    let server = PacketConnection::from_unix_stream(b, server_config("server")).unwrap();
-    let client = PacketConnection::from_unix_stream(a, Config::default().name("client")).unwrap();
+    let server = PacketConnection::from_unix_stream(b, server).unwrap();
+    let client = PacketConnection::from_unix_stream(a, client).unwrap();
     (client, server)
+}
+
+/// Closes two connected ends at once: each sends ERQ and EOF and waits for
+/// the other's. Both must end in order within `LIMIT`.
+pub fn close_both(a: &PacketConnection, b: &PacketConnection) {
+    std::thread::scope(|s| {
+        let other = s.spawn(|| b.close_timeout(LIMIT));
+        a.close_timeout(LIMIT)
+            .expect("the first end closes in order");
+        other
+            .join()
+            .unwrap()
+            .expect("the second end closes in order");
+    });
 }
 
 /// A connection name no other test uses, short enough that its thread
@@ -459,6 +498,35 @@ pub fn response(tag: u64, ok: bool, flags: u64, payload: &[u8]) -> Packet {
         kind: PacketKind::Response { ok, flags },
         payload: payload.to_vec(),
     }
+}
+
+/// A control packet that is neither EOF nor ERQ: a protocol error.
+pub fn bad_control() -> Packet {
+    Packet {
+        channel: 0,
+        tag: 5,
+        kind: PacketKind::Control { flags: 0 },
+        payload: Vec::new(),
+    }
+}
+
+/// `packet`'s bytes on the wire.
+pub fn wire(packet: &Packet) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    packet.encode_into(&mut bytes);
+    bytes
+}
+
+/// The whole packets in `bytes`, and how many bytes of a partial packet
+/// follow them.
+pub fn decode_all(bytes: &[u8]) -> (Vec<Packet>, usize) {
+    let mut packets = Vec::new();
+    let mut pos = 0;
+    while let Some((packet, used)) = Packet::decode(&bytes[pos..], u64::MAX).unwrap() {
+        packets.push(packet);
+        pos += used;
+    }
+    (packets, bytes.len() - pos)
 }
 
 /// A field of `/proc/self/status`, such as `Threads` or `VmRSS` (in kB).
