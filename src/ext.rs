@@ -6,8 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-
 use byteorder::BigEndian;
 
 use crate::codec::{PayloadReader, PayloadWrite};
@@ -85,92 +83,36 @@ pub(crate) fn read_target(payload: &[u8], with_ms: bool) -> Result<(u64, u64, u6
     Ok((channel, tag, ms))
 }
 
-/// The cancels and deadlines the peer has sent for its requests to this
-/// end, shared with the handlers through [`Request`](crate::Request).
-///
-/// Only requests that have arrived and are not answered yet can be
-/// cancelled, so what is held is bounded by the handler queue, whatever the
-/// peer sends.
+/// Deadlines the peer has sent for requests that have not arrived yet.
+/// Each comes just before its request, so a peer of this crate has at most
+/// one per submitting thread here; what a hostile peer can pile up is
+/// bounded. Only the thread that reads touches it.
 #[derive(Default)]
-pub(crate) struct Signals {
-    state: Mutex<SignalState>,
-    cancelled: Condvar,
-}
-
-#[derive(Default)]
-struct SignalState {
-    /// The peer's requests that have arrived and are not answered: true
-    /// once cancelled.
-    live: TagMap<bool>,
-    /// Deadlines of requests that have not arrived yet.
+pub(crate) struct EarlyDeadlines {
     early: TagMap<Instant>,
 }
 
-impl Signals {
+impl EarlyDeadlines {
     /// The peer gives its request `(channel, tag)`, about to arrive, a
     /// deadline `ms` from now (at most a week). Returns false if deadlines
     /// for requests that never came had piled up, and were all forgotten
     /// to make room.
-    pub(crate) fn set_deadline(&self, channel: u64, tag: u64, ms: u64) -> bool {
+    pub(crate) fn set(&mut self, channel: u64, tag: u64, ms: u64) -> bool {
         let within = Duration::from_millis(ms).min(MAX_DEADLINE);
-        let mut st = self.state.lock();
-        let room = st.early.len() < MAX_EARLY_DEADLINES;
+        let room = self.early.len() < MAX_EARLY_DEADLINES;
         if !room {
-            st.early.clear();
+            self.early.clear();
         }
-        st.early.insert((channel, tag), Instant::now() + within);
+        self.early.insert((channel, tag), Instant::now() + within);
         room
     }
 
     /// Takes the deadline set for `(channel, tag)`, which has arrived.
-    pub(crate) fn take_deadline(&self, channel: u64, tag: u64) -> Option<Instant> {
-        let mut st = self.state.lock();
-        if st.early.is_empty() {
+    pub(crate) fn take(&mut self, channel: u64, tag: u64) -> Option<Instant> {
+        if self.early.is_empty() {
             return None;
         }
-        st.early.remove(&(channel, tag))
-    }
-
-    /// `(channel, tag)` has arrived and will be served or refused: from now
-    /// until [`finished`](Signals::finished) it can be cancelled.
-    pub(crate) fn arrived(&self, channel: u64, tag: u64) {
-        self.state.lock().live.insert((channel, tag), false);
-    }
-
-    /// The peer cancels its request `(channel, tag)`. A cancel for a request
-    /// not in progress (answered already, or never sent) is ignored.
-    pub(crate) fn cancel(&self, channel: u64, tag: u64) -> bool {
-        let found = match self.state.lock().live.get_mut(&(channel, tag)) {
-            Some(cancelled) => {
-                *cancelled = true;
-                true
-            }
-            None => false,
-        };
-        if found {
-            self.cancelled.notify_all();
-        }
-        found
-    }
-
-    /// True if the peer has cancelled `(channel, tag)`.
-    pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
-        self.state.lock().live.get(&(channel, tag)) == Some(&true)
-    }
-
-    /// Waits until the peer cancels `(channel, tag)`, or until `deadline`.
-    /// Returns true if it did. Once the request is answered it can no
-    /// longer be cancelled, and this waits out the deadline.
-    pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
-        let mut st = self.state.lock();
-        crate::sync::wait_until(&self.cancelled, &mut st, deadline, |st| {
-            st.live.get(&(channel, tag)) != Some(&true)
-        })
-    }
-
-    /// `(channel, tag)` is answered: forget it.
-    pub(crate) fn finished(&self, channel: u64, tag: u64) {
-        self.state.lock().live.remove(&(channel, tag));
+        self.early.remove(&(channel, tag))
     }
 }
 
@@ -196,37 +138,17 @@ mod tests {
     }
 
     #[test]
-    fn cancels_only_requests_in_progress() {
-        let signals = Signals::default();
-        assert!(!signals.cancel(0, 9), "never arrived");
-        signals.arrived(0, 9);
-        assert!(!signals.is_cancelled(0, 9));
-        assert!(signals.cancel(0, 9));
-        assert!(signals.is_cancelled(0, 9));
-        assert!(signals.wait_cancelled(0, 9, Some(Instant::now())));
-        signals.finished(0, 9);
-        assert!(!signals.is_cancelled(0, 9));
-        // Answered: a wait runs to its deadline and says not cancelled.
-        let started = Instant::now();
-        let deadline = started + Duration::from_millis(20);
-        assert!(!signals.wait_cancelled(0, 9, Some(deadline)));
-        assert!(Instant::now() >= deadline);
-        assert!(!signals.cancel(0, 9), "answered already");
-        assert!(signals.state.lock().live.is_empty());
-    }
-
-    #[test]
     fn early_deadlines_are_bounded() {
-        let signals = Signals::default();
+        let mut deadlines = EarlyDeadlines::default();
         let mut forgotten = 0;
         for tag in 0..10 * MAX_EARLY_DEADLINES as u64 {
-            forgotten += usize::from(!signals.set_deadline(0, tag, u64::MAX));
+            forgotten += usize::from(!deadlines.set(0, tag, u64::MAX));
         }
         assert_eq!(forgotten, 9);
-        assert!(signals.state.lock().early.len() <= MAX_EARLY_DEADLINES);
+        assert!(deadlines.early.len() <= MAX_EARLY_DEADLINES);
         let last = 10 * MAX_EARLY_DEADLINES as u64 - 1;
-        let deadline = signals.take_deadline(0, last).unwrap();
+        let deadline = deadlines.take(0, last).unwrap();
         assert!(deadline <= Instant::now() + MAX_DEADLINE);
-        assert_eq!(signals.take_deadline(0, last), None);
+        assert_eq!(deadlines.take(0, last), None);
     }
 }

@@ -6,8 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ext::Signals;
 use crate::reply::{Failure, Reply};
+use crate::shared::Inbox;
 
 /// A request from the peer, as a handler receives it.
 ///
@@ -35,7 +35,7 @@ pub struct Request {
 /// A request's link to its connection's cancels, and its deadline.
 #[derive(Clone)]
 pub(crate) struct RequestCtx {
-    pub(crate) signals: Arc<Signals>,
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) deadline: Option<Instant>,
 }
 
@@ -78,7 +78,7 @@ impl Request {
     pub fn is_cancelled(&self) -> bool {
         self.ctx
             .as_ref()
-            .is_some_and(|ctx| ctx.signals.is_cancelled(self.channel, self.tag))
+            .is_some_and(|ctx| ctx.inbox.is_cancelled(self.channel, self.tag))
     }
 
     /// Waits until the peer cancels this request, or `timeout` passes;
@@ -89,7 +89,7 @@ impl Request {
     pub fn wait_cancelled(&self, timeout: Duration) -> bool {
         let deadline = crate::sync::deadline_after(timeout);
         match &self.ctx {
-            Some(ctx) => ctx.signals.wait_cancelled(self.channel, self.tag, deadline),
+            Some(ctx) => ctx.inbox.wait_cancelled(self.channel, self.tag, deadline),
             None => {
                 std::thread::sleep(timeout);
                 false

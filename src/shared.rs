@@ -8,15 +8,15 @@
 //! module imports none of them but the pool.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Expired, RequestId, Result};
-use crate::ext::{self, Signals, CONTROL_CHANNEL};
+use crate::ext::{self, EarlyDeadlines, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
 use crate::outbox::{Admission, Control, DeadlineNote, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, PacketKind};
@@ -30,9 +30,13 @@ use crate::stats::{Counters, Depths, Stats};
 pub(crate) type Hook = Box<dyn FnOnce() + Send>;
 
 /// The peer's requests being handled here, and whether more are welcome.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Inbound {
     in_progress: TagSet,
+    /// Of those, the ones the peer has cancelled (extensions).
+    cancelled: TagSet,
+    /// The peer's deadlines for requests still to come (extensions).
+    early_deadlines: EarlyDeadlines,
     /// Requests answered, their tags free again, whose replies are being
     /// queued: EOF waits for them too.
     replying: usize,
@@ -40,6 +44,62 @@ pub(crate) struct Inbound {
     peer_ended_requests: bool,
     /// This end is closing: EOF goes out once `in_progress` is empty.
     closing: bool,
+}
+
+/// [`Inbound`] behind its lock, shared with the handlers through their
+/// [`Request`]s so that they can see the peer's cancels.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    state: Mutex<Inbound>,
+    /// Notified when the peer cancels a request.
+    cancel: Condvar,
+    /// How many requests in progress the peer has cancelled: most of the
+    /// time none, and then asking takes no lock.
+    n_cancelled: AtomicUsize,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Inbound> {
+        self.state.lock()
+    }
+
+    /// The peer cancels its request `(channel, tag)`. Only a request in
+    /// progress can be: a cancel for one answered already, or never sent,
+    /// is ignored, so what is held is bounded by the requests in progress.
+    fn cancel(&self, channel: u64, tag: u64) -> bool {
+        let mut inbound = self.lock();
+        let found = inbound.in_progress.contains(&(channel, tag));
+        if found && inbound.cancelled.insert((channel, tag)) {
+            self.n_cancelled.fetch_add(1, Ordering::Release);
+            self.cancel.notify_all();
+        }
+        found
+    }
+
+    /// `(channel, tag)` is answered: its tag is free for the peer again,
+    /// and it can no longer be cancelled.
+    fn answered(&self, inbound: &mut Inbound, channel: u64, tag: u64) {
+        inbound.in_progress.remove(&(channel, tag));
+        if !inbound.cancelled.is_empty() && inbound.cancelled.remove(&(channel, tag)) {
+            self.n_cancelled.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// True if the peer has cancelled `(channel, tag)`.
+    pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
+        self.n_cancelled.load(Ordering::Acquire) != 0
+            && self.lock().cancelled.contains(&(channel, tag))
+    }
+
+    /// Waits until the peer cancels `(channel, tag)`, or until `deadline`.
+    /// Returns true if it did. Once the request is answered it can no
+    /// longer be cancelled, and this waits out the deadline.
+    pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
+        let mut inbound = self.lock();
+        crate::sync::wait_until(&self.cancel, &mut inbound, deadline, |inbound| {
+            !inbound.cancelled.contains(&(channel, tag))
+        })
+    }
 }
 
 /// Why a request from the peer is not taken in.
@@ -235,7 +295,7 @@ pub(crate) struct Shared {
     handler: Option<Arc<dyn RequestHandler>>,
     pub(crate) table: PendingTable,
     pub(crate) outbox: Outbox,
-    inbound: Mutex<Inbound>,
+    inbound: Arc<Inbox>,
     /// The handler pool, if there is a handler that is not inline: this
     /// connection's own, or its server's.
     pool: Option<Arc<Pool<Job>>>,
@@ -251,8 +311,6 @@ pub(crate) struct Shared {
     reply_cap: usize,
     /// Extensions are on at this end.
     extensions: bool,
-    /// The peer's cancels and deadlines for its requests.
-    signals: Arc<Signals>,
     /// This end's hello, until its answer is read.
     hello: Mutex<Option<Arc<Cell>>>,
     /// What the peer can do, once its hello or its answer to ours is
@@ -429,14 +487,13 @@ impl Shared {
                 config.max_queued_packets,
                 config.stall_timeout,
             ),
-            inbound: Mutex::new(Inbound::default()),
+            inbound: Arc::default(),
             pool,
             owns_pool,
             quota: Quota::new(config.handler_queue, config.max_queued_bytes),
             reply_budget: config.max_queued_bytes,
             reply_cap: reply_cap(config.max_queued_bytes),
             extensions: config.extensions,
-            signals: Arc::default(),
             hello: Mutex::new(None),
             peer_caps: OnceLock::new(),
             low_water: config.low_water(),
@@ -609,20 +666,21 @@ impl Shared {
             .recv
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        // Taken even if the request is refused, so that it is not left over.
-        let deadline = if self.extensions {
-            self.signals.take_deadline(channel, tag)
-        } else {
-            None
-        };
         let owed = self.outbox.depths().reply_bytes;
-        let admitted = self.inbound.lock().admit(
-            self.handler.is_some(),
-            channel,
-            tag,
-            owed,
-            self.reply_budget,
-        );
+        let (deadline, admitted) = {
+            let mut inbound = self.inbound.lock();
+            // Taken even if the request is refused, so that it is not left
+            // over.
+            let deadline = inbound.early_deadlines.take(channel, tag);
+            let admitted = inbound.admit(
+                self.handler.is_some(),
+                channel,
+                tag,
+                owed,
+                self.reply_budget,
+            );
+            (deadline, admitted)
+        };
         match admitted {
             Ok(()) => {}
             Err(Refusal::Denied(reason)) => {
@@ -632,9 +690,8 @@ impl Shared {
             Err(Refusal::Busy) => return self.refuse_busy(channel, tag, owed),
         }
         if self.extensions {
-            self.signals.arrived(channel, tag);
             rq.ctx = Some(RequestCtx {
-                signals: Arc::clone(&self.signals),
+                inbox: Arc::clone(&self.inbound),
                 deadline,
             });
         }
@@ -669,7 +726,7 @@ impl Shared {
             }),
             ext::PING => Ok(Vec::new()),
             ext::CANCEL => ext::read_target(&rq.payload, false).map(|(ch, tag, _)| {
-                let found = self.signals.cancel(ch, tag);
+                let found = self.inbound.cancel(ch, tag);
                 log::debug!(
                     "{}: peer cancels {ch}:{tag} (in progress: {found})",
                     self.name
@@ -677,7 +734,7 @@ impl Shared {
                 Vec::new()
             }),
             ext::DEADLINE => ext::read_target(&rq.payload, true).map(|(ch, tag, ms)| {
-                if !self.signals.set_deadline(ch, tag, ms) {
+                if !self.inbound.lock().early_deadlines.set(ch, tag, ms) {
                     log::warn!(
                         "{}: deadlines for requests that never came piled up: forgotten",
                         self.name
@@ -960,11 +1017,8 @@ impl Shared {
     /// as soon as it reads the reply), and it can no longer be cancelled.
     /// [`finish_request`](Shared::finish_request) follows the reply.
     fn answering(&self, channel: u64, tag: u64) {
-        if self.extensions {
-            self.signals.finished(channel, tag);
-        }
         let mut inbound = self.inbound.lock();
-        inbound.in_progress.remove(&(channel, tag));
+        self.inbound.answered(&mut inbound, channel, tag);
         inbound.replying += 1;
     }
 
@@ -1408,6 +1462,48 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancels_only_requests_in_progress() {
+        let inbox = Inbox::default();
+        assert!(!inbox.cancel(0, 9), "never arrived");
+        assert_eq!(inbox.lock().admit(true, 0, 9, 0, 10), Ok(()));
+        assert!(!inbox.is_cancelled(0, 9));
+        assert!(inbox.cancel(0, 9));
+        assert!(inbox.cancel(0, 9), "a second cancel is harmless");
+        assert!(inbox.is_cancelled(0, 9));
+        assert!(inbox.wait_cancelled(0, 9, Some(Instant::now())));
+        {
+            let mut inbound = inbox.lock();
+            inbox.answered(&mut inbound, 0, 9);
+        }
+        assert!(!inbox.is_cancelled(0, 9));
+        assert_eq!(inbox.n_cancelled.load(Ordering::Relaxed), 0);
+        // Answered: a wait runs to its deadline and says not cancelled.
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert!(!inbox.wait_cancelled(0, 9, Some(deadline)));
+        assert!(Instant::now() >= deadline);
+        assert!(!inbox.cancel(0, 9), "answered already");
+        assert!(inbox.lock().cancelled.is_empty());
+    }
+
+    #[test]
+    fn a_cancel_wakes_a_waiting_handler() {
+        let inbox = Arc::new(Inbox::default());
+        assert_eq!(inbox.lock().admit(true, 0, 4, 0, 10), Ok(()));
+        let waiter = {
+            let inbox = Arc::clone(&inbox);
+            std::thread::spawn(move || {
+                inbox.wait_cancelled(0, 4, Some(Instant::now() + Duration::from_secs(10)))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(inbox.cancel(0, 4));
+        assert!(
+            waiter.join().unwrap(),
+            "woken by the cancel, not the deadline"
+        );
+    }
 
     #[test]
     fn admission_refuses_for_each_reason_and_names_it() {
