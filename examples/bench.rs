@@ -1,7 +1,7 @@
 //! Measures this crate against a raw baseline, in the same run.
 //!
 //! ```text
-//! cargo run --release --example bench              # full run, about a minute
+//! cargo run --release --example bench              # full run, about 80 s
 //! cargo run --release --example bench -- --quick   # short run, without the many-clients workloads
 //! cargo run --release --example bench -- --many    # the many-clients workloads alone
 //! cargo run --release --example bench -- --no-many # the full run without them
@@ -12,65 +12,15 @@
 //! cargo run --release --example bench -- --only ext   # W1 and W2 with extensions on and off
 //! ```
 //!
-//! `--only` takes `w1`, `w2:N`, `w3`, `hol`, `ext` or `many:N`, or one of them with a
-//! `raw-` prefix for its raw baseline. `--max-connections M` sets the crate
-//! server's limit in the many-clients workloads (default: the number of
-//! clients), to see what clients past the limit get.
+//! `--only` takes `w1`, `w2:N`, `w3`, `hol`, `ext` or `many:N`, or one of
+//! them with a `raw-` prefix for its raw baseline. `--rounds N` and
+//! `--round-ms MS` set the rounds of W1 to W3 (7 of 300 ms);
+//! `--many-rounds N` the rounds at 200 clients (3). `--max-connections M`
+//! sets the crate server's limit in the many-clients workloads (default:
+//! the number of clients), to see what clients past the limit get.
 //!
-//! W1 to W3 run over `UnixStream::pair()` against an echo handler, with the
-//! default `Config` (packet grace 10 ms, 4 handler threads):
-//!
-//! - W1: a lone `call()` with a 32 B payload, one after another. The raw
-//!   baseline is two threads ping-ponging a length-prefixed 32 B message.
-//! - W2: pipelined 32 B requests with a window of N in flight: submit until N
-//!   are outstanding, then wait for the oldest and submit one more. The raw
-//!   baseline keeps the same window: the submitting thread writes framed
-//!   requests through a `BufWriter` (flushing only before it would wait), an
-//!   echo thread reads them through a `BufReader` and answers through a
-//!   `BufWriter`, and a reader thread takes the replies and opens the window.
-//!   It is the ceiling for a pipeline of three threads with no per-request
-//!   work: framing, batching and nothing else.
-//! - W3: a `call()` echoing 1 MiB. MB/s counts the payload one way (1 MiB per
-//!   round trip, 10^6 bytes to the MB), for both the crate and the raw
-//!   ping-pong of 1 MiB.
-//!
-//! The many-clients workloads (`many:N`) run N TCP clients on loopback
-//! (N = 200 and 1,000) against one server in this process, each client a
-//! thread calling in a closed loop: a sync 32 B echo, the next as soon as
-//! the last returns. The crate serves them with `Server::serve_tcp` (its
-//! `max_connections` raised to N, the default `Config` otherwise), each
-//! client a `PacketConnection::connect_tcp` doing `call()`. The raw
-//! baseline is a thread per connection on each side, with blocking I/O and
-//! `TCP_NODELAY`: a server thread reads a u32-length-prefixed frame and
-//! writes the echo back, a client thread writes a frame and reads the echo.
-//! A run starts once the server serves every client, lasts a 0.5 s warm-up
-//! plus 3 s (1 s with `--many --quick`, or as `--secs` says), and reports:
-//! the calls of those 3 s in req/s, with the p50 and p99 of their
-//! durations (from log buckets, within about 3%); the server's threads (its
-//! accept thread and every thread named after its connections) and all the
-//! process's, counted just before the start; and the process's VmRSS
-//! halfway through and VmHWM at the end. Client threads, and the raw server's, have 64 KiB
-//! stacks: at 1,000 clients the crate's run has 10,000 threads. A client
-//! thread that cannot be spawned, a client that cannot connect, or one
-//! still running 10 s after the end is reported, and its run fails.
-//!
-//! Each round of W1 to W3 runs the raw baseline and then the crate, so
-//! both see the same machine load; the table shows medians over the rounds
-//! and the crate's ratio to the raw figure. W2 is timed in steady state: from
-//! the moment the first window has turned over until the end of the round,
-//! before the window drains.
-//!
-//! The extensions' cost when unused: W1 and W2 (256) between two ends with
-//! the extensions on (the default) and two with them off, round by round
-//! in the same run, and the ratio of on to off.
-//!
-//! Also reported for W1 to W3, per request (client and server together,
-//! since both ends live in this process): context switches, a proxy for
-//! thread hops, read from `/proc/self/task/*/status`; socket writes
-//! (`Stats::writes`); and heap allocations, counted by the global
-//! allocator in an untimed pass.
-//! Peak RSS during W2 at 10,000 in flight is the `VmHWM` of
-//! `/proc/self/status` after resetting it through `/proc/self/clear_refs`.
+//! What each workload and its raw baseline do, how they are timed, and the
+//! figures of the last measured run are in PERFORMANCE.md.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -119,6 +69,9 @@ struct Opts {
     skip_many: bool,
     /// How long each many-clients run is measured, after its warm-up.
     many_secs: Duration,
+    /// Rounds of the 200-clients workload, raw and crate alternately; the
+    /// 1,000-clients workload runs once.
+    many_rounds: usize,
     /// The crate server's `max_connections` in the many-clients workloads.
     /// Default: the number of clients.
     max_connections: Option<usize>,
@@ -132,6 +85,7 @@ fn parse_args() -> Opts {
         many_only: false,
         skip_many: false,
         many_secs: Duration::from_secs(3),
+        many_rounds: 3,
         max_connections: None,
     };
     let mut args = std::env::args().skip(1);
@@ -142,6 +96,7 @@ fn parse_args() -> Opts {
                 opts.round = Duration::from_millis(100);
                 opts.skip_many = true;
                 opts.many_secs = Duration::from_secs(1);
+                opts.many_rounds = 1;
             }
             "--many" => opts.many_only = true,
             "--no-many" => opts.skip_many = true,
@@ -157,6 +112,12 @@ fn parse_args() -> Opts {
                     .next()
                     .and_then(|s| s.parse().ok())
                     .expect("--rounds N")
+            }
+            "--many-rounds" => {
+                opts.many_rounds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--many-rounds N")
             }
             "--round-ms" => {
                 let ms = args
@@ -1779,11 +1740,14 @@ fn run_many(
     })
 }
 
-/// One client count: the raw run, then the crate's.
+/// One client count: the raw runs and the crate's, alternately, and the
+/// median of each.
 struct ManyPair {
     clients: usize,
     raw: Result<ManyRun, String>,
     lib: Result<ManyRun, String>,
+    /// Each round's crate / raw req/s, when there was more than one.
+    round_ratios: Vec<f64>,
 }
 
 fn bench_many(opts: &Opts) -> Vec<ManyPair> {
@@ -1791,14 +1755,55 @@ fn bench_many(opts: &Opts) -> Vec<ManyPair> {
         .iter()
         .map(|&clients| {
             eprint!("many {clients} ");
-            let raw = run_many(true, clients, clients, opts.many_secs);
-            eprint!(".");
+            let rounds = if clients == MANY_CLIENTS[0] {
+                opts.many_rounds.max(1)
+            } else {
+                1
+            };
             let max_connections = opts.max_connections.unwrap_or(clients);
-            let lib = run_many(false, clients, max_connections, opts.many_secs);
-            eprintln!(".");
-            ManyPair { clients, raw, lib }
+            let (mut raws, mut libs) = (Vec::new(), Vec::new());
+            let mut round_ratios = Vec::new();
+            for _ in 0..rounds {
+                let raw = run_many(true, clients, clients, opts.many_secs);
+                eprint!(".");
+                let lib = run_many(false, clients, max_connections, opts.many_secs);
+                eprint!(".");
+                if let (Ok(raw), Ok(lib)) = (&raw, &lib) {
+                    round_ratios.push(lib.rps / raw.rps);
+                }
+                raws.push(raw);
+                libs.push(lib);
+            }
+            eprintln!();
+            if rounds == 1 {
+                round_ratios.clear();
+            }
+            ManyPair {
+                clients,
+                raw: median_run(raws),
+                lib: median_run(libs),
+                round_ratios,
+            }
         })
         .collect()
+}
+
+/// The run with the median req/s, with the median p50 and p99 of all the
+/// rounds; the first failure if any round failed.
+fn median_run(runs: Vec<Result<ManyRun, String>>) -> Result<ManyRun, String> {
+    let mut runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let p50 = median(runs.iter().map(|run| run.p50_us).collect());
+    let p99 = median(runs.iter().map(|run| run.p99_us).collect());
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let mid = runs.len() / 2;
+    let mut run = runs.swap_remove(mid);
+    run.p50_us = p50;
+    run.p99_us = p99;
+    Ok(run)
 }
 
 fn print_table_head() {
@@ -1838,9 +1843,11 @@ fn print_many_rows(many: &[ManyPair]) {
 /// The many-clients table (latency, threads, memory) and the ratio line.
 fn print_many_details(opts: &Opts, many: &[ManyPair]) {
     println!(
-        "Many clients on TCP loopback, each a closed loop of sync 32 B calls, measured for {:.1} s after {:.1} s of warm-up:",
+        "Many clients on TCP loopback, each a closed loop of sync 32 B calls, measured for {:.1} s after {:.1} s of warm-up; {} rounds at {} clients, raw and crate alternately, median req/s, p50 and p99 (threads and memory from the median round):",
         opts.many_secs.as_secs_f64(),
-        MANY_WARMUP.as_secs_f64()
+        MANY_WARMUP.as_secs_f64(),
+        opts.many_rounds.max(1),
+        MANY_CLIENTS[0]
     );
     println!("| clients | system | req/s | p50 | p99 | server threads | threads in all | VmRSS mid-run | VmHWM | connect |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -1894,6 +1901,18 @@ fn print_many_details(opts: &Opts, many: &[ManyPair]) {
         .collect();
     println!();
     println!("Many clients, crate / raw: {}.", ratios.join("; "));
+    for pair in many.iter().filter(|pair| !pair.round_ratios.is_empty()) {
+        let each: Vec<String> = pair
+            .round_ratios
+            .iter()
+            .map(|ratio| format!("{ratio:.2}"))
+            .collect();
+        println!(
+            "Crate / raw req/s in each round at {} clients: {}.",
+            pair.clients,
+            each.join(", ")
+        );
+    }
     for note in notes {
         println!("{note}");
     }
