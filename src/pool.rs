@@ -17,8 +17,10 @@
 //! Idle workers park on a condvar instead of spinning, and a producer wakes
 //! one only when the jobs queued plus the workers busy in a job outnumber the
 //! workers awake: a burst of quick jobs is served by the workers already
-//! awake, and a job never waits behind a long-running one while a worker
-//! sleeps.
+//! awake. A job never waits long behind long-running ones while a worker
+//! sleeps: a worker that parks while another is in a job looks at the queue
+//! again every [`LOOK_AGAIN`], and when none does, a worker that takes a job
+//! with more queued wakes another at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -107,6 +109,10 @@ impl<J: Job> Queue<J> {
 /// woken to help.
 const JOBS_PER_WORKER: usize = 16;
 
+/// How often a worker parked while jobs run looks at the queue: the longest
+/// a job waits behind jobs that block, with a worker free.
+pub(crate) const LOOK_AGAIN: Duration = Duration::from_millis(5);
+
 /// The queue and its workers. See the module doc.
 pub(crate) struct Pool<J> {
     queue: Queue<J>,
@@ -115,6 +121,8 @@ pub(crate) struct Pool<J> {
     n_parked: AtomicUsize,
     /// Workers inside a job.
     n_busy: AtomicUsize,
+    /// Parked workers that look at the queue again every [`LOOK_AGAIN`].
+    n_watching: AtomicUsize,
     closed: AtomicBool,
     parked: Mutex<()>,
     wake: Condvar,
@@ -138,10 +146,13 @@ impl<J: Job> Pool<J> {
                 while let Some(job) = worker.pop() {
                     worker.busy(|| {
                         // Counted busy now: if what is still queued needs
-                        // another worker, wake it, rather than leave it to
-                        // the producer's next wake-up, which may be long in
+                        // another worker and no parked one is watching the
+                        // queue, wake it, rather than leave it to the
+                        // producer's next wake-up, which may be long in
                         // coming if this job is slow.
-                        worker.wake();
+                        if worker.n_watching.load(Ordering::SeqCst) == 0 {
+                            worker.wake();
+                        }
                         job.run()
                     });
                 }
@@ -174,6 +185,7 @@ impl<J: Job> Pool<J> {
             n_workers,
             n_parked: AtomicUsize::new(0),
             n_busy: AtomicUsize::new(0),
+            n_watching: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -227,9 +239,13 @@ impl<J: Job> Pool<J> {
             if n_parked == 0 || n_needed <= n_awake {
                 return;
             }
-            // The woken worker counts as awake from now on.
+            // The woken worker counts as awake from now on. None is woken
+            // if every parked one is between a timed-out wait and taking
+            // the lock back: it counts itself out, and looks at the queue.
+            if !self.wake.notify_one() {
+                return;
+            }
             self.n_parked.fetch_sub(1, Ordering::SeqCst);
-            self.wake.notify_one();
         }
     }
 
@@ -250,8 +266,18 @@ impl<J: Job> Pool<J> {
                 }
                 continue;
             }
-            // Whoever wakes this worker has already taken it off `n_parked`.
-            self.wake.wait(&mut guard);
+            // Whoever wakes this worker takes it off `n_parked`; a worker
+            // whose wait timed out was woken by nobody and does it itself.
+            if self.n_busy.load(Ordering::SeqCst) > 0 {
+                self.n_watching.fetch_add(1, Ordering::SeqCst);
+                let timed_out = self.wake.wait_for(&mut guard, LOOK_AGAIN).timed_out();
+                self.n_watching.fetch_sub(1, Ordering::SeqCst);
+                if timed_out {
+                    self.n_parked.fetch_sub(1, Ordering::SeqCst);
+                }
+            } else {
+                self.wake.wait(&mut guard);
+            }
         }
     }
 
@@ -267,8 +293,8 @@ impl<J: Job> Pool<J> {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         let _guard = self.parked.lock();
-        self.n_parked.store(0, Ordering::SeqCst);
-        self.wake.notify_all();
+        let woken = self.wake.notify_all();
+        self.n_parked.fetch_sub(woken, Ordering::SeqCst);
     }
 }
 
@@ -463,6 +489,43 @@ mod tests {
         assert_eq!(done, [0, 1, 2]);
         pool.close();
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+    }
+
+    #[test]
+    fn a_worker_parked_while_a_job_runs_takes_a_job_queued_with_no_wake() {
+        let threads = Arc::new(ThreadSet::default());
+        let pool = Pool::start("t", 2, 16, Order::Fifo, &threads).unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        wait_until("both workers to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 2
+        });
+        pool.push(TestJob {
+            gate: Some(gate),
+            ..job(0, &done_tx)
+        });
+        pool.wake();
+        wait_until("the blocking job to start", || {
+            pool.n_busy.load(Ordering::SeqCst) == 1
+        });
+        // A quick job wakes the other worker, which then parks while the
+        // first job runs: it watches the queue.
+        pool.push(job(1, &done_tx));
+        pool.wake();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(1));
+        wait_until("the free worker to watch the queue", || {
+            pool.n_watching.load(Ordering::SeqCst) == 1
+        });
+        // Queued with no wake-up at all, as when a producer's wake-up
+        // raced a worker: the watching worker finds it.
+        pool.push(job(2, &done_tx));
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(2));
+        drop(release);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
+        pool.close();
+        assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+        assert!(threads.join_ended().is_none());
+        assert_eq!(pool.n_parked.load(Ordering::SeqCst), 0);
     }
 
     #[test]
