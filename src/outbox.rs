@@ -18,7 +18,7 @@
 //! threads may take the role is in ARCHITECTURE.md ("Who writes").
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,8 +74,6 @@ pub(crate) struct Depths {
     pub(crate) bytes: usize,
     pub(crate) packets: usize,
     pub(crate) replies: usize,
-    /// Bytes of the replies: what this end owes the peer.
-    pub(crate) reply_bytes: usize,
 }
 
 /// The length of a packet's length prefix, for a body of `body_len` bytes.
@@ -139,6 +137,9 @@ struct State {
     writing_packets: usize,
     writing_replies: usize,
     writing_reply_bytes: usize,
+    /// `queued_reply_bytes + writing_reply_bytes`, for readers that take no
+    /// lock: see [`Outbox::reply_bytes`].
+    reply_bytes: Arc<AtomicUsize>,
     /// A thread has the writer role, and the stream with it.
     writing: bool,
     /// The stream, while nobody is writing. `None` once closed.
@@ -159,6 +160,14 @@ struct State {
 }
 
 impl State {
+    /// Publishes the bytes of replies owed, after they changed.
+    fn note_reply_bytes(&self) {
+        self.reply_bytes.store(
+            self.queued_reply_bytes + self.writing_reply_bytes,
+            Ordering::Relaxed,
+        );
+    }
+
     fn unwritten(&self) -> (usize, usize) {
         (
             self.buf.len() + self.large_bytes + self.writing_bytes,
@@ -178,6 +187,7 @@ impl State {
         self.queued_packets = 0;
         self.queued_replies = 0;
         self.queued_reply_bytes = 0;
+        self.note_reply_bytes();
         self.control = None;
         self.stream.take()
     }
@@ -188,6 +198,8 @@ pub(crate) struct Outbox {
     /// The connection's name, for the log.
     name: String,
     state: Mutex<State>,
+    /// The bytes of replies queued or being written (see `State`).
+    reply_bytes: Arc<AtomicUsize>,
     /// Wakes the send loop: bytes queued, an urgent flush, or the end.
     work: Condvar,
     /// Wakes requests waiting for room.
@@ -209,8 +221,10 @@ impl Outbox {
         max_packets: usize,
         stall: Option<Duration>,
     ) -> Outbox {
+        let reply_bytes = Arc::new(AtomicUsize::new(0));
         Outbox {
             name: name.to_string(),
+            reply_bytes: Arc::clone(&reply_bytes),
             state: Mutex::new(State {
                 phase: Phase::Open,
                 buf: Vec::new(),
@@ -229,6 +243,7 @@ impl Outbox {
                 writing_packets: 0,
                 writing_replies: 0,
                 writing_reply_bytes: 0,
+                reply_bytes,
                 writing: false,
                 stream: Some(stream),
                 control,
@@ -253,6 +268,12 @@ impl Outbox {
 
     /// What is queued and not yet written: bytes, packets, and the replies
     /// among the packets.
+    /// The bytes of replies queued or being written, without taking the
+    /// queue's lock: for the admission of each request from the peer.
+    pub(crate) fn reply_bytes(&self) -> usize {
+        self.reply_bytes.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn depths(&self) -> Depths {
         let st = self.state.lock();
         let (bytes, packets) = st.unwritten();
@@ -260,7 +281,6 @@ impl Outbox {
             bytes,
             packets,
             replies: st.queued_replies + st.writing_replies,
-            reply_bytes: st.queued_reply_bytes + st.writing_reply_bytes,
         }
     }
 
@@ -424,6 +444,7 @@ impl Outbox {
         st.queued_packets += 1;
         st.queued_replies += 1;
         st.queued_reply_bytes += head.packet_len(payload.len());
+        st.note_reply_bytes();
         st.queued_total += head.packet_len(payload.len()) as u64;
         if payload.len() >= LARGE_PAYLOAD {
             let at = st.buf.len();
@@ -622,6 +643,7 @@ impl Outbox {
             st.writing_packets = 0;
             st.writing_replies = 0;
             st.writing_reply_bytes = 0;
+            st.note_reply_bytes();
             large.clear();
             st.spare_large = large;
             batch.clear();
@@ -819,6 +841,7 @@ fn drop_requests(name: &str, st: &mut State) {
     st.queued_packets = n_packets;
     st.queued_replies = n_replies;
     st.queued_reply_bytes = reply_bytes;
+    st.note_reply_bytes();
     st.large_bytes = large_bytes;
 }
 

@@ -57,7 +57,10 @@ impl Read for Watched {
         loop {
             match self.stream.read(buf) {
                 Ok(n) => {
-                    self.last_read = Instant::now();
+                    // The clock is read only if a timeout will look at it.
+                    if self.timeouts.is_some() {
+                        self.last_read = Instant::now();
+                    }
                     return Ok(n);
                 }
                 Err(e) if self.timeouts.is_some() && timed_out(&e) => {
@@ -210,8 +213,9 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
         Next::Skipped => return Ok(Some(false)),
         Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
     };
-    if channel != CONTROL_CHANNEL {
-        r.get_mut().last_packet = Instant::now();
+    let watched = r.get_mut();
+    if channel != CONTROL_CHANNEL && watched.timeouts.is_some_and(|t| t.idle.is_some()) {
+        watched.last_packet = Instant::now();
     }
     match kind {
         PacketKind::Control { flags } => {

@@ -311,6 +311,8 @@ pub(crate) struct Shared {
     reply_cap: usize,
     /// Extensions are on at this end.
     extensions: bool,
+    /// `life.aborted`, for the handlers to read without the lock.
+    aborted: AtomicBool,
     /// This end's hello, until its answer is read.
     hello: Mutex<Option<Arc<Cell>>>,
     /// What the peer can do, once its hello or its answer to ours is
@@ -494,6 +496,7 @@ impl Shared {
             reply_budget: config.max_queued_bytes,
             reply_cap: reply_cap(config.max_queued_bytes),
             extensions: config.extensions,
+            aborted: AtomicBool::new(false),
             hello: Mutex::new(None),
             peer_caps: OnceLock::new(),
             low_water: config.low_water(),
@@ -666,7 +669,7 @@ impl Shared {
             .recv
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        let owed = self.outbox.depths().reply_bytes;
+        let owed = self.outbox.reply_bytes();
         let (deadline, admitted) = {
             let mut inbound = self.inbound.lock();
             // Taken even if the request is refused, so that it is not left
@@ -977,7 +980,7 @@ impl Shared {
             // have reached it since, this one is refused for load now,
             // without running: what a peer that does not read can make this
             // end hold stays bounded, and nothing waits for the peer.
-            let owed = self.outbox.depths().reply_bytes;
+            let owed = self.outbox.reply_bytes();
             if owed >= self.reply_budget {
                 self.answering(channel, tag);
                 self.refuse_busy(channel, tag, owed);
@@ -1000,7 +1003,7 @@ impl Shared {
         // A request that has arrived is served, even if its reply can no
         // longer be sent (the peer may only have wanted it done); after this
         // end's abort, nothing more runs.
-        let aborted = self.life.lock().aborted;
+        let aborted = self.aborted.load(Ordering::SeqCst);
         let outcome = match (&self.handler, aborted) {
             (Some(handler), false) => Some(run_handler(&self.name, handler, rq)),
             _ => None,
@@ -1195,6 +1198,7 @@ impl Shared {
                 return;
             }
             life.aborted = true;
+            self.aborted.store(true, Ordering::SeqCst);
         }
         self.inbound.lock().closing = true;
         let written_to = self.outbox.abort();
