@@ -36,11 +36,29 @@ pub(crate) fn parse(src: &[u8]) -> Result<Option<(u128, usize)>> {
 /// Writes `value` as a BSUInt at the front of `out`, which must have room
 /// for it (19 bytes for any `u128`), and returns its length.
 pub(crate) fn put(value: u128, out: &mut [u8]) -> usize {
-    let n = len(value);
-    let mut rest = value;
-    for idx in (0..n).rev() {
-        let group = (rest & 0x7f) as u8;
-        out[idx] = if idx + 1 < n { group | 0x80 } else { group };
+    // Nearly every value is small: a 64-bit path, and a one-byte one, since
+    // a packet head is written for every packet sent.
+    match u64::try_from(value) {
+        Ok(small) if small < 0x80 => {
+            out[0] = small as u8;
+            1
+        }
+        Ok(small) => put_groups(small, len(value), out),
+        Err(_) => put_groups(value, len(value), out),
+    }
+}
+
+/// Writes the `n` groups of 7 bits of `value`, most significant first.
+fn put_groups<T>(mut rest: T, n: usize, out: &mut [u8]) -> usize
+where
+    T: Copy + std::ops::ShrAssign<u32> + std::ops::BitAnd<Output = T> + From<u8> + TryInto<u8>,
+{
+    let out = &mut out[..n];
+    let mut continued = 0;
+    for byte in out.iter_mut().rev() {
+        let group: u8 = (rest & T::from(0x7f)).try_into().unwrap_or(0);
+        *byte = group | continued;
+        continued = 0x80;
         rest >>= 7;
     }
     n
