@@ -1105,7 +1105,12 @@ impl Shared {
 
     /// Whether the receive thread has bytes it has not parsed yet.
     pub(crate) fn more_incoming(&self, more: bool) {
-        self.more_incoming.store(more, Ordering::SeqCst);
+        // Stored only when it changes: the handlers read it after every
+        // request, and a store for every packet would take its cache line
+        // from them each time.
+        if self.more_incoming.load(Ordering::SeqCst) != more {
+            self.more_incoming.store(more, Ordering::SeqCst);
+        }
     }
 
     /// Writes the queue on this thread if nobody else is writing. Blocks
