@@ -18,7 +18,7 @@
 //! threads may take the role is in ARCHITECTURE.md ("Who writes").
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,9 +137,12 @@ struct State {
     writing_packets: usize,
     writing_replies: usize,
     writing_reply_bytes: usize,
-    /// `queued_reply_bytes + writing_reply_bytes`, for readers that take no
-    /// lock: see [`Outbox::reply_bytes`].
-    reply_bytes: Arc<AtomicUsize>,
+    /// Whether `queued_reply_bytes + writing_reply_bytes` has reached
+    /// `reply_budget`, for readers that take no lock: see
+    /// [`Outbox::at_reply_budget`]. Stored only when it changes, so that its
+    /// cache line stays with its readers.
+    at_reply_budget: Arc<AtomicBool>,
+    reply_budget: usize,
     /// A thread has the writer role, and the stream with it.
     writing: bool,
     /// The stream, while nobody is writing. `None` once closed.
@@ -160,12 +163,17 @@ struct State {
 }
 
 impl State {
-    /// Publishes the bytes of replies owed, after they changed.
+    /// Publishes whether the replies owed are at their budget, after they
+    /// changed.
     fn note_reply_bytes(&self) {
-        self.reply_bytes.store(
-            self.queued_reply_bytes + self.writing_reply_bytes,
-            Ordering::Relaxed,
-        );
+        let at = self.reply_bytes() >= self.reply_budget;
+        if self.at_reply_budget.load(Ordering::Relaxed) != at {
+            self.at_reply_budget.store(at, Ordering::Relaxed);
+        }
+    }
+
+    fn reply_bytes(&self) -> usize {
+        self.queued_reply_bytes + self.writing_reply_bytes
     }
 
     fn unwritten(&self) -> (usize, usize) {
@@ -198,8 +206,9 @@ pub(crate) struct Outbox {
     /// The connection's name, for the log.
     name: String,
     state: Mutex<State>,
-    /// The bytes of replies queued or being written (see `State`).
-    reply_bytes: Arc<AtomicUsize>,
+    /// Whether the replies queued or being written are at their budget
+    /// (see `State`).
+    at_reply_budget: Arc<AtomicBool>,
     /// Wakes the send loop: bytes queued, an urgent flush, or the end.
     work: Condvar,
     /// Wakes requests waiting for room.
@@ -221,10 +230,10 @@ impl Outbox {
         max_packets: usize,
         stall: Option<Duration>,
     ) -> Outbox {
-        let reply_bytes = Arc::new(AtomicUsize::new(0));
+        let at_reply_budget = Arc::new(AtomicBool::new(false));
         Outbox {
             name: name.to_string(),
-            reply_bytes: Arc::clone(&reply_bytes),
+            at_reply_budget: Arc::clone(&at_reply_budget),
             state: Mutex::new(State {
                 phase: Phase::Open,
                 buf: Vec::new(),
@@ -243,7 +252,8 @@ impl Outbox {
                 writing_packets: 0,
                 writing_replies: 0,
                 writing_reply_bytes: 0,
-                reply_bytes,
+                at_reply_budget,
+                reply_budget: max_bytes,
                 writing: false,
                 stream: Some(stream),
                 control,
@@ -268,10 +278,16 @@ impl Outbox {
 
     /// What is queued and not yet written: bytes, packets, and the replies
     /// among the packets.
-    /// The bytes of replies queued or being written, without taking the
-    /// queue's lock: for the admission of each request from the peer.
+    /// Whether the bytes of replies queued or being written have reached
+    /// the budget (`max_bytes`), without taking the queue's lock: for the
+    /// admission of each request from the peer.
+    pub(crate) fn at_reply_budget(&self) -> bool {
+        self.at_reply_budget.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of replies queued or being written.
     pub(crate) fn reply_bytes(&self) -> usize {
-        self.reply_bytes.load(Ordering::Relaxed)
+        self.state.lock().reply_bytes()
     }
 
     pub(crate) fn depths(&self) -> Depths {

@@ -24,7 +24,7 @@ use crate::pending::{Cell, Completion, PendingTable, TagSet};
 use crate::pool::{self, Pool, Quota};
 use crate::reply::Response;
 use crate::server::BUSY_FLAGS;
-use crate::stats::{Counters, Depths, Stats};
+use crate::stats::{Counters, Depths, Padded, Stats};
 
 /// A hook run at most once.
 pub(crate) type Hook = Box<dyn FnOnce() + Send>;
@@ -37,9 +37,6 @@ pub(crate) struct Inbound {
     cancelled: TagSet,
     /// The peer's deadlines for requests still to come (extensions).
     early_deadlines: EarlyDeadlines,
-    /// Requests answered, their tags free again, whose replies are being
-    /// queued: EOF waits for them too.
-    replying: usize,
     /// The peer sent ERQ: it will send no more requests.
     peer_ended_requests: bool,
     /// This end is closing: EOF goes out once `in_progress` is empty.
@@ -50,17 +47,51 @@ pub(crate) struct Inbound {
 /// [`Request`]s so that they can see the peer's cancels.
 #[derive(Default)]
 pub(crate) struct Inbox {
-    state: Mutex<Inbound>,
+    /// On cache lines of its own, apart from the count of the `Arc` that
+    /// holds the `Inbox`, which every request served changes.
+    state: Padded<Mutex<Inbound>>,
     /// Notified when the peer cancels a request.
     cancel: Condvar,
+    /// Read for every request and seldom written: on cache lines apart
+    /// from the lock's, which every request writes.
+    seldom: Padded<Seldom>,
+    /// Requests answered, their tags free again, whose replies are being
+    /// queued: EOF waits for them too. Raised under the lock, as the
+    /// request leaves `in_progress`; lowered without it, once the reply is
+    /// queued.
+    replying: Padded<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Seldom {
     /// How many requests in progress the peer has cancelled: most of the
     /// time none, and then asking takes no lock.
     n_cancelled: AtomicUsize,
+    /// `Inbound::closing`, for a handler to read without the lock.
+    closing: AtomicBool,
 }
 
 impl Inbox {
     fn lock(&self) -> MutexGuard<'_, Inbound> {
         self.state.lock()
+    }
+
+    /// No request of the peer's is in progress, nor a reply to one being
+    /// queued.
+    fn is_idle(&self, inbound: &Inbound) -> bool {
+        inbound.in_progress.is_empty() && self.replying.load(Ordering::SeqCst) == 0
+    }
+
+    /// The peer's requests taken in and not yet answered on the wire.
+    fn in_flight(&self, inbound: &Inbound) -> usize {
+        inbound.in_progress.len() + self.replying.load(Ordering::SeqCst)
+    }
+
+    /// This end is closing: no more requests are taken in, and EOF goes out
+    /// once the end is idle.
+    fn close(&self, inbound: &mut Inbound) {
+        inbound.closing = true;
+        self.seldom.closing.store(true, Ordering::SeqCst);
     }
 
     /// The peer cancels its request `(channel, tag)`. Only a request in
@@ -70,7 +101,7 @@ impl Inbox {
         let mut inbound = self.lock();
         let found = inbound.in_progress.contains(&(channel, tag));
         if found && inbound.cancelled.insert((channel, tag)) {
-            self.n_cancelled.fetch_add(1, Ordering::Release);
+            self.seldom.n_cancelled.fetch_add(1, Ordering::Release);
             self.cancel.notify_all();
         }
         found
@@ -81,13 +112,13 @@ impl Inbox {
     fn answered(&self, inbound: &mut Inbound, channel: u64, tag: u64) {
         inbound.in_progress.remove(&(channel, tag));
         if !inbound.cancelled.is_empty() && inbound.cancelled.remove(&(channel, tag)) {
-            self.n_cancelled.fetch_sub(1, Ordering::Release);
+            self.seldom.n_cancelled.fetch_sub(1, Ordering::Release);
         }
     }
 
     /// True if the peer has cancelled `(channel, tag)`.
     pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
-        self.n_cancelled.load(Ordering::Acquire) != 0
+        self.seldom.n_cancelled.load(Ordering::Acquire) != 0
             && self.lock().cancelled.contains(&(channel, tag))
     }
 
@@ -113,26 +144,14 @@ enum Refusal {
 
 impl Inbound {
     /// Takes in the peer's request `(channel, tag)`, or says why not. With
-    /// `queued` bytes already queued for the peer, at `budget` the request
-    /// is refused as busy, unless none is in progress.
-    /// No request of the peer's is in progress, nor a reply to one being
-    /// queued.
-    fn is_idle(&self) -> bool {
-        self.in_progress.is_empty() && self.replying == 0
-    }
-
-    /// The peer's requests taken in and not yet answered on the wire.
-    fn in_flight(&self) -> usize {
-        self.in_progress.len() + self.replying
-    }
-
+    /// the replies owed to the peer `at_budget`, the request is refused as
+    /// busy, unless none is in progress.
     fn admit(
         &mut self,
         has_handler: bool,
         channel: u64,
         tag: u64,
-        queued: usize,
-        budget: usize,
+        at_budget: bool,
     ) -> Result<(), Refusal> {
         let denied = |reason: String| Err(Refusal::Denied(reason));
         if !has_handler {
@@ -143,7 +162,7 @@ impl Inbound {
             denied("connection is closing".to_string())
         } else if self.in_progress.contains(&(channel, tag)) {
             denied(format!("channel {channel}: tag already in use: {tag}"))
-        } else if queued >= budget && !self.in_progress.is_empty() {
+        } else if at_budget && !self.in_progress.is_empty() {
             Err(Refusal::Busy)
         } else {
             self.in_progress.insert((channel, tag));
@@ -274,12 +293,14 @@ thread_local! {
 pub(crate) struct Job {
     shared: Arc<Shared>,
     rq: Request,
+    /// The deadline the peer gave the request, if any.
+    deadline: Option<Instant>,
 }
 
 impl pool::Job for Job {
     fn run(self) {
         self.shared.quota.release(self.rq.payload.len());
-        self.shared.serve(self.rq, false);
+        self.shared.serve(self.rq, self.deadline, false);
     }
 
     /// A server's connections take turns.
@@ -304,9 +325,6 @@ pub(crate) struct Shared {
     quota: Quota,
     /// The low-water mark of the outgoing queue.
     pub(crate) low_water: usize,
-    /// The bytes of replies queued for the peer at which requests are
-    /// refused as busy, not run.
-    reply_budget: usize,
     /// The bytes of replies owed past which the peer is cut off.
     reply_cap: usize,
     /// Extensions are on at this end.
@@ -493,7 +511,6 @@ impl Shared {
             pool,
             owns_pool,
             quota: Quota::new(config.handler_queue, config.max_queued_bytes),
-            reply_budget: config.max_queued_bytes,
             reply_cap: reply_cap(config.max_queued_bytes),
             extensions: config.extensions,
             aborted: AtomicBool::new(false),
@@ -660,7 +677,7 @@ impl Shared {
     }
 
     /// Hands a request from the peer to the handler pool, or refuses it.
-    pub(crate) fn receive_request(self: &Arc<Self>, mut rq: Request) {
+    pub(crate) fn receive_request(self: &Arc<Self>, rq: Request) {
         let (channel, tag) = (rq.channel, rq.tag);
         if channel == CONTROL_CHANNEL {
             return self.control(rq);
@@ -669,19 +686,13 @@ impl Shared {
             .recv
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
-        let owed = self.outbox.reply_bytes();
+        let at_budget = self.outbox.at_reply_budget();
         let (deadline, admitted) = {
             let mut inbound = self.inbound.lock();
             // Taken even if the request is refused, so that it is not left
             // over.
             let deadline = inbound.early_deadlines.take(channel, tag);
-            let admitted = inbound.admit(
-                self.handler.is_some(),
-                channel,
-                tag,
-                owed,
-                self.reply_budget,
-            );
+            let admitted = inbound.admit(self.handler.is_some(), channel, tag, at_budget);
             (deadline, admitted)
         };
         match admitted {
@@ -690,13 +701,7 @@ impl Shared {
                 log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
                 return self.refuse(channel, tag, reason, 0);
             }
-            Err(Refusal::Busy) => return self.refuse_busy(channel, tag, owed),
-        }
-        if self.extensions {
-            rq.ctx = Some(RequestCtx {
-                inbox: Arc::clone(&self.inbound),
-                deadline,
-            });
+            Err(Refusal::Busy) => return self.refuse_busy(channel, tag),
         }
         match &self.pool {
             Some(pool) => {
@@ -710,10 +715,11 @@ impl Shared {
                 pool.push(Job {
                     shared: Arc::clone(self),
                     rq,
+                    deadline,
                 });
             }
             // An inline handler, on this thread.
-            None => self.serve(rq, true),
+            None => self.serve(rq, deadline, true),
         }
     }
 
@@ -949,7 +955,8 @@ impl Shared {
 
     /// Refuses the peer's request `(channel, tag)` for load, without running
     /// it: `owed` bytes of replies wait for the peer to read them.
-    fn refuse_busy(&self, channel: u64, tag: u64, owed: usize) {
+    fn refuse_busy(&self, channel: u64, tag: u64) {
+        let owed = self.outbox.reply_bytes();
         self.stats
             .recv
             .busy_refusals
@@ -973,17 +980,25 @@ impl Shared {
 
     /// Runs the handler on a request taken in by `receive_request`: on a worker, or
     /// on the thread that reads (`reading`) for an inline handler.
-    fn serve(&self, rq: Request, reading: bool) {
+    fn serve(&self, mut rq: Request, deadline: Option<Instant>, reading: bool) {
         let (channel, tag) = (rq.channel, rq.tag);
+        // The link to the peer's cancels is made here, on the thread that
+        // serves the request, which also drops it: its count is not moved
+        // between the receive thread's core and the handlers'.
+        if self.extensions {
+            rq.ctx = Some(RequestCtx {
+                inbox: Arc::clone(&self.inbound),
+                deadline,
+            });
+        }
         if !reading {
             // Taken in while the replies owed were under budget; if they
             // have reached it since, this one is refused for load now,
             // without running: what a peer that does not read can make this
             // end hold stays bounded, and nothing waits for the peer.
-            let owed = self.outbox.reply_bytes();
-            if owed >= self.reply_budget {
+            if self.outbox.at_reply_budget() {
                 self.answering(channel, tag);
-                self.refuse_busy(channel, tag, owed);
+                self.refuse_busy(channel, tag);
                 return self.finish_request(false);
             }
         }
@@ -1022,7 +1037,7 @@ impl Shared {
     fn answering(&self, channel: u64, tag: u64) {
         let mut inbound = self.inbound.lock();
         self.inbound.answered(&mut inbound, channel, tag);
-        inbound.replying += 1;
+        self.inbound.replying.fetch_add(1, Ordering::SeqCst);
     }
 
     /// A reply to one of the peer's requests is queued. If it was
@@ -1032,13 +1047,18 @@ impl Shared {
     /// waiting. The thread that reads (`reading`) never blocks in that
     /// write.
     fn finish_request(&self, reading: bool) {
-        let (idle, closing) = {
-            let mut inbound = self.inbound.lock();
-            inbound.replying -= 1;
-            (inbound.is_idle(), inbound.closing)
+        // The lock is taken only for the last reply owed once closing. Both
+        // this and `close_inbound` write one flag (`replying` here,
+        // `closing` there) before they read the other, all SeqCst, so at
+        // least one of them sees both and, if nothing is in progress,
+        // queues EOF (queuing it twice is harmless).
+        let last = self.inbound.replying.fetch_sub(1, Ordering::SeqCst) == 1;
+        let eof_due = last && self.inbound.seldom.closing.load(Ordering::SeqCst) && {
+            let inbound = self.inbound.lock();
+            self.inbound.is_idle(&inbound)
         };
         let jobs_queued = self.quota.queued() > 0;
-        if idle && closing {
+        if eof_due {
             self.outbox.push_eof(&self.stats);
         } else if jobs_queued || self.more_incoming.load(Ordering::SeqCst) {
             // More replies are about to follow: `before_read` or the grace
@@ -1183,8 +1203,8 @@ impl Shared {
     fn close_inbound(&self) {
         let idle = {
             let mut inbound = self.inbound.lock();
-            inbound.closing = true;
-            inbound.is_idle()
+            self.inbound.close(&mut inbound);
+            self.inbound.is_idle(&inbound)
         };
         // The peer's EOF is to be read promptly now.
         self.recall_reader();
@@ -1205,7 +1225,10 @@ impl Shared {
             life.aborted = true;
             self.aborted.store(true, Ordering::SeqCst);
         }
-        self.inbound.lock().closing = true;
+        {
+            let mut inbound = self.inbound.lock();
+            self.inbound.close(&mut inbound);
+        }
         let written_to = self.outbox.abort();
         let n_failed = self.table.fail_all(Disconnect::Local, written_to);
         self.close_pool();
@@ -1315,7 +1338,10 @@ impl Shared {
     /// caller reading, or at once when recalled; or, if a caller read the
     /// end of the stream, that end, for this thread to act on.
     pub(crate) fn lend_reader(&self, source: Box<dyn PacketSource>) -> Returned {
-        if !self.may_lend || self.table.len() > 0 || self.inbound.lock().closing {
+        if !self.may_lend
+            || self.table.len() > 0
+            || self.inbound.seldom.closing.load(Ordering::SeqCst)
+        {
             return Returned::Reader(source);
         }
         let mut lending = self.lending.lock();
@@ -1451,7 +1477,7 @@ impl Shared {
 
     /// True if no request is pending either way.
     pub(crate) fn is_idle(&self) -> bool {
-        self.table.len() == 0 && self.inbound.lock().is_idle()
+        self.table.len() == 0 && self.inbound.is_idle(&self.inbound.lock())
     }
 
     /// A snapshot of the counters and the queue depths.
@@ -1459,7 +1485,7 @@ impl Shared {
         let depths = self.outbox.depths();
         self.stats.snapshot(Depths {
             pending: self.table.len() as u64,
-            in_progress: self.inbound.lock().in_flight() as u64,
+            in_progress: self.inbound.in_flight(&self.inbound.lock()) as u64,
             requests_waiting: self.quota.queued() as u64,
             queued_bytes: depths.bytes as u64,
             queued_packets: depths.packets as u64,
@@ -1476,7 +1502,7 @@ mod tests {
     fn cancels_only_requests_in_progress() {
         let inbox = Inbox::default();
         assert!(!inbox.cancel(0, 9), "never arrived");
-        assert_eq!(inbox.lock().admit(true, 0, 9, 0, 10), Ok(()));
+        assert_eq!(inbox.lock().admit(true, 0, 9, false), Ok(()));
         assert!(!inbox.is_cancelled(0, 9));
         assert!(inbox.cancel(0, 9));
         assert!(inbox.cancel(0, 9), "a second cancel is harmless");
@@ -1487,7 +1513,7 @@ mod tests {
             inbox.answered(&mut inbound, 0, 9);
         }
         assert!(!inbox.is_cancelled(0, 9));
-        assert_eq!(inbox.n_cancelled.load(Ordering::Relaxed), 0);
+        assert_eq!(inbox.seldom.n_cancelled.load(Ordering::Relaxed), 0);
         // Answered: a wait runs to its deadline and says not cancelled.
         let deadline = Instant::now() + Duration::from_millis(20);
         assert!(!inbox.wait_cancelled(0, 9, Some(deadline)));
@@ -1499,7 +1525,7 @@ mod tests {
     #[test]
     fn a_cancel_wakes_a_waiting_handler() {
         let inbox = Arc::new(Inbox::default());
-        assert_eq!(inbox.lock().admit(true, 0, 4, 0, 10), Ok(()));
+        assert_eq!(inbox.lock().admit(true, 0, 4, false), Ok(()));
         let waiter = {
             let inbox = Arc::clone(&inbox);
             std::thread::spawn(move || {
@@ -1517,27 +1543,26 @@ mod tests {
     #[test]
     fn admission_refuses_for_each_reason_and_names_it() {
         let mut inbound = Inbound::default();
-        let free = 0;
         let denied = |reason: &str| Err(Refusal::Denied(reason.to_string()));
         assert_eq!(
-            inbound.admit(false, 0, 2, free, 10),
+            inbound.admit(false, 0, 2, false),
             denied("no request handler")
         );
-        assert_eq!(inbound.admit(true, 0, 2, free, 10), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 2, false), Ok(()));
         assert_eq!(
-            inbound.admit(true, 0, 2, free, 10),
+            inbound.admit(true, 0, 2, false),
             denied("channel 0: tag already in use: 2")
         );
         // The same tag on another channel is another request.
-        assert_eq!(inbound.admit(true, 5, 2, free, 10), Ok(()));
+        assert_eq!(inbound.admit(true, 5, 2, false), Ok(()));
         inbound.closing = true;
         assert_eq!(
-            inbound.admit(true, 0, 3, free, 10),
+            inbound.admit(true, 0, 3, false),
             denied("connection is closing")
         );
         inbound.peer_ended_requests = true;
         assert_eq!(
-            inbound.admit(true, 0, 3, free, 10),
+            inbound.admit(true, 0, 3, false),
             denied("requests no longer allowed")
         );
         assert_eq!(inbound.in_progress.len(), 2);
@@ -1546,11 +1571,11 @@ mod tests {
     #[test]
     fn admission_sheds_load_at_the_reply_budget_but_never_starves() {
         let mut inbound = Inbound::default();
-        assert_eq!(inbound.admit(true, 0, 2, 9, 10), Ok(()));
-        assert_eq!(inbound.admit(true, 0, 3, 10, 10), Err(Refusal::Busy));
+        assert_eq!(inbound.admit(true, 0, 2, false), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 3, true), Err(Refusal::Busy));
         assert_eq!(inbound.in_progress.len(), 1);
         // With nothing in progress, one request is always let in.
         let mut inbound = Inbound::default();
-        assert_eq!(inbound.admit(true, 0, 2, 1000, 10), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 2, true), Ok(()));
     }
 }
