@@ -264,7 +264,14 @@ proptest! {
         let res = pending.wait_timeout(patience);
         prop_assert!(!matches!(res, Err(Error::Timeout { .. })), "{res:?}");
         if let Err(e) = &res {
-            prop_assert!(e.is_disconnect() || e.failure_reason().is_some() || matches!(e, Error::TooLarge { .. }), "{e:?}");
+            // Answered by the stream: not ok, or too large for the limit;
+            // or failed with the connection.
+            prop_assert!(
+                e.is_disconnect()
+                    || e.failure_reason().is_some()
+                    || matches!(e, Error::TooLarge { .. } | Error::ResponseTooLarge { .. }),
+                "{e:?}"
+            );
         }
         let res = conn.close_timeout(patience);
         prop_assert!(!matches!(res, Err(Error::Timeout { .. })), "{res:?}");
