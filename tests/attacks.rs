@@ -1468,3 +1468,65 @@ fn a_busy_refusal_decided_before_the_close_is_sent_before_eof() {
          (replies to {replied:?})"
     );
 }
+
+/// A client the server has accepted while the stop begins (its connection
+/// still starting, here held in the `Config` factory) is ended in order,
+/// ERQ then EOF, like every other: not cut off as if the server had
+/// crashed, with its requests lost without a word.
+#[test]
+fn a_client_accepted_as_the_stop_begins_is_ended_in_order() {
+    let gate = common::Gate::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::per_client("starting", {
+            let gate = gate.clone();
+            move |info| {
+                if info.id == 1 {
+                    gate.pass();
+                }
+                Config::default().handler(echo)
+            }
+        }),
+    )
+    .unwrap();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    client.set_write_timeout(Some(LIMIT)).unwrap();
+    client
+        .write_all(&wire(&common::request(1, ECHO, 0, b"x")))
+        .unwrap();
+    gate.wait_entered(1, LIMIT);
+    let stop = thread::spawn(move || server.stop_timeout(LIMIT));
+    // The stop begins while the client's connection is starting.
+    thread::sleep(ms(50));
+    gate.open();
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut sent_eof = false;
+    loop {
+        let n = match client.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) => panic!("the client's stream broke: {e} after {bytes:?}"),
+        };
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        if !sent_eof && decode_all(&bytes).0.iter().any(Packet::is_eof) {
+            client.write_all(&wire(&Packet::eof())).unwrap();
+            sent_eof = true;
+        }
+    }
+    let (packets, partial) = decode_all(&bytes);
+    assert_eq!(partial, 0);
+    assert_eq!(
+        packets.last(),
+        Some(&Packet::eof()),
+        "the stream ended without EOF: {packets:?}"
+    );
+    assert!(packets.contains(&Packet::erq()), "{packets:?}");
+    let stopped = within_or("the stop", LIMIT, move || stop.join().unwrap(), || {});
+    assert!(stopped.is_ok(), "{stopped:?}");
+}

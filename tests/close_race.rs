@@ -280,3 +280,155 @@ fn eof_follows_every_reply_owed_whatever_races_the_close() {
         failures.len()
     );
 }
+
+/// `Server::stop` racing the handlers of many raw clients on the shared
+/// pool: on each client's wire, EOF is last and follows the reply to every
+/// request a handler ran for it.
+#[test]
+fn server_stop_sends_eof_after_every_reply_owed_to_each_client() {
+    use packetstream::{Server, ServerConfig};
+    use std::net::{TcpListener, TcpStream};
+    let seed0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    report(format!("server stop race: first seed {seed0:#x}"));
+    for round in 0..15u64 {
+        let seed = seed0.wrapping_add(round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng(seed | 1);
+        let n_clients = 2 + rng.below(10) as usize;
+        let threads = 1 + rng.below(6) as usize;
+        let ran: Arc<Mutex<HashSet<(u8, u64)>>> = Arc::default();
+        let handler = {
+            let ran = Arc::clone(&ran);
+            move |rq: Request| {
+                let spin = rq.tag % 5;
+                if spin > 0 {
+                    thread::sleep(Duration::from_micros(spin * 50));
+                }
+                ran.lock().unwrap().insert((rq.payload[0], rq.tag));
+                Ok(Reply {
+                    flags: 0,
+                    payload: rq.payload,
+                })
+            }
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::serve_tcp(
+            listener,
+            ServerConfig::new(
+                Config::default()
+                    .name(format!("ss{round}"))
+                    .handler(handler),
+            )
+            .handler_threads(threads),
+        )
+        .unwrap();
+        let n_requests = 20 + rng.below(200);
+        let clients: Vec<_> = (0..n_clients)
+            .map(|k| {
+                let stream = TcpStream::connect(addr).unwrap();
+                stream.set_read_timeout(Some(LIMIT)).unwrap();
+                stream.set_write_timeout(Some(LIMIT)).unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let send = thread::spawn(move || {
+                    let mut sent = 0;
+                    for tag in 0..n_requests {
+                        let mut bytes = Vec::new();
+                        request(tag, 1, 0, &[k as u8]).encode_into(&mut bytes);
+                        if writer.write_all(&bytes).is_err() {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    sent
+                });
+                let read = thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = Vec::new();
+                    let mut packets = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        use std::io::Read;
+                        let n = match stream.read(&mut chunk) {
+                            Ok(n) => n,
+                            Err(e) => return Err(format!("read: {e}")),
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let (got, rest) = common::decode_all(&buf);
+                        let used = buf.len() - rest;
+                        buf.drain(..used);
+                        let eof = got.iter().any(|p| p.is_eof());
+                        packets.extend(got);
+                        if eof {
+                            // Our EOF, for the server's close to end; then
+                            // read whatever else comes, to the end.
+                            let mut b = Vec::new();
+                            Packet::eof().encode_into(&mut b);
+                            let _ = stream.write_all(&b);
+                        }
+                    }
+                    Ok(packets)
+                });
+                (k as u8, send, read)
+            })
+            .collect();
+        // Every client taken in: one still in the listener's backlog when
+        // the stop begins is never served, and gets no packet at all.
+        common::wait_for("every client accepted", LIMIT, || {
+            server.accepted() == n_clients as u64
+        });
+        thread::sleep(Duration::from_micros(rng.below(3000)));
+        let stop = thread::spawn(move || server.stop_timeout(LIMIT));
+        let stopped = stop.join().unwrap();
+        assert!(stopped.is_ok(), "seed {seed:#x}: {stopped:?}");
+        let ran = ran.lock().unwrap().clone();
+        for (k, send, read) in clients {
+            let _sent = send.join().unwrap();
+            let packets = read
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("seed {seed:#x}: {e}"));
+            let eof_at = packets
+                .iter()
+                .position(Packet::is_eof)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "seed {seed:#x}: client {k} of {n_clients}: no EOF in {} packets, the last {:?}",
+                        packets.len(),
+                        &packets[packets.len().saturating_sub(3)..]
+                    )
+                });
+            assert_eq!(
+                eof_at,
+                packets.len() - 1,
+                "seed {seed:#x}: client {k}: packets after EOF: {:?}",
+                &packets[eof_at..]
+            );
+            let mut answered = HashSet::new();
+            for p in &packets {
+                if let PacketKind::Response { .. } = p.kind {
+                    if p.channel == 0 {
+                        assert!(
+                            answered.insert(p.tag),
+                            "seed {seed:#x}: client {k}: two replies to {}",
+                            p.tag
+                        );
+                    }
+                }
+            }
+            for &(client, tag) in &ran {
+                if client == k {
+                    assert!(
+                        answered.contains(&tag),
+                        "seed {seed:#x}: client {k}: request {tag} ran, no reply before EOF"
+                    );
+                }
+            }
+        }
+    }
+}
