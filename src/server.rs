@@ -908,24 +908,24 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     let client = Client { info, conn };
     let ended_early = state.ended_early.remove(&id);
     let stopping = state.stopping;
-    if ended_early.is_some() || stopping {
+    if ended_early.is_some() {
         state.ended.push(Arc::clone(&client.conn));
     } else {
+        // Live from the same lock hold that counts it out of `starting`:
+        // a stop waits for it, and keeps the handler threads until it ends.
         state.live.insert(id, client.clone());
         state.announcing.insert(id);
     }
     drop(state);
     log::debug!("{conn_name}: accepted");
     if stopping {
-        // The stop began while this one was starting, and may already have
-        // let the handler threads go.
-        client.conn.abort();
+        // The stop began while this one was starting, after it began the
+        // close of the others: this one ends in order too, ERQ then EOF.
+        client.conn.begin_close();
     }
     // Every client accepted is reported, before its end if that came first.
-    if !stopping {
-        if let Some(hook) = &shared.config.on_accept {
-            caught(&conn_name, "on_accept", || hook(&client));
-        }
+    if let Some(hook) = &shared.config.on_accept {
+        caught(&conn_name, "on_accept", || hook(&client));
     }
     // An end that came while on_accept ran has waited for it.
     let ended_early = {

@@ -55,10 +55,10 @@ pub(crate) struct Inbox {
     /// Read for every request and seldom written: on cache lines apart
     /// from the lock's, which every request writes.
     seldom: Padded<Seldom>,
-    /// Requests answered, their tags free again, whose replies are being
-    /// queued: EOF waits for them too. Raised under the lock, as the
-    /// request leaves `in_progress`; lowered without it, once the reply is
-    /// queued.
+    /// Requests answered, their tags free again, or refused, whose replies
+    /// are being queued: EOF waits for them too. Raised under the lock, as
+    /// the request leaves `in_progress` or is refused; lowered without it,
+    /// once the reply is queued.
     replying: Padded<AtomicUsize>,
 }
 
@@ -693,15 +693,26 @@ impl Shared {
             // over.
             let deadline = inbound.early_deadlines.take(channel, tag);
             let admitted = inbound.admit(self.handler.is_some(), channel, tag, at_budget);
+            if admitted.is_err() {
+                // Its refusal is owed like a reply, from now: EOF waits
+                // for it, even if the close begins before it is queued.
+                self.inbound.replying.fetch_add(1, Ordering::SeqCst);
+            }
             (deadline, admitted)
         };
         match admitted {
             Ok(()) => {}
-            Err(Refusal::Denied(reason)) => {
-                log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
-                return self.refuse(channel, tag, reason, 0);
+            Err(refusal) => {
+                match refusal {
+                    Refusal::Denied(reason) => {
+                        log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+                        self.refuse(channel, tag, reason, 0);
+                    }
+                    Refusal::Busy => self.refuse_busy(channel, tag),
+                }
+                self.replied();
+                return;
             }
-            Err(Refusal::Busy) => return self.refuse_busy(channel, tag),
         }
         match &self.pool {
             Some(pool) => {
@@ -1047,20 +1058,11 @@ impl Shared {
     /// waiting. The thread that reads (`reading`) never blocks in that
     /// write.
     fn finish_request(&self, reading: bool) {
-        // The lock is taken only for the last reply owed once closing. Both
-        // this and `close_inbound` write one flag (`replying` here,
-        // `closing` there) before they read the other, all SeqCst, so at
-        // least one of them sees both and, if nothing is in progress,
-        // queues EOF (queuing it twice is harmless).
-        let last = self.inbound.replying.fetch_sub(1, Ordering::SeqCst) == 1;
-        let eof_due = last && self.inbound.seldom.closing.load(Ordering::SeqCst) && {
-            let inbound = self.inbound.lock();
-            self.inbound.is_idle(&inbound)
-        };
+        if self.replied() {
+            return;
+        }
         let jobs_queued = self.quota.queued() > 0;
-        if eof_due {
-            self.outbox.push_eof(&self.stats);
-        } else if jobs_queued || self.more_incoming.load(Ordering::SeqCst) {
+        if jobs_queued || self.more_incoming.load(Ordering::SeqCst) {
             // More replies are about to follow: `before_read` or the grace
             // writes them together.
             self.outbox.arm();
@@ -1071,6 +1073,26 @@ impl Shared {
         } else {
             self.outbox.flush_soon(true);
         }
+    }
+
+    /// A reply or refusal counted in `replying` is queued: counts it out,
+    /// and queues EOF if it was the last one owed once closing. True if it
+    /// queued EOF.
+    fn replied(&self) -> bool {
+        // The lock is taken only for the last reply owed once closing. Both
+        // this and `close_inbound` write one flag (`replying` here,
+        // `closing` there) before they read the other, all SeqCst, so at
+        // least one of them sees both and, if nothing is in progress,
+        // queues EOF (queuing it twice is harmless).
+        let last = self.inbound.replying.fetch_sub(1, Ordering::SeqCst) == 1;
+        let eof_due = last && self.inbound.seldom.closing.load(Ordering::SeqCst) && {
+            let inbound = self.inbound.lock();
+            self.inbound.is_idle(&inbound)
+        };
+        if eof_due {
+            self.outbox.push_eof(&self.stats);
+        }
+        eof_due
     }
 
     /// Delivers a response from the peer to the request it answers.

@@ -364,6 +364,9 @@ impl log::Log for SlowLogger {
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        if record.level() == log::Level::Warn {
+            pause_if_asked(record);
+        }
         if record.level() == log::Level::Debug && record.target() == "packetstream::server" {
             let line = record.args().to_string();
             if line.starts_with("hooks#") && line.ends_with(": accepted") {
@@ -375,17 +378,54 @@ impl log::Log for SlowLogger {
     fn flush(&self) {}
 }
 
+/// Installs [`SlowLogger`] for this test binary, once.
+fn install_slow_logger() {
+    static LOGGER: std::sync::Once = std::sync::Once::new();
+    LOGGER.call_once(|| {
+        log::set_logger(&SlowLogger).unwrap();
+        log::set_max_level(log::LevelFilter::Debug);
+    });
+}
+
+/// A warning to hold up, as a logger that blocks would: the thread named
+/// `thread` that logs a line containing `text` waits at `gate`, and the
+/// line is kept in `line`. Once only.
+struct Pause {
+    thread: String,
+    text: String,
+    gate: common::Gate,
+    line: Arc<Mutex<Option<String>>>,
+}
+
+static PAUSE: Mutex<Option<Pause>> = Mutex::new(None);
+
+fn pause_if_asked(record: &log::Record<'_>) {
+    let current = thread::current();
+    let Some(name) = current.name() else {
+        return;
+    };
+    let line = record.args().to_string();
+    let gate = {
+        let mut pause = PAUSE.lock().unwrap_or_else(|e| e.into_inner());
+        match pause.as_ref() {
+            Some(p) if p.thread == name && line.contains(&p.text) => {
+                let p = pause.take().unwrap();
+                *p.line.lock().unwrap() = Some(line);
+                p.gate
+            }
+            _ => return,
+        }
+    };
+    gate.pass();
+}
+
 /// Clients that connect, send EOF and go at once: each is reported by
 /// `on_accept` once, then by `on_close` once, in that order, even with a
 /// slow logger.
 #[test]
 fn clients_that_end_at_once_get_on_accept_then_on_close_once_each() {
     const CLIENTS: u64 = 40;
-    static LOGGER: std::sync::Once = std::sync::Once::new();
-    LOGGER.call_once(|| {
-        log::set_logger(&SlowLogger).unwrap();
-        log::set_max_level(log::LevelFilter::Debug);
-    });
+    install_slow_logger();
     let seen: Arc<Mutex<Vec<Hooked>>> = Arc::default();
     let config = ServerConfig::new(server_config("hooks"))
         .max_connections(CLIENTS as usize + 1)
@@ -1308,4 +1348,185 @@ fn an_idle_connection_over_a_socket_with_a_read_timeout_stays_up() {
         res.is_ok(),
         "after an idle spell: {res:?}; status {status:?}"
     );
+}
+
+/// A request refused as busy before the close began is still answered
+/// before EOF: the receive thread decided the refusal (the replies owed at
+/// their budget, a request in progress) and, before it queued it, the last
+/// request in progress was answered and the close began. The refusal must
+/// not be dropped behind EOF, leaving the peer's request with no answer.
+#[test]
+fn a_busy_refusal_decided_before_the_close_is_sent_before_eof() {
+    const HOLD: u64 = 10;
+    const BIG: u64 = 20;
+    install_slow_logger();
+    let name = common::unique_name("busyeof");
+    let hold = common::Gate::new();
+    let handler = {
+        let hold = hold.clone();
+        move |rq: Request| -> HandlerResult {
+            if rq.rq_type == HOLD {
+                hold.pass();
+            }
+            Ok(vec![b'b'; if rq.rq_type == BIG { 64 << 10 } else { 8 }].into())
+        }
+    };
+    let (conn, mut peer) = common::RawPeer::with(
+        Config::default()
+            .name(&name)
+            .handler(handler)
+            .handler_threads(2)
+            .max_queued_bytes(1000),
+    );
+    // The receive thread waits in its warning of the first busy refusal.
+    let paused = common::Gate::new();
+    let line: Arc<Mutex<Option<String>>> = Arc::default();
+    *PAUSE.lock().unwrap() = Some(Pause {
+        thread: format!("{name}:recv"),
+        text: "busy: ".to_string(),
+        gate: paused.clone(),
+        line: Arc::clone(&line),
+    });
+    peer.request(0, HOLD, b"");
+    hold.wait_entered(1, LIMIT);
+    // Requests for large replies, which the peer does not read yet: the
+    // replies owed reach their budget, and one is refused as busy.
+    // One at a time, each answered (into the queue) before the next, so
+    // that the receive thread, not a handler, finds the budget reached.
+    let mut writer = peer.stream.try_clone().unwrap();
+    let mut tag = 0;
+    while paused.entered() == 0 {
+        tag += 1;
+        assert!(
+            tag < 100,
+            "no busy refusal: {:?} {:?}",
+            conn.stats(),
+            conn.status()
+        );
+        writer
+            .write_all(&wire(&common::request(tag, BIG, 0, b"")))
+            .unwrap();
+        common::wait_for("the request to be answered or refused", LIMIT, || {
+            let stats = conn.stats();
+            paused.entered() > 0 || (stats.requests_received > tag && stats.in_progress == 1)
+        });
+    }
+    let send = thread::spawn(move || {
+        // More requests, which arrive during the close.
+        for tag in 1000..1040 {
+            if writer
+                .write_all(&wire(&common::request(tag, BIG, 0, b"")))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    paused.wait_entered(1, LIMIT);
+    let refused: u64 = {
+        let line = line.lock().unwrap().clone().unwrap();
+        // "{name}: refusing request 0:{tag}: busy: ..."
+        let at = line.find("refusing request 0:").unwrap() + "refusing request 0:".len();
+        line[at..].split(':').next().unwrap().parse().unwrap()
+    };
+    // The request in progress is answered, and every request taken in
+    // before the refusal; then the close begins, and finds nothing owed.
+    hold.open();
+    // (The refusal held up may count as in progress.)
+    common::wait_for("the requests taken in to be answered", LIMIT, || {
+        let stats = conn.stats();
+        stats.replies_ok >= refused && stats.in_progress <= 1
+    });
+    let conn = Arc::new(conn);
+    let closer = {
+        let conn = Arc::clone(&conn);
+        thread::spawn(move || conn.close_timeout(LIMIT))
+    };
+    common::wait_for("the close to begin", LIMIT, || conn.status().closing);
+    thread::sleep(ms(20));
+    // The refusal goes on its way now.
+    paused.open();
+    // The peer reads everything up to EOF.
+    let mut replied = Vec::new();
+    loop {
+        let packet = peer.recv_packet();
+        if packet.is_eof() {
+            break;
+        }
+        if let packetstream::PacketKind::Response { .. } = packet.kind {
+            replied.push(packet.tag);
+        }
+    }
+    send.join().unwrap();
+    peer.send(&Packet::eof());
+    let closed = within_or("the close", LIMIT, move || closer.join().unwrap(), || {});
+    assert!(closed.is_ok(), "{closed:?}");
+    assert!(replied.contains(&0), "the held request was answered");
+    assert!(
+        replied.contains(&refused),
+        "request {refused}, refused as busy before the close began, got no reply before EOF \
+         (replies to {replied:?})"
+    );
+}
+
+/// A client the server has accepted while the stop begins (its connection
+/// still starting, here held in the `Config` factory) is ended in order,
+/// ERQ then EOF, like every other: not cut off as if the server had
+/// crashed, with its requests lost without a word.
+#[test]
+fn a_client_accepted_as_the_stop_begins_is_ended_in_order() {
+    let gate = common::Gate::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::per_client("starting", {
+            let gate = gate.clone();
+            move |info| {
+                if info.id == 1 {
+                    gate.pass();
+                }
+                Config::default().handler(echo)
+            }
+        }),
+    )
+    .unwrap();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    client.set_write_timeout(Some(LIMIT)).unwrap();
+    client
+        .write_all(&wire(&common::request(1, ECHO, 0, b"x")))
+        .unwrap();
+    gate.wait_entered(1, LIMIT);
+    let stop = thread::spawn(move || server.stop_timeout(LIMIT));
+    // The stop begins while the client's connection is starting.
+    thread::sleep(ms(50));
+    gate.open();
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut sent_eof = false;
+    loop {
+        let n = match client.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) => panic!("the client's stream broke: {e} after {bytes:?}"),
+        };
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        if !sent_eof && decode_all(&bytes).0.iter().any(Packet::is_eof) {
+            client.write_all(&wire(&Packet::eof())).unwrap();
+            sent_eof = true;
+        }
+    }
+    let (packets, partial) = decode_all(&bytes);
+    assert_eq!(partial, 0);
+    assert_eq!(
+        packets.last(),
+        Some(&Packet::eof()),
+        "the stream ended without EOF: {packets:?}"
+    );
+    assert!(packets.contains(&Packet::erq()), "{packets:?}");
+    let stopped = within_or("the stop", LIMIT, move || stop.join().unwrap(), || {});
+    assert!(stopped.is_ok(), "{stopped:?}");
 }
