@@ -73,19 +73,23 @@ impl Request {
         }
     }
 
-    /// True if the peer has cancelled this request. Always false without
-    /// extensions.
+    /// True if the peer has cancelled this request, or its answer can no
+    /// longer reach the peer: this end aborted, or the stream broke (the
+    /// peer crashed, or its end was cut). The first needs
+    /// [extensions](crate::Config::extensions) on both ends; the second
+    /// holds with them on at this end.
     pub fn is_cancelled(&self) -> bool {
         self.ctx
             .as_ref()
             .is_some_and(|ctx| ctx.inbox.is_cancelled(self.channel, self.tag))
     }
 
-    /// Waits until the peer cancels this request, or `timeout` passes;
-    /// returns true if it was cancelled. A handler that works in steps, or
-    /// waits on something else, uses it in place of a sleep. Without
-    /// extensions it waits out the timeout. A `timeout` too long for an
-    /// `Instant` means no limit.
+    /// Waits until the peer cancels this request, or its answer can no
+    /// longer reach the peer (see [`is_cancelled`](Request::is_cancelled)),
+    /// or `timeout` passes; returns true for either of the first two. A
+    /// handler that works in steps, or waits on something else, uses it in
+    /// place of a sleep. Without extensions at this end it waits out the
+    /// timeout. A `timeout` too long for an `Instant` means no limit.
     pub fn wait_cancelled(&self, timeout: Duration) -> bool {
         let deadline = crate::sync::deadline_after(timeout);
         match &self.ctx {

@@ -69,6 +69,9 @@ struct Seldom {
     n_cancelled: AtomicUsize,
     /// `Inbound::closing`, for a handler to read without the lock.
     closing: AtomicBool,
+    /// No answer can reach the peer any more: this end aborted, or the
+    /// stream broke. Every request in progress counts as cancelled.
+    cut_off: AtomicBool,
 }
 
 impl Inbox {
@@ -117,18 +120,34 @@ impl Inbox {
     }
 
     /// True if the peer has cancelled `(channel, tag)`.
-    pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
+    pub(crate) fn peer_cancelled(&self, channel: u64, tag: u64) -> bool {
         self.seldom.n_cancelled.load(Ordering::Acquire) != 0
             && self.lock().cancelled.contains(&(channel, tag))
     }
 
-    /// Waits until the peer cancels `(channel, tag)`, or until `deadline`.
-    /// Returns true if it did. Once the request is answered it can no
-    /// longer be cancelled, and this waits out the deadline.
+    /// True if the peer has cancelled `(channel, tag)`, or no answer can
+    /// reach it any more.
+    pub(crate) fn is_cancelled(&self, channel: u64, tag: u64) -> bool {
+        self.seldom.cut_off.load(Ordering::SeqCst) || self.peer_cancelled(channel, tag)
+    }
+
+    /// No answer can reach the peer any more: wakes every handler waiting
+    /// for a cancel.
+    fn cut_off(&self) {
+        let _inbound = self.lock();
+        self.seldom.cut_off.store(true, Ordering::SeqCst);
+        self.cancel.notify_all();
+    }
+
+    /// Waits until the peer cancels `(channel, tag)`, or no answer can
+    /// reach it any more, or until `deadline`. Returns true if either
+    /// happened. Once the request is answered it can no longer be
+    /// cancelled, and this waits out the deadline.
     pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
         let mut inbound = self.lock();
         crate::sync::wait_until(&self.cancel, &mut inbound, deadline, |inbound| {
-            !inbound.cancelled.contains(&(channel, tag))
+            !self.seldom.cut_off.load(Ordering::SeqCst)
+                && !inbound.cancelled.contains(&(channel, tag))
         })
     }
 }
@@ -1013,9 +1032,12 @@ impl Shared {
                 return self.finish_request(false);
             }
         }
-        // Cancelled, or past its deadline, before a handler took it: not run.
-        if rq.is_cancelled() || rq.time_left().is_some_and(|left| left.is_zero()) {
-            let reason = if rq.is_cancelled() {
+        // Cancelled by the peer, or past its deadline, before a handler took
+        // it: not run. (A request that has arrived still runs if only the
+        // stream has broken: the peer may have wanted it done.)
+        let peer_cancelled = self.extensions && self.inbound.peer_cancelled(channel, tag);
+        if peer_cancelled || rq.time_left().is_some_and(|left| left.is_zero()) {
+            let reason = if peer_cancelled {
                 "cancelled before it ran"
             } else {
                 "deadline passed before it ran"
@@ -1185,6 +1207,7 @@ impl Shared {
             return;
         };
         let n_failed = self.table.fail_all(broken(&e), self.outbox.written_to());
+        self.inbound.cut_off();
         {
             let mut life = self.life.lock();
             // After the peer's EOF, a write that fails is no error: the peer
@@ -1251,6 +1274,7 @@ impl Shared {
             let mut inbound = self.inbound.lock();
             self.inbound.close(&mut inbound);
         }
+        self.inbound.cut_off();
         let written_to = self.outbox.abort();
         let n_failed = self.table.fail_all(Disconnect::Local, written_to);
         self.close_pool();
@@ -1275,6 +1299,9 @@ impl Shared {
             Ok(Disconnect::PeerEof) => log::debug!("{}: peer EOF", self.name),
             Ok(why) => log::warn!("{}: {why}", self.name),
             Err(e) => log::error!("{}: receive failed: {e}", self.name),
+        }
+        if why != Disconnect::PeerEof {
+            self.inbound.cut_off();
         }
         {
             let mut life = self.life.lock();

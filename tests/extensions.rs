@@ -185,6 +185,38 @@ fn a_dropped_request_stops_its_10_s_handler_at_once() {
 }
 
 #[test]
+fn a_handler_waiting_for_a_cancel_is_released_when_its_answer_can_no_longer_be_sent() {
+    // The client vanishes (its abort cuts the socket), then, on a second
+    // pair, the serving end aborts: either way the handler's 120 s wait
+    // ends at once, and the serving end's join does not wait it out.
+    for serving_end_aborts in [false, true] {
+        let (tx, rx) = mpsc::channel();
+        let (client, server) = pair_with(
+            Config::default().name(unique_name("vc")),
+            Config::default()
+                .name(unique_name("vs"))
+                .handler(holding(tx, Arc::default())),
+        );
+        assert!(hello_done(&client));
+        let pending = client.submit(HOLD, 120_000, b"").unwrap();
+        wait_for("the handler to start", LIMIT, || {
+            server.stats().in_progress == 1
+        });
+        if serving_end_aborts {
+            server.abort();
+        } else {
+            client.abort();
+        }
+        let (_, cancelled, waited) = rx.recv_timeout(LIMIT).expect("the handler to stop");
+        assert!(cancelled, "the wait ran out after {waited:?}");
+        assert!(pending.wait_timeout(LIMIT).is_err());
+        // A join that waited for the handler would take 120 s.
+        let _ = within("the serving end's join", move || server.join());
+        client.abort();
+    }
+}
+
+#[test]
 fn seven_dropped_requests_of_eight_do_not_run_and_close_does_not_wait_for_them() {
     // One handler thread: the first request runs, the others queue.
     let (tx, rx) = mpsc::channel();
