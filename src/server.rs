@@ -598,7 +598,10 @@ impl Server {
     /// progress is answered, then EOF both ways), and waits for every
     /// connection to end. Waits as long as the clients take to answer with
     /// their EOF: see [`stop_timeout`](Server::stop_timeout) for a bounded
-    /// wait.
+    /// wait. A client the kernel had queued on the listener and the server
+    /// had not accepted yet gets no packet: its connection is reset when the
+    /// listener closes, and its requests end with
+    /// [`Error::ConnectionLost`](crate::Error::ConnectionLost).
     ///
     /// The accept thread is woken out of `accept` by a connection to the
     /// listener's own address, made from another thread. Should that fail
