@@ -11,24 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, report, request, RawPeer, HANG, LIMIT};
+use common::{ms, report, request, RawPeer, Rng, HANG, LIMIT};
 use packetstream::{Config, Packet, PacketKind, Reply, Request, BUSY_FLAGS};
-
-/// A small seeded generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Ending {
@@ -39,7 +23,7 @@ enum Ending {
 
 /// One trial; returns a description of what broke, if anything.
 fn trial(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let inline = rng.below(4) == 0;
     let threads = [1, 2, 4, 6][rng.below(4) as usize];
     let busy = rng.below(3) == 0;
@@ -295,7 +279,7 @@ fn server_stop_sends_eof_after_every_reply_owed_to_each_client() {
     report(format!("server stop race: first seed {seed0:#x}"));
     for round in 0..15u64 {
         let seed = seed0.wrapping_add(round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let n_clients = 2 + rng.below(10) as usize;
         let threads = 1 + rng.below(6) as usize;
         let ran: Arc<Mutex<HashSet<(u8, u64)>>> = Arc::default();

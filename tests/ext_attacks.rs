@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{ms, unique_name, wait_for, within, Gate, RawPeer, ECHO};
+use common::{ms, unique_name, wait_for, within, Gate, RawPeer, Rng, ECHO};
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, PayloadReader,
     Request, CONTROL_CHANNEL,
@@ -1318,18 +1318,6 @@ fn a_server_cancels_queued_and_running_requests_of_many_clients_and_ignores_a_ho
 // ---------------------------------------------------------------------------
 // Exactly one reply on the wire.
 
-/// A small xorshift generator, seeded from the clock and reported.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[test]
 fn every_request_gets_one_reply_on_the_wire_with_cancels_deadlines_erq_and_eof_racing() {
     const REQUESTS: u64 = 3000;
@@ -1356,7 +1344,7 @@ fn every_request_gets_one_reply_on_the_wire_with_cancels_deadlines_erq_and_eof_r
     let mut writer = peer.stream.try_clone().unwrap();
     let (control_sent_tx, control_sent) = mpsc::channel();
     let script = thread::spawn(move || {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut ctag = 0u64;
         let mut control = |wire: &mut Vec<u8>, rq_type: u64, payload: Vec<u8>| {
             control_request(ctag, rq_type, payload).encode_into(wire);

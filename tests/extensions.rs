@@ -11,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    close_both, ms, pair_with, report, unique_name, wait_for, within, Gate, RawPeer, ECHO, LIMIT,
+    close_both, ms, pair_with, report, unique_name, wait_for, within, Gate, RawPeer, Rng, ECHO,
+    LIMIT,
 };
 use packetstream::{
     Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
@@ -403,22 +404,6 @@ fn a_handler_reads_the_time_left_and_plain_requests_have_none() {
 // ---------------------------------------------------------------------------
 // Races, with random timing.
 
-/// Xorshift, seeded from the clock; the seed is reported.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn cancels_and_deadlines_racing_replies_end_every_request_exactly_once() {
     const THREADS: u64 = 4;
@@ -453,7 +438,7 @@ fn cancels_and_deadlines_racing_replies_end_every_request_exactly_once() {
             let client = Arc::clone(&client);
             let outcomes = Arc::clone(&outcomes);
             thread::spawn(move || {
-                let mut rng = Rng(seed.wrapping_mul(t + 1) | 1);
+                let mut rng = Rng::new(seed.wrapping_mul(t + 1));
                 for n in 0..PER_THREAD {
                     let work = rng.below(3000);
                     let wait = Duration::from_micros(rng.below(3000));

@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{long, ms, report, response, timed, unique_name, Gate, Timed, LIMIT};
+use common::{long, ms, report, response, timed, unique_name, Gate, Rng, Timed, LIMIT};
 use packetstream::{
     Config, Error, Packet, PacketConnection, PacketKind, PendingResponse, Response,
 };
@@ -31,30 +31,6 @@ const LARGE: usize = 64 << 10;
 
 // ---------------------------------------------------------------------------
 // The recording peer.
-
-/// A small seeded generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// How the recording peer reads.
 #[derive(Clone, Copy, Debug)]
