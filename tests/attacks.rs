@@ -852,8 +852,19 @@ fn threads_mixing_every_way_of_waiting_on_one_connection_all_get_their_answers()
         }
         Ok(())
     }));
+    join_all_ok("the mixed waiters", workers, &client, &server);
+}
+
+/// Joins the calling threads within 15 s, aborting both ends first if they
+/// take longer, checks that each ended well, and closes both ends in order.
+fn join_all_ok(
+    what: &str,
+    workers: Vec<thread::JoinHandle<Result<(), Error>>>,
+    client: &PacketConnection,
+    server: &PacketConnection,
+) {
     let results = within_or(
-        "the mixed waiters",
+        what,
         ms(15_000),
         move || {
             workers
@@ -920,25 +931,7 @@ fn handlers_that_call_back_and_wait_while_the_client_calls_all_complete() {
             })
         })
         .collect();
-    let results = within_or(
-        "the callers",
-        ms(15_000),
-        move || {
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap())
-                .collect::<Vec<_>>()
-        },
-        || {
-            client.abort();
-            server.abort();
-        },
-    );
-    for res in results {
-        assert!(res.is_ok(), "{res:?}");
-    }
-    assert!(client.close_timeout(LIMIT).is_ok());
-    assert!(server.close_timeout(LIMIT).is_ok());
+    join_all_ok("the callers", workers, &client, &server);
 }
 
 /// A peer that crashes (its stream ends without EOF) while one of our
