@@ -1433,24 +1433,31 @@ mod tests {
         }
     }
 
+    /// An outbox over a [`Tight`] stream that takes `room` bytes, then
+    /// blocks, with a grace long enough never to run out in a test.
+    fn tight_outbox(room: usize) -> (Tight, Outbox) {
+        let tight = Tight::default();
+        tight.inner.lock().room = Some(room);
+        let control: Arc<dyn Control> = Arc::new(tight.clone());
+        let outbox = Outbox::new(
+            "test",
+            Box::new(tight.clone()),
+            Some(control),
+            Duration::from_secs(60),
+            1 << 30,
+            1000,
+            None,
+        );
+        (tight, outbox)
+    }
+
     #[test]
     fn a_bounded_write_that_stops_short_leaves_the_rest_in_order_for_the_next_writer() {
         let big = |byte: u8| vec![byte; LARGE_PAYLOAD + 10];
         // Stop inside the first small reply, inside the large one, and
         // between packets.
         for room in [3, 20, LARGE_PAYLOAD / 2, LARGE_PAYLOAD + 40] {
-            let tight = Tight::default();
-            tight.inner.lock().room = Some(room);
-            let control: Arc<dyn Control> = Arc::new(tight.clone());
-            let outbox = Outbox::new(
-                "test",
-                Box::new(tight.clone()),
-                Some(control),
-                Duration::from_secs(60),
-                1 << 30,
-                1000,
-                None,
-            );
+            let (tight, outbox) = tight_outbox(room);
             let stats = Counters::default();
             let mut want = Vec::new();
             for (tag, payload) in [(2, vec![1u8; 30]), (3, big(2)), (4, vec![3; 5])] {
@@ -1486,18 +1493,7 @@ mod tests {
         // first request, inside the large reply's head, inside its payload,
         // and between packets.
         for room in [2, 11, 13, 11 + 4, 11 + 20, 11 + LARGE_PAYLOAD / 2] {
-            let tight = Tight::default();
-            tight.inner.lock().room = Some(room);
-            let control: Arc<dyn Control> = Arc::new(tight.clone());
-            let outbox = Outbox::new(
-                "test",
-                Box::new(tight.clone()),
-                Some(control),
-                Duration::from_secs(60),
-                1 << 30,
-                1000,
-                None,
-            );
+            let (tight, outbox) = tight_outbox(room);
             let stats = Counters::default();
             let ends: Vec<_> = (0..4).map(|_| AtomicU64::new(0)).collect();
             let push_rq = |tag: u64, end: &AtomicU64| {
