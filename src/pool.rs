@@ -20,7 +20,10 @@
 //! awake. A job never waits long behind long-running ones while a worker
 //! sleeps: a worker that parks while another is in a job looks at the queue
 //! again every [`LOOK_AGAIN`], and when none does, a worker that takes a job
-//! with more queued wakes another at once.
+//! with more queued wakes one to do so. A watcher is woken by a producer
+//! only when no other parked worker is left, so it goes on watching through
+//! a run of bursts, and each burst costs the one wake-up of the worker that
+//! serves it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -121,11 +124,21 @@ pub(crate) struct Pool<J> {
     n_parked: AtomicUsize,
     /// Workers inside a job.
     n_busy: AtomicUsize,
+    /// How often a watching worker looks at the queue: [`LOOK_AGAIN`].
+    look_again: Duration,
     /// Parked workers that look at the queue again every [`LOOK_AGAIN`].
     n_watching: AtomicUsize,
+    /// Workers woken to watch the queue rather than take a job; changed
+    /// only under `parked`'s lock.
+    recruits: AtomicUsize,
+    /// Successful wake-ups of parked workers, for the tests.
+    n_woken: AtomicUsize,
     closed: AtomicBool,
+    /// The lock of `n_parked` and of the two condvars: workers parked with
+    /// no job running wait on `wake`, the watching ones on `watch`.
     parked: Mutex<()>,
     wake: Condvar,
+    watch: Condvar,
 }
 
 impl<J: Job> Pool<J> {
@@ -139,19 +152,31 @@ impl<J: Job> Pool<J> {
         order: Order,
         threads: &Arc<ThreadSet>,
     ) -> io::Result<Arc<Pool<J>>> {
-        let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity, order));
+        Pool::start_looking_every(name, n_workers, capacity, order, threads, LOOK_AGAIN)
+    }
+
+    /// [`start`](Pool::start), with the watchers looking at the queue every
+    /// `look_again`.
+    fn start_looking_every(
+        name: &str,
+        n_workers: usize,
+        capacity: usize,
+        order: Order,
+        threads: &Arc<ThreadSet>,
+        look_again: Duration,
+    ) -> io::Result<Arc<Pool<J>>> {
+        let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity, order, look_again));
         for idx in 0..n_workers {
             let worker = Arc::clone(&pool);
             let spawned = threads.spawn(format!("{name}:handler{idx}"), move || {
                 while let Some(job) = worker.pop() {
                     worker.busy(|| {
-                        // Counted busy now: if what is still queued needs
-                        // another worker and no parked one is watching the
-                        // queue, wake it, rather than leave it to the
-                        // producer's next wake-up, which may be long in
-                        // coming if this job is slow.
+                        // Counted busy now: if jobs are still queued and no
+                        // parked worker watches the queue, one must, in case
+                        // this job is slow and the producer has nothing
+                        // more to wake workers for.
                         if worker.n_watching.load(Ordering::SeqCst) == 0 {
-                            worker.wake();
+                            worker.recruit_watcher();
                         }
                         job.run()
                     });
@@ -165,7 +190,7 @@ impl<J: Job> Pool<J> {
         Ok(pool)
     }
 
-    fn new(n_workers: usize, capacity: usize, order: Order) -> Pool<J> {
+    fn new(n_workers: usize, capacity: usize, order: Order, look_again: Duration) -> Pool<J> {
         let queue = match order {
             Order::Fifo => {
                 // An array, allocated once: queuing a job allocates nothing.
@@ -185,10 +210,14 @@ impl<J: Job> Pool<J> {
             n_workers,
             n_parked: AtomicUsize::new(0),
             n_busy: AtomicUsize::new(0),
+            look_again,
             n_watching: AtomicUsize::new(0),
+            recruits: AtomicUsize::new(0),
+            n_woken: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
+            watch: Condvar::new(),
         }
     }
 
@@ -222,7 +251,8 @@ impl<J: Job> Pool<J> {
 
     /// Wakes as many parked workers as the queued jobs need: one for every
     /// [`JOBS_PER_WORKER`] queued jobs, plus one for every worker busy in a
-    /// job (which may be a slow one).
+    /// job (which may be a slow one). Workers that are not watching the
+    /// queue are woken first: a watcher keeps watching while it can.
     pub(crate) fn wake(&self) {
         // Pairs with the fence in `pop`: either this thread sees the worker
         // parked, or the worker sees the job.
@@ -239,44 +269,96 @@ impl<J: Job> Pool<J> {
             if n_parked == 0 || n_needed <= n_awake {
                 return;
             }
-            // The woken worker counts as awake from now on. None is woken
-            // if every parked one is between a timed-out wait and taking
-            // the lock back: it counts itself out, and looks at the queue.
-            if !self.wake.notify_one() {
+            if !self.wake_one() {
                 return;
             }
+        }
+    }
+
+    /// Called with `parked` locked: wakes one parked worker, one that is
+    /// not watching if there is one, and counts it awake. False if none was
+    /// woken: every parked one is between a timed-out wait and taking the
+    /// lock back, and counts itself out and looks at the queue.
+    fn wake_one(&self) -> bool {
+        if self.wake.notify_one() || self.watch.notify_one() {
             self.n_parked.fetch_sub(1, Ordering::SeqCst);
+            self.n_woken.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Called by a worker that has just taken a job, with no worker
+    /// watching: if jobs are still queued, wakes a parked worker to watch
+    /// the queue, not to take a job at once. Were it to take one, it would
+    /// wake another in turn, and a burst of quick jobs would wake every
+    /// worker; a watcher takes a job only if one is still queued when it
+    /// next looks, [`LOOK_AGAIN`] later.
+    fn recruit_watcher(&self) {
+        fence(Ordering::SeqCst);
+        if self.n_parked.load(Ordering::SeqCst) == 0 || self.queue.is_empty() {
+            return;
+        }
+        let _guard = self.parked.lock();
+        if self.n_watching.load(Ordering::SeqCst) > 0 || self.queue.is_empty() {
+            return;
+        }
+        // Whichever worker wakes next from `wake` takes the task. It counts
+        // as watching from now, so that the jobs taken before it is up do
+        // not recruit more.
+        if self.wake.notify_one() {
+            self.recruits.fetch_add(1, Ordering::SeqCst);
+            self.n_watching.fetch_add(1, Ordering::SeqCst);
+            self.n_parked.fetch_sub(1, Ordering::SeqCst);
+            self.n_woken.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// The next job; `None` once the pool is closed and its queue empty.
     fn pop(&self) -> Option<J> {
+        // Woken to watch the queue, and counted in `n_watching` already:
+        // the next look is `look_again` away.
+        let mut recruited = false;
         loop {
-            if let Some(job) = self.queue.try_pop() {
-                return Some(job);
+            if !recruited {
+                if let Some(job) = self.queue.try_pop() {
+                    return Some(job);
+                }
             }
             let mut guard = self.parked.lock();
             self.n_parked.fetch_add(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if !self.queue.is_empty() || self.closed.load(Ordering::SeqCst) {
+            let closed = self.closed.load(Ordering::SeqCst);
+            if closed || (!recruited && !self.queue.is_empty()) {
                 self.n_parked.fetch_sub(1, Ordering::SeqCst);
+                if recruited {
+                    self.n_watching.fetch_sub(1, Ordering::SeqCst);
+                    recruited = false;
+                }
                 drop(guard);
-                if self.closed.load(Ordering::SeqCst) && self.queue.is_empty() {
+                if closed && self.queue.is_empty() {
                     return None;
                 }
                 continue;
             }
             // Whoever wakes this worker takes it off `n_parked`; a worker
             // whose wait timed out was woken by nobody and does it itself.
-            if self.n_busy.load(Ordering::SeqCst) > 0 {
-                self.n_watching.fetch_add(1, Ordering::SeqCst);
-                let timed_out = self.wake.wait_for(&mut guard, LOOK_AGAIN).timed_out();
+            if recruited || self.n_busy.load(Ordering::SeqCst) > 0 {
+                if !recruited {
+                    self.n_watching.fetch_add(1, Ordering::SeqCst);
+                }
+                recruited = false;
+                let timed_out = self.watch.wait_for(&mut guard, self.look_again).timed_out();
                 self.n_watching.fetch_sub(1, Ordering::SeqCst);
                 if timed_out {
                     self.n_parked.fetch_sub(1, Ordering::SeqCst);
                 }
             } else {
                 self.wake.wait(&mut guard);
+                if self.recruits.load(Ordering::SeqCst) > 0 {
+                    self.recruits.fetch_sub(1, Ordering::SeqCst);
+                    recruited = true;
+                }
             }
         }
     }
@@ -293,7 +375,7 @@ impl<J: Job> Pool<J> {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         let _guard = self.parked.lock();
-        let woken = self.wake.notify_all();
+        let woken = self.wake.notify_all() + self.watch.notify_all();
         self.n_parked.fetch_sub(woken, Ordering::SeqCst);
     }
 }
@@ -492,6 +574,47 @@ mod tests {
     }
 
     #[test]
+    fn each_burst_of_quick_jobs_wakes_one_worker() {
+        // The watchers look so seldom here that none gives up watching
+        // during the test: what is counted is the wake-ups the bursts cost.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 4, 64, Order::Fifo, &threads, Duration::from_secs(60))
+                .unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        const BURSTS: usize = 100;
+        const JOBS: u64 = 16;
+        for burst in 0..BURSTS {
+            wait_until("every worker to park", || {
+                pool.n_parked.load(Ordering::SeqCst) == 4
+            });
+            for id in 0..JOBS {
+                pool.push(job(id, &done_tx));
+            }
+            // One wake-up from the producer for the burst, as a receive
+            // thread gives before it reads again.
+            pool.wake();
+            for _ in 0..JOBS {
+                done_rx
+                    .recv_timeout(Duration::from_secs(30))
+                    .unwrap_or_else(|_| panic!("burst {burst}: a job did not run"));
+            }
+        }
+        // One worker per burst, and at most one more, the first time, to
+        // watch the queue while jobs run. A taker that woke another to take
+        // jobs at once would wake about two per burst.
+        let woken = pool.n_woken.load(Ordering::SeqCst);
+        assert!(
+            woken <= BURSTS + 1,
+            "{woken} wake-ups for {BURSTS} bursts of {JOBS} quick jobs"
+        );
+        assert!(woken >= BURSTS, "{woken} wake-ups for {BURSTS} bursts");
+        pool.close();
+        assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+        assert!(threads.join_ended().is_none());
+    }
+
+    #[test]
     fn a_worker_parked_while_a_job_runs_takes_a_job_queued_with_no_wake() {
         let threads = Arc::new(ThreadSet::default());
         let pool = Pool::start("t", 2, 16, Order::Fifo, &threads).unwrap();
@@ -596,7 +719,7 @@ mod tests {
 
     #[test]
     fn a_fair_pool_takes_the_lanes_in_turn() {
-        let pool = Pool::new(1, 16, Order::Fair);
+        let pool = Pool::new(1, 16, Order::Fair, LOOK_AGAIN);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         // Lane 0 queues ten jobs, then lanes 1 and 2 one each.
         for id in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 100, 200] {
@@ -618,7 +741,7 @@ mod tests {
     #[test]
     fn close_lets_workers_finish_what_is_queued_then_end() {
         let threads = Arc::new(ThreadSet::default());
-        let pool = Arc::new(Pool::new(1, 16, Order::Fifo));
+        let pool = Arc::new(Pool::new(1, 16, Order::Fifo, LOOK_AGAIN));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         for id in 0..5 {
             pool.push(job(id, &done_tx));
