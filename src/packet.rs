@@ -216,9 +216,8 @@ impl Packet {
         let Some(body) = src.get(prefix..prefix + len) else {
             return Ok(None);
         };
-        let mut rest = body;
-        let head = read_body_head(&mut rest, len as u64)?;
-        let packet = head.into_packet(rest.to_vec());
+        let head = parse_body_head(body)?;
+        let packet = head.into_packet(body[len - head.payload_len..].to_vec());
         Ok(Some((packet, prefix + len)))
     }
 
@@ -365,11 +364,39 @@ fn read_field(r: &mut impl Read, left: &mut u64, what: &'static str) -> Result<u
 /// body of `body_len` bytes, leaving `r` at the payload.
 pub(crate) fn read_body_head(r: &mut impl Read, body_len: u64) -> Result<BodyHead> {
     let mut left = body_len;
-    let tag = read_field(r, &mut left, "packet ends inside its tag")?;
-    let header = read_field(r, &mut left, "packet ends inside its header")?;
+    body_head(body_len, |what| {
+        let value = read_field(r, &mut left, what)?;
+        Ok((value, left))
+    })
+}
+
+/// Parses the tag, header, channel and request type at the front of `body`,
+/// a whole packet body, as [`read_body_head`] reads them from a stream: one
+/// parse a field, rather than a read a byte.
+pub(crate) fn parse_body_head(body: &[u8]) -> Result<BodyHead> {
+    let mut rest = body;
+    body_head(body.len() as u64, |what| match varint::parse(rest)? {
+        Some((value, used)) => {
+            rest = &rest[used..];
+            Ok((value, rest.len() as u64))
+        }
+        None => Err(Error::Malformed { reason: what }),
+    })
+}
+
+/// The head of a body of `body_len` bytes, from `field`, which returns the
+/// next field and the bytes of the body left after it, or the error `what`
+/// says if the body ends inside it.
+fn body_head(
+    body_len: u64,
+    mut field: impl FnMut(&'static str) -> Result<(u128, u64)>,
+) -> Result<BodyHead> {
+    let (tag, _) = field("packet ends inside its tag")?;
+    let (header, mut left) = field("packet ends inside its header")?;
     let tag = fit_u64(tag, "tag exceeds 64 bits")?;
     let channel = if header & 1 != 0 {
-        let channel = read_field(r, &mut left, "packet ends inside its channel")?;
+        let (channel, after) = field("packet ends inside its channel")?;
+        left = after;
         fit_u64(channel, "channel exceeds 64 bits")?
     } else {
         0
@@ -377,7 +404,9 @@ pub(crate) fn read_body_head(r: &mut impl Read, body_len: u64) -> Result<BodyHea
     let wire_flags = header >> 2;
     let kind = if header & 2 != 0 {
         let flags = fit_u64(wire_flags, "request flags exceed 64 bits")?;
-        match read_field(r, &mut left, "packet ends inside its request type")? {
+        let (rq_type, after) = field("packet ends inside its request type")?;
+        left = after;
+        match rq_type {
             0 => PacketKind::Control { flags },
             wire => PacketKind::Request {
                 rq_type: fit_u64(wire - 1, "request type exceeds 64 bits")?,
