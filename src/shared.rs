@@ -1423,9 +1423,13 @@ impl Shared {
                 }
                 // A caller reads. It hands the reader back with a notify if
                 // it must come back at once; else the lease runs on from
-                // its return, which this thread sees when it next looks.
+                // its return, which this thread sees when it next looks:
+                // no sooner than the longest lease, since callers are
+                // reading, and a caller blocked in a read for its response
+                // holds the reader for most of a call.
                 Holder::Caller => {
-                    let until = Instant::now() + lease;
+                    lease = MAX_LEASE;
+                    let until = Instant::now() + MAX_LEASE;
                     self.lent.wait_until(&mut lending, until);
                 }
                 Holder::Recv | Holder::Done => {
