@@ -23,7 +23,12 @@
 //! with more queued wakes one to do so. A watcher is woken by a producer
 //! only when no other parked worker is left, so it goes on watching through
 //! a run of bursts, and each burst costs the one wake-up of the worker that
-//! serves it.
+//! serves it. A look that finds jobs that were queued already when it
+//! began, and not taken since, shows the workers awake held up: the watcher
+//! takes one of those jobs and wakes a worker for each of the others at
+//! once. So the jobs of a burst that block all start within a look of
+//! being queued, two if the burst came partway through a look, not one
+//! look after another.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -112,15 +117,17 @@ impl<J: Job> Queue<J> {
 /// woken to help.
 const JOBS_PER_WORKER: usize = 16;
 
-/// How often a worker parked while jobs run looks at the queue: the longest
-/// a job waits behind jobs that block, with a worker free.
+/// How often a worker parked while jobs run looks at the queue: about how
+/// long a job waits behind jobs that block, with a worker free, and half
+/// the longest.
 pub(crate) const LOOK_AGAIN: Duration = Duration::from_millis(5);
 
 /// The queue and its workers. See the module doc.
 pub(crate) struct Pool<J> {
     queue: Queue<J>,
     n_workers: usize,
-    /// Workers parked on `wake`; changed only under `parked`'s lock.
+    /// Workers parked on `wake` or `watch`; changed only under `parked`'s
+    /// lock.
     n_parked: AtomicUsize,
     /// Workers inside a job.
     n_busy: AtomicUsize,
@@ -131,8 +138,13 @@ pub(crate) struct Pool<J> {
     /// Workers woken to watch the queue rather than take a job; changed
     /// only under `parked`'s lock.
     recruits: AtomicUsize,
+    /// Jobs taken from the queue so far (wrapping): a watcher compares it
+    /// before and after a look.
+    n_taken: AtomicUsize,
     /// Successful wake-ups of parked workers, for the tests.
     n_woken: AtomicUsize,
+    /// Looks at the end of a watch that found jobs queued, for the tests.
+    n_looks: AtomicUsize,
     closed: AtomicBool,
     /// The lock of `n_parked` and of the two condvars: workers parked with
     /// no job running wait on `wake`, the watching ones on `watch`.
@@ -213,7 +225,9 @@ impl<J: Job> Pool<J> {
             look_again,
             n_watching: AtomicUsize::new(0),
             recruits: AtomicUsize::new(0),
+            n_taken: AtomicUsize::new(0),
             n_woken: AtomicUsize::new(0),
+            n_looks: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -314,6 +328,26 @@ impl<J: Job> Pool<J> {
         }
     }
 
+    /// Called with `parked` locked, by a watcher at the end of a look that
+    /// began with `queued_before` jobs queued and `taken_before` taken: the
+    /// jobs queued then and not taken since have waited a whole look, so
+    /// the workers awake are held up, in jobs that may block. Each such job
+    /// still queued gets a worker now: this one, and one woken for each of
+    /// the others. Were each woken worker to recruit the next watcher
+    /// instead, the jobs of a burst that block would start one look apart.
+    fn wake_for_stuck_jobs(&self, queued_before: usize, taken_before: usize) {
+        let n_taken = self
+            .n_taken
+            .load(Ordering::SeqCst)
+            .wrapping_sub(taken_before);
+        let n_stuck = queued_before.saturating_sub(n_taken).min(self.queue.len());
+        for _ in 1..n_stuck {
+            if !self.wake_one() {
+                return;
+            }
+        }
+    }
+
     /// The next job; `None` once the pool is closed and its queue empty.
     fn pop(&self) -> Option<J> {
         // Woken to watch the queue, and counted in `n_watching` already:
@@ -322,6 +356,7 @@ impl<J: Job> Pool<J> {
         loop {
             if !recruited {
                 if let Some(job) = self.queue.try_pop() {
+                    self.n_taken.fetch_add(1, Ordering::SeqCst);
                     return Some(job);
                 }
             }
@@ -348,10 +383,16 @@ impl<J: Job> Pool<J> {
                     self.n_watching.fetch_add(1, Ordering::SeqCst);
                 }
                 recruited = false;
+                let queued_before = self.queue.len();
+                let taken_before = self.n_taken.load(Ordering::SeqCst);
                 let timed_out = self.watch.wait_for(&mut guard, self.look_again).timed_out();
                 self.n_watching.fetch_sub(1, Ordering::SeqCst);
                 if timed_out {
                     self.n_parked.fetch_sub(1, Ordering::SeqCst);
+                    if !self.queue.is_empty() {
+                        self.n_looks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.wake_for_stuck_jobs(queued_before, taken_before);
                 }
             } else {
                 self.wake.wait(&mut guard);
@@ -576,6 +617,104 @@ mod tests {
         assert_eq!(done, [0, 1, 2]);
         pool.close();
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+    }
+
+    #[test]
+    fn jobs_queued_behind_blocking_ones_all_start_after_one_look() {
+        // Seven jobs that block, queued in one burst with one wake-up, and
+        // eight workers. The worker that takes job 0 recruits a watcher,
+        // whose first look finds the six others held up: they must all
+        // start then, not one look after another.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
+                .unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        wait_until("every worker to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 8
+        });
+        for id in 0..7 {
+            pool.push(TestJob {
+                started: Some(started_tx.clone()),
+                gate: Some(gate.clone()),
+                ..job(id, &done_tx)
+            });
+        }
+        pool.wake();
+        for n_started in 0..7 {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{n_started} of 7 jobs started"));
+        }
+        // Once they have, no job is left for a look to find.
+        assert_eq!(
+            pool.n_looks.load(Ordering::SeqCst),
+            1,
+            "looks that found jobs, before the seven had started"
+        );
+        drop(release);
+        for _ in 0..7 {
+            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        close_and_check_ended(&pool, &threads, "after the blocking jobs");
+    }
+
+    #[test]
+    fn jobs_queued_while_a_watcher_is_partway_through_its_look_start_after_two_looks() {
+        // Job 0 blocks, and a quick job leaves one worker watching the
+        // queue while the other six sleep. A burst of six jobs that block
+        // then comes partway through a look: what the watcher finds at its
+        // end may be new, so it takes one job and recruits the next
+        // watcher, whose look, a whole one, shows the rest held up.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
+                .unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        let blocking = |id| TestJob {
+            started: Some(started_tx.clone()),
+            gate: Some(gate.clone()),
+            ..job(id, &done_tx)
+        };
+        wait_until("every worker to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 8
+        });
+        pool.push(blocking(0));
+        pool.wake();
+        assert_eq!(started_rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        pool.push(job(100, &done_tx));
+        pool.wake();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(100));
+        wait_until("one worker to watch, the others to sleep", || {
+            counters(&pool) == [7, 1, 0, 1]
+        });
+        let n_looks = pool.n_looks.load(Ordering::SeqCst);
+        for id in 1..7 {
+            pool.push(blocking(id));
+        }
+        pool.wake();
+        for n_started in 0..6 {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{n_started} of 6 jobs started"));
+        }
+        // The watcher's look and the recruit's. (A chain of recruits that
+        // each take one job would need five.) Once the six have started, no
+        // job is left for a look to find.
+        let n_looks = pool.n_looks.load(Ordering::SeqCst) - n_looks;
+        assert!(
+            n_looks <= 2,
+            "{n_looks} looks that found jobs, before the six had started"
+        );
+        drop(release);
+        for _ in 0..7 {
+            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        close_and_check_ended(&pool, &threads, "after the blocking jobs");
     }
 
     #[test]
