@@ -23,7 +23,12 @@
 //! with more queued wakes one to do so. A watcher is woken by a producer
 //! only when no other parked worker is left, so it goes on watching through
 //! a run of bursts, and each burst costs the one wake-up of the worker that
-//! serves it.
+//! serves it. A look that finds jobs that were queued already when it
+//! began, and not taken since, shows the workers awake held up: the watcher
+//! takes one of those jobs and wakes a worker for each of the others at
+//! once. So the jobs of a burst that block all start within a look of
+//! being queued, two if the burst came partway through a look, not one
+//! look after another.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -112,15 +117,17 @@ impl<J: Job> Queue<J> {
 /// woken to help.
 const JOBS_PER_WORKER: usize = 16;
 
-/// How often a worker parked while jobs run looks at the queue: the longest
-/// a job waits behind jobs that block, with a worker free.
+/// How often a worker parked while jobs run looks at the queue: about how
+/// long a job waits behind jobs that block, with a worker free, and half
+/// the longest.
 pub(crate) const LOOK_AGAIN: Duration = Duration::from_millis(5);
 
 /// The queue and its workers. See the module doc.
 pub(crate) struct Pool<J> {
     queue: Queue<J>,
     n_workers: usize,
-    /// Workers parked on `wake`; changed only under `parked`'s lock.
+    /// Workers parked on `wake` or `watch`; changed only under `parked`'s
+    /// lock.
     n_parked: AtomicUsize,
     /// Workers inside a job.
     n_busy: AtomicUsize,
@@ -131,8 +138,13 @@ pub(crate) struct Pool<J> {
     /// Workers woken to watch the queue rather than take a job; changed
     /// only under `parked`'s lock.
     recruits: AtomicUsize,
+    /// Jobs taken from the queue so far (wrapping): a watcher compares it
+    /// before and after a look.
+    n_taken: AtomicUsize,
     /// Successful wake-ups of parked workers, for the tests.
     n_woken: AtomicUsize,
+    /// Looks at the end of a watch that found jobs queued, for the tests.
+    n_looks: AtomicUsize,
     closed: AtomicBool,
     /// The lock of `n_parked` and of the two condvars: workers parked with
     /// no job running wait on `wake`, the watching ones on `watch`.
@@ -213,7 +225,9 @@ impl<J: Job> Pool<J> {
             look_again,
             n_watching: AtomicUsize::new(0),
             recruits: AtomicUsize::new(0),
+            n_taken: AtomicUsize::new(0),
             n_woken: AtomicUsize::new(0),
+            n_looks: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -314,6 +328,26 @@ impl<J: Job> Pool<J> {
         }
     }
 
+    /// Called with `parked` locked, by a watcher at the end of a look that
+    /// began with `queued_before` jobs queued and `taken_before` taken: the
+    /// jobs queued then and not taken since have waited a whole look, so
+    /// the workers awake are held up, in jobs that may block. Each such job
+    /// still queued gets a worker now: this one, and one woken for each of
+    /// the others. Were each woken worker to recruit the next watcher
+    /// instead, the jobs of a burst that block would start one look apart.
+    fn wake_for_stuck_jobs(&self, queued_before: usize, taken_before: usize) {
+        let n_taken = self
+            .n_taken
+            .load(Ordering::SeqCst)
+            .wrapping_sub(taken_before);
+        let n_stuck = queued_before.saturating_sub(n_taken).min(self.queue.len());
+        for _ in 1..n_stuck {
+            if !self.wake_one() {
+                return;
+            }
+        }
+    }
+
     /// The next job; `None` once the pool is closed and its queue empty.
     fn pop(&self) -> Option<J> {
         // Woken to watch the queue, and counted in `n_watching` already:
@@ -322,6 +356,7 @@ impl<J: Job> Pool<J> {
         loop {
             if !recruited {
                 if let Some(job) = self.queue.try_pop() {
+                    self.n_taken.fetch_add(1, Ordering::SeqCst);
                     return Some(job);
                 }
             }
@@ -348,10 +383,16 @@ impl<J: Job> Pool<J> {
                     self.n_watching.fetch_add(1, Ordering::SeqCst);
                 }
                 recruited = false;
+                let queued_before = self.queue.len();
+                let taken_before = self.n_taken.load(Ordering::SeqCst);
                 let timed_out = self.watch.wait_for(&mut guard, self.look_again).timed_out();
                 self.n_watching.fetch_sub(1, Ordering::SeqCst);
                 if timed_out {
                     self.n_parked.fetch_sub(1, Ordering::SeqCst);
+                    if !self.queue.is_empty() {
+                        self.n_looks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.wake_for_stuck_jobs(queued_before, taken_before);
                 }
             } else {
                 self.wake.wait(&mut guard);
@@ -471,11 +512,12 @@ mod tests {
 
     /// A job that reports its id when done, after waiting for `gate` if it
     /// has one, counting itself out of `quota` first, as a connection's job
-    /// does.
+    /// does; and when it starts, if it has `started`.
     struct TestJob {
         id: u64,
         size: usize,
         quota: Option<Arc<Quota>>,
+        started: Option<Sender<u64>>,
         done: Sender<u64>,
         gate: Option<Receiver<()>>,
     }
@@ -484,6 +526,9 @@ mod tests {
         fn run(self) {
             if let Some(quota) = &self.quota {
                 quota.release(self.size);
+            }
+            if let Some(started) = &self.started {
+                let _ = started.send(self.id);
             }
             if let Some(gate) = &self.gate {
                 let _ = gate.recv_timeout(Duration::from_secs(30));
@@ -501,6 +546,7 @@ mod tests {
             id,
             size: 0,
             quota: None,
+            started: None,
             done: done.clone(),
             gate: None,
         }
@@ -571,6 +617,104 @@ mod tests {
         assert_eq!(done, [0, 1, 2]);
         pool.close();
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+    }
+
+    #[test]
+    fn jobs_queued_behind_blocking_ones_all_start_after_one_look() {
+        // Seven jobs that block, queued in one burst with one wake-up, and
+        // eight workers. The worker that takes job 0 recruits a watcher,
+        // whose first look finds the six others held up: they must all
+        // start then, not one look after another.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
+                .unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        wait_until("every worker to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 8
+        });
+        for id in 0..7 {
+            pool.push(TestJob {
+                started: Some(started_tx.clone()),
+                gate: Some(gate.clone()),
+                ..job(id, &done_tx)
+            });
+        }
+        pool.wake();
+        for n_started in 0..7 {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{n_started} of 7 jobs started"));
+        }
+        // Once they have, no job is left for a look to find.
+        assert_eq!(
+            pool.n_looks.load(Ordering::SeqCst),
+            1,
+            "looks that found jobs, before the seven had started"
+        );
+        drop(release);
+        for _ in 0..7 {
+            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        close_and_check_ended(&pool, &threads, "after the blocking jobs");
+    }
+
+    #[test]
+    fn jobs_queued_while_a_watcher_is_partway_through_its_look_start_after_two_looks() {
+        // Job 0 blocks, and a quick job leaves one worker watching the
+        // queue while the other six sleep. A burst of six jobs that block
+        // then comes partway through a look: what the watcher finds at its
+        // end may be new, so it takes one job and recruits the next
+        // watcher, whose look, a whole one, shows the rest held up.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
+                .unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        let blocking = |id| TestJob {
+            started: Some(started_tx.clone()),
+            gate: Some(gate.clone()),
+            ..job(id, &done_tx)
+        };
+        wait_until("every worker to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 8
+        });
+        pool.push(blocking(0));
+        pool.wake();
+        assert_eq!(started_rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        pool.push(job(100, &done_tx));
+        pool.wake();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(100));
+        wait_until("one worker to watch, the others to sleep", || {
+            counters(&pool) == [7, 1, 0, 1]
+        });
+        let n_looks = pool.n_looks.load(Ordering::SeqCst);
+        for id in 1..7 {
+            pool.push(blocking(id));
+        }
+        pool.wake();
+        for n_started in 0..6 {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{n_started} of 6 jobs started"));
+        }
+        // The watcher's look and the recruit's. (A chain of recruits that
+        // each take one job would need five.) Once the six have started, no
+        // job is left for a look to find.
+        let n_looks = pool.n_looks.load(Ordering::SeqCst) - n_looks;
+        assert!(
+            n_looks <= 2,
+            "{n_looks} looks that found jobs, before the six had started"
+        );
+        drop(release);
+        for _ in 0..7 {
+            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        close_and_check_ended(&pool, &threads, "after the blocking jobs");
     }
 
     #[test]
@@ -757,5 +901,336 @@ mod tests {
             .unwrap();
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
         assert_eq!(done_rx.try_iter().collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    }
+
+    /// The counters that come back to rest: parked, watching, recruits,
+    /// busy.
+    fn counters<J: Job>(pool: &Pool<J>) -> [usize; 4] {
+        [
+            pool.n_parked.load(Ordering::SeqCst),
+            pool.n_watching.load(Ordering::SeqCst),
+            pool.recruits.load(Ordering::SeqCst),
+            pool.n_busy.load(Ordering::SeqCst),
+        ]
+    }
+
+    /// Closes `pool`, then checks that every worker ends and that its
+    /// counters are back at zero.
+    fn close_and_check_ended<J: Job>(pool: &Pool<J>, threads: &ThreadSet, what: &str) {
+        pool.close();
+        assert!(
+            threads.wait_until(Some(Instant::now() + Duration::from_secs(10))),
+            "{what}: workers still running 10 s after close; parked, watching, recruits, busy: {:?}",
+            counters(pool)
+        );
+        assert!(threads.join_ended().is_none(), "{what}: a worker panicked");
+        assert_eq!(
+            counters(pool),
+            [0; 4],
+            "{what}: parked, watching, recruits, busy once every worker ended"
+        );
+    }
+
+    #[test]
+    fn close_wakes_a_recruit_that_watches_and_the_queue_drains() {
+        // The recruit would look at the queue only in a minute: the close
+        // must wake it, and it must run what is queued before it ends.
+        let threads = Arc::new(ThreadSet::default());
+        let pool =
+            Pool::start_looking_every("t", 2, 16, Order::Fifo, &threads, Duration::from_secs(60))
+                .unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        wait_until("both workers to park", || {
+            pool.n_parked.load(Ordering::SeqCst) == 2
+        });
+        pool.push(TestJob {
+            gate: Some(gate),
+            ..job(0, &done_tx)
+        });
+        pool.push(job(1, &done_tx));
+        // One worker by count: it takes job 0 and, with job 1 queued,
+        // recruits the other to watch.
+        pool.wake();
+        wait_until("the recruit to watch, with job 1 queued", || {
+            counters(&pool) == [1, 1, 0, 1]
+        });
+        assert_eq!(pool.queue.len(), 1);
+        pool.close();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(1));
+        drop(release);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        close_and_check_ended(&pool, &threads, "after close");
+    }
+
+    #[test]
+    fn close_right_after_a_burst_runs_every_job_and_ends_every_worker() {
+        // The close races the wake-ups and the recruits of the burst.
+        for round in 0..200 {
+            let threads = Arc::new(ThreadSet::default());
+            let pool = Pool::start_looking_every(
+                "t",
+                4,
+                64,
+                [Order::Fifo, Order::Fair][round % 2],
+                &threads,
+                Duration::from_millis(1),
+            )
+            .unwrap();
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            if round % 4 < 2 {
+                wait_until("every worker to park", || {
+                    pool.n_parked.load(Ordering::SeqCst) == 4
+                });
+            }
+            for id in 0..20 {
+                pool.push(job(id, &done_tx));
+            }
+            pool.wake();
+            pool.close();
+            let mut done: Vec<u64> = (0..20)
+                .map(|_| {
+                    done_rx
+                        .recv_timeout(Duration::from_secs(10))
+                        .unwrap_or_else(|_| panic!("round {round}: a queued job did not run"))
+                })
+                .collect();
+            done.sort();
+            assert_eq!(done, (0..20).collect::<Vec<_>>());
+            close_and_check_ended(&pool, &threads, &format!("round {round}"));
+        }
+    }
+
+    /// A small seeded generator (xorshift64*), for the randomized test,
+    /// which reports its seeds.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Rng {
+            Rng(seed | 1)
+        }
+
+        /// A number below `n`.
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+
+        /// True `percent` times in a hundred.
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// Sets its flag when dropped, on a panic too.
+    struct SetOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for SetOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// One randomized round against a new pool: producers push bursts of
+    /// quick jobs and of jobs that block until the round releases them
+    /// (fewer than there are workers), some bursts followed by a wake-up
+    /// and each producer's last one always; the pool is closed at once, or
+    /// once it is at rest. Checks that every job starts though no wake-up
+    /// comes after the last, that every job runs once, that the counters
+    /// never exceed the number of workers (an underflow shows as a huge
+    /// number), that they come back to rest while the pool is idle, and
+    /// to zero once it is closed.
+    fn attack_round(seed: u64, order: Order) {
+        let what = format!(
+            "{order:?} round of seed {seed} (rerun it alone with PACKETSTREAM_POOL_SEED={seed})"
+        );
+        let patience = Duration::from_secs(10);
+        let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let n_workers = 1 + rng.below(5) as usize;
+        let capacity = [2, 8, 256][rng.below(3) as usize];
+        let look_again = Duration::from_micros(500 + rng.below(2500));
+        let n_producers = 1 + rng.below(3);
+        // Each producer's bursts: the jobs, each with whether it blocks,
+        // and whether a wake-up follows.
+        let mut n_blocking = 0;
+        let mut plans = Vec::new();
+        for lane in 0..n_producers {
+            let n_bursts = 1 + rng.below(4);
+            let mut bursts = Vec::new();
+            for burst_idx in 0..n_bursts {
+                let n_jobs = 1 + rng.below(16);
+                let jobs: Vec<(u64, bool)> = (0..n_jobs)
+                    .map(|_| {
+                        let blocks = n_blocking + 1 < n_workers && rng.chance(8);
+                        n_blocking += usize::from(blocks);
+                        (0, blocks)
+                    })
+                    .collect();
+                bursts.push((jobs, burst_idx + 1 == n_bursts || rng.chance(70)));
+            }
+            // Ids of the lane's jobs: `lane * 100 + n`, as `TestJob::lane`
+            // reads them.
+            let mut next_id = lane * 100;
+            for (jobs, _) in &mut bursts {
+                for (id, _) in jobs.iter_mut() {
+                    *id = next_id;
+                    next_id += 1;
+                }
+            }
+            plans.push(bursts);
+        }
+        let mut expected: Vec<u64> = plans
+            .iter()
+            .flatten()
+            .flat_map(|(jobs, _)| jobs.iter().map(|&(id, _)| id))
+            .collect();
+        expected.sort();
+        let n_jobs = expected.len();
+
+        let threads = Arc::new(ThreadSet::default());
+        let pool = Pool::start_looking_every("t", n_workers, capacity, order, &threads, look_again)
+            .unwrap();
+        let (started_tx, started_rx) = crossbeam_channel::unbounded();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (release, gate) = crossbeam_channel::bounded::<()>(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_monitor = SetOnDrop(&stop);
+        let monitor = {
+            let (pool, stop) = (Arc::clone(&pool), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let seen = counters(&pool);
+                    if seen.iter().any(|&n| n > pool.n_workers) {
+                        return Some(seen);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                None
+            })
+        };
+        let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
+        let producers: Vec<_> = plans
+            .into_iter()
+            .enumerate()
+            .map(|(idx, bursts)| {
+                let mut rng = Rng::new(seed ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let pool = Arc::clone(&pool);
+                let (started, done) = (started_tx.clone(), done_tx.clone());
+                let (gate, finished) = (gate.clone(), finished_tx.clone());
+                std::thread::spawn(move || {
+                    for (jobs, wake) in bursts {
+                        for (id, blocks) in jobs {
+                            pool.push(TestJob {
+                                started: Some(started.clone()),
+                                gate: blocks.then(|| gate.clone()),
+                                ..job(id, &done)
+                            });
+                        }
+                        if wake {
+                            pool.wake();
+                        }
+                        match rng.below(4) {
+                            0 => std::thread::yield_now(),
+                            1 => std::thread::sleep(look_again * rng.below(3) as u32),
+                            _ => {}
+                        }
+                    }
+                    let _ = finished.send(());
+                })
+            })
+            .collect();
+        drop(gate);
+        for _ in 0..n_producers {
+            // A producer can block only in a push to a full queue, which
+            // the one worker not held by a blocking job drains.
+            finished_rx.recv_timeout(patience).unwrap_or_else(|_| {
+                panic!(
+                    "{what}: a producer stuck in a push; parked, watching, recruits, busy: {:?}",
+                    counters(&pool)
+                )
+            });
+        }
+        for producer in producers {
+            producer.join().unwrap();
+        }
+        let close_early = rng.chance(30);
+        if close_early {
+            pool.close();
+            if rng.chance(50) {
+                pool.wake();
+            }
+        }
+        // Every job starts, the blocking ones still blocking: one worker
+        // at least is never held.
+        let mut started: Vec<u64> = (0..n_jobs)
+            .map(|n_started| {
+                started_rx.recv_timeout(patience).unwrap_or_else(|_| {
+                    panic!(
+                        "{what}: a job stranded with {n_started} of {n_jobs} started, \
+                         {n_blocking} blocking, {n_workers} workers; \
+                         parked, watching, recruits, busy: {:?}",
+                        counters(&pool)
+                    )
+                })
+            })
+            .collect();
+        drop(release);
+        for n_done in 0..n_jobs {
+            done_rx
+                .recv_timeout(patience)
+                .unwrap_or_else(|_| panic!("{what}: {n_done} of {n_jobs} jobs done once released"));
+        }
+        if !close_early {
+            let deadline = Instant::now() + patience;
+            while counters(&pool) != [n_workers, 0, 0, 0] {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: idle, yet parked, watching, recruits, busy: {:?}",
+                    counters(&pool)
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        drop(stop_monitor);
+        let seen = monitor.join().unwrap();
+        assert!(
+            seen.is_none(),
+            "{what}: parked, watching, recruits, busy {seen:?} with {n_workers} workers"
+        );
+        close_and_check_ended(&pool, &threads, &what);
+        started.sort();
+        assert_eq!(started, expected, "{what}: each job starts once");
+    }
+
+    /// Runs randomized rounds for about `budget` (a minute with
+    /// `PACKETSTREAM_LONG=1`), or the one round of the seed in
+    /// `PACKETSTREAM_POOL_SEED`.
+    fn attack(order: Order, budget: Duration) {
+        if let Ok(seed) = std::env::var("PACKETSTREAM_POOL_SEED") {
+            let seed = seed.parse().expect("PACKETSTREAM_POOL_SEED is a number");
+            return attack_round(seed, order);
+        }
+        let budget = match std::env::var_os("PACKETSTREAM_LONG") {
+            Some(long) if long != "0" => Duration::from_secs(60),
+            _ => budget,
+        };
+        let begun = Instant::now();
+        let mut n_rounds = 0;
+        while n_rounds < 20 || begun.elapsed() < budget {
+            attack_round(n_rounds, order);
+            n_rounds += 1;
+        }
+    }
+
+    #[test]
+    fn a_fifo_pool_under_random_bursts_blocking_jobs_and_closes() {
+        attack(Order::Fifo, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_fair_pool_under_random_bursts_blocking_jobs_and_closes() {
+        attack(Order::Fair, Duration::from_millis(1500));
     }
 }
