@@ -145,6 +145,8 @@ pub(crate) struct Pool<J> {
     n_woken: AtomicUsize,
     /// Looks at the end of a watch that found jobs queued, for the tests.
     n_looks: AtomicUsize,
+    /// Workers started and not yet ended.
+    n_alive: AtomicUsize,
     closed: AtomicBool,
     /// The lock of `n_parked` and of the two condvars: workers parked with
     /// no job running wait on `wake`, the watching ones on `watch`.
@@ -180,7 +182,9 @@ impl<J: Job> Pool<J> {
         let pool: Arc<Pool<J>> = Arc::new(Pool::new(n_workers, capacity, order, look_again));
         for idx in 0..n_workers {
             let worker = Arc::clone(&pool);
+            pool.n_alive.fetch_add(1, Ordering::SeqCst);
             let spawned = threads.spawn(format!("{name}:handler{idx}"), move || {
+                let _ended = WorkerEnded(&worker);
                 while let Some(job) = worker.pop() {
                     worker.busy(|| {
                         // Counted busy now: if jobs are still queued and no
@@ -195,6 +199,7 @@ impl<J: Job> Pool<J> {
                 }
             });
             if let Err(e) = spawned {
+                pool.n_alive.fetch_sub(1, Ordering::SeqCst);
                 pool.close();
                 return Err(e);
             }
@@ -228,6 +233,7 @@ impl<J: Job> Pool<J> {
             n_taken: AtomicUsize::new(0),
             n_woken: AtomicUsize::new(0),
             n_looks: AtomicUsize::new(0),
+            n_alive: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -260,6 +266,24 @@ impl<J: Job> Pool<J> {
                 }
                 len.fetch_add(1, Ordering::SeqCst);
             }
+        }
+        // Queued once the last worker has ended, as when a connection is
+        // aborted while its reader hands on a request: nobody would run it,
+        // and what it holds would be kept alive by the queue.
+        if self.closed.load(Ordering::SeqCst) && self.n_alive.load(Ordering::SeqCst) == 0 {
+            self.discard_queued();
+        }
+    }
+
+    /// Drops every queued job, unrun: for a closed pool with no worker left.
+    fn discard_queued(&self) {
+        let mut n = 0;
+        while let Some(job) = self.queue.try_pop() {
+            drop(job);
+            n += 1;
+        }
+        if n > 0 {
+            log::debug!("{n} jobs queued after the pool's workers had ended: dropped");
         }
     }
 
@@ -406,10 +430,16 @@ impl<J: Job> Pool<J> {
 
     /// Runs `f` counted as busy.
     fn busy<T>(&self, f: impl FnOnce() -> T) -> T {
+        /// Counts the worker out again, even if the job panics.
+        struct Busy<'a>(&'a AtomicUsize);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.n_busy.fetch_add(1, Ordering::SeqCst);
-        let res = f();
-        self.n_busy.fetch_sub(1, Ordering::SeqCst);
-        res
+        let _busy = Busy(&self.n_busy);
+        f()
     }
 
     /// No more jobs come: the workers run what is queued, then end.
@@ -418,6 +448,22 @@ impl<J: Job> Pool<J> {
         let _guard = self.parked.lock();
         let woken = self.wake.notify_all() + self.watch.notify_all();
         self.n_parked.fetch_sub(woken, Ordering::SeqCst);
+    }
+}
+
+/// Counts a worker out when it ends, however it ends. The last one drops
+/// what is still queued: a job pushed as the last worker made its final
+/// look at the queue, which the pusher saw as taken care of.
+struct WorkerEnded<'a, J: Job>(&'a Pool<J>);
+
+impl<J: Job> Drop for WorkerEnded<'_, J> {
+    fn drop(&mut self) {
+        let pool = self.0;
+        // Pairs with `push`, which queues before it reads `n_alive`: either
+        // it sees this worker gone, or this worker sees its job.
+        if pool.n_alive.fetch_sub(1, Ordering::SeqCst) == 1 {
+            pool.discard_queued();
+        }
     }
 }
 
@@ -756,6 +802,65 @@ mod tests {
         pool.close();
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
         assert!(threads.join_ended().is_none());
+    }
+
+    /// A job that holds a reference, as a connection's job holds its
+    /// connection.
+    struct Holding(
+        // Held only to be dropped with the job.
+        #[allow(dead_code)] Arc<()>,
+    );
+
+    impl Job for Holding {
+        fn run(self) {}
+
+        fn lane(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_job_queued_after_the_last_worker_ended_is_dropped_not_kept() {
+        for order in [Order::Fifo, Order::Fair] {
+            let threads = Arc::new(ThreadSet::default());
+            let pool = Pool::start("t", 2, 16, order, &threads).unwrap();
+            pool.close();
+            assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
+            assert_eq!(pool.n_alive.load(Ordering::SeqCst), 0);
+            let held = Arc::new(());
+            pool.push(Holding(Arc::clone(&held)));
+            assert_eq!(
+                Arc::strong_count(&held),
+                1,
+                "{order:?}: the job is still queued, with nobody to run it"
+            );
+            assert!(pool.queue.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_job_that_panics_counts_its_worker_out_of_the_busy() {
+        struct Panics;
+        impl Job for Panics {
+            fn run(self) {
+                panic!("a job that panics, on purpose");
+            }
+            fn lane(&self) -> usize {
+                0
+            }
+        }
+        let threads = Arc::new(ThreadSet::default());
+        let pool = Pool::start("t", 1, 16, Order::Fifo, &threads).unwrap();
+        pool.push(Panics);
+        pool.wake();
+        // The one worker dies with the panic; the pool's counts must not
+        // say it is still in a job.
+        wait_until("the worker to end", || {
+            pool.n_alive.load(Ordering::SeqCst) == 0
+        });
+        assert_eq!(pool.n_busy.load(Ordering::SeqCst), 0);
+        pool.close();
+        assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
     }
 
     #[test]
