@@ -57,8 +57,9 @@ pub(crate) struct Inbox {
     seldom: Padded<Seldom>,
     /// Requests answered, their tags free again, or refused, whose replies
     /// are being queued: EOF waits for them too. Raised under the lock, as
-    /// the request leaves `in_progress` or is refused; lowered without it,
-    /// once the reply is queued.
+    /// the request leaves `in_progress` or is refused, or is taken in to be
+    /// served on the thread that reads; lowered without it, once the reply
+    /// is queued.
     replying: Padded<AtomicUsize>,
 }
 
@@ -165,12 +166,17 @@ impl Inbound {
     /// Takes in the peer's request `(channel, tag)`, or says why not. With
     /// the replies owed to the peer `at_budget`, the request is refused as
     /// busy, unless none is in progress.
+    /// Takes a request in, into `in_progress` if `tracked`: a request
+    /// served on the thread that reads (an inline handler's) is answered
+    /// before the next packet is read, so no later packet can reuse its
+    /// tag or cancel it, and it is counted as `replying` instead.
     fn admit(
         &mut self,
         has_handler: bool,
         channel: u64,
         tag: u64,
         at_budget: bool,
+        tracked: bool,
     ) -> Result<(), Refusal> {
         let denied = |reason: String| Err(Refusal::Denied(reason));
         if !has_handler {
@@ -184,7 +190,9 @@ impl Inbound {
         } else if at_budget && !self.in_progress.is_empty() {
             Err(Refusal::Busy)
         } else {
-            self.in_progress.insert((channel, tag));
+            if tracked {
+                self.in_progress.insert((channel, tag));
+            }
             Ok(())
         }
     }
@@ -706,15 +714,17 @@ impl Shared {
             .requests_received
             .fetch_add(1, Ordering::Relaxed);
         let at_budget = self.outbox.at_reply_budget();
+        let inline = self.pool.is_none();
         let (deadline, admitted) = {
             let mut inbound = self.inbound.lock();
             // Taken even if the request is refused, so that it is not left
             // over.
             let deadline = inbound.early_deadlines.take(channel, tag);
-            let admitted = inbound.admit(self.handler.is_some(), channel, tag, at_budget);
-            if admitted.is_err() {
-                // Its refusal is owed like a reply, from now: EOF waits
-                // for it, even if the close begins before it is queued.
+            let admitted = inbound.admit(self.handler.is_some(), channel, tag, at_budget, !inline);
+            if admitted.is_err() || inline {
+                // Its refusal, or an inline handler's reply, is owed from
+                // now: EOF waits for it, even if the close begins before it
+                // is queued.
                 self.inbound.replying.fetch_add(1, Ordering::SeqCst);
             }
             (deadline, admitted)
@@ -1027,7 +1037,7 @@ impl Shared {
             // without running: what a peer that does not read can make this
             // end hold stays bounded, and nothing waits for the peer.
             if self.outbox.at_reply_budget() {
-                self.answering(channel, tag);
+                self.answering(channel, tag, reading);
                 self.refuse_busy(channel, tag);
                 return self.finish_request(false);
             }
@@ -1044,7 +1054,7 @@ impl Shared {
             };
             // The peer's own doing, in ordinary use: not worth a warning.
             log::debug!("{}: refusing request {channel}:{tag}: {reason}", self.name);
-            self.answering(channel, tag);
+            self.answering(channel, tag, reading);
             self.refuse(channel, tag, reason.to_string(), 0);
             return self.finish_request(reading);
         }
@@ -1056,7 +1066,7 @@ impl Shared {
             (Some(handler), false) => Some(run_handler(&self.name, handler, rq)),
             _ => None,
         };
-        self.answering(channel, tag);
+        self.answering(channel, tag, reading);
         if let Some(outcome) = outcome {
             self.reply(channel, tag, outcome);
         }
@@ -1067,7 +1077,12 @@ impl Shared {
     /// queued: its tag is free for the peer again from now (it may reuse it
     /// as soon as it reads the reply), and it can no longer be cancelled.
     /// [`finish_request`](Shared::finish_request) follows the reply.
-    fn answering(&self, channel: u64, tag: u64) {
+    /// A request served on the thread that reads was counted as replying
+    /// when it was taken in, and never entered `in_progress`.
+    fn answering(&self, channel: u64, tag: u64, reading: bool) {
+        if reading {
+            return;
+        }
         let mut inbound = self.inbound.lock();
         self.inbound.answered(&mut inbound, channel, tag);
         self.inbound.replying.fetch_add(1, Ordering::SeqCst);
@@ -1555,7 +1570,7 @@ mod tests {
     fn cancels_only_requests_in_progress() {
         let inbox = Inbox::default();
         assert!(!inbox.cancel(0, 9), "never arrived");
-        assert_eq!(inbox.lock().admit(true, 0, 9, false), Ok(()));
+        assert_eq!(inbox.lock().admit(true, 0, 9, false, true), Ok(()));
         assert!(!inbox.is_cancelled(0, 9));
         assert!(inbox.cancel(0, 9));
         assert!(inbox.cancel(0, 9), "a second cancel is harmless");
@@ -1578,7 +1593,7 @@ mod tests {
     #[test]
     fn a_cancel_wakes_a_waiting_handler() {
         let inbox = Arc::new(Inbox::default());
-        assert_eq!(inbox.lock().admit(true, 0, 4, false), Ok(()));
+        assert_eq!(inbox.lock().admit(true, 0, 4, false, true), Ok(()));
         let waiter = {
             let inbox = Arc::clone(&inbox);
             std::thread::spawn(move || {
@@ -1598,24 +1613,24 @@ mod tests {
         let mut inbound = Inbound::default();
         let denied = |reason: &str| Err(Refusal::Denied(reason.to_string()));
         assert_eq!(
-            inbound.admit(false, 0, 2, false),
+            inbound.admit(false, 0, 2, false, true),
             denied("no request handler")
         );
-        assert_eq!(inbound.admit(true, 0, 2, false), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 2, false, true), Ok(()));
         assert_eq!(
-            inbound.admit(true, 0, 2, false),
+            inbound.admit(true, 0, 2, false, true),
             denied("channel 0: tag already in use: 2")
         );
         // The same tag on another channel is another request.
-        assert_eq!(inbound.admit(true, 5, 2, false), Ok(()));
+        assert_eq!(inbound.admit(true, 5, 2, false, true), Ok(()));
         inbound.closing = true;
         assert_eq!(
-            inbound.admit(true, 0, 3, false),
+            inbound.admit(true, 0, 3, false, true),
             denied("connection is closing")
         );
         inbound.peer_ended_requests = true;
         assert_eq!(
-            inbound.admit(true, 0, 3, false),
+            inbound.admit(true, 0, 3, false, true),
             denied("requests no longer allowed")
         );
         assert_eq!(inbound.in_progress.len(), 2);
@@ -1624,11 +1639,11 @@ mod tests {
     #[test]
     fn admission_sheds_load_at_the_reply_budget_but_never_starves() {
         let mut inbound = Inbound::default();
-        assert_eq!(inbound.admit(true, 0, 2, false), Ok(()));
-        assert_eq!(inbound.admit(true, 0, 3, true), Err(Refusal::Busy));
+        assert_eq!(inbound.admit(true, 0, 2, false, true), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 3, true, true), Err(Refusal::Busy));
         assert_eq!(inbound.in_progress.len(), 1);
         // With nothing in progress, one request is always let in.
         let mut inbound = Inbound::default();
-        assert_eq!(inbound.admit(true, 0, 2, true), Ok(()));
+        assert_eq!(inbound.admit(true, 0, 2, true, true), Ok(()));
     }
 }
