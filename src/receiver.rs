@@ -215,7 +215,8 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<b
     };
     let watched = r.get_mut();
     if channel != CONTROL_CHANNEL && watched.timeouts.is_some_and(|t| t.idle.is_some()) {
-        watched.last_packet = Instant::now();
+        // Its last byte came with the last read: no second clock read.
+        watched.last_packet = watched.last_read;
     }
     match kind {
         PacketKind::Control { flags } => {

@@ -1172,7 +1172,7 @@ impl Shared {
     /// (refusals among them) written now, unless a handler is about to
     /// write them with its own.
     pub(crate) fn before_read(&self) {
-        self.more_incoming.store(false, Ordering::SeqCst);
+        self.more_incoming(false);
         if let Some(pool) = &self.pool {
             pool.wake();
         }
