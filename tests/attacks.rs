@@ -1523,3 +1523,52 @@ fn a_client_accepted_as_the_stop_begins_is_ended_in_order() {
     let stopped = within_or("the stop", LIMIT, move || stop.join().unwrap(), || {});
     assert!(stopped.is_ok(), "{stopped:?}");
 }
+
+/// A handler's error whose `Display` panics.
+#[derive(Debug)]
+struct PanickyError;
+
+impl std::fmt::Display for PanickyError {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("an error whose Display panics, on purpose")
+    }
+}
+
+impl std::error::Error for PanickyError {}
+
+/// An error a handler returns whose `Display` panics is a panic in the
+/// handler's work like any other: its request gets a not-ok reply, and the
+/// thread that ran it, the one handler thread or the receive thread of an
+/// inline handler, lives on to serve the next request and the close.
+#[test]
+fn a_handler_error_whose_display_panics_is_answered_and_the_handler_thread_serves_on() {
+    fn handler(rq: Request) -> HandlerResult {
+        match rq.rq_type {
+            ECHO => echo(rq),
+            _ => Err(Box::new(PanickyError)),
+        }
+    }
+    let servers = [
+        Config::default().handler_threads(1).handler(handler),
+        Config::default().inline_handler(handler),
+    ];
+    for (idx, config) in servers.into_iter().enumerate() {
+        let (client, server) = pair_with(
+            Config::default().name(format!("dispc{idx}")),
+            config.name(format!("disps{idx}")),
+        );
+        let res = client.call_timeout(99, 0, b"", HANG);
+        assert!(
+            matches!(&res, Err(Error::Failed { payload, .. }) if payload.starts_with(b"handler panicked")),
+            "server {idx}: {res:?}"
+        );
+        let res = client.call_timeout(ECHO, 0, b"after", HANG);
+        assert_eq!(
+            res.unwrap().payload,
+            b"after",
+            "server {idx}: the thread that ran the handler is gone"
+        );
+        assert!(client.close_timeout(HANG).is_ok());
+        assert!(server.close_timeout(HANG).is_ok());
+    }
+}
