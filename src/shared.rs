@@ -1393,6 +1393,10 @@ impl Shared {
         {
             return Returned::Reader(source);
         }
+        // The reader may rest lent for a whole lease, read by nobody: what
+        // a read that may block does first is done now, so that a request
+        // read just before the response runs, and its reply goes, at once.
+        self.before_read();
         let mut lending = self.lending.lock();
         lending.holder = Holder::Lent;
         lending.source = Some(source);
@@ -1478,8 +1482,14 @@ impl Shared {
             }
         }
         // Others waiting, or bytes left to parse: the receive thread reads on
-        // at once. Else the lease goes on, for the next call.
+        // at once. Else the lease goes on, for the next call, and the reader
+        // may rest unread for all of it: what a read that may block does
+        // first is done now, so that a request read just before this
+        // caller's response runs, and its reply goes, at once.
         recall |= !source.idle() || self.table.len() > 0;
+        if !recall {
+            self.before_read();
+        }
         let mut lending = self.lending.lock();
         lending.source = Some(source);
         lending.holder = Holder::Lent;

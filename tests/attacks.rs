@@ -1572,3 +1572,83 @@ fn a_handler_error_whose_display_panics_is_answered_and_the_handler_thread_serve
         assert!(server.close_timeout(HANG).is_ok());
     }
 }
+
+/// How a raw peer sends the packet that follows its answer to a client's
+/// last call: in the same write, before or after the answer, or in a write
+/// of its own once the call has returned.
+#[derive(Clone, Copy, Debug)]
+enum Arrival {
+    Before,
+    After,
+    Later,
+}
+
+/// A client that calls a raw peer [`WARM_CALLS`] times and once more, the
+/// peer answering each: the last answer comes with `then`, as `arrival`
+/// says. Returns the client (its calls done, all answered) and the peer.
+fn calls_then(
+    name: String,
+    config: Config,
+    then: &Packet,
+    arrival: Arrival,
+) -> (Arc<PacketConnection>, common::RawPeer) {
+    let (conn, mut peer) = common::RawPeer::with_patience(config.name(name), HANG);
+    let conn = Arc::new(conn);
+    let caller = spawn_calls_then(&conn, b"last");
+    for idx in 0..=WARM_CALLS {
+        let rq = peer.recv_packet();
+        let answer = wire(&common::response(rq.tag, true, 0, &rq.payload));
+        let bytes = match arrival {
+            _ if idx < WARM_CALLS => answer,
+            Arrival::Before => [wire(then), answer].concat(),
+            Arrival::After => [answer, wire(then)].concat(),
+            Arrival::Later => answer,
+        };
+        peer.send_bytes(&bytes);
+    }
+    let (warm_ok, last) = within("the calls", move || caller.join().unwrap());
+    assert!(warm_ok);
+    assert_eq!(last.unwrap().unwrap().payload, b"last");
+    if let Arrival::Later = arrival {
+        peer.send(then);
+    }
+    (conn, peer)
+}
+
+/// The peer's request that comes with the answer to a client's last call,
+/// or after it, is answered, by the client's handler, while no call reads:
+/// whether the caller read it before its answer and queued it, or left it
+/// unread behind the answer, or it came once the reader rested lent.
+#[test]
+fn a_request_that_comes_with_or_after_the_last_answer_is_served() {
+    for arrival in [Arrival::Before, Arrival::After, Arrival::Later] {
+        let name = format!("lastrq{arrival:?}");
+        let pushed = common::request(1000, ECHO, 0, b"pushed");
+        let config = Config::default().handler(echo);
+        let (conn, mut peer) = calls_then(name, config, &pushed, arrival);
+        // The peer's patience is HANG: a reply that never comes fails here.
+        let reply = peer.recv_packet();
+        assert_eq!(
+            (reply.tag, reply.payload.as_slice()),
+            (1000, &b"pushed"[..]),
+            "{arrival:?}"
+        );
+        conn.abort();
+    }
+}
+
+/// The peer's EOF, with the answer to a client's last call or after it,
+/// ends the connection in order while no call reads: the client sends its
+/// own EOF, and `join` returns.
+#[test]
+fn a_peer_eof_that_comes_with_or_after_the_last_answer_ends_the_connection() {
+    for arrival in [Arrival::After, Arrival::Later] {
+        let name = format!("lasteof{arrival:?}");
+        let (conn, mut peer) = calls_then(name, Config::default(), &Packet::eof(), arrival);
+        let (_, last) = peer.recv_until(Packet::is_eof);
+        assert_eq!(last, Packet::eof(), "{arrival:?}");
+        let c = Arc::clone(&conn);
+        let res = within_or("join", HANG, move || c.join(), || conn.abort());
+        assert!(res.is_ok(), "{arrival:?}: {res:?}");
+    }
+}
