@@ -1652,3 +1652,107 @@ fn a_peer_eof_that_comes_with_or_after_the_last_answer_ends_the_connection() {
         assert!(res.is_ok(), "{arrival:?}: {res:?}");
     }
 }
+
+/// A connection aborted while its peer floods it with requests, its quota
+/// of queued jobs full behind a slow handler, frees everything it held once
+/// dropped: no job left queued, with nobody to run it, keeps the handler
+/// (and the connection's state that holds it) alive. Over many rounds, so
+/// that the abort meets the receive thread at every step of handing on a
+/// request.
+#[test]
+fn a_connection_aborted_under_a_flood_of_requests_frees_its_handler() {
+    let mut rng = common::Rng::new(0x5eed_ab07);
+    for round in 0..40 {
+        let marker = Arc::new(());
+        let held = Arc::downgrade(&marker);
+        let name = common::unique_name("flood");
+        let handler_threads = 1 + rng.below(3) as usize;
+        let config = Config::default()
+            .name(name.as_str())
+            .handler_threads(handler_threads)
+            .handler_queue(4)
+            .handler(move |rq: Request| -> HandlerResult {
+                let _marker = &marker;
+                thread::sleep(Duration::from_micros(200));
+                echo(rq)
+            });
+        let (conn, peer) = common::RawPeer::with_patience(config, HANG);
+        let mut stream = peer.stream.try_clone().unwrap();
+        let flood = thread::spawn(move || {
+            let mut tag = 0;
+            // Until the connection's abort breaks the stream.
+            while stream
+                .write_all(&wire(&common::request(tag, ECHO, 0, b"x")))
+                .is_ok()
+            {
+                tag += 1;
+            }
+        });
+        thread::sleep(Duration::from_micros(rng.below(5_000)));
+        conn.abort();
+        drop(conn);
+        common::assert_threads_gone(&name, HANG);
+        within("the flood", move || flood.join().unwrap());
+        drop(peer);
+        common::wait_for(
+            &format!("round {round}: the handler to be dropped"),
+            HANG,
+            || held.strong_count() == 0,
+        );
+    }
+}
+
+/// A server stopped while its clients flood it with requests, past its
+/// deadline so that it aborts them, frees everything it held: its threads
+/// end and its handler is dropped, with no job left queued in its shared
+/// pool.
+#[test]
+fn a_server_stopped_under_a_flood_of_requests_frees_its_handler() {
+    for round in 0..4 {
+        let marker = Arc::new(());
+        let held = Arc::downgrade(&marker);
+        let name = common::unique_name("sflood");
+        let config = Config::default()
+            .name(name.as_str())
+            .handler_queue(4)
+            .handler(move |rq: Request| -> HandlerResult {
+                let _marker = &marker;
+                thread::sleep(Duration::from_micros(200));
+                echo(rq)
+            });
+        let (server, addr) = serve(ServerConfig::new(config).handler_threads(2));
+        let floods: Vec<_> = (0..6)
+            .map(|_| {
+                let mut stream = TcpStream::connect(addr).unwrap();
+                stream.set_write_timeout(Some(HANG)).unwrap();
+                thread::spawn(move || {
+                    let mut tag = 0;
+                    // Until the server's abort breaks the stream.
+                    while stream
+                        .write_all(&wire(&common::request(tag, ECHO, 0, b"x")))
+                        .is_ok()
+                    {
+                        tag += 1;
+                    }
+                })
+            })
+            .collect();
+        common::wait_for("the clients to be served", HANG, || {
+            server.connections() == 6
+        });
+        thread::sleep(ms(10 * round));
+        let stopped = within("the stop", move || server.stop_timeout(ms(50)));
+        assert!(stopped.is_err(), "round {round}: the clients never closed");
+        common::join_all("the floods", floods);
+        common::wait_for(
+            &format!("round {round}: the server's threads to end"),
+            HANG,
+            || common::threads_named(&name).is_empty(),
+        );
+        common::wait_for(
+            &format!("round {round}: the handler to be dropped"),
+            HANG,
+            || held.strong_count() == 0,
+        );
+    }
+}
