@@ -246,13 +246,17 @@ pub(crate) struct Outcome {
 /// `name` is the connection's, for the log.
 pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Request) -> Outcome {
     let (channel, tag, rq_type) = (rq.channel, rq.tag, rq.rq_type);
-    match catch_unwind(AssertUnwindSafe(|| handler.handle(rq))) {
-        Ok(Ok(reply)) => Outcome {
+    // The handler's error is shown and dropped inside the catch too: its
+    // `Display` and its `Drop` are the application's code, and a panic in
+    // them must not end the thread that runs the handler (a worker of the
+    // pool, or the receive thread), leaving the request unanswered.
+    let res = catch_unwind(AssertUnwindSafe(|| match handler.handle(rq) {
+        Ok(reply) => Outcome {
             ok: true,
             flags: reply.flags,
             payload: reply.payload,
         },
-        Ok(Err(err)) => {
+        Err(err) => {
             log::debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
             match err.downcast::<Failure>() {
                 Ok(failure) => Outcome {
@@ -267,6 +271,9 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
                 },
             }
         }
+    }));
+    match res {
+        Ok(outcome) => outcome,
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -276,6 +283,12 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
             log::error!(
                 "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
             );
+            // The panic's payload is the application's too: a panic in its
+            // drop is caught, and what that panic carries is leaked rather
+            // than dropped in turn.
+            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(panic))) {
+                std::mem::forget(again);
+            }
             Outcome {
                 ok: false,
                 flags: 0,
@@ -319,5 +332,39 @@ mod tests {
         assert_eq!(out.payload, b"handler panicked: boom");
         let out = run_handler("test", &handler, rq(b"other"));
         assert_eq!((out.ok, out.flags), (true, 7));
+    }
+
+    #[test]
+    fn a_panic_in_the_errors_display_or_in_dropping_a_panic_is_a_not_ok_outcome() {
+        #[derive(Debug)]
+        struct PanicsInDisplay;
+        impl std::fmt::Display for PanicsInDisplay {
+            fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                panic!("Display panics")
+            }
+        }
+        impl StdError for PanicsInDisplay {}
+        struct PanicsInDrop;
+        impl Drop for PanicsInDrop {
+            fn drop(&mut self) {
+                panic!("Drop panics")
+            }
+        }
+        let handler: Arc<dyn RequestHandler> = Arc::new(|rq: Request| -> HandlerResult {
+            match rq.payload.as_slice() {
+                b"display" => Err(Box::new(PanicsInDisplay)),
+                _ => std::panic::panic_any(PanicsInDrop),
+            }
+        });
+        let out = run_handler("test", &handler, rq(b"display"));
+        assert_eq!(
+            (out.ok, out.payload.as_slice()),
+            (false, &b"handler panicked: Display panics"[..])
+        );
+        let out = run_handler("test", &handler, rq(b"drop"));
+        assert_eq!(
+            (out.ok, out.payload.as_slice()),
+            (false, &b"handler panicked: non-string panic payload"[..])
+        );
     }
 }

@@ -1402,17 +1402,25 @@ impl Shared {
     /// caller reading, or at once when recalled; or, if a caller read the
     /// end of the stream, that end, for this thread to act on.
     pub(crate) fn lend_reader(&self, source: Box<dyn PacketSource>) -> Returned {
-        if !self.may_lend
-            || self.table.len() > 0
-            || self.inbound.seldom.closing.load(Ordering::SeqCst)
-        {
+        if !self.may_lend || self.busy() {
             return Returned::Reader(source);
         }
+        // The reader may rest lent for a whole lease, read by nobody: what
+        // a read that may block does first is done now, so that a request
+        // read just before the response runs, and its reply goes, at once.
+        self.before_read();
         let mut lending = self.lending.lock();
         lending.holder = Holder::Lent;
         lending.source = Some(source);
         lending.since = Instant::now();
         lending.recall = false;
+        // Looked at again once the reader is lent: a waiter that submitted,
+        // or a close that began, after the first look recalled the reader,
+        // or looked for it to read, while this thread still held it, and
+        // found nothing to do. (Not under the lock: no thread holds two.)
+        if MutexGuard::unlocked(&mut lending, || self.busy()) {
+            lending.recall = true;
+        }
         let mut lease = LEASE;
         let mut checked = lending.since;
         loop {
@@ -1454,6 +1462,12 @@ impl Shared {
         }
     }
 
+    /// Whether the receive thread must read on rather than lend its
+    /// reader: requests of this end are pending, or the close has begun.
+    fn busy(&self) -> bool {
+        self.table.len() > 0 || self.inbound.seldom.closing.load(Ordering::SeqCst)
+    }
+
     /// A caller about to wait for `cell` reads the stream itself if the
     /// reader is lent, until its response has come; true if it did. It
     /// hands the reader back at once if a packet needs the receive thread:
@@ -1493,13 +1507,22 @@ impl Shared {
             }
         }
         // Others waiting, or bytes left to parse: the receive thread reads on
-        // at once. Else the lease goes on, for the next call.
-        recall |= !source.idle() || self.table.len() > 0;
+        // at once. Else the lease goes on, for the next call, and the reader
+        // may rest unread for all of it: what a read that may block does
+        // first is done now, so that a request read just before this
+        // caller's response runs, and its reply goes, at once.
+        recall |= !source.idle();
+        if !recall {
+            self.before_read();
+        }
         let mut lending = self.lending.lock();
         lending.source = Some(source);
         lending.holder = Holder::Lent;
         lending.since = Instant::now();
-        lending.recall |= recall;
+        // Looked at once the reader is back, as in `lend_reader`: a caller
+        // that submitted and found the reader taken by this one is seen.
+        let others = MutexGuard::unlocked(&mut lending, || self.table.len() > 0);
+        lending.recall |= recall || others;
         let wake = lending.recall;
         drop(lending);
         if wake {

@@ -1523,3 +1523,236 @@ fn a_client_accepted_as_the_stop_begins_is_ended_in_order() {
     let stopped = within_or("the stop", LIMIT, move || stop.join().unwrap(), || {});
     assert!(stopped.is_ok(), "{stopped:?}");
 }
+
+/// A handler's error whose `Display` panics.
+#[derive(Debug)]
+struct PanickyError;
+
+impl std::fmt::Display for PanickyError {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("an error whose Display panics, on purpose")
+    }
+}
+
+impl std::error::Error for PanickyError {}
+
+/// An error a handler returns whose `Display` panics is a panic in the
+/// handler's work like any other: its request gets a not-ok reply, and the
+/// thread that ran it, the one handler thread or the receive thread of an
+/// inline handler, lives on to serve the next request and the close.
+#[test]
+fn a_handler_error_whose_display_panics_is_answered_and_the_handler_thread_serves_on() {
+    fn handler(rq: Request) -> HandlerResult {
+        match rq.rq_type {
+            ECHO => echo(rq),
+            _ => Err(Box::new(PanickyError)),
+        }
+    }
+    let servers = [
+        Config::default().handler_threads(1).handler(handler),
+        Config::default().inline_handler(handler),
+    ];
+    for (idx, config) in servers.into_iter().enumerate() {
+        let (client, server) = pair_with(
+            Config::default().name(format!("dispc{idx}")),
+            config.name(format!("disps{idx}")),
+        );
+        let res = client.call_timeout(99, 0, b"", HANG);
+        assert!(
+            matches!(&res, Err(Error::Failed { payload, .. }) if payload.starts_with(b"handler panicked")),
+            "server {idx}: {res:?}"
+        );
+        let res = client.call_timeout(ECHO, 0, b"after", HANG);
+        assert_eq!(
+            res.unwrap().payload,
+            b"after",
+            "server {idx}: the thread that ran the handler is gone"
+        );
+        assert!(client.close_timeout(HANG).is_ok());
+        assert!(server.close_timeout(HANG).is_ok());
+    }
+}
+
+/// How a raw peer sends the packet that follows its answer to a client's
+/// last call: in the same write, before or after the answer, or in a write
+/// of its own once the call has returned.
+#[derive(Clone, Copy, Debug)]
+enum Arrival {
+    Before,
+    After,
+    Later,
+}
+
+/// A client that calls a raw peer [`WARM_CALLS`] times and once more, the
+/// peer answering each: the last answer comes with `then`, as `arrival`
+/// says. Returns the client (its calls done, all answered) and the peer.
+fn calls_then(
+    name: String,
+    config: Config,
+    then: &Packet,
+    arrival: Arrival,
+) -> (Arc<PacketConnection>, common::RawPeer) {
+    let (conn, mut peer) = common::RawPeer::with_patience(config.name(name), HANG);
+    let conn = Arc::new(conn);
+    let caller = spawn_calls_then(&conn, b"last");
+    for idx in 0..=WARM_CALLS {
+        let rq = peer.recv_packet();
+        let answer = wire(&common::response(rq.tag, true, 0, &rq.payload));
+        let bytes = match arrival {
+            _ if idx < WARM_CALLS => answer,
+            Arrival::Before => [wire(then), answer].concat(),
+            Arrival::After => [answer, wire(then)].concat(),
+            Arrival::Later => answer,
+        };
+        peer.send_bytes(&bytes);
+    }
+    let (warm_ok, last) = within("the calls", move || caller.join().unwrap());
+    assert!(warm_ok);
+    assert_eq!(last.unwrap().unwrap().payload, b"last");
+    if let Arrival::Later = arrival {
+        peer.send(then);
+    }
+    (conn, peer)
+}
+
+/// The peer's request that comes with the answer to a client's last call,
+/// or after it, is answered, by the client's handler, while no call reads:
+/// whether the caller read it before its answer and queued it, or left it
+/// unread behind the answer, or it came once the reader rested lent.
+#[test]
+fn a_request_that_comes_with_or_after_the_last_answer_is_served() {
+    for arrival in [Arrival::Before, Arrival::After, Arrival::Later] {
+        let name = format!("lastrq{arrival:?}");
+        let pushed = common::request(1000, ECHO, 0, b"pushed");
+        let config = Config::default().handler(echo);
+        let (conn, mut peer) = calls_then(name, config, &pushed, arrival);
+        // The peer's patience is HANG: a reply that never comes fails here.
+        let reply = peer.recv_packet();
+        assert_eq!(
+            (reply.tag, reply.payload.as_slice()),
+            (1000, &b"pushed"[..]),
+            "{arrival:?}"
+        );
+        conn.abort();
+    }
+}
+
+/// The peer's EOF, with the answer to a client's last call or after it,
+/// ends the connection in order while no call reads: the client sends its
+/// own EOF, and `join` returns.
+#[test]
+fn a_peer_eof_that_comes_with_or_after_the_last_answer_ends_the_connection() {
+    for arrival in [Arrival::After, Arrival::Later] {
+        let name = format!("lasteof{arrival:?}");
+        let (conn, mut peer) = calls_then(name, Config::default(), &Packet::eof(), arrival);
+        let (_, last) = peer.recv_until(Packet::is_eof);
+        assert_eq!(last, Packet::eof(), "{arrival:?}");
+        let c = Arc::clone(&conn);
+        let res = within_or("join", HANG, move || c.join(), || conn.abort());
+        assert!(res.is_ok(), "{arrival:?}: {res:?}");
+    }
+}
+
+/// A connection aborted while its peer floods it with requests, its quota
+/// of queued jobs full behind a slow handler, frees everything it held once
+/// dropped: no job left queued, with nobody to run it, keeps the handler
+/// (and the connection's state that holds it) alive. Over many rounds, so
+/// that the abort meets the receive thread at every step of handing on a
+/// request.
+#[test]
+fn a_connection_aborted_under_a_flood_of_requests_frees_its_handler() {
+    let mut rng = common::Rng::new(0x5eed_ab07);
+    for round in 0..40 {
+        let marker = Arc::new(());
+        let held = Arc::downgrade(&marker);
+        let name = common::unique_name("flood");
+        let handler_threads = 1 + rng.below(3) as usize;
+        let config = Config::default()
+            .name(name.as_str())
+            .handler_threads(handler_threads)
+            .handler_queue(4)
+            .handler(move |rq: Request| -> HandlerResult {
+                let _marker = &marker;
+                thread::sleep(Duration::from_micros(200));
+                echo(rq)
+            });
+        let (conn, peer) = common::RawPeer::with_patience(config, HANG);
+        let mut stream = peer.stream.try_clone().unwrap();
+        let flood = thread::spawn(move || {
+            let mut tag = 0;
+            // Until the connection's abort breaks the stream.
+            while stream
+                .write_all(&wire(&common::request(tag, ECHO, 0, b"x")))
+                .is_ok()
+            {
+                tag += 1;
+            }
+        });
+        thread::sleep(Duration::from_micros(rng.below(5_000)));
+        conn.abort();
+        drop(conn);
+        common::assert_threads_gone(&name, HANG);
+        within("the flood", move || flood.join().unwrap());
+        drop(peer);
+        common::wait_for(
+            &format!("round {round}: the handler to be dropped"),
+            HANG,
+            || held.strong_count() == 0,
+        );
+    }
+}
+
+/// A server stopped while its clients flood it with requests, past its
+/// deadline so that it aborts them, frees everything it held: its threads
+/// end and its handler is dropped, with no job left queued in its shared
+/// pool.
+#[test]
+fn a_server_stopped_under_a_flood_of_requests_frees_its_handler() {
+    for round in 0..4 {
+        let marker = Arc::new(());
+        let held = Arc::downgrade(&marker);
+        let name = common::unique_name("sflood");
+        let config = Config::default()
+            .name(name.as_str())
+            .handler_queue(4)
+            .handler(move |rq: Request| -> HandlerResult {
+                let _marker = &marker;
+                thread::sleep(Duration::from_micros(200));
+                echo(rq)
+            });
+        let (server, addr) = serve(ServerConfig::new(config).handler_threads(2));
+        let floods: Vec<_> = (0..6)
+            .map(|_| {
+                let mut stream = TcpStream::connect(addr).unwrap();
+                stream.set_write_timeout(Some(HANG)).unwrap();
+                thread::spawn(move || {
+                    let mut tag = 0;
+                    // Until the server's abort breaks the stream.
+                    while stream
+                        .write_all(&wire(&common::request(tag, ECHO, 0, b"x")))
+                        .is_ok()
+                    {
+                        tag += 1;
+                    }
+                })
+            })
+            .collect();
+        common::wait_for("the clients to be served", HANG, || {
+            server.connections() == 6
+        });
+        thread::sleep(ms(10 * round));
+        let stopped = within("the stop", move || server.stop_timeout(ms(50)));
+        assert!(stopped.is_err(), "round {round}: the clients never closed");
+        common::join_all("the floods", floods);
+        common::wait_for(
+            &format!("round {round}: the server's threads to end"),
+            HANG,
+            || common::threads_named(&name).is_empty(),
+        );
+        common::wait_for(
+            &format!("round {round}: the handler to be dropped"),
+            HANG,
+            || held.strong_count() == 0,
+        );
+    }
+}

@@ -615,11 +615,10 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
     );
     assert_eq!(client.name(), "tn-c");
     close_both(&client, &server);
-    assert!(
-        threads_named("tn-").is_empty(),
-        "{:?}",
-        threads_named("tn-")
-    );
+    // `close` returns once every thread is past its work; the kernel may
+    // show one a moment longer, as it exits.
+    assert_threads_gone("tn-c", LIMIT);
+    assert_threads_gone("tn-s", LIMIT);
 }
 
 #[test]
