@@ -1487,6 +1487,9 @@ impl Shared {
             }
         };
         let mut recall = false;
+        // Whether a packet other than a response was read: a request of the
+        // peer's, whose job or reply may wait on what comes before a read.
+        let mut served = false;
         while !cell.is_ready() {
             match source.step(self) {
                 Step::Ended(res) => {
@@ -1503,28 +1506,34 @@ impl Shared {
                     recall = true;
                     break;
                 }
-                Step::Read { .. } => {}
+                Step::Read { delivered } => served |= !delivered,
             }
         }
-        // Others waiting, or bytes left to parse: the receive thread reads on
-        // at once. Else the lease goes on, for the next call, and the reader
-        // may rest unread for all of it: what a read that may block does
-        // first is done now, so that a request read just before this
-        // caller's response runs, and its reply goes, at once.
+        // Bytes left to parse: the receive thread reads on at once. Else the
+        // lease goes on, for the next call, and the reader may rest unread
+        // for all of it: if a request of the peer's was read, what a read
+        // that may block does first is done now, so that a request read
+        // just before this caller's response runs, and its reply goes, at
+        // once.
         recall |= !source.idle();
-        if !recall {
+        if !recall && served {
             self.before_read();
         }
         let mut lending = self.lending.lock();
         lending.source = Some(source);
         lending.holder = Holder::Lent;
         lending.since = Instant::now();
-        // Looked at once the reader is back, as in `lend_reader`: a caller
-        // that submitted and found the reader taken by this one is seen.
-        let others = MutexGuard::unlocked(&mut lending, || self.table.len() > 0);
-        lending.recall |= recall || others;
-        let wake = lending.recall;
+        lending.recall |= recall;
+        let mut wake = lending.recall;
         drop(lending);
+        // Others waiting are looked for once the reader is back, as in
+        // `lend_reader`: a caller that registered its request before this
+        // look is seen here, and one that registers after it finds the
+        // reader lent.
+        if !wake && self.table.len() > 0 {
+            self.lending.lock().recall = true;
+            wake = true;
+        }
         if wake {
             self.lent.notify_all();
         }
