@@ -602,12 +602,24 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !cond() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::yield_now();
+            // A short sleep, not a spin: a spinning test takes a core from
+            // the threads it waits for, and from the other tests.
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
-    #[test]
-    fn a_new_job_is_not_stuck_behind_a_long_one() {
+    /// A pool of two workers, one held in a job (id 0) that blocks until
+    /// `release` is dropped, and a quick job (id 1) already run by the
+    /// other, which the pool had to wake for it.
+    struct OneHeld {
+        threads: Arc<ThreadSet>,
+        pool: Arc<Pool<TestJob>>,
+        done_tx: Sender<u64>,
+        done_rx: Receiver<u64>,
+        release: Sender<()>,
+    }
+
+    fn one_of_two_held() -> OneHeld {
         let threads = Arc::new(ThreadSet::default());
         let pool = Pool::start("t", 2, 16, Order::Fifo, &threads).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
@@ -627,6 +639,24 @@ mod tests {
         pool.push(job(1, &done_tx));
         pool.wake();
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(1));
+        OneHeld {
+            threads,
+            pool,
+            done_tx,
+            done_rx,
+            release,
+        }
+    }
+
+    #[test]
+    fn a_new_job_is_not_stuck_behind_a_long_one() {
+        let OneHeld {
+            threads,
+            pool,
+            done_rx,
+            release,
+            ..
+        } = one_of_two_held();
         drop(release);
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(0));
         pool.close();
@@ -865,26 +895,15 @@ mod tests {
 
     #[test]
     fn a_worker_parked_while_a_job_runs_takes_a_job_queued_with_no_wake() {
-        let threads = Arc::new(ThreadSet::default());
-        let pool = Pool::start("t", 2, 16, Order::Fifo, &threads).unwrap();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let (release, gate) = crossbeam_channel::bounded::<()>(0);
-        wait_until("both workers to park", || {
-            pool.n_parked.load(Ordering::SeqCst) == 2
-        });
-        pool.push(TestJob {
-            gate: Some(gate),
-            ..job(0, &done_tx)
-        });
-        pool.wake();
-        wait_until("the blocking job to start", || {
-            pool.n_busy.load(Ordering::SeqCst) == 1
-        });
-        // A quick job wakes the other worker, which then parks while the
-        // first job runs: it watches the queue.
-        pool.push(job(1, &done_tx));
-        pool.wake();
-        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(1));
+        // The worker that ran the quick job parks while the first job runs:
+        // it watches the queue.
+        let OneHeld {
+            threads,
+            pool,
+            done_tx,
+            done_rx,
+            release,
+        } = one_of_two_held();
         wait_until("the free worker to watch the queue", || {
             pool.n_watching.load(Ordering::SeqCst) == 1
         });
