@@ -165,11 +165,11 @@ enum Refusal {
 impl Inbound {
     /// Takes in the peer's request `(channel, tag)`, or says why not. With
     /// the replies owed to the peer `at_budget`, the request is refused as
-    /// busy, unless none is in progress.
-    /// Takes a request in, into `in_progress` if `tracked`: a request
-    /// served on the thread that reads (an inline handler's) is answered
-    /// before the next packet is read, so no later packet can reuse its
-    /// tag or cancel it, and it is counted as `replying` instead.
+    /// busy, unless none is in progress. It goes into `in_progress` only if
+    /// `tracked`: a request served on the thread that reads (an inline
+    /// handler's) is answered before the next packet is read, so no later
+    /// packet can reuse its tag or cancel it, and the caller counts it as
+    /// `replying` instead.
     fn admit(
         &mut self,
         has_handler: bool,
