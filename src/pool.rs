@@ -695,46 +695,91 @@ mod tests {
         assert!(threads.wait_until(Some(Instant::now() + Duration::from_secs(30))));
     }
 
+    /// Eight workers that look at the queue every 10 ms, and jobs that
+    /// report their start and then block until `release` is dropped.
+    struct Blocking {
+        threads: Arc<ThreadSet>,
+        pool: Arc<Pool<TestJob>>,
+        started_tx: Sender<u64>,
+        started_rx: Receiver<u64>,
+        done_tx: Sender<u64>,
+        done_rx: Receiver<u64>,
+        release: Sender<()>,
+        gate: Receiver<()>,
+    }
+
+    impl Blocking {
+        fn start() -> Blocking {
+            let threads = Arc::new(ThreadSet::default());
+            let pool = Pool::start_looking_every(
+                "t",
+                8,
+                16,
+                Order::Fifo,
+                &threads,
+                Duration::from_millis(10),
+            )
+            .unwrap();
+            let (started_tx, started_rx) = crossbeam_channel::unbounded();
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let (release, gate) = crossbeam_channel::bounded::<()>(0);
+            wait_until("every worker to park", || {
+                pool.n_parked.load(Ordering::SeqCst) == 8
+            });
+            Blocking {
+                threads,
+                pool,
+                started_tx,
+                started_rx,
+                done_tx,
+                done_rx,
+                release,
+                gate,
+            }
+        }
+
+        /// A job that reports its start, then blocks.
+        fn job(&self, id: u64) -> TestJob {
+            TestJob {
+                started: Some(self.started_tx.clone()),
+                gate: Some(self.gate.clone()),
+                ..job(id, &self.done_tx)
+            }
+        }
+
+        /// Lets the `n` jobs go, sees each end, and closes the pool.
+        fn finish(self, n: usize) {
+            drop(self.release);
+            for _ in 0..n {
+                assert!(self.done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+            }
+            close_and_check_ended(&self.pool, &self.threads, "after the blocking jobs");
+        }
+    }
+
     #[test]
     fn jobs_queued_behind_blocking_ones_all_start_after_one_look() {
         // Seven jobs that block, queued in one burst with one wake-up, and
         // eight workers. The worker that takes job 0 recruits a watcher,
         // whose first look finds the six others held up: they must all
         // start then, not one look after another.
-        let threads = Arc::new(ThreadSet::default());
-        let pool =
-            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
-                .unwrap();
-        let (started_tx, started_rx) = crossbeam_channel::unbounded();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let (release, gate) = crossbeam_channel::bounded::<()>(0);
-        wait_until("every worker to park", || {
-            pool.n_parked.load(Ordering::SeqCst) == 8
-        });
+        let b = Blocking::start();
         for id in 0..7 {
-            pool.push(TestJob {
-                started: Some(started_tx.clone()),
-                gate: Some(gate.clone()),
-                ..job(id, &done_tx)
-            });
+            b.pool.push(b.job(id));
         }
-        pool.wake();
+        b.pool.wake();
         for n_started in 0..7 {
-            started_rx
+            b.started_rx
                 .recv_timeout(Duration::from_secs(10))
                 .unwrap_or_else(|_| panic!("{n_started} of 7 jobs started"));
         }
         // Once they have, no job is left for a look to find.
         assert_eq!(
-            pool.n_looks.load(Ordering::SeqCst),
+            b.pool.n_looks.load(Ordering::SeqCst),
             1,
             "looks that found jobs, before the seven had started"
         );
-        drop(release);
-        for _ in 0..7 {
-            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
-        }
-        close_and_check_ended(&pool, &threads, "after the blocking jobs");
+        b.finish(7);
     }
 
     #[test]
@@ -744,53 +789,35 @@ mod tests {
         // then comes partway through a look: what the watcher finds at its
         // end may be new, so it takes one job and recruits the next
         // watcher, whose look, a whole one, shows the rest held up.
-        let threads = Arc::new(ThreadSet::default());
-        let pool =
-            Pool::start_looking_every("t", 8, 16, Order::Fifo, &threads, Duration::from_millis(10))
-                .unwrap();
-        let (started_tx, started_rx) = crossbeam_channel::unbounded();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let (release, gate) = crossbeam_channel::bounded::<()>(0);
-        let blocking = |id| TestJob {
-            started: Some(started_tx.clone()),
-            gate: Some(gate.clone()),
-            ..job(id, &done_tx)
-        };
-        wait_until("every worker to park", || {
-            pool.n_parked.load(Ordering::SeqCst) == 8
-        });
-        pool.push(blocking(0));
-        pool.wake();
-        assert_eq!(started_rx.recv_timeout(Duration::from_secs(10)), Ok(0));
-        pool.push(job(100, &done_tx));
-        pool.wake();
-        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(100));
+        let b = Blocking::start();
+        b.pool.push(b.job(0));
+        b.pool.wake();
+        assert_eq!(b.started_rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        b.pool.push(job(100, &b.done_tx));
+        b.pool.wake();
+        assert_eq!(b.done_rx.recv_timeout(Duration::from_secs(10)), Ok(100));
         wait_until("one worker to watch, the others to sleep", || {
-            counters(&pool) == [7, 1, 0, 1]
+            counters(&b.pool) == [7, 1, 0, 1]
         });
-        let n_looks = pool.n_looks.load(Ordering::SeqCst);
+        let n_looks = b.pool.n_looks.load(Ordering::SeqCst);
         for id in 1..7 {
-            pool.push(blocking(id));
+            b.pool.push(b.job(id));
         }
-        pool.wake();
+        b.pool.wake();
         for n_started in 0..6 {
-            started_rx
+            b.started_rx
                 .recv_timeout(Duration::from_secs(10))
                 .unwrap_or_else(|_| panic!("{n_started} of 6 jobs started"));
         }
         // The watcher's look and the recruit's. (A chain of recruits that
         // each take one job would need five.) Once the six have started, no
         // job is left for a look to find.
-        let n_looks = pool.n_looks.load(Ordering::SeqCst) - n_looks;
+        let n_looks = b.pool.n_looks.load(Ordering::SeqCst) - n_looks;
         assert!(
             n_looks <= 2,
             "{n_looks} looks that found jobs, before the six had started"
         );
-        drop(release);
-        for _ in 0..7 {
-            assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok());
-        }
-        close_and_check_ended(&pool, &threads, "after the blocking jobs");
+        b.finish(7);
     }
 
     #[test]
