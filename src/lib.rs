@@ -336,6 +336,7 @@ mod connection;
 mod error;
 mod ext;
 mod handler;
+mod keeper;
 mod outbox;
 mod packet;
 mod pending;

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -18,6 +18,7 @@ use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Expired, RequestId, Result};
 use crate::ext::{self, EarlyDeadlines, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
+use crate::keeper::{self, Lender};
 use crate::outbox::{Admission, Control, DeadlineNote, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, PacketKind};
 use crate::pending::{Cell, Completion, PendingTable, TagSet};
@@ -221,10 +222,11 @@ pub(crate) enum Step {
     Ended(Result<Disconnect>),
 }
 
-/// How long the receive thread first leaves its reader to the callers, and
-/// the longest: while callers keep reading, the receive thread checks less
-/// and less often. A packet nobody waits for (a request from the peer, its
-/// EOF) that arrives after the last call may wait this long to be read.
+/// How long a lent reader may first rest unread, and the longest: the lease
+/// doubles at each look of the keeper that finds callers have read since
+/// the last. A packet nobody waits for (a request from the peer, its EOF)
+/// that arrives after the last call may wait this long, and up to one more
+/// [`keeper::LOOK`], to be read.
 const LEASE: Duration = Duration::from_millis(10);
 const MAX_LEASE: Duration = Duration::from_millis(50);
 
@@ -253,6 +255,13 @@ struct Lending {
     /// A caller read the end: what it was, and the bytes read past it, for
     /// the receive thread to act on.
     ended: Option<(Result<Disconnect>, Vec<u8>)>,
+    /// The lease: how long the reader may rest unread once a caller has
+    /// handed it back (it grows while callers keep reading), and when the
+    /// keeper last saw it handed back.
+    lease: Duration,
+    checked: Instant,
+    /// The lease keeper is looking at this reader.
+    watched: bool,
 }
 
 /// What the receive thread gets back from lending its reader.
@@ -558,6 +567,9 @@ impl Shared {
                 ended: None,
                 since: Instant::now(),
                 recall: false,
+                lease: LEASE,
+                checked: Instant::now(),
+                watched: false,
             }),
             lent: Condvar::new(),
             on_end: Mutex::new(config.on_end.clone()),
@@ -1401,7 +1413,7 @@ impl Shared {
     /// by this thread. Returns the reader once the lease has run out with no
     /// caller reading, or at once when recalled; or, if a caller read the
     /// end of the stream, that end, for this thread to act on.
-    pub(crate) fn lend_reader(&self, source: Box<dyn PacketSource>) -> Returned {
+    pub(crate) fn lend_reader(self: &Arc<Self>, source: Box<dyn PacketSource>) -> Returned {
         if !self.may_lend || self.busy() {
             return Returned::Reader(source);
         }
@@ -1410,9 +1422,21 @@ impl Shared {
         // read just before the response runs, and its reply goes, at once.
         self.before_read();
         let mut lending = self.lending.lock();
+        if !lending.watched {
+            // The keeper takes the reader back once it has rested unread
+            // for its lease; without a keeper, it is not lent. (Not under
+            // the lock: no thread holds two.)
+            let lender: Weak<dyn Lender> = Arc::downgrade(self) as Weak<Shared>;
+            if !MutexGuard::unlocked(&mut lending, || keeper::watch(lender)) {
+                return Returned::Reader(source);
+            }
+            lending.watched = true;
+        }
         lending.holder = Holder::Lent;
         lending.source = Some(source);
         lending.since = Instant::now();
+        lending.checked = lending.since;
+        lending.lease = LEASE;
         lending.recall = false;
         // Looked at again once the reader is lent: a waiter that submitted,
         // or a close that began, after the first look recalled the reader,
@@ -1421,47 +1445,65 @@ impl Shared {
         if MutexGuard::unlocked(&mut lending, || self.busy()) {
             lending.recall = true;
         }
-        let mut lease = LEASE;
-        let mut checked = lending.since;
+        // Sleeps until the reader is wanted back: recalled by the keeper
+        // once the lease has run out, by a waiter that does not read, by a
+        // caller handing it back with bytes left to parse or others
+        // waiting, or by the close; or until a caller has read the end.
         loop {
             if let Some((res, unread)) = lending.ended.take() {
                 lending.holder = Holder::Done;
                 return Returned::Ended(res, unread);
             }
             match lending.holder {
-                Holder::Lent => {
-                    let now = Instant::now();
-                    if lending.recall || now >= lending.since + lease {
-                        lending.holder = Holder::Recv;
-                        let source = lending.source.take().expect("a lent reader is there");
-                        return Returned::Reader(source);
-                    }
-                    if lending.since > checked {
-                        // A caller read since the last look: look less often.
-                        checked = lending.since;
-                        lease = (lease * 2).min(MAX_LEASE);
-                    }
-                    let until = lending.since + lease;
-                    self.lent.wait_until(&mut lending, until);
+                Holder::Lent if lending.recall => {
+                    lending.holder = Holder::Recv;
+                    let source = lending.source.take().expect("a lent reader is there");
+                    return Returned::Reader(source);
                 }
-                // A caller reads. It hands the reader back with a notify if
-                // it must come back at once; else the lease runs on from
-                // its return, which this thread sees when it next looks:
-                // no sooner than the longest lease, since callers are
-                // reading, and a caller blocked in a read for its response
-                // holds the reader for most of a call.
-                Holder::Caller => {
-                    lease = MAX_LEASE;
-                    let until = Instant::now() + MAX_LEASE;
-                    self.lent.wait_until(&mut lending, until);
-                }
+                Holder::Lent | Holder::Caller => self.lent.wait(&mut lending),
                 Holder::Recv | Holder::Done => {
                     unreachable!("only this thread takes the reader back")
                 }
             }
         }
     }
+}
 
+impl Lender for Shared {
+    fn look(&self, now: Instant) -> bool {
+        let mut lending = self.lending.lock();
+        let mut recall = false;
+        let again = match lending.holder {
+            Holder::Lent if lending.recall => false,
+            Holder::Lent => {
+                if lending.since > lending.checked {
+                    // A caller has read since the last look: the next one
+                    // is likely to come soon.
+                    lending.checked = lending.since;
+                    lending.lease = (lending.lease * 2).min(MAX_LEASE);
+                }
+                recall = now >= lending.since + lending.lease;
+                lending.recall |= recall;
+                !recall
+            }
+            // A caller blocked for its response holds the reader for most
+            // of a call: callers are reading.
+            Holder::Caller => {
+                lending.lease = MAX_LEASE;
+                true
+            }
+            Holder::Recv | Holder::Done => false,
+        };
+        lending.watched = again;
+        drop(lending);
+        if recall {
+            self.lent.notify_all();
+        }
+        again
+    }
+}
+
+impl Shared {
     /// Whether the receive thread must read on rather than lend its
     /// reader: requests of this end are pending, or the close has begun.
     fn busy(&self) -> bool {

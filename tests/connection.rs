@@ -621,6 +621,36 @@ fn threads_are_named_after_the_connection_and_all_end_on_close() {
     assert_threads_gone("tn-s", LIMIT);
 }
 
+/// The lease keeper, one thread for the whole process, starts when a
+/// receive thread first lends its reader, takes the reader back once it has
+/// rested unread for its lease (the peer's request is then read), and ends
+/// once no reader has been lent for a while.
+#[test]
+fn the_lease_keeper_comes_with_a_lent_reader_and_goes_after() {
+    if !isolated(
+        "the_lease_keeper_comes_with_a_lent_reader_and_goes_after",
+        LIMIT * 2,
+    ) {
+        return;
+    }
+    assert!(threads_named(KEEPER_THREAD).is_empty());
+    let (client, server) = pair_with(server_config("lk-c"), server_config("lk-s"));
+    // The response is delivered by the receive thread, which then lends its
+    // reader to the next caller.
+    assert_eq!(client.call(ECHO, 0, b"lend").unwrap().payload, b"lend");
+    wait_for("the keeper to start", LIMIT, || {
+        threads_named(KEEPER_THREAD).len() == 1
+    });
+    // Nobody calls: the keeper must hand the reader back for the peer's
+    // request to be read.
+    let rsp = server.call_timeout(ECHO, 0, b"back", LIMIT).unwrap();
+    assert_eq!(rsp.payload, b"back");
+    close_both(&client, &server);
+    wait_for("the keeper to end", LIMIT, || {
+        threads_named(KEEPER_THREAD).is_empty()
+    });
+}
+
 #[test]
 fn try_submit_would_block_on_a_full_queue_where_submit_waits() {
     let (a, mut b) = UnixStream::pair().unwrap();

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_threads_gone, bsuint, echo, isolated, ms, proc_status, report, request, serial,
+    assert_threads_gone, bsuint, echo, isolated, ms, proc_status, report, request, serial, threads,
     threads_named, unique_name, wait_for, wire, within, RawPeer, ECHO, LIMIT,
 };
 use packetstream::{
@@ -450,7 +450,7 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
             .packet_timeout(packet_timeout),
     )
     .unwrap();
-    let threads_before = proc_status("Threads");
+    let threads_before = threads();
     let rss_before = proc_status("VmRSS");
 
     let mut quiet = good_client(addr, ms(500));
@@ -471,7 +471,7 @@ fn a_server_reclaims_slow_loris_clients_and_keeps_serving_the_others() {
     // The first may be reclaimed before the last is accepted.
     let (mut threads_peak, mut rss_peak, mut held) = (0, 0, 0);
     wait_for("every client accepted", LIMIT, || {
-        threads_peak = threads_peak.max(proc_status("Threads"));
+        threads_peak = threads_peak.max(threads());
         rss_peak = rss_peak.max(proc_status("VmRSS"));
         held = held.max(server.connections());
         server.accepted() > LORIS as u64

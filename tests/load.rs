@@ -11,7 +11,7 @@ mod common;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{close_both, echo, isolated, long, pair_with, proc_status, report, wait_for};
+use common::{close_both, echo, isolated, long, pair_with, proc_status, report, threads, wait_for};
 use packetstream::{Config, PacketConnection, PendingResponse};
 
 /// How long a load run may take before it counts as a hang: longer than
@@ -200,7 +200,7 @@ fn wait_for_threads(baseline: u64) {
     wait_for(
         &format!("the thread count to return to {baseline}"),
         LOAD_LIMIT,
-        || proc_status("Threads") == baseline,
+        || threads() == baseline,
     );
 }
 
@@ -210,7 +210,7 @@ fn sixty_four_threads_share_one_connection() {
         return;
     }
     let per_thread = 10_000;
-    let baseline = proc_status("Threads");
+    let baseline = threads();
     let (a, b) = echo_pair("t64", |c| c);
     let deadline = Instant::now() + LOAD_LIMIT * 2;
     let conns: Vec<&PacketConnection> = vec![&a; 64];
@@ -250,11 +250,11 @@ fn two_hundred_connections_at_once_then_threads_return_to_baseline() {
     }
     const N_CONNS: usize = 200;
     let per_conn = if long() { 1_000 } else { 100 };
-    let baseline = proc_status("Threads");
+    let baseline = threads();
     let pairs: Vec<_> = (0..N_CONNS)
         .map(|idx| echo_pair(&format!("c{idx}"), |c| c.handler_threads(2)))
         .collect();
-    let peak = proc_status("Threads");
+    let peak = threads();
     // Each pair: two connections of a receive, a send and two handler
     // threads.
     assert_eq!(peak, baseline + 8 * N_CONNS as u64);
@@ -301,7 +301,7 @@ fn soak_memory_stays_flat() {
     const CHECKPOINT: u64 = 100_000;
     const SUBMITTERS: u64 = 4;
     const WINDOW: u64 = 500;
-    let baseline = proc_status("Threads");
+    let baseline = threads();
     let (a, b) = echo_pair("soak", |c| c);
     let rss_at_checkpoint = std::sync::Mutex::new(None);
     let deadline = Instant::now() + if long() { LOAD_LIMIT * 8 } else { LOAD_LIMIT };

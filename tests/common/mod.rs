@@ -571,6 +571,15 @@ pub fn proc_status(field: &str) -> u64 {
         .unwrap()
 }
 
+/// The lease keeper's thread: one for the process, not a connection's.
+pub const KEEPER_THREAD: &str = "ps:lease-keeper";
+
+/// This process's threads, but for the lease keeper's, which comes and
+/// goes with lent readers, whatever connection lent them.
+pub fn threads() -> u64 {
+    proc_status("Threads") - threads_named(KEEPER_THREAD).len() as u64
+}
+
 /// Threads of this process whose name starts with `prefix` (names are cut
 /// to 15 bytes by the kernel), sorted.
 pub fn threads_named(prefix: &str) -> Vec<String> {
