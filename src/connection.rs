@@ -138,7 +138,7 @@ impl PacketConnection {
                 Some((pool, true))
             }
         };
-        let timeouts = read_timeouts(&config, control.as_deref());
+        let timeouts = read_timeouts(&config, control.as_ref());
         let shared = Arc::new(Shared::new(
             &config, send, control, pool, interrupt, release,
         ));
@@ -678,23 +678,22 @@ impl Drop for PacketConnection {
     }
 }
 
-/// The read timeouts to enforce, if the config sets any and the stream's
-/// reads can be given a timeout: reads then return every quarter of the
-/// shortest of them (between 5 ms and 1 s), for the reader to look at the
-/// clock.
-fn read_timeouts(config: &Config, control: Option<&dyn Control>) -> Option<ReadTimeouts> {
+/// The read timeouts to enforce, if the config sets any and a blocked read
+/// on the stream can be interrupted (a socket): the keeper looks at them
+/// every quarter of the shortest (between 5 ms and 1 s).
+fn read_timeouts(config: &Config, control: Option<&Arc<dyn Control>>) -> Option<ReadTimeouts> {
     let shortest = [config.packet_timeout, config.idle_timeout, config.keepalive]
         .into_iter()
         .flatten()
         .min()?;
-    let slice = (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-    control
-        .is_some_and(|control| control.bound_reads(slice))
-        .then_some(ReadTimeouts {
-            packet: config.packet_timeout,
-            idle: config.idle_timeout,
-            keepalive: config.keepalive,
-        })
+    let control = control.filter(|control| control.interruptible_reads())?;
+    Some(ReadTimeouts {
+        packet: config.packet_timeout,
+        idle: config.idle_timeout,
+        keepalive: config.keepalive,
+        slice: (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1)),
+        control: Arc::clone(control),
+    })
 }
 
 /// A handle to the response of a submitted request.

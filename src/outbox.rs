@@ -1115,9 +1115,15 @@ pub(crate) trait Control: Send + Sync {
     /// socket given a short write timeout.
     fn bounded_writes(&self) -> bool;
 
-    /// Gives reads a timeout, so that the thread that reads can look at the
-    /// clock while the peer sends nothing. False if the stream cannot.
-    fn bound_reads(&self, slice: Duration) -> bool;
+    /// True if [`interrupt_reads`](Control::interrupt_reads) wakes a read
+    /// blocked on the stream, so that the connection's read timeouts can
+    /// be kept.
+    fn interruptible_reads(&self) -> bool;
+
+    /// Shuts the socket's reading down, which ends a blocked read with the
+    /// end of the stream, and every read after it: a read timeout has run
+    /// out. Writing goes on.
+    fn interrupt_reads(&self);
 }
 
 #[cfg(test)]
@@ -1428,9 +1434,10 @@ mod tests {
         fn bounded_writes(&self) -> bool {
             true
         }
-        fn bound_reads(&self, _: Duration) -> bool {
+        fn interruptible_reads(&self) -> bool {
             false
         }
+        fn interrupt_reads(&self) {}
     }
 
     /// An outbox over a [`Tight`] stream that takes `room` bytes, then

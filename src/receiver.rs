@@ -3,13 +3,15 @@
 //! an error.
 
 use std::io::{self, BufRead, BufReader, Read};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::{Disconnect, Error, Expired, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::handler::Request;
+use crate::keeper::{self, Watched};
+use crate::outbox::Control;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Packet, PacketKind};
 use crate::reply::Response;
 use crate::shared::{PacketSource, Returned, Shared, Step};
@@ -18,10 +20,10 @@ use crate::sync;
 /// The receive thread's read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
-/// The connection's own read timeouts, enforced where reads can be given a
-/// timeout (sockets): the stream's reads then return every so often, and
-/// the reader looks at the clock.
-#[derive(Clone, Copy, Debug)]
+/// The connection's own read timeouts, kept where a blocked read can be
+/// interrupted (sockets): the keeper looks at the reader's stamps every
+/// `slice`, and interrupts the reading once one has run out.
+#[derive(Clone)]
 pub(crate) struct ReadTimeouts {
     /// How long the peer may be silent inside a packet.
     pub(crate) packet: Option<Duration>,
@@ -29,94 +31,135 @@ pub(crate) struct ReadTimeouts {
     pub(crate) idle: Option<Duration>,
     /// How long the peer may be quiet before it is pinged.
     pub(crate) keepalive: Option<Duration>,
+    /// How often the keeper looks.
+    pub(crate) slice: Duration,
+    /// Interrupts a blocked read.
+    pub(crate) control: Arc<dyn Control>,
 }
 
-/// The stream, as the reader's `BufReader` sees it: every read that may
-/// block first lets the shared state act on what was parsed so far, so a
-/// request that has fully arrived never waits for the next packet; and the
-/// connection's read timeouts are kept here.
-struct Watched {
-    stream: Box<dyn Read + Send>,
-    shared: Arc<Shared>,
-    timeouts: Option<ReadTimeouts>,
-    /// The reader is inside a packet.
-    mid_packet: bool,
-    /// When a byte last came; when a packet of the application (not of
-    /// the extensions' control channel) last came; and when the
-    /// connection was last busy.
-    last_read: Instant,
-    last_packet: Instant,
-    last_busy: Instant,
-    /// When the last keepalive ping went.
-    pinged: Instant,
+/// What the reader and the keeper share of a connection's read timeouts.
+/// The reader stamps each read that brings bytes, each packet of the
+/// application, and whether it is inside a packet; the keeper reads the
+/// stamps (see [`Watched::look`]). Stamps are [`sync::stamp`]s.
+struct Liveness {
+    timeouts: ReadTimeouts,
+    shared: Weak<Shared>,
+    last_read: AtomicU64,
+    last_packet: AtomicU64,
+    mid_packet: AtomicBool,
+    /// The keeper's own: when the connection was last seen busy, and when
+    /// it last pinged the peer.
+    last_busy: AtomicU64,
+    pinged: AtomicU64,
+    /// Which timeout ran out, once the keeper has interrupted the reading.
+    expired: OnceLock<Disconnect>,
 }
 
-impl Read for Watched {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.shared.before_read();
-        loop {
-            match self.stream.read(buf) {
-                Ok(n) => {
-                    // The clock is read only if a timeout will look at it.
-                    if self.timeouts.is_some() {
-                        self.last_read = Instant::now();
-                    }
-                    return Ok(n);
-                }
-                Err(e) if self.timeouts.is_some() && timed_out(&e) => {
-                    if let Some(why) = self.expired() {
-                        log::warn!("{}: {why}", self.shared.name);
-                        return Err(Expired(why).into_io());
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+impl Liveness {
+    /// Notes whether the reader is inside a packet. Stored only when it
+    /// changes, so that its cache line stays with the reader.
+    fn mid_packet(&self, inside: bool) {
+        if self.mid_packet.load(Ordering::Relaxed) != inside {
+            self.mid_packet.store(inside, Ordering::Relaxed);
         }
     }
-}
 
-impl Watched {
-    /// Which of the read timeouts, if any, has run out.
-    fn expired(&mut self) -> Option<Disconnect> {
-        let timeouts = self.timeouts?;
-        let now = Instant::now();
-        let silent = now.duration_since(self.last_read);
-        if self.mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
+    /// Which of the read timeouts, if any, has run out at `now`. Sends the
+    /// keepalive ping when it is due.
+    fn expired_at(&self, shared: &Shared, now: Instant) -> Option<Disconnect> {
+        let timeouts = &self.timeouts;
+        let last_read = sync::stamped(self.last_read.load(Ordering::Relaxed));
+        let mid_packet = self.mid_packet.load(Ordering::Relaxed);
+        let silent = now.saturating_duration_since(last_read);
+        if mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
             return Some(Disconnect::Silent);
         }
         if let Some(every) = timeouts.keepalive {
             // Signs of life: a byte from the peer, or one of this end's
             // taken by it.
-            let last_write = self.shared.stats.send.last_write.load(Ordering::Relaxed);
-            let heard = self.last_read.max(sync::stamped(last_write));
-            if self.pinged > heard {
-                if now.duration_since(self.pinged) >= every {
+            let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
+            let heard = last_read.max(sync::stamped(last_write));
+            let pinged = sync::stamped(self.pinged.load(Ordering::Relaxed));
+            if pinged > heard {
+                if now.saturating_duration_since(pinged) >= every {
                     return Some(Disconnect::NoAnswer);
                 }
-            } else if now.duration_since(heard) >= every && self.shared.send_ping() {
-                log::debug!("{}: nothing heard for {every:?}: ping", self.shared.name);
-                self.pinged = now;
+            } else if now.saturating_duration_since(heard) >= every && shared.send_ping() {
+                log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
+                self.pinged.store(sync::stamp(), Ordering::Relaxed);
             }
         }
-        if self.mid_packet {
+        if mid_packet {
             return None;
         }
         let limit = timeouts.idle?;
-        if !self.shared.is_idle() {
-            self.last_busy = now;
+        if !shared.is_idle() {
+            self.last_busy.store(sync::stamp(), Ordering::Relaxed);
         }
         // The extensions' control packets, pings among them, are not
         // activity of the application.
-        let quiet = now.duration_since(self.last_packet.max(self.last_busy));
+        let last_packet = self.last_packet.load(Ordering::Relaxed);
+        let last_busy = self.last_busy.load(Ordering::Relaxed);
+        let quiet = now.saturating_duration_since(sync::stamped(last_packet.max(last_busy)));
         (quiet >= limit).then_some(Disconnect::Idle)
     }
 }
 
-fn timed_out(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+/// The keeper's look at the read timeouts: interrupts the reading once one
+/// has run out; the reader then ends with it.
+impl Watched for Liveness {
+    fn look(&self, now: Instant) -> Option<Instant> {
+        let shared = self.shared.upgrade()?;
+        match self.expired_at(&shared, now) {
+            None => Some(now + self.timeouts.slice),
+            Some(why) => {
+                let _ = self.expired.set(why);
+                self.timeouts.control.interrupt_reads();
+                None
+            }
+        }
+    }
+}
+
+/// The stream, as the reader's `BufReader` sees it: every read that may
+/// block first lets the shared state act on what was parsed so far, so a
+/// request that has fully arrived never waits for the next packet; and the
+/// reads are stamped for the connection's read timeouts, if it has any.
+struct Guarded {
+    stream: Box<dyn Read + Send>,
+    shared: Arc<Shared>,
+    live: Option<Arc<Liveness>>,
+}
+
+impl Read for Guarded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.shared.before_read();
+        let res = self.stream.read(buf);
+        let Some(live) = &self.live else {
+            return res;
+        };
+        match res {
+            Ok(n) if n > 0 => {
+                live.last_read.store(sync::stamp(), Ordering::Relaxed);
+                Ok(n)
+            }
+            // The keeper ended the reading: a timeout ran out.
+            _ if live.expired.get().is_some() => {
+                let why = *live.expired.get().expect("just seen");
+                log::warn!("{}: {why}", self.shared.name);
+                Err(Expired(why).into_io())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Guarded {
+    fn mid_packet(&self, inside: bool) {
+        if let Some(live) = &self.live {
+            live.mid_packet(inside);
+        }
+    }
 }
 
 /// The receive thread. Reads until the peer's EOF or an error, then hands
@@ -129,16 +172,34 @@ pub(crate) fn run_recv_loop(
     timeouts: Option<ReadTimeouts>,
 ) {
     shared.mark_reading_thread();
-    let now = Instant::now();
-    let watched = Watched {
+    let live = timeouts.and_then(|timeouts| {
+        let now = sync::stamp();
+        let first = Instant::now() + timeouts.slice;
+        let live = Arc::new(Liveness {
+            timeouts,
+            shared: Arc::downgrade(shared),
+            last_read: AtomicU64::new(now),
+            last_packet: AtomicU64::new(now),
+            mid_packet: AtomicBool::new(false),
+            last_busy: AtomicU64::new(now),
+            pinged: AtomicU64::new(0),
+            expired: OnceLock::new(),
+        });
+        let watched: Weak<dyn Watched> = Arc::downgrade(&live) as Weak<Liveness>;
+        if keeper::watch(watched, first) {
+            Some(live)
+        } else {
+            log::error!(
+                "{}: no keeper thread: its read timeouts are not kept",
+                shared.name
+            );
+            None
+        }
+    });
+    let watched = Guarded {
         stream,
         shared: Arc::clone(shared),
-        timeouts,
-        mid_packet: false,
-        last_read: now,
-        last_packet: now,
-        last_busy: now,
-        pinged: now,
+        live,
     };
     let mut source: Box<dyn PacketSource> = Box::new(Source {
         reader: BufReader::with_capacity(READ_BUFFER, watched),
@@ -172,7 +233,7 @@ pub(crate) fn run_recv_loop(
 
 /// The connection's reader: a `BufReader` over the stream.
 struct Source {
-    reader: BufReader<Watched>,
+    reader: BufReader<Guarded>,
 }
 
 impl PacketSource for Source {
@@ -203,20 +264,22 @@ impl PacketSource for Source {
 /// `delivered` if it was a response to one of this end's requests;
 /// `Ok(None)` at the peer's EOF packet; `Err(ConnectionLost(StreamEnded))`
 /// at the end of the stream between packets; another `Err` for an error.
-fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Watched>) -> Result<Option<bool>> {
+fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<bool>> {
     // Bytes read and not parsed yet: more requests, and so more replies,
     // may follow at once. A read that may block says otherwise.
     shared.more_incoming(!r.buffer().is_empty());
-    r.get_mut().mid_packet = !r.buffer().is_empty();
+    r.get_ref().mid_packet(!r.buffer().is_empty());
     let (channel, tag, kind, payload) = match next_packet(shared, r)? {
         Next::Packet(packet) => packet,
         Next::Skipped => return Ok(Some(false)),
         Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
     };
-    let watched = r.get_mut();
-    if channel != CONTROL_CHANNEL && watched.timeouts.is_some_and(|t| t.idle.is_some()) {
-        // Its last byte came with the last read: no second clock read.
-        watched.last_packet = watched.last_read;
+    if let Some(live) = &r.get_ref().live {
+        if channel != CONTROL_CHANNEL && live.timeouts.idle.is_some() {
+            // Its last byte came with the last read: no second clock read.
+            let last_read = live.last_read.load(Ordering::Relaxed);
+            live.last_packet.store(last_read, Ordering::Relaxed);
+        }
     }
     match kind {
         PacketKind::Control { flags } => {
@@ -293,7 +356,7 @@ enum Next {
 /// decoded in place, its payload copied out; anything else (a packet that
 /// is only partly there, or over the limit) is read from the stream field by
 /// field, never past its end.
-fn next_packet(shared: &Shared, r: &mut BufReader<Watched>) -> Result<Next> {
+fn next_packet(shared: &Shared, r: &mut BufReader<Guarded>) -> Result<Next> {
     let max_len = shared.max_packet_len;
     let counters = &shared.stats.recv;
     if r.buffer().is_empty() {
@@ -304,7 +367,7 @@ fn next_packet(shared: &Shared, r: &mut BufReader<Watched>) -> Result<Next> {
                 Ok([]) => return Ok(Next::End),
                 Ok(_) => {
                     // A packet has begun.
-                    r.get_mut().mid_packet = true;
+                    r.get_ref().mid_packet(true);
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

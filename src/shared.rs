@@ -18,7 +18,7 @@ use crate::config::{Config, EndHook, EventHook};
 use crate::error::{Disconnect, Error, Expired, RequestId, Result};
 use crate::ext::{self, EarlyDeadlines, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
-use crate::keeper::{self, Lender};
+use crate::keeper::{self, Watched};
 use crate::outbox::{Admission, Control, DeadlineNote, Outbox, Phase, WriteFailed};
 use crate::packet::{Head, PacketKind};
 use crate::pending::{Cell, Completion, PendingTable, TagSet};
@@ -226,7 +226,7 @@ pub(crate) enum Step {
 /// doubles at each look of the keeper that finds callers have read since
 /// the last. A packet nobody waits for (a request from the peer, its EOF)
 /// that arrives after the last call may wait this long, and up to one more
-/// [`keeper::LOOK`], to be read.
+/// [`LOOK`] and a step of the keeper's grid, to be read.
 const LEASE: Duration = Duration::from_millis(10);
 const MAX_LEASE: Duration = Duration::from_millis(50);
 
@@ -1422,22 +1422,23 @@ impl Shared {
         // read just before the response runs, and its reply goes, at once.
         self.before_read();
         let mut lending = self.lending.lock();
-        if !lending.watched {
-            // The keeper takes the reader back once it has rested unread
-            // for its lease; without a keeper, it is not lent. (Not under
-            // the lock: no thread holds two.)
-            let lender: Weak<dyn Lender> = Arc::downgrade(self) as Weak<Shared>;
-            if !MutexGuard::unlocked(&mut lending, || keeper::watch(lender)) {
-                return Returned::Reader(source);
-            }
-            lending.watched = true;
-        }
         lending.holder = Holder::Lent;
         lending.source = Some(source);
         lending.since = Instant::now();
         lending.checked = lending.since;
         lending.lease = LEASE;
         lending.recall = false;
+        // The keeper takes the reader back once it has rested unread for
+        // its lease (it may be looking already, from an earlier lending).
+        // Without a keeper, this thread looks itself. (Not under the lock:
+        // no thread holds two.)
+        let mut keeperless = false;
+        if !lending.watched {
+            lending.watched = true;
+            let lender: Weak<dyn Watched> = Arc::downgrade(self) as Weak<Shared>;
+            let first = lending.since + LOOK;
+            keeperless = !MutexGuard::unlocked(&mut lending, || keeper::watch(lender, first));
+        }
         // Looked at again once the reader is lent: a waiter that submitted,
         // or a close that began, after the first look recalled the reader,
         // or looked for it to read, while this thread still held it, and
@@ -1460,6 +1461,10 @@ impl Shared {
                     let source = lending.source.take().expect("a lent reader is there");
                     return Returned::Reader(source);
                 }
+                Holder::Lent | Holder::Caller if keeperless => {
+                    self.lent.wait_for(&mut lending, LOOK);
+                    MutexGuard::unlocked(&mut lending, || self.look(Instant::now()));
+                }
                 Holder::Lent | Holder::Caller => self.lent.wait(&mut lending),
                 Holder::Recv | Holder::Done => {
                     unreachable!("only this thread takes the reader back")
@@ -1469,8 +1474,13 @@ impl Shared {
     }
 }
 
-impl Lender for Shared {
-    fn look(&self, now: Instant) -> bool {
+/// The lease keeper looks at a lent reader this often.
+const LOOK: Duration = Duration::from_millis(10);
+
+/// The keeper's look at the lent reader: takes it back once it has rested
+/// unread for its lease.
+impl Watched for Shared {
+    fn look(&self, now: Instant) -> Option<Instant> {
         let mut lending = self.lending.lock();
         let mut recall = false;
         let again = match lending.holder {
@@ -1499,7 +1509,7 @@ impl Lender for Shared {
         if recall {
             self.lent.notify_all();
         }
-        again
+        again.then_some(now + LOOK)
     }
 }
 

@@ -30,6 +30,7 @@ const WRITE_SLICE: Duration = Duration::from_millis(5);
 trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn shutdown(&self) -> io::Result<()>;
+    fn shutdown_read(&self) -> io::Result<()>;
     fn write_timeout(&self) -> io::Result<Option<Duration>>;
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     fn read_timeout(&self) -> io::Result<Option<Duration>>;
@@ -42,6 +43,9 @@ impl Socket for UnixStream {
     }
     fn shutdown(&self) -> io::Result<()> {
         UnixStream::shutdown(self, Shutdown::Both)
+    }
+    fn shutdown_read(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Read)
     }
     fn write_timeout(&self) -> io::Result<Option<Duration>> {
         UnixStream::write_timeout(self)
@@ -63,6 +67,9 @@ impl Socket for TcpStream {
     }
     fn shutdown(&self) -> io::Result<()> {
         TcpStream::shutdown(self, Shutdown::Both)
+    }
+    fn shutdown_read(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, Shutdown::Read)
     }
     fn write_timeout(&self) -> io::Result<Option<Duration>> {
         TcpStream::write_timeout(self)
@@ -94,8 +101,11 @@ impl<S: Socket> Control for SocketControl<S> {
     fn bounded_writes(&self) -> bool {
         true
     }
-    fn bound_reads(&self, slice: Duration) -> bool {
-        self.socket.set_read_timeout(Some(slice)).is_ok()
+    fn interruptible_reads(&self) -> bool {
+        true
+    }
+    fn interrupt_reads(&self) {
+        let _ = self.socket.shutdown_read();
     }
 }
 
@@ -117,9 +127,10 @@ impl Control for FdSocket {
     fn bounded_writes(&self) -> bool {
         false
     }
-    fn bound_reads(&self, _: Duration) -> bool {
+    fn interruptible_reads(&self) -> bool {
         false
     }
+    fn interrupt_reads(&self) {}
 }
 
 /// The streams of a Unix socket, for a connection that owns it.
@@ -140,9 +151,10 @@ fn socket_streams(socket: impl Socket) -> io::Result<Streams> {
     let write_before = socket.write_timeout()?;
     let read_before = socket.read_timeout()?;
     socket.set_write_timeout(Some(WRITE_SLICE))?;
-    // Reads block until the peer sends, unless the connection gives them
-    // its own timeouts: a timeout the socket came with would end an idle
-    // connection. Both are put back when the connection is done with it.
+    // Reads block until the peer sends: a timeout the socket came with
+    // would end an idle connection (the connection's own read timeouts are
+    // kept without one, by the keeper). Both are put back when the
+    // connection is done with it.
     socket.set_read_timeout(None)?;
     let control: Arc<dyn Control> = Arc::new(SocketControl {
         socket,

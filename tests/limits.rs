@@ -258,6 +258,31 @@ fn a_peer_that_pauses_between_packets_is_not_silent() {
     conn.abort();
 }
 
+/// The read timeouts are kept by the keeper thread, not by a timeout on the
+/// socket's reads, which would arm a kernel timer at each read that blocks:
+/// the socket keeps no read timeout, and a silent peer still ends the
+/// connection.
+#[test]
+fn read_timeouts_are_kept_without_a_timeout_on_the_socket() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    let kept = a.try_clone().unwrap();
+    let conn = PacketConnection::from_unix_stream(
+        a,
+        Config::default()
+            .name(unique_name("notimer"))
+            .packet_timeout(ms(200))
+            .extensions(false),
+    )
+    .unwrap();
+    assert_eq!(kept.read_timeout().unwrap(), None);
+    // A length prefix, then nothing.
+    peer.write_all(&[0x05]).unwrap();
+    wait_for("the connection to end", LIMIT, || ended(&conn).is_some());
+    assert_eq!(ended(&conn), Some(Disconnect::Silent));
+    assert_eq!(kept.read_timeout().unwrap(), None);
+    conn.abort();
+}
+
 #[test]
 fn an_idle_connection_ends_as_idle_but_not_while_a_request_is_pending() {
     // Pending: the peer holds our request for twice the idle timeout, then
