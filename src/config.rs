@@ -188,8 +188,12 @@ impl Config {
 
     /// How long the peer may go silent in the middle of a packet it has
     /// begun to send: past it, the connection ends with
-    /// [`Disconnect::Silent`]. Enforced on sockets, whose reads can be given
-    /// a timeout; on pipes and other streams it is not. Default: no limit
+    /// [`Disconnect::Silent`]. Enforced on sockets, where a blocked read can
+    /// be interrupted (the socket's reading is shut down); on pipes and
+    /// other streams it is not. The time is kept by one thread for the
+    /// process, which looks every quarter of the shortest of the read
+    /// timeouts (5 ms to 1 s), so a timeout runs out up to that much late;
+    /// reads themselves get no timeout. Default: no limit
     /// ([`Server`](crate::Server) connections: 30 s, see
     /// [`ServerConfig::packet_timeout`](crate::ServerConfig::packet_timeout)).
     pub fn packet_timeout(mut self, timeout: Duration) -> Config {

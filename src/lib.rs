@@ -272,7 +272,11 @@
 //! connections share one pool and take turns on it. A caller that waits
 //! without a deadline may write the queue, and on a socket read its own
 //! response, itself; calls with a deadline and the `try_*` calls never
-//! read or write, so they return in time whatever the peer does.
+//! read or write, so they return in time whatever the peer does. One more
+//! thread serves the whole process, `ps:lease-keeper`: it takes lent
+//! readers back and keeps the read timeouts ([`Config::packet_timeout`],
+//! [`Config::idle_timeout`], [`Config::keepalive`]), and it ends a second
+//! after it has nothing left to watch.
 //! ARCHITECTURE.md in the repository has the details: who reads and
 //! writes, the locks, the flush policy and the shutdown order.
 //!
