@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::process::Child;
 use std::sync::Arc;
@@ -116,21 +117,27 @@ impl<S: Socket> Drop for SocketControl<S> {
     }
 }
 
-/// A descriptor given to `from_fd`: shut down on abort, its write timeout
+/// A descriptor given to `from_fd`: shut down on abort, its reading shut
+/// down when a read timeout runs out, if it is a socket; its write timeout
 /// left alone (it may be shared beyond this process).
-struct FdSocket(UnixStream);
+struct FdSocket {
+    fd: UnixStream,
+    is_socket: bool,
+}
 
 impl Control for FdSocket {
     fn shutdown(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
+        let _ = self.fd.shutdown(Shutdown::Both);
     }
     fn bounded_writes(&self) -> bool {
         false
     }
     fn interruptible_reads(&self) -> bool {
-        false
+        self.is_socket
     }
-    fn interrupt_reads(&self) {}
+    fn interrupt_reads(&self) {
+        let _ = self.fd.shutdown(Shutdown::Read);
+    }
 }
 
 /// The streams of a Unix socket, for a connection that owns it.
@@ -222,7 +229,9 @@ impl PacketConnection {
     /// Starts a connection over one file descriptor used both ways, such as
     /// a socket. The connection owns `fd` and closes it when done. If it is a
     /// socket, aborting shuts it down, which unblocks the connection's
-    /// threads (and ends every other descriptor of the socket too). The
+    /// threads (and ends every other descriptor of the socket too), and the
+    /// read timeouts are kept as on any socket: one that runs out shuts the
+    /// socket's reading down, for every descriptor. The
     /// descriptor's settings are left as they are, since other descriptors
     /// may share them: it must block (no `O_NONBLOCK`, no read timeout), or
     /// the first read that would wait ends the connection with an error.
@@ -234,8 +243,14 @@ impl PacketConnection {
     pub fn from_fd(fd: OwnedFd, config: Config) -> Result<PacketConnection> {
         let recv = fd.try_clone()?;
         // Shut down on abort, if it is a socket (for anything else the call
-        // fails, harmlessly).
-        let control: Arc<dyn Control> = Arc::new(FdSocket(UnixStream::from(fd.try_clone()?)));
+        // fails, harmlessly). `shutdown` works on a socket of any family.
+        let is_socket = File::from(fd.try_clone()?)
+            .metadata()
+            .is_ok_and(|meta| meta.file_type().is_socket());
+        let control: Arc<dyn Control> = Arc::new(FdSocket {
+            fd: UnixStream::from(fd.try_clone()?),
+            is_socket,
+        });
         let interrupt = Arc::clone(&control);
         let streams = Streams {
             recv: Box::new(File::from(recv)),
