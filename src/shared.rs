@@ -1438,6 +1438,8 @@ impl Shared {
             let lender: Weak<dyn Watched> = Arc::downgrade(self) as Weak<Shared>;
             let first = lending.since + LOOK;
             keeperless = !MutexGuard::unlocked(&mut lending, || keeper::watch(lender, first));
+            // Nothing watches: the next lending tries the keeper again.
+            lending.watched = !keeperless;
         }
         // Looked at again once the reader is lent: a waiter that submitted,
         // or a close that began, after the first look recalled the reader,
@@ -1464,6 +1466,8 @@ impl Shared {
                 Holder::Lent | Holder::Caller if keeperless => {
                     self.lent.wait_for(&mut lending, LOOK);
                     MutexGuard::unlocked(&mut lending, || self.look(Instant::now()));
+                    // This thread looks, not the keeper.
+                    lending.watched = false;
                 }
                 Holder::Lent | Holder::Caller => self.lent.wait(&mut lending),
                 Holder::Recv | Holder::Done => {
