@@ -193,7 +193,12 @@ impl Config {
     /// other streams it is not. The time is kept by one thread for the
     /// process, which looks every quarter of the shortest of the read
     /// timeouts (5 ms to 1 s), so a timeout runs out up to that much late;
-    /// reads themselves get no timeout. Default: no limit
+    /// reads themselves get no timeout.
+    ///
+    /// This and the other read timeouts count only the time this end waits
+    /// in a read: while it does its own work instead (an
+    /// [inline handler](Config::inline_handler) running, a wait for room in
+    /// the handler queue), the peer is not held to them. Default: no limit
     /// ([`Server`](crate::Server) connections: 30 s, see
     /// [`ServerConfig::packet_timeout`](crate::ServerConfig::packet_timeout)).
     pub fn packet_timeout(mut self, timeout: Duration) -> Config {
@@ -204,7 +209,10 @@ impl Config {
     /// How long the connection may stay idle: no packet of the application
     /// received from the peer (the extensions' pings and other control
     /// packets do not count), and no request pending either way. Past it,
-    /// the connection ends with [`Disconnect::Idle`]. Enforced on sockets only, as
+    /// the connection ends with [`Disconnect::Idle`]. A packet counts once
+    /// it is whole, so a peer that trickles one packet for ever is let go
+    /// too, and a packet that takes longer than this to arrive ends an
+    /// otherwise idle connection. Enforced on sockets only, as
     /// [`packet_timeout`](Config::packet_timeout). Default: no limit
     /// ([`Server`](crate::Server) connections: 10 minutes).
     pub fn idle_timeout(mut self, timeout: Duration) -> Config {
@@ -228,8 +236,9 @@ impl Config {
     /// want of a ping. A peer of this crate whose handler queue is full
     /// stops reading until its handlers catch up; it pings this end every
     /// 100 ms meanwhile, so a period above that never takes it for gone.
-    /// An [inline handler](Config::inline_handler) that runs for longer
-    /// than the period looks like a gone peer. Pings are not the
+    /// Time this end spends not reading (see
+    /// [`packet_timeout`](Config::packet_timeout)) is not held against the
+    /// peer. Pings are not the
     /// application's traffic: they keep no connection from
     /// [`idle_timeout`](Config::idle_timeout), at either end. Enforced on
     /// sockets only, as [`packet_timeout`](Config::packet_timeout).

@@ -38,12 +38,19 @@ pub(crate) struct ReadTimeouts {
 }
 
 /// What the reader and the keeper share of a connection's read timeouts.
-/// The reader stamps each read that brings bytes, each packet of the
-/// application, and whether it is inside a packet; the keeper reads the
-/// stamps (see [`Watched::look`]). Stamps are [`sync::stamp`]s.
+/// The reader stamps the start of each read, each read that brings bytes,
+/// each packet of the application, and whether it is inside a packet; the
+/// keeper reads the stamps (see [`Watched::look`]). Stamps are
+/// [`sync::stamp`]s.
+///
+/// The peer is judged only while the reader waits in a read: time this end
+/// spends on its own work (a handler on the receive thread, a wait for room
+/// in the handler queue, a lent reader at rest) is never the peer's silence.
 struct Liveness {
     timeouts: ReadTimeouts,
     shared: Weak<Shared>,
+    /// The start of the read the reader waits in, or [`NOT_READING`].
+    reading_since: AtomicU64,
     last_read: AtomicU64,
     last_packet: AtomicU64,
     mid_packet: AtomicBool,
@@ -54,6 +61,9 @@ struct Liveness {
     /// Which timeout ran out, once the keeper has interrupted the reading.
     expired: OnceLock<Disconnect>,
 }
+
+/// [`Liveness::reading_since`] between reads.
+const NOT_READING: u64 = u64::MAX;
 
 impl Liveness {
     /// Notes whether the reader is inside a packet. Stored only when it
@@ -68,9 +78,20 @@ impl Liveness {
     /// keepalive ping when it is due.
     fn expired_at(&self, shared: &Shared, now: Instant) -> Option<Disconnect> {
         let timeouts = &self.timeouts;
-        let last_read = sync::stamped(self.last_read.load(Ordering::Relaxed));
+        // Acquire: the stamps the reader left before it began this read.
+        let since = self.reading_since.load(Ordering::Acquire);
+        if since == NOT_READING {
+            // This end is busy with its own work, not waiting for the peer:
+            // nothing is held against it, and the connection is not idle.
+            self.last_busy.store(sync::stamp_of(now), Ordering::Relaxed);
+            return None;
+        }
+        // The peer is to blame from the later of its last byte and the
+        // start of this read.
+        let last_read = self.last_read.load(Ordering::Relaxed);
+        let waiting_since = sync::stamped(since.max(last_read));
         let mid_packet = self.mid_packet.load(Ordering::Relaxed);
-        let silent = now.saturating_duration_since(last_read);
+        let silent = now.saturating_duration_since(waiting_since);
         if mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
             return Some(Disconnect::Silent);
         }
@@ -78,23 +99,28 @@ impl Liveness {
             // Signs of life: a byte from the peer, or one of this end's
             // taken by it.
             let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
-            let heard = last_read.max(sync::stamped(last_write));
-            let pinged = sync::stamped(self.pinged.load(Ordering::Relaxed));
-            if pinged > heard {
-                if now.saturating_duration_since(pinged) >= every {
+            let heard = waiting_since.max(sync::stamped(last_write));
+            let pinged = self.pinged.load(Ordering::Relaxed);
+            if sync::stamped(pinged) > heard {
+                if now.saturating_duration_since(sync::stamped(pinged)) >= every {
                     return Some(Disconnect::NoAnswer);
                 }
-            } else if now.saturating_duration_since(heard) >= every && shared.send_ping() {
-                log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
-                self.pinged.store(sync::stamp(), Ordering::Relaxed);
+            } else if now.saturating_duration_since(heard) >= every {
+                // Stamped before it goes: an answer read at once is heard
+                // after it.
+                self.pinged.store(sync::stamp_of(now), Ordering::Relaxed);
+                if shared.send_ping() {
+                    log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
+                } else {
+                    self.pinged.store(pinged, Ordering::Relaxed);
+                }
             }
         }
-        if mid_packet {
-            return None;
-        }
+        // Inside a packet too: a packet counts once it is whole, so a peer
+        // that trickles one packet for ever is let go.
         let limit = timeouts.idle?;
         if !shared.is_idle() {
-            self.last_busy.store(sync::stamp(), Ordering::Relaxed);
+            self.last_busy.store(sync::stamp_of(now), Ordering::Relaxed);
         }
         // The extensions' control packets, pings among them, are not
         // activity of the application.
@@ -134,15 +160,19 @@ struct Guarded {
 impl Read for Guarded {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.shared.before_read();
-        let res = self.stream.read(buf);
         let Some(live) = &self.live else {
-            return res;
+            return self.stream.read(buf);
         };
+        // Release: the keeper that sees this read begun sees the stamps
+        // before it.
+        live.reading_since.store(sync::stamp(), Ordering::Release);
+        let res = self.stream.read(buf);
+        if matches!(res, Ok(n) if n > 0) {
+            live.last_read.store(sync::stamp(), Ordering::Relaxed);
+        }
+        live.reading_since.store(NOT_READING, Ordering::Release);
         match res {
-            Ok(n) if n > 0 => {
-                live.last_read.store(sync::stamp(), Ordering::Relaxed);
-                Ok(n)
-            }
+            Ok(n) if n > 0 => Ok(n),
             // The keeper ended the reading: a timeout ran out.
             _ if live.expired.get().is_some() => {
                 let why = *live.expired.get().expect("just seen");
@@ -178,6 +208,7 @@ pub(crate) fn run_recv_loop(
         let live = Arc::new(Liveness {
             timeouts,
             shared: Arc::downgrade(shared),
+            reading_since: AtomicU64::new(NOT_READING),
             last_read: AtomicU64::new(now),
             last_packet: AtomicU64::new(now),
             mid_packet: AtomicBool::new(false),

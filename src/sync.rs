@@ -43,8 +43,13 @@ pub(crate) fn wait_until<T>(
 /// Microseconds since the first call in this process: a moment that fits in
 /// an atomic.
 pub(crate) fn stamp() -> u64 {
+    stamp_of(Instant::now())
+}
+
+/// The [`stamp`] of `moment`: 0 for a moment before the first stamp.
+pub(crate) fn stamp_of(moment: Instant) -> u64 {
     let base = *STAMP_BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(moment.saturating_duration_since(base).as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The moment of a [`stamp`].

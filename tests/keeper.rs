@@ -1,0 +1,810 @@
+//! The keeper thread (`ps:lease-keeper`): lent readers recalled, and the
+//! read timeouts (packet, idle, keepalive) kept from the reader's stamps by
+//! shutting the socket's reading down, against hostile peers and unlucky
+//! users. The peer is judged only while this end waits in a read: a slow
+//! inline handler, a full handler queue or a lent reader at rest is not the
+//! peer's silence. Every blocking wait has a bound; every thread is joined.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    ms, request, response, threads_named, unique_name, wait_for, wire, within, Gate, RawPeer,
+    KEEPER_THREAD,
+};
+use packetstream::{Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, Request};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn ended(conn: &PacketConnection) -> Option<Disconnect> {
+    conn.status().ended
+}
+
+/// Watches `conn` for `span`; returns how it ended if it did.
+fn ends_within(conn: &PacketConnection, span: Duration) -> Option<Disconnect> {
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        if let Some(why) = ended(conn) {
+            return Some(why);
+        }
+        thread::sleep(ms(10));
+    }
+    ended(conn)
+}
+
+fn pair_with(client: Config, server: Config) -> (PacketConnection, PacketConnection) {
+    common::pair_with(client, server)
+}
+
+fn lost_with(res: &Result<packetstream::Response, Error>, why: Disconnect) -> bool {
+    matches!(res, Err(Error::ConnectionLost(w) | Error::Unsent(w)) if *w == why)
+}
+
+// ---------------------------------------------------------------------------
+// This end not reading (busy with its own work) is not the peer's silence.
+
+/// An inline handler that runs longer than the packet timeout: the request
+/// arrived whole, the peer is waiting for the answer, nothing is "silent
+/// inside a packet", though the packet just taken leaves the reader's last
+/// read long ago.
+#[test]
+fn inline_handler_slower_than_packet_timeout_is_not_taken_for_a_silent_peer() {
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("ihc")),
+        Config::default()
+            .name(unique_name("ihs"))
+            .packet_timeout(ms(150))
+            .inline_handler(|rq: Request| -> HandlerResult {
+                thread::sleep(ms(700));
+                Ok(rq.payload.into())
+            }),
+    );
+    let res = within("the call", {
+        let p = client.submit(1, 0, b"slow").unwrap();
+        move || p.wait_timeout(PATIENCE)
+    });
+    // The connection should go on: a second call, and a look after it.
+    let again = client.call_timeout(1, 0, b"fast?", PATIENCE);
+    let server_end = ends_within(&server, ms(300));
+    client.abort();
+    server.abort();
+    assert!(
+        res.is_ok() && server_end.is_none(),
+        "a whole request served by a slow inline handler: {res:?}, then {again:?}; \
+         server ended {server_end:?}"
+    );
+}
+
+/// The receive thread stops reading while its handler queue is full (the
+/// backpressure on the peer). The peer is not silent inside a packet: the
+/// packets it sent have all been read whole.
+#[test]
+fn a_full_handler_queue_is_not_taken_for_a_silent_peer() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("fqc")),
+        Config::default()
+            .name(unique_name("fqs"))
+            .packet_timeout(ms(150))
+            .handler_threads(1)
+            .handler_queue(1)
+            .handler(move |rq: Request| -> HandlerResult {
+                g.pass();
+                Ok(rq.payload.into())
+            }),
+    );
+    let pending: Vec<_> = (0..4)
+        .map(|_| client.submit(1, 0, b"queued").unwrap())
+        .collect();
+    gate.wait_entered(1, PATIENCE);
+    // The handler holds the first, one waits in the queue, the receive
+    // thread waits for room with the third.
+    thread::sleep(ms(800));
+    gate.open();
+    let results: Vec<_> = pending
+        .into_iter()
+        .map(|p| p.wait_timeout(PATIENCE))
+        .collect();
+    let server_end = ends_within(&server, ms(300));
+    client.abort();
+    server.abort();
+    assert!(
+        results.iter().all(|r| r.is_ok()) && server_end.is_none(),
+        "server gave up on a peer while its own handler queue was full: \
+         server ended {server_end:?}, calls {results:?}"
+    );
+}
+
+/// The same with keepalive: this end, not reading while its queue is full,
+/// cannot hear the peer's answers, and must not give the live peer up as
+/// `NoAnswer`.
+#[test]
+fn a_full_handler_queue_is_not_taken_for_a_peer_that_does_not_answer() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("fkc")),
+        Config::default()
+            .name(unique_name("fks"))
+            .keepalive(ms(150))
+            .handler_threads(1)
+            .handler_queue(1)
+            .handler(move |rq: Request| -> HandlerResult {
+                g.pass();
+                Ok(rq.payload.into())
+            }),
+    );
+    let pending: Vec<_> = (0..4)
+        .map(|_| client.submit(1, 0, b"queued").unwrap())
+        .collect();
+    gate.wait_entered(1, PATIENCE);
+    thread::sleep(ms(1200));
+    gate.open();
+    let results: Vec<_> = pending
+        .into_iter()
+        .map(|p| p.wait_timeout(PATIENCE))
+        .collect();
+    let server_end = ends_within(&server, ms(300));
+    client.abort();
+    server.abort();
+    assert!(
+        results.iter().all(|r| r.is_ok()) && server_end.is_none(),
+        "server gave up on a live peer while its own handler queue was full: \
+         server ended {server_end:?}, calls {results:?}"
+    );
+}
+
+/// A lent reader rests unread for up to its lease (50 ms once calls come
+/// quickly) after the response it last read: a short packet timeout must
+/// not end the idle, healthy connection as `Silent`.
+#[test]
+fn a_lent_reader_at_rest_is_not_taken_for_a_silent_peer() {
+    let (client, server) = pair_with(
+        Config::default()
+            .name(unique_name("lrc"))
+            .packet_timeout(ms(25))
+            .extensions(false),
+        Config::default()
+            .name(unique_name("lrs"))
+            .handler(common::echo)
+            .extensions(false),
+    );
+    let mut ok = 0;
+    for _ in 0..50 {
+        if client.call(1, 0, b"x").is_ok() {
+            ok += 1;
+        }
+    }
+    // Nothing more is sent: no packet is begun by anyone.
+    let client_end = ends_within(&client, ms(500));
+    client.abort();
+    server.abort();
+    assert_eq!(ok, 50);
+    assert_eq!(
+        client_end, None,
+        "a connection between packets ended with a packet timeout"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Slow loris and silent peers.
+
+/// Half a response to the call a caller is reading for itself (the reader
+/// lent to it): the keeper shuts the reading down under the caller, which
+/// ends with `Silent`; every pending request is answered once.
+#[test]
+fn half_a_response_under_a_caller_holding_the_lent_reader_ends_as_silent() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("hlr"))
+            .packet_timeout(ms(200)),
+    );
+    let conn = Arc::new(conn);
+    // A first call, answered whole: the reader is then lent.
+    let c = Arc::clone(&conn);
+    let first = thread::spawn(move || c.call(1, 0, b"a"));
+    let rq = peer.recv_packet();
+    peer.send(&response(rq.tag, true, 0, b"A"));
+    assert!(first.join().unwrap().is_ok());
+    // Others pending, not read for by anyone.
+    let others: Vec<_> = (0..3).map(|_| conn.submit(1, 0, b"o").unwrap()).collect();
+    let c = Arc::clone(&conn);
+    let (tx, rx) = mpsc::channel();
+    let caller = thread::spawn(move || tx.send(c.call(1, 0, b"b")).unwrap());
+    let mut tags = Vec::new();
+    while tags.len() < 4 {
+        tags.push(peer.recv_packet().tag);
+    }
+    let last = *tags.last().unwrap();
+    let half = wire(&response(last, true, 0, &[9; 64]));
+    peer.send_bytes(&half[..20]);
+    let res = rx.recv_timeout(PATIENCE).expect("the caller returns");
+    caller.join().unwrap();
+    assert!(lost_with(&res, Disconnect::Silent), "{res:?}");
+    for p in others {
+        let r = p.wait_timeout(PATIENCE);
+        assert!(lost_with(&r, Disconnect::Silent), "{r:?}");
+    }
+    wait_for("the connection to end", PATIENCE, || ended(&conn).is_some());
+    assert_eq!(ended(&conn), Some(Disconnect::Silent));
+    let res = within("close", move || conn.close());
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(Disconnect::Silent))),
+        "{res:?}"
+    );
+}
+
+/// A peer that trickles a packet, a byte at a time, each well inside the
+/// packet timeout, is not silent: the packet gets through.
+#[test]
+fn a_peer_trickling_inside_the_packet_timeout_is_not_silent() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("tri"))
+            .packet_timeout(ms(250))
+            .handler(common::echo),
+    );
+    let bytes = wire(&request(7, 1, 0, b"trickle"));
+    for b in &bytes {
+        peer.send_bytes(&[*b]);
+        thread::sleep(ms(130));
+    }
+    let got = peer.recv_packet();
+    assert_eq!((got.tag, got.payload.as_slice()), (7, &b"trickle"[..]));
+    assert_eq!(ended(&conn), None);
+    conn.abort();
+}
+
+/// A peer silent for ever, with an idle timeout and a keepalive: the
+/// connection ends by one of them, and close returns.
+#[test]
+fn a_peer_silent_for_ever_is_ended_by_idle_or_keepalive() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("sfe"))
+            .idle_timeout(ms(400))
+            .keepalive(ms(150)),
+    );
+    let why = ends_within(&conn, PATIENCE);
+    assert!(
+        matches!(why, Some(Disconnect::NoAnswer | Disconnect::Idle)),
+        "{why:?}"
+    );
+    let res = within("close", move || conn.close());
+    assert!(res.is_err());
+    drop(peer);
+}
+
+/// close() while the keeper shuts the reading down for half a packet: both
+/// end, close returns, the threads go.
+#[test]
+fn close_racing_the_keepers_interrupt_returns() {
+    for i in 0..10 {
+        let name = unique_name("crk");
+        let (conn, mut peer) =
+            RawPeer::with(Config::default().name(&name).packet_timeout(ms(40 + 7 * i)));
+        let pending = conn.submit(1, 0, b"q").unwrap();
+        let _ = peer.recv_packet();
+        peer.send_bytes(&wire(&request(3, 1, 0, &[1; 40]))[..10]);
+        thread::sleep(ms(30 + 5 * i));
+        let res = within("close", move || conn.close_timeout(PATIENCE));
+        assert!(
+            !matches!(res, Err(Error::Timeout { .. })),
+            "close ran into its deadline: {res:?}"
+        );
+        let r = pending.wait_timeout(PATIENCE);
+        assert!(r.is_err(), "{r:?}");
+        common::assert_threads_gone(&name, PATIENCE);
+        drop(peer);
+    }
+}
+
+/// The same over TCP loopback: the keeper's `shutdown(SHUT_RD)` wakes a read
+/// blocked on a TCP socket too.
+#[test]
+fn half_a_packet_over_tcp_ends_as_silent() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = thread::spawn(move || listener.accept().unwrap().0);
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    let mut peer = acceptor.join().unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let conn = PacketConnection::from_tcp_stream(
+        sock,
+        Config::default()
+            .name(unique_name("tcp"))
+            .packet_timeout(ms(200))
+            .extensions(false),
+    )
+    .unwrap();
+    let p = conn.submit(1, 0, b"q").unwrap();
+    peer.write_all(&wire(&request(2, 1, 0, &[5; 50]))[..7])
+        .unwrap();
+    let why = ends_within(&conn, PATIENCE);
+    assert_eq!(why, Some(Disconnect::Silent));
+    let r = p.wait_timeout(PATIENCE);
+    assert!(lost_with(&r, Disconnect::Silent), "{r:?}");
+    conn.abort();
+}
+
+/// A timeout over a socket given as a raw descriptor (`from_fd`) is kept,
+/// as on any socket.
+#[test]
+fn packet_timeout_on_a_socket_given_by_fd_is_enforced() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    let fd: OwnedFd = a.into();
+    let conn = PacketConnection::from_fd(
+        fd,
+        Config::default()
+            .name(unique_name("rfd"))
+            .packet_timeout(ms(150))
+            .extensions(false),
+    )
+    .unwrap();
+    let p = conn.submit(1, 0, b"q").unwrap();
+    peer.write_all(&wire(&request(2, 1, 0, &[5; 50]))[..7])
+        .unwrap();
+    let why = ends_within(&conn, ms(1500));
+    conn.abort();
+    let _ = p.wait_timeout(PATIENCE);
+    assert_eq!(
+        why,
+        Some(Disconnect::Silent),
+        "half a packet on a socket fd was never timed out"
+    );
+}
+
+/// Generic `Read`/`Write` halves (here the two halves of a socket, handed
+/// over as plain streams) with timeouts: nothing is enforced, nothing
+/// breaks, abort ends it.
+#[test]
+fn timeouts_on_generic_halves_break_nothing() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    let r = a.try_clone().unwrap();
+    let name = unique_name("gen");
+    let conn = PacketConnection::new(
+        r,
+        a,
+        Config::default()
+            .name(&name)
+            .packet_timeout(ms(50))
+            .idle_timeout(ms(50))
+            .extensions(false)
+            .handler(common::echo),
+    )
+    .unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    peer.write_all(&wire(&request(1, 1, 0, b"x"))).unwrap();
+    thread::sleep(ms(300));
+    assert_eq!(ended(&conn), None);
+    let mut buf = [0u8; 64];
+    let n = peer.read(&mut buf).unwrap();
+    assert!(n > 0);
+    conn.abort();
+    // abort cannot interrupt the generic reader: closing the peer ends it.
+    drop(peer);
+    common::assert_threads_gone(&name, PATIENCE);
+}
+
+// ---------------------------------------------------------------------------
+// Lent readers: calls racing the recall, deadlines, drop and close.
+
+/// Calls with and without deadlines, try_wait and is_ready, spaced around
+/// the lease, while the peer sends its own requests now and then: every
+/// call is answered, every request of the peer too.
+#[test]
+fn calls_racing_the_lease_recall_with_deadlines_and_peer_requests() {
+    let served = Arc::new(AtomicUsize::new(0));
+    let s = Arc::clone(&served);
+    let (client, server) = pair_with(
+        Config::default()
+            .name(unique_name("rcc"))
+            .packet_timeout(ms(2000))
+            .idle_timeout(ms(5000))
+            .handler(move |rq: Request| -> HandlerResult {
+                s.fetch_add(1, Ordering::SeqCst);
+                Ok(rq.payload.into())
+            }),
+        Config::default()
+            .name(unique_name("rcs"))
+            .handler(common::service),
+    );
+    let client = Arc::new(client);
+    let server = Arc::new(server);
+    let srv = Arc::clone(&server);
+    let peer_requests = thread::spawn(move || {
+        let mut n = 0;
+        for i in 0..40u64 {
+            thread::sleep(ms(i % 7 * 4));
+            let r = srv.call_timeout(1, 0, b"p", PATIENCE);
+            assert!(r.is_ok(), "peer request {i}: {r:?}");
+            n += 1;
+        }
+        n
+    });
+    let mut rng = common::Rng::new(0x5eed);
+    for i in 0..300u64 {
+        let pause = rng.below(70);
+        if pause > 0 {
+            thread::sleep(ms(pause));
+        }
+        let res = match rng.below(4) {
+            0 => client.call(1, 0, b"c"),
+            1 => client.call_timeout(1, 0, b"c", PATIENCE),
+            2 => {
+                let p = client.submit(1, 0, b"c").unwrap();
+                let _ = p.is_ready();
+                p.wait_timeout(PATIENCE)
+            }
+            _ => {
+                let p = client.submit(1, 0, b"c").unwrap();
+                // A short deadline that may run out, then a wait that reads.
+                match p.wait_timeout(ms(rng.below(3))) {
+                    Err(Error::Timeout { .. }) => p.wait_timeout(PATIENCE),
+                    other => other,
+                }
+            }
+        };
+        assert!(res.is_ok(), "call {i}: {res:?}");
+    }
+    let n = within("peer requests", move || peer_requests.join().unwrap());
+    assert_eq!(n, 40);
+    assert_eq!(served.load(Ordering::SeqCst), 40);
+    assert_eq!(ended(&client), None);
+    client.abort();
+    server.abort();
+}
+
+/// A request of the peer's after the last call is read and answered within
+/// a lease and a look, many times over, with a deadline on the peer's side.
+#[test]
+fn a_peer_request_after_the_last_call_is_read_soon() {
+    let (client, server) = pair_with(
+        Config::default()
+            .name(unique_name("prc"))
+            .handler(common::echo),
+        Config::default()
+            .name(unique_name("prs"))
+            .handler(common::echo),
+    );
+    for i in 0..30 {
+        assert!(client.call(1, 0, b"c").is_ok());
+        let r = server.call_timeout(1, 0, b"s", ms(1500));
+        assert!(r.is_ok(), "round {i}: {r:?}");
+    }
+    client.abort();
+    server.abort();
+}
+
+/// A pending response outlives its connection, which is dropped while a
+/// thread reads for it with the lent reader; the peer answers later, then
+/// ends. The reader goes back, the call is answered, the threads end.
+#[test]
+fn dropping_the_connection_while_a_caller_holds_the_lent_reader() {
+    let name = unique_name("dlr");
+    let (conn, mut peer) = RawPeer::with(Config::default().name(&name));
+    // Lend the reader.
+    let p = conn.submit(1, 0, b"a").unwrap();
+    let rq = peer.recv_packet();
+    peer.send(&response(rq.tag, true, 0, b"A"));
+    assert!(p.wait_timeout(PATIENCE).is_ok());
+    let p = conn.submit(1, 0, b"b").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let waiter = thread::spawn(move || tx.send(p.wait()).unwrap());
+    let rq = peer.recv_packet();
+    thread::sleep(ms(50));
+    drop(conn);
+    let (_, erq) = peer.recv_until(|pk| pk.is_erq());
+    assert!(erq.is_erq());
+    peer.send(&response(rq.tag, true, 0, b"B"));
+    let res = rx.recv_timeout(PATIENCE).expect("the waiter returns");
+    waiter.join().unwrap();
+    assert_eq!(res.unwrap().payload, b"B");
+    let (_, eof) = peer.recv_until(|pk| pk.is_eof());
+    assert!(eof.is_eof());
+    peer.send(&Packet::eof());
+    common::assert_threads_gone(&name, PATIENCE);
+}
+
+// ---------------------------------------------------------------------------
+// The keeper thread's life, with many connections. Run alone in a copy of
+// this binary: the keeper is one thread for the whole process.
+
+fn keeper_threads() -> usize {
+    threads_named(KEEPER_THREAD).len()
+}
+
+/// Voluntary context switches of the keeper thread, if it runs.
+fn keeper_switches() -> Option<u64> {
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = entry.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() == KEEPER_THREAD {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches"))?;
+            return line.split_whitespace().nth(1)?.parse().ok();
+        }
+    }
+    None
+}
+
+/// 300 connections with different timeouts, made and ended quickly: a third
+/// get half a packet (each ends as `Silent`), a third are aborted, a third
+/// dropped with their peer gone. Then the keeper ends (it holds nothing
+/// stale), and starts again for a new connection, whose timeout it keeps
+/// even when it was sleeping for a long look of another.
+#[test]
+fn three_hundred_connections_come_and_go_and_the_keeper_ends_and_restarts() {
+    if !common::isolated(
+        "three_hundred_connections_come_and_go_and_the_keeper_ends_and_restarts",
+        Duration::from_secs(120),
+    ) {
+        return;
+    }
+    assert_eq!(keeper_threads(), 0);
+    let mut silent = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..300u64 {
+        let name = format!("k{i}");
+        names.push(name.clone());
+        let mut config = Config::default()
+            .name(&name)
+            .extensions(false)
+            .packet_timeout(ms(50 + i * 7));
+        if i % 2 == 0 {
+            config = config.idle_timeout(ms(10_000 + i));
+        }
+        if i % 5 == 0 {
+            config = config.keepalive(ms(3_000 + i));
+        }
+        let (a, mut peer) = UnixStream::pair().unwrap();
+        peer.set_write_timeout(Some(PATIENCE)).unwrap();
+        let conn = PacketConnection::from_unix_stream(a, config).unwrap();
+        match i % 3 {
+            0 => {
+                peer.write_all(&wire(&request(1, 1, 0, &[0; 30]))[..5])
+                    .unwrap();
+                silent.push((conn, peer));
+            }
+            1 => {
+                conn.abort();
+                drop(conn);
+                drop(peer);
+            }
+            _ => {
+                drop(conn);
+                drop(peer);
+            }
+        }
+    }
+    assert!(keeper_threads() <= 1);
+    wait_for(
+        "the half packets to time out",
+        Duration::from_secs(20),
+        || silent.iter().all(|(c, _)| ended(c).is_some()),
+    );
+    for (conn, _) in &silent {
+        assert_eq!(ended(conn), Some(Disconnect::Silent), "{}", conn.name());
+    }
+    drop(silent);
+    for name in &names {
+        common::assert_threads_gone(name, PATIENCE);
+    }
+    wait_for("the keeper to end", PATIENCE, || keeper_threads() == 0);
+
+    // It starts again; a connection with a long look (1 s) first, then one
+    // with a short timeout, registered while the keeper sleeps for the first.
+    let (a, _peer_a) = UnixStream::pair().unwrap();
+    let long = PacketConnection::from_unix_stream(
+        a,
+        Config::default()
+            .name("klong")
+            .extensions(false)
+            .idle_timeout(Duration::from_secs(60)),
+    )
+    .unwrap();
+    wait_for("the keeper to start", PATIENCE, || keeper_threads() == 1);
+    thread::sleep(ms(100));
+    let (b, mut peer_b) = UnixStream::pair().unwrap();
+    let short = PacketConnection::from_unix_stream(
+        b,
+        Config::default()
+            .name("kshort")
+            .extensions(false)
+            .packet_timeout(ms(60)),
+    )
+    .unwrap();
+    peer_b
+        .write_all(&wire(&request(1, 1, 0, &[0; 30]))[..5])
+        .unwrap();
+    let started = Instant::now();
+    wait_for("the short timeout", PATIENCE, || ended(&short).is_some());
+    assert_eq!(ended(&short), Some(Disconnect::Silent));
+    // Its looks come every 15 ms, the other's every second: reported, not
+    // asserted (the machine's load decides how late it runs).
+    common::report(format!(
+        "a 60 ms packet timeout registered while the keeper slept for a 1 s look ran out after {:?}",
+        started.elapsed()
+    ));
+    assert_eq!(keeper_threads(), 1);
+    short.abort();
+    long.abort();
+    wait_for("the keeper to end again", PATIENCE, || {
+        keeper_threads() == 0
+    });
+}
+
+/// How often the keeper wakes for connections that only have long timeouts
+/// (a server's defaults: idle 10 min, packet 30 s: a look a second each).
+#[test]
+fn the_keeper_wakes_rarely_for_long_timeouts() {
+    if !common::isolated(
+        "the_keeper_wakes_rarely_for_long_timeouts",
+        Duration::from_secs(60),
+    ) {
+        return;
+    }
+    let mut conns = Vec::new();
+    for i in 0..200 {
+        let (a, peer) = UnixStream::pair().unwrap();
+        let conn = PacketConnection::from_unix_stream(
+            a,
+            Config::default()
+                .name(format!("w{i}"))
+                .extensions(false)
+                .packet_timeout(Duration::from_secs(30))
+                .idle_timeout(Duration::from_secs(600)),
+        )
+        .unwrap();
+        conns.push((conn, peer));
+        thread::sleep(ms(3));
+    }
+    thread::sleep(ms(1500));
+    let before = keeper_switches().expect("the keeper runs");
+    thread::sleep(ms(2000));
+    let after = keeper_switches().expect("the keeper runs");
+    let per_second = (after - before) / 2;
+    common::report(format!(
+        "keeper wake-ups a second, 200 connections with 1 s looks: {per_second}"
+    ));
+    for (conn, _) in &conns {
+        conn.abort();
+    }
+    // Each connection looks once a second, on a 5 ms grid: up to 200 looks
+    // a second fall on different steps. Not a failure by itself; reported.
+    assert!(per_second < 1000, "{per_second}");
+}
+
+/// A quiet connection with a short keepalive, between two live ends of
+/// this crate: every ping is answered at once. An answer read before the
+/// ping is stamped would count as heard before the ping, and the live peer
+/// be given up as `NoAnswer` one period later: the ping is stamped before it
+/// goes. Busy threads make the keeper lose its CPU to the threads it wakes,
+/// as on a loaded machine.
+#[test]
+fn keepalive_does_not_give_up_a_peer_that_answers_every_ping() {
+    let _serial = common::serial();
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("kpc")).keepalive(ms(60)),
+        Config::default()
+            .name(unique_name("kps"))
+            .handler(common::echo),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = x.wrapping_mul(31).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    let client_end = ends_within(&client, Duration::from_secs(8));
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    let pings = server.stats();
+    client.abort();
+    server.abort();
+    assert_eq!(
+        client_end, None,
+        "a peer answering every ping was given up (server stats {pings:?})"
+    );
+}
+
+/// A `Server` whose shared handler pool is busy: a client pipelines more
+/// requests than its quota, so its receive thread waits for room, longer
+/// than the packet timeout. Every request is answered (the client sent
+/// every packet whole), and the client is not dropped as `Silent`.
+#[test]
+fn a_server_under_backpressure_keeps_a_client_that_sent_whole_packets() {
+    use packetstream::{Server, ServerConfig};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (why_tx, why_rx) = mpsc::channel();
+    let why_tx = std::sync::Mutex::new(why_tx);
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(
+            Config::default()
+                .name(unique_name("bps"))
+                .handler_queue(2)
+                .handler(|rq: Request| -> HandlerResult {
+                    thread::sleep(ms(60));
+                    Ok(rq.payload.into())
+                }),
+        )
+        .handler_threads(1)
+        .packet_timeout(ms(200))
+        .on_close(move |_, why| {
+            let _ = why_tx.lock().unwrap().send(why);
+        }),
+    )
+    .unwrap();
+    let client =
+        PacketConnection::connect_tcp(addr, Config::default().name(unique_name("bpc"))).unwrap();
+    let pending: Vec<_> = (0..20)
+        .map(|_| client.submit(1, 0, b"work").unwrap())
+        .collect();
+    let results: Vec<_> = pending
+        .into_iter()
+        .map(|p| p.wait_timeout(PATIENCE))
+        .collect();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    let n_failed = failed.len();
+    let first = failed.first().map(|r| format!("{r:?}"));
+    let server_end = why_rx.recv_timeout(ms(300)).ok();
+    client.abort();
+    within("stop", move || server.stop_timeout(PATIENCE)).ok();
+    assert_eq!(
+        n_failed, 0,
+        "{n_failed} of 20 whole requests lost under backpressure: {first:?}; \
+         the server ended the client with {server_end:?}"
+    );
+}
+
+/// A slow-loris peer that never finishes a packet, one byte well inside
+/// the packet timeout each time: `idle_timeout` ("no packet of the
+/// application received") ends the connection, inside a packet too.
+#[test]
+fn a_trickling_peer_that_never_finishes_a_packet_is_ended_by_the_idle_timeout() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("lor"))
+            .packet_timeout(ms(300))
+            .idle_timeout(ms(400)),
+    );
+    // A packet of 1000 bytes announced; a byte every 100 ms.
+    let bytes = wire(&request(2, 1, 0, &[3; 1000]));
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < ms(2500) && ended(&conn).is_none() {
+        if peer.stream.write_all(&bytes[sent..sent + 1]).is_err() {
+            break;
+        }
+        sent += 1;
+        thread::sleep(ms(100));
+    }
+    let why = ended(&conn);
+    conn.abort();
+    assert!(
+        why.is_some(),
+        "a peer holding a packet open for {:?} ({sent} bytes) outlived an idle timeout of 400 ms",
+        started.elapsed()
+    );
+}
