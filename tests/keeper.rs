@@ -87,27 +87,42 @@ fn inline_handler_slower_than_packet_timeout_is_not_taken_for_a_silent_peer() {
 /// packets it sent have all been read whole.
 #[test]
 fn a_full_handler_queue_is_not_taken_for_a_silent_peer() {
+    full_handler_queue_for(|config| config.packet_timeout(ms(150)), ms(800));
+}
+
+/// The same with keepalive: this end, not reading while its queue is full,
+/// cannot hear the peer's answers, and must not give the live peer up as
+/// `NoAnswer`.
+#[test]
+fn a_full_handler_queue_is_not_taken_for_a_peer_that_does_not_answer() {
+    full_handler_queue_for(|config| config.keepalive(ms(150)), ms(1200));
+}
+
+/// A server with one handler thread and a queue of one, its read timeouts
+/// set by `timeouts`, holds its handler for `hold` under four requests (the
+/// handler holds the first, one waits in the queue, the receive thread
+/// waits for room with the third): every request is answered and the
+/// server does not end.
+fn full_handler_queue_for(timeouts: impl FnOnce(Config) -> Config, hold: Duration) {
     let gate = Gate::new();
     let g = gate.clone();
+    let server_config = Config::default()
+        .name(unique_name("fqs"))
+        .handler_threads(1)
+        .handler_queue(1)
+        .handler(move |rq: Request| -> HandlerResult {
+            g.pass();
+            Ok(rq.payload.into())
+        });
     let (client, server) = pair_with(
         Config::default().name(unique_name("fqc")),
-        Config::default()
-            .name(unique_name("fqs"))
-            .packet_timeout(ms(150))
-            .handler_threads(1)
-            .handler_queue(1)
-            .handler(move |rq: Request| -> HandlerResult {
-                g.pass();
-                Ok(rq.payload.into())
-            }),
+        timeouts(server_config),
     );
     let pending: Vec<_> = (0..4)
         .map(|_| client.submit(1, 0, b"queued").unwrap())
         .collect();
     gate.wait_entered(1, PATIENCE);
-    // The handler holds the first, one waits in the queue, the receive
-    // thread waits for room with the third.
-    thread::sleep(ms(800));
+    thread::sleep(hold);
     gate.open();
     let results: Vec<_> = pending
         .into_iter()
@@ -119,45 +134,6 @@ fn a_full_handler_queue_is_not_taken_for_a_silent_peer() {
     assert!(
         results.iter().all(|r| r.is_ok()) && server_end.is_none(),
         "server gave up on a peer while its own handler queue was full: \
-         server ended {server_end:?}, calls {results:?}"
-    );
-}
-
-/// The same with keepalive: this end, not reading while its queue is full,
-/// cannot hear the peer's answers, and must not give the live peer up as
-/// `NoAnswer`.
-#[test]
-fn a_full_handler_queue_is_not_taken_for_a_peer_that_does_not_answer() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let (client, server) = pair_with(
-        Config::default().name(unique_name("fkc")),
-        Config::default()
-            .name(unique_name("fks"))
-            .keepalive(ms(150))
-            .handler_threads(1)
-            .handler_queue(1)
-            .handler(move |rq: Request| -> HandlerResult {
-                g.pass();
-                Ok(rq.payload.into())
-            }),
-    );
-    let pending: Vec<_> = (0..4)
-        .map(|_| client.submit(1, 0, b"queued").unwrap())
-        .collect();
-    gate.wait_entered(1, PATIENCE);
-    thread::sleep(ms(1200));
-    gate.open();
-    let results: Vec<_> = pending
-        .into_iter()
-        .map(|p| p.wait_timeout(PATIENCE))
-        .collect();
-    let server_end = ends_within(&server, ms(300));
-    client.abort();
-    server.abort();
-    assert!(
-        results.iter().all(|r| r.is_ok()) && server_end.is_none(),
-        "server gave up on a live peer while its own handler queue was full: \
          server ended {server_end:?}, calls {results:?}"
     );
 }
