@@ -207,12 +207,14 @@ impl Config {
     }
 
     /// How long the connection may stay idle: no packet of the application
-    /// received from the peer (the extensions' pings and other control
-    /// packets do not count), and no request pending either way. Past it,
-    /// the connection ends with [`Disconnect::Idle`]. A packet counts once
-    /// it is whole, so a peer that trickles one packet for ever is let go
-    /// too, and a packet that takes longer than this to arrive ends an
-    /// otherwise idle connection. Enforced on sockets only, as
+    /// received from the peer (a request, or a response to one of this
+    /// end's; the extensions' pings and other control packets, ERQ and
+    /// responses to nothing do not count), no request pending either way,
+    /// and no long reply of this end's being taken by the peer. Past it, the
+    /// connection ends with [`Disconnect::Idle`], whatever the reader is
+    /// doing. A packet counts once it is whole, so a peer that trickles one
+    /// packet for ever is let go too, and a packet that takes longer than
+    /// this to arrive ends an otherwise idle connection. Enforced on sockets only, as
     /// [`packet_timeout`](Config::packet_timeout). Default: no limit
     /// ([`Server`](crate::Server) connections: 10 minutes).
     pub fn idle_timeout(mut self, timeout: Duration) -> Config {
@@ -238,7 +240,9 @@ impl Config {
     /// 100 ms meanwhile, so a period above that never takes it for gone.
     /// Time this end spends not reading (see
     /// [`packet_timeout`](Config::packet_timeout)) is not held against the
-    /// peer. Pings are not the
+    /// peer; but a peer whose [inline handler](Config::inline_handler) runs
+    /// for longer than the period cannot answer meanwhile, and is taken for
+    /// gone. Pings are not the
     /// application's traffic: they keep no connection from
     /// [`idle_timeout`](Config::idle_timeout), at either end. Enforced on
     /// sockets only, as [`packet_timeout`](Config::packet_timeout).

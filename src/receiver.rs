@@ -2,8 +2,9 @@
 //! request to `receive_request`, a response to `deliver`, until the peer's EOF or
 //! an error.
 
+use std::cell::Cell;
 use std::io::{self, BufRead, BufReader, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,22 +39,24 @@ pub(crate) struct ReadTimeouts {
 }
 
 /// What the reader and the keeper share of a connection's read timeouts.
-/// The reader stamps the start of each read, each read that brings bytes,
-/// each packet of the application, and whether it is inside a packet; the
-/// keeper reads the stamps (see [`Watched::look`]). Stamps are
-/// [`sync::stamp`]s.
+/// The reader stamps the start of each read (with whether it is inside a
+/// packet, in one word, so that the keeper reads the two together), each
+/// read that brings bytes, and each packet of the application; the keeper
+/// reads the stamps (see [`Watched::look`]). Stamps are [`sync::stamp`]s.
 ///
-/// The peer is judged only while the reader waits in a read: time this end
+/// Silence is judged only while the reader waits in a read: time this end
 /// spends on its own work (a handler on the receive thread, a wait for room
-/// in the handler queue, a lent reader at rest) is never the peer's silence.
+/// in the handler queue, a lent reader at rest) is never the peer's
+/// silence. Idleness is judged whatever the reader does: a peer that keeps
+/// the reader busy with packets that are not the application's is idle.
 struct Liveness {
     timeouts: ReadTimeouts,
     shared: Weak<Shared>,
-    /// The start of the read the reader waits in, or [`NOT_READING`].
-    reading_since: AtomicU64,
+    /// The read the reader waits in: its start's stamp shifted left by
+    /// one, the low bit set if it is inside a packet; or [`NOT_READING`].
+    reading: AtomicU64,
     last_read: AtomicU64,
     last_packet: AtomicU64,
-    mid_packet: AtomicBool,
     /// The keeper's own: when the connection was last seen busy, and when
     /// it last pinged the peer.
     last_busy: AtomicU64,
@@ -62,72 +65,74 @@ struct Liveness {
     expired: OnceLock<Disconnect>,
 }
 
-/// [`Liveness::reading_since`] between reads.
+/// [`Liveness::reading`] between reads.
 const NOT_READING: u64 = u64::MAX;
 
 impl Liveness {
-    /// Notes whether the reader is inside a packet. Stored only when it
-    /// changes, so that its cache line stays with the reader.
-    fn mid_packet(&self, inside: bool) {
-        if self.mid_packet.load(Ordering::Relaxed) != inside {
-            self.mid_packet.store(inside, Ordering::Relaxed);
-        }
-    }
-
     /// Which of the read timeouts, if any, has run out at `now`. Sends the
     /// keepalive ping when it is due.
     fn expired_at(&self, shared: &Shared, now: Instant) -> Option<Disconnect> {
         let timeouts = &self.timeouts;
         // Acquire: the stamps the reader left before it began this read.
-        let since = self.reading_since.load(Ordering::Acquire);
-        if since == NOT_READING {
-            // This end is busy with its own work, not waiting for the peer:
-            // nothing is held against it, and the connection is not idle.
-            self.last_busy.store(sync::stamp_of(now), Ordering::Relaxed);
-            return None;
-        }
-        // The peer is to blame from the later of its last byte and the
-        // start of this read.
-        let last_read = self.last_read.load(Ordering::Relaxed);
-        let waiting_since = sync::stamped(since.max(last_read));
-        let mid_packet = self.mid_packet.load(Ordering::Relaxed);
-        let silent = now.saturating_duration_since(waiting_since);
-        if mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
-            return Some(Disconnect::Silent);
-        }
-        if let Some(every) = timeouts.keepalive {
-            // Signs of life: a byte from the peer, or one of this end's
-            // taken by it.
-            let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
-            let heard = waiting_since.max(sync::stamped(last_write));
-            let pinged = self.pinged.load(Ordering::Relaxed);
-            if sync::stamped(pinged) > heard {
-                if now.saturating_duration_since(sync::stamped(pinged)) >= every {
+        let reading = self.reading.load(Ordering::Acquire);
+        if reading != NOT_READING {
+            // The peer is to blame from the start of this read.
+            let since = sync::stamped(reading >> 1);
+            let silent = now.saturating_duration_since(since);
+            let mid_packet = reading & 1 == 1;
+            if mid_packet && timeouts.packet.is_some_and(|limit| silent >= limit) {
+                return Some(Disconnect::Silent);
+            }
+            if let Some(every) = timeouts.keepalive {
+                if self.ping_or_give_up(shared, since, now, every) {
                     return Some(Disconnect::NoAnswer);
-                }
-            } else if now.saturating_duration_since(heard) >= every {
-                // Stamped before it goes: an answer read at once is heard
-                // after it.
-                self.pinged.store(sync::stamp_of(now), Ordering::Relaxed);
-                if shared.send_ping() {
-                    log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
-                } else {
-                    self.pinged.store(pinged, Ordering::Relaxed);
                 }
             }
         }
-        // Inside a packet too: a packet counts once it is whole, so a peer
-        // that trickles one packet for ever is let go.
         let limit = timeouts.idle?;
         if !shared.is_idle() {
             self.last_busy.store(sync::stamp_of(now), Ordering::Relaxed);
         }
         // The extensions' control packets, pings among them, are not
-        // activity of the application.
+        // activity of the application; the peer taking a long reply of
+        // this end's is.
+        let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
         let last_packet = self.last_packet.load(Ordering::Relaxed);
         let last_busy = self.last_busy.load(Ordering::Relaxed);
-        let quiet = now.saturating_duration_since(sync::stamped(last_packet.max(last_busy)));
+        let active = last_packet.max(last_busy).max(last_write);
+        let quiet = now.saturating_duration_since(sync::stamped(active));
         (quiet >= limit).then_some(Disconnect::Idle)
+    }
+
+    /// The keepalive, while the reader has waited in a read since `since`:
+    /// pings the peer once nothing has been heard of it for `every`, and
+    /// returns true once it has not answered for as long again.
+    fn ping_or_give_up(
+        &self,
+        shared: &Shared,
+        since: Instant,
+        now: Instant,
+        every: Duration,
+    ) -> bool {
+        // Signs of life: a byte from the peer (none since the read began),
+        // or one of this end's taken by it.
+        let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
+        let heard = since.max(sync::stamped(last_write));
+        let pinged = self.pinged.load(Ordering::Relaxed);
+        if sync::stamped(pinged) > heard {
+            return now.saturating_duration_since(sync::stamped(pinged)) >= every;
+        }
+        if now.saturating_duration_since(heard) >= every {
+            // Stamped before it goes: an answer read at once is heard
+            // after it.
+            self.pinged.store(sync::stamp_of(now), Ordering::Relaxed);
+            if shared.send_ping() {
+                log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
+            } else {
+                self.pinged.store(pinged, Ordering::Relaxed);
+            }
+        }
+        false
     }
 }
 
@@ -155,6 +160,8 @@ struct Guarded {
     stream: Box<dyn Read + Send>,
     shared: Arc<Shared>,
     live: Option<Arc<Liveness>>,
+    /// The reader is inside a packet (for the read timeouts).
+    mid_packet: Cell<bool>,
 }
 
 impl Read for Guarded {
@@ -163,31 +170,44 @@ impl Read for Guarded {
         let Some(live) = &self.live else {
             return self.stream.read(buf);
         };
-        // Release: the keeper that sees this read begun sees the stamps
-        // before it.
-        live.reading_since.store(sync::stamp(), Ordering::Release);
-        let res = self.stream.read(buf);
-        if matches!(res, Ok(n) if n > 0) {
-            live.last_read.store(sync::stamp(), Ordering::Relaxed);
-        }
-        live.reading_since.store(NOT_READING, Ordering::Release);
-        match res {
-            Ok(n) if n > 0 => Ok(n),
-            // The keeper ended the reading: a timeout ran out.
-            _ if live.expired.get().is_some() => {
-                let why = *live.expired.get().expect("just seen");
-                log::warn!("{}: {why}", self.shared.name);
-                Err(Expired(why).into_io())
+        if live.expired.get().is_none() {
+            let start = (sync::stamp() << 1) | u64::from(self.mid_packet.get());
+            // Release: the keeper that sees this read begun sees the stamps
+            // before it.
+            live.reading.store(start, Ordering::Release);
+            let res = self.stream.read(buf);
+            if matches!(res, Ok(n) if n > 0) {
+                live.last_read.store(sync::stamp(), Ordering::Relaxed);
             }
-            other => other,
+            live.reading.store(NOT_READING, Ordering::Release);
+            if live.expired.get().is_none() {
+                return res;
+            }
         }
+        // The keeper ended the reading: a timeout ran out. (A TCP socket
+        // whose reading is shut down may still hand over what arrives.)
+        let why = *live.expired.get().expect("just seen");
+        log::warn!("{}: {why}", self.shared.name);
+        Err(Expired(why).into_io())
     }
 }
 
 impl Guarded {
     fn mid_packet(&self, inside: bool) {
+        self.mid_packet.set(inside);
+    }
+
+    /// A packet of the application has come whole: a request, or a
+    /// response to one of this end's, off the control channel. The
+    /// extensions' packets, ERQ and stray responses are not activity.
+    fn application_packet(&self) {
         if let Some(live) = &self.live {
-            live.mid_packet(inside);
+            if live.timeouts.idle.is_some() {
+                // Its last byte came with the last read: no second clock
+                // read.
+                let last_read = live.last_read.load(Ordering::Relaxed);
+                live.last_packet.store(last_read, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -208,10 +228,9 @@ pub(crate) fn run_recv_loop(
         let live = Arc::new(Liveness {
             timeouts,
             shared: Arc::downgrade(shared),
-            reading_since: AtomicU64::new(NOT_READING),
+            reading: AtomicU64::new(NOT_READING),
             last_read: AtomicU64::new(now),
             last_packet: AtomicU64::new(now),
-            mid_packet: AtomicBool::new(false),
             last_busy: AtomicU64::new(now),
             pinged: AtomicU64::new(0),
             expired: OnceLock::new(),
@@ -231,6 +250,7 @@ pub(crate) fn run_recv_loop(
         stream,
         shared: Arc::clone(shared),
         live,
+        mid_packet: Cell::new(false),
     };
     let mut source: Box<dyn PacketSource> = Box::new(Source {
         reader: BufReader::with_capacity(READ_BUFFER, watched),
@@ -305,13 +325,6 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
         Next::Skipped => return Ok(Some(false)),
         Next::End => return Err(Error::ConnectionLost(Disconnect::StreamEnded)),
     };
-    if let Some(live) = &r.get_ref().live {
-        if channel != CONTROL_CHANNEL && live.timeouts.idle.is_some() {
-            // Its last byte came with the last read: no second clock read.
-            let last_read = live.last_read.load(Ordering::Relaxed);
-            live.last_packet.store(last_read, Ordering::Relaxed);
-        }
-    }
     match kind {
         PacketKind::Control { flags } => {
             let packet = Packet {
@@ -339,6 +352,9 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                 shared.name,
                 payload.len()
             );
+            if channel != CONTROL_CHANNEL {
+                r.get_ref().application_packet();
+            }
             shared.receive_request(Request::new(channel, tag, rq_type, flags, payload));
             Ok(Some(false))
         }
@@ -367,7 +383,9 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                     payload,
                 })
             };
-            shared.deliver(channel, tag, res);
+            if shared.deliver(channel, tag, res) && channel != CONTROL_CHANNEL {
+                r.get_ref().application_packet();
+            }
             Ok(Some(true))
         }
     }
@@ -488,7 +506,7 @@ fn skip_oversize(
             );
         }
         PacketKind::Response { .. } => {
-            shared.deliver(channel, tag, Err(Error::ResponseTooLarge { len, max }))
+            let _ = shared.deliver(channel, tag, Err(Error::ResponseTooLarge { len, max }));
         }
         PacketKind::Control { .. } => return Err(too_large),
     }

@@ -1144,18 +1144,25 @@ impl Shared {
         eof_due
     }
 
-    /// Delivers a response from the peer to the request it answers.
-    pub(crate) fn deliver(&self, channel: u64, tag: u64, res: Result<Response>) {
+    /// Delivers a response from the peer to the request it answers. False
+    /// if it answers none of this end's requests.
+    pub(crate) fn deliver(&self, channel: u64, tag: u64, res: Result<Response>) -> bool {
         match self.table.complete(channel, tag, res) {
-            Completion::Delivered => {}
-            Completion::Cancelled => log::debug!(
-                "{}: dropped response to cancelled request {channel}:{tag}",
-                self.name
-            ),
-            Completion::Unknown => log::warn!(
-                "{}: dropped response to unknown request {channel}:{tag}",
-                self.name
-            ),
+            Completion::Delivered => true,
+            Completion::Cancelled => {
+                log::debug!(
+                    "{}: dropped response to cancelled request {channel}:{tag}",
+                    self.name
+                );
+                true
+            }
+            Completion::Unknown => {
+                log::warn!(
+                    "{}: dropped response to unknown request {channel}:{tag}",
+                    self.name
+                );
+                false
+            }
         }
     }
 

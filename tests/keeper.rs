@@ -3,23 +3,29 @@
 //! shutting the socket's reading down, against hostile peers and unlucky
 //! users. The peer is judged only while this end waits in a read: a slow
 //! inline handler, a full handler queue or a lent reader at rest is not the
-//! peer's silence. Every blocking wait has a bound; every thread is joined.
+//! peer's silence; idleness is judged whatever the reader does, and only
+//! the application's packets count against it. Every blocking wait has a
+//! bound; every thread is joined.
 
 mod common;
 
 use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    ms, request, response, threads_named, unique_name, wait_for, wire, within, Gate, RawPeer,
-    KEEPER_THREAD,
+    bsuint, ms, request, response, threads_named, unique_name, wait_for, wire, within, Gate,
+    RawPeer, KEEPER_THREAD,
 };
-use packetstream::{Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, Request};
+use packetstream::{
+    Config, Disconnect, Error, HandlerResult, Packet, PacketConnection, PacketKind, Request,
+    Server, ServerConfig, CONTROL_CHANNEL,
+};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -676,7 +682,7 @@ fn keepalive_does_not_give_up_a_peer_that_answers_every_ping() {
             .name(unique_name("kps"))
             .handler(common::echo),
     );
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let spinners: Vec<_> = (0..2)
         .map(|_| {
             let stop = Arc::clone(&stop);
@@ -709,11 +715,10 @@ fn keepalive_does_not_give_up_a_peer_that_answers_every_ping() {
 /// every packet whole), and the client is not dropped as `Silent`.
 #[test]
 fn a_server_under_backpressure_keeps_a_client_that_sent_whole_packets() {
-    use packetstream::{Server, ServerConfig};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (why_tx, why_rx) = mpsc::channel();
-    let why_tx = std::sync::Mutex::new(why_tx);
+    let why_tx = Mutex::new(why_tx);
     let server = Server::serve_tcp(
         listener,
         ServerConfig::new(
@@ -782,5 +787,461 @@ fn a_trickling_peer_that_never_finishes_a_packet_is_ended_by_the_idle_timeout() 
         why.is_some(),
         "a peer holding a packet open for {:?} ({sent} bytes) outlived an idle timeout of 400 ms",
         started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Idleness hidden behind this end's own work, or behind packets that are not
+// the application's, and its siblings.
+
+/// A response on the reserved channel to a request never made.
+fn control_response(tag: u64) -> Packet {
+    Packet {
+        channel: CONTROL_CHANNEL,
+        tag,
+        kind: PacketKind::Response { ok: true, flags: 0 },
+        payload: Vec::new(),
+    }
+}
+
+/// A ping request on the reserved channel.
+fn control_ping(tag: u64) -> Packet {
+    Packet {
+        channel: CONTROL_CHANNEL,
+        tag,
+        kind: PacketKind::Request {
+            rq_type: 1,
+            flags: 0,
+        },
+        payload: Vec::new(),
+    }
+}
+
+/// Reads and discards everything from `stream` until it ends or fails.
+fn drain(mut stream: impl Read + Send + 'static) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    })
+}
+
+/// Writes `make(i)` every `every` until `stop`, a failed write, or `span`.
+fn feed(
+    mut stream: impl Write + Send + 'static,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    span: Duration,
+    make: impl Fn(u64) -> Vec<u8> + Send + 'static,
+) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let started = Instant::now();
+        let mut i = 0u64;
+        while !stop.load(Ordering::SeqCst) && started.elapsed() < span {
+            if stream.write_all(&make(i)).is_err() {
+                break;
+            }
+            i += 1;
+            if !every.is_zero() {
+                thread::sleep(every);
+            }
+        }
+        i
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Idleness is judged whatever the reader does.
+
+/// Both ends of this crate, quiet. This end has a keepalive and an idle
+/// timeout: the pings and their answers are not the application's traffic
+/// (Config::keepalive: "they keep no connection from idle_timeout, at
+/// either end"), so the idle timeout must still end the connection, though
+/// after each answer (a response) the receive thread lends its reader,
+/// which rests unread for a while.
+#[test]
+fn keepalive_answers_keep_no_connection_from_its_idle_timeout() {
+    let (client, server) = common::pair_with(
+        Config::default()
+            .name(unique_name("rka"))
+            .keepalive(ms(40))
+            .idle_timeout(ms(200)),
+        Config::default()
+            .name(unique_name("rkA"))
+            .handler(common::echo),
+    );
+    let why = ends_within(&client, Duration::from_secs(5));
+    let pinged = client.stats();
+    client.abort();
+    server.abort();
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 200 ms, keepalive 40 ms, nothing of the application for 5 s: \
+         still open ({pinged:?})"
+    );
+}
+
+/// The same with ordinary periods (keepalive 100 ms, idle 400 ms) and a
+/// peer that answers each ping 20 ms later, as over a network, so that the
+/// keeper's looks find the reader lent, at rest.
+#[test]
+fn keepalive_answers_after_a_round_trip_keep_no_connection_from_its_idle_timeout() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rkr"))
+            .keepalive(ms(100))
+            .idle_timeout(ms(400)),
+    );
+    let answerer = thread::spawn(move || {
+        let mut answered = 0u32;
+        while let Ok(Some(packet)) = peer.try_recv() {
+            if packet.channel == CONTROL_CHANNEL
+                && matches!(packet.kind, PacketKind::Request { .. })
+            {
+                thread::sleep(ms(20));
+                if peer
+                    .stream
+                    .write_all(&wire(&control_response(packet.tag)))
+                    .is_err()
+                {
+                    break;
+                }
+                answered += 1;
+            }
+        }
+        answered
+    });
+    let why = ends_within(&conn, Duration::from_secs(5));
+    conn.abort();
+    let answered = within("the answerer", move || answerer.join().unwrap());
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 400 ms, keepalive 100 ms, {answered} pings answered after 20 ms, \
+         nothing of the application for 5 s: still open"
+    );
+}
+
+/// A hostile peer tries to hold a connection with an idle timeout open for
+/// ever by sending, every few milliseconds, a tiny response on the reserved
+/// channel to a request never made: no packet of the application, though
+/// each makes the receive thread lend its reader.
+#[test]
+fn unsolicited_control_responses_hold_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rcr"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        peer.stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        ms(5),
+        Duration::from_secs(6),
+        |i| wire(&control_response(1_000_000 + i)),
+    );
+    let why = ends_within(&conn, Duration::from_secs(5));
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    conn.abort();
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {sent} control responses and nothing of the application in 5 s: \
+         still open"
+    );
+}
+
+/// The same against a `Server` (idle timeout set short), over TCP, where a
+/// socket whose reading is shut down still hands over what arrives: a
+/// client that sends nothing of the application is reclaimed.
+#[test]
+fn a_server_reclaims_a_client_sending_only_control_responses() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (why_tx, why_rx) = mpsc::channel();
+    let why_tx = Mutex::new(why_tx);
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(
+            Config::default()
+                .name(unique_name("rsv"))
+                .handler(common::echo),
+        )
+        .idle_timeout(ms(300))
+        .on_close(move |_, why| {
+            let _ = why_tx.lock().unwrap().send(why);
+        }),
+    )
+    .unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    let drainer = drain(stream.try_clone().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        ms(5),
+        Duration::from_secs(6),
+        |i| wire(&control_response(1_000_000 + i)),
+    );
+    let why = why_rx.recv_timeout(Duration::from_secs(5)).ok();
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    let _ = stream.shutdown(Shutdown::Both);
+    within("the drainer", move || drainer.join().unwrap());
+    within("stop", move || server.stop_timeout(PATIENCE)).ok();
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "server idle 300 ms; the client sent {sent} control responses and nothing else \
+         in 5 s: not reclaimed"
+    );
+}
+
+/// A peer that floods pings (control requests, answered on the receive
+/// thread) keeps the reader parsing, not reading, most of the time; the
+/// idle timeout still runs out.
+#[test]
+fn a_flood_of_pings_holds_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rpf"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let drainer = drain(peer.stream.try_clone().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let batch: Vec<u8> = (0..2000).flat_map(|i| wire(&control_ping(i))).collect();
+    let feeder = feed(
+        peer.stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        Duration::ZERO,
+        Duration::from_secs(6),
+        move |_| batch.clone(),
+    );
+    let why = ends_within(&conn, Duration::from_secs(5));
+    stop.store(true, Ordering::SeqCst);
+    let batches = within("the feeder", move || feeder.join().unwrap());
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    within("the drainer", move || drainer.join().unwrap());
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {batches} batches of 2000 pings, nothing of the application in 5 s: \
+         still open"
+    );
+}
+
+/// ERQ is a control packet (PacketKind::Control), not a packet of the
+/// application; the peer may say it once. A peer that repeats it every
+/// 100 ms must not hold a connection with a 300 ms idle timeout.
+#[test]
+fn a_repeated_erq_holds_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rer"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        peer.stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        ms(100),
+        Duration::from_secs(4),
+        |_| wire(&Packet::erq()),
+    );
+    let why = ends_within(&conn, Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    conn.abort();
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {sent} ERQs and nothing else in 3 s: still open"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// What held up.
+
+/// A request of the peer's whose handler runs for longer than the idle
+/// timeout is in progress: the connection is not idle meanwhile, and the
+/// call is answered.
+#[test]
+fn a_slow_handler_longer_than_the_idle_timeout_is_not_idle() {
+    let (client, server) = common::pair_with(
+        Config::default().name(unique_name("rsc")),
+        Config::default()
+            .name(unique_name("rss"))
+            .idle_timeout(ms(150))
+            .handler(|rq: Request| -> HandlerResult {
+                thread::sleep(ms(900));
+                Ok(rq.payload.into())
+            }),
+    );
+    let res = client.call_timeout(1, 0, b"slow", PATIENCE);
+    let server_end = ended(&server);
+    // Then idle: the server ends it.
+    let later = ends_within(&server, PATIENCE);
+    client.abort();
+    server.abort();
+    assert!(
+        res.as_ref().is_ok_and(|r| r.payload == b"slow") && server_end.is_none(),
+        "{res:?}, server ended {server_end:?}"
+    );
+    assert_eq!(later, Some(Disconnect::Idle));
+}
+
+/// An oversize request is refused at once and skipped; a peer that then
+/// goes silent inside it is ended as `Silent`.
+#[test]
+fn silence_inside_a_skipped_oversize_packet_ends_as_silent() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rov"))
+            .max_packet_len(100)
+            .packet_timeout(ms(200))
+            .handler(common::echo),
+    );
+    let head = wire(&request(5, 1, 0, b""));
+    let prefix = bsuint((head.len() - 1 + 10_000) as u128);
+    peer.send_bytes(&prefix);
+    peer.send_bytes(&head[1..]);
+    peer.send_bytes(&[7; 500]);
+    let refusal = peer.recv_packet();
+    assert_eq!(refusal.tag, 5);
+    assert!(matches!(
+        refusal.kind,
+        PacketKind::Response { ok: false, .. }
+    ));
+    let why = ends_within(&conn, PATIENCE);
+    conn.abort();
+    assert_eq!(why, Some(Disconnect::Silent));
+}
+
+/// Keepalive against a peer that reads every byte this end writes but
+/// never sends one: this end keeps submitting, its writes never fill the
+/// stream (so they prove nothing), and the peer is given up as
+/// `NoAnswer`. Every request ends once, with that loss.
+#[test]
+fn keepalive_gives_up_a_peer_that_reads_all_and_never_answers() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rna"))
+            .keepalive(ms(100)),
+    );
+    let drainer = drain(peer.stream.try_clone().unwrap());
+    let conn = Arc::new(conn);
+    let mut pending = Vec::new();
+    let started = Instant::now();
+    while ended(&conn).is_none() && started.elapsed() < Duration::from_secs(5) {
+        match conn.submit(1, 0, &[1; 512]) {
+            Ok(p) => pending.push(p),
+            Err(_) => break,
+        }
+        thread::sleep(ms(10));
+    }
+    let why = ends_within(&conn, PATIENCE);
+    let outcomes: Vec<_> = pending
+        .into_iter()
+        .map(|p| p.wait_timeout(PATIENCE))
+        .collect();
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    within("the drainer", move || drainer.join().unwrap());
+    assert_eq!(why, Some(Disconnect::NoAnswer));
+    assert!(!outcomes.is_empty());
+    for res in &outcomes {
+        assert!(
+            matches!(
+                res,
+                Err(Error::ConnectionLost(Disconnect::NoAnswer)
+                    | Error::Unsent(Disconnect::NoAnswer))
+            ),
+            "{res:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Users.
+
+/// A client with a keepalive calls a server of this crate whose inline
+/// handler takes longer than the keepalive period: the server reads
+/// nothing meanwhile, so it cannot answer the ping, and the client takes it
+/// for gone, as `Config::keepalive` says. The call fails once, with
+/// `NoAnswer`.
+#[test]
+fn a_peers_inline_handler_slower_than_the_keepalive_is_taken_for_gone() {
+    let (client, server) = common::pair_with(
+        Config::default()
+            .name(unique_name("rih"))
+            .keepalive(ms(100)),
+        Config::default()
+            .name(unique_name("riH"))
+            .inline_handler(|rq: Request| -> HandlerResult {
+                thread::sleep(ms(700));
+                Ok(rq.payload.into())
+            }),
+    );
+    let res = client.call_timeout(1, 0, b"slow", PATIENCE);
+    let client_end = ends_within(&client, PATIENCE);
+    client.abort();
+    server.abort();
+    assert!(
+        lost_with(&res, Disconnect::NoAnswer) && client_end == Some(Disconnect::NoAnswer),
+        "a peer busy in its inline handler for 700 ms, keepalive 100 ms: {res:?}, \
+         the client ended {client_end:?}"
+    );
+}
+
+/// A server (idle timeout 300 ms) answers a request with a 4 MiB reply,
+/// which the client reads steadily but slowly (a slow link): nothing is
+/// pending either way, but the peer taking the reply is activity, and the
+/// download is not cut as `Idle`.
+#[test]
+fn a_slow_download_of_a_large_reply_is_not_cut_as_idle() {
+    const LEN: usize = 4 << 20;
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rdl"))
+            .idle_timeout(ms(300))
+            .handler(|_rq: Request| -> HandlerResult { Ok(vec![7u8; LEN].into()) }),
+    );
+    peer.request(1, 1, b"");
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let started = Instant::now();
+    let got = loop {
+        if let Some((packet, _)) = Packet::decode(&buf, u64::MAX).unwrap() {
+            break Some(packet);
+        }
+        match peer.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        assert!(started.elapsed() < PATIENCE * 2, "download hung");
+        thread::sleep(ms(30));
+    };
+    let why = ended(&conn);
+    conn.abort();
+    assert!(
+        got.as_ref()
+            .is_some_and(|p| p.tag == 1 && p.payload.len() == LEN),
+        "a reply read steadily for {:?} was cut after {} of {LEN} bytes; the server ended {why:?}",
+        started.elapsed(),
+        buf.len()
     );
 }
