@@ -392,7 +392,8 @@ impl Config {
 
     /// A hook run when the peer's end-of-requests packet (ERQ) arrives: it
     /// will send no more requests. Runs on the receive thread, so it must
-    /// not block for long.
+    /// not block for long; if it panics, the connection ends as if its
+    /// stream had failed, and every pending request fails.
     pub fn on_peer_end_requests(mut self, hook: impl Fn() + Send + Sync + 'static) -> Config {
         self.on_peer_end_requests = Some(Arc::new(hook));
         self

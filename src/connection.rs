@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::{Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,7 +153,11 @@ impl PacketConnection {
             .and_then(|()| {
                 let receiver = Arc::clone(&shared);
                 threads.spawn(format!("{name}:recv"), move || {
-                    receiver::run_recv_loop(&receiver, recv, timeouts)
+                    let run =
+                        AssertUnwindSafe(|| receiver::run_recv_loop(&receiver, recv, timeouts));
+                    if catch_unwind(run).is_err() {
+                        receiver.receive_panicked();
+                    }
                 })
             });
         if let Err(e) = spawned {

@@ -213,7 +213,8 @@ impl Packet {
             return Ok(None);
         };
         let len = check_len(len, max_len)?;
-        let Some(body) = src.get(prefix..prefix + len) else {
+        // A length near the end of the address space is never all there.
+        let Some(body) = prefix.checked_add(len).and_then(|end| src.get(prefix..end)) else {
             return Ok(None);
         };
         let head = parse_body_head(body)?;
@@ -258,7 +259,7 @@ pub(crate) struct BodyHead {
 
 /// A packet's length on the wire, its length prefix included.
 pub(crate) fn wire_len(body_len: u64) -> u64 {
-    varint::len(u128::from(body_len)) as u64 + body_len
+    (varint::len(u128::from(body_len)) as u64).saturating_add(body_len)
 }
 
 impl BodyHead {
@@ -302,7 +303,15 @@ pub(crate) fn read_frame_head(r: &mut impl Read, max_len: u64) -> Result<Option<
         }
     };
     if len > max_len {
-        let head = read_body_head(r, len).ok();
+        let head = match read_body_head(r, len) {
+            Ok(head) => Some(head),
+            // The stream failed inside the head (a read timeout ran out,
+            // say): that, not the packet's size, ends the connection.
+            Err(e @ Error::Io(_)) => return Err(e),
+            // A head that cannot be read, or a stream that ends inside it:
+            // the packet's size is the clearer error.
+            Err(_) => None,
+        };
         return Ok(Some(Frame::TooLarge { len, head }));
     }
     Ok(Some(Frame::Whole(read_body_head(r, len)?)))

@@ -1368,6 +1368,19 @@ impl Shared {
         self.loop_ended();
     }
 
+    /// The receive thread panicked (in a hook of the user's that runs
+    /// there, or a bug): the connection ends as if its stream had failed,
+    /// unless the thread had ended it already, so that no request waits
+    /// for ever. The socket is shut down, so that the peer sees the end.
+    pub(crate) fn receive_panicked(&self) {
+        if self.life.lock().recv_end.is_some() {
+            return;
+        }
+        self.interrupt();
+        let e = io::Error::other("the receive thread panicked");
+        self.receive_ended(Err(Error::Io(e)), Vec::new());
+    }
+
     /// No more jobs come from this connection: its own pool's workers end
     /// once they have run what is queued, and a receive thread waiting for
     /// room goes on.
