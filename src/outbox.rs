@@ -26,7 +26,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Disconnect, Error, Expired, Result};
 use crate::packet::{read_body_head, Head, Packet, PacketKind};
-use crate::stats::Counters;
+use crate::stats::{Counters, SendCounters};
 use crate::varint;
 
 /// Payloads at least this long are not copied into the queue: a request's
@@ -882,15 +882,8 @@ fn write_batch(
     written: &mut usize,
     stats: &Counters,
 ) -> io::Result<()> {
-    let res = write_pieces(
-        stream,
-        pieces,
-        deadlines,
-        retry,
-        written,
-        &stats.send.last_write,
-    )
-    .and_then(|()| stream.flush());
+    let res = write_pieces(stream, pieces, deadlines, retry, written, &stats.send)
+        .and_then(|()| stream.flush());
     if *written > 0 {
         stats
             .send
@@ -916,7 +909,7 @@ fn write_pieces(
     deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    last_write: &AtomicU64,
+    send: &SendCounters,
 ) -> io::Result<()> {
     let mut pos = 0;
     let mut write_to = |stream: &mut Box<dyn Write + Send>,
@@ -929,22 +922,22 @@ fn write_pieces(
             if at >= end {
                 break;
             }
-            write_counted(stream, &batch[*pos..at], retry, written, last_write)?;
+            write_counted(stream, &batch[*pos..at], retry, written, (send, false))?;
             *pos = at;
             fill_deadline(&mut batch[at..at + 4], deadline);
             *deadlines = &deadlines[1..];
         }
-        write_counted(stream, &batch[*pos..end], retry, written, last_write)?;
+        write_counted(stream, &batch[*pos..end], retry, written, (send, false))?;
         *pos = end;
         Ok(())
     };
     for (at, segment) in large {
         write_to(stream, batch, &mut pos, *at, written)?;
-        write_counted(stream, segment, retry, written, last_write)?;
+        write_counted(stream, segment, retry, written, (send, true))?;
     }
     write_to(stream, batch, &mut pos, batch.len(), written)?;
     if let Some(payload) = payload {
-        write_counted(stream, payload, retry, written, last_write)?;
+        write_counted(stream, payload, retry, written, (send, true))?;
     }
     Ok(())
 }
@@ -952,13 +945,15 @@ fn write_pieces(
 /// Writes `buf` whole, counting into `written`. A write that goes on after
 /// the stream's buffer was full (a write took only part, or nothing)
 /// stamps `last_write` (see [`sync::stamp`](crate::sync::stamp)): the peer
-/// is reading. Bytes that merely fill the buffer prove nothing.
+/// is reading. Bytes that merely fill the buffer prove nothing. If `buf`
+/// is a large payload (`long`), `last_long_write` too: the peer is taking
+/// a long reply, or request, of the application.
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    last_write: &AtomicU64,
+    (send, long): (&SendCounters, bool),
 ) -> io::Result<()> {
     let mut stuck_since: Option<Instant> = None;
     // The stream's buffer was full at the last write.
@@ -968,7 +963,11 @@ fn write_counted(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 if full {
-                    last_write.store(crate::sync::stamp(), Ordering::Relaxed);
+                    let now = crate::sync::stamp();
+                    send.last_write.store(now, Ordering::Relaxed);
+                    if long {
+                        send.last_long_write.store(now, Ordering::Relaxed);
+                    }
                 }
                 full = n < buf.len();
                 *written += n;

@@ -95,8 +95,9 @@ impl Liveness {
         }
         // The extensions' control packets, pings among them, are not
         // activity of the application; the peer taking a long reply of
-        // this end's is.
-        let last_write = shared.stats.send.last_write.load(Ordering::Relaxed);
+        // this end's is (but not a stream full of small packets, such as
+        // the answers to a flood of pings).
+        let last_write = shared.stats.send.last_long_write.load(Ordering::Relaxed);
         let last_packet = self.last_packet.load(Ordering::Relaxed);
         let last_busy = self.last_busy.load(Ordering::Relaxed);
         let active = last_packet.max(last_busy).max(last_write);
@@ -352,10 +353,10 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                 shared.name,
                 payload.len()
             );
-            if channel != CONTROL_CHANNEL {
+            // Only a request taken in is activity: not a refused one.
+            if shared.receive_request(Request::new(channel, tag, rq_type, flags, payload)) {
                 r.get_ref().application_packet();
             }
-            shared.receive_request(Request::new(channel, tag, rq_type, flags, payload));
             Ok(Some(false))
         }
         PacketKind::Response { ok, flags } => {
@@ -383,6 +384,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                     payload,
                 })
             };
+            // Only a response that reaches a waiting request is activity.
             if shared.deliver(channel, tag, res) && channel != CONTROL_CHANNEL {
                 r.get_ref().application_packet();
             }

@@ -716,10 +716,12 @@ impl Shared {
     }
 
     /// Hands a request from the peer to the handler pool, or refuses it.
-    pub(crate) fn receive_request(self: &Arc<Self>, rq: Request) {
+    /// True if it was taken in (a control request or a refusal is not).
+    pub(crate) fn receive_request(self: &Arc<Self>, rq: Request) -> bool {
         let (channel, tag) = (rq.channel, rq.tag);
         if channel == CONTROL_CHANNEL {
-            return self.control(rq);
+            self.control(rq);
+            return false;
         }
         self.stats
             .recv
@@ -752,7 +754,7 @@ impl Shared {
                     Refusal::Busy => self.refuse_busy(channel, tag),
                 }
                 self.replied();
-                return;
+                return false;
             }
         }
         match &self.pool {
@@ -773,6 +775,7 @@ impl Shared {
             // An inline handler, on this thread.
             None => self.serve(rq, deadline, true),
         }
+        true
     }
 
     /// A control request from the peer, on the reserved channel: answered
@@ -1145,7 +1148,8 @@ impl Shared {
     }
 
     /// Delivers a response from the peer to the request it answers. False
-    /// if it answers none of this end's requests.
+    /// if it reaches no waiting request of this end's (one cancelled, or
+    /// answered already, or never made).
     pub(crate) fn deliver(&self, channel: u64, tag: u64, res: Result<Response>) -> bool {
         match self.table.complete(channel, tag, res) {
             Completion::Delivered => true,
@@ -1154,7 +1158,7 @@ impl Shared {
                     "{}: dropped response to cancelled request {channel}:{tag}",
                     self.name
                 );
-                true
+                false
             }
             Completion::Unknown => {
                 log::warn!(

@@ -1245,3 +1245,421 @@ fn a_slow_download_of_a_large_reply_is_not_cut_as_idle() {
         buf.len()
     );
 }
+
+// ---------------------------------------------------------------------------
+// Packets that only look like the application's, and a timeout inside an
+// oversize packet's head.
+
+/// The first request packet the peer reads.
+fn first_request(peer: &mut RawPeer) -> Packet {
+    let (_, packet) = peer.recv_until(|p| matches!(p.kind, PacketKind::Request { .. }));
+    packet
+}
+
+// ---------------------------------------------------------------------------
+// A hostile peer holding a connection past its idle timeout.
+
+/// This end made one request, and the peer answered it. The peer then
+/// replays that answer every 20 ms: a response to a request that is no
+/// longer pending, which answers nothing (the application never sees it),
+/// exactly like the stray responses the idle timeout already ignores. It
+/// must not hold the connection past its 300 ms idle timeout.
+#[test]
+fn replayed_responses_to_an_answered_request_hold_no_connection_past_its_idle_timeout() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2r"))
+            .idle_timeout(ms(300)),
+    );
+    let pending = conn.submit(1, 0, b"once").unwrap();
+    let tag = first_request(&mut peer).tag;
+    peer.send(&response(tag, true, 0, b"answer"));
+    let first = pending.wait_timeout(PATIENCE);
+    assert!(first.is_ok_and(|r| r.payload == b"answer"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        peer.stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        ms(20),
+        Duration::from_secs(4),
+        move |_| wire(&response(tag, true, 0, b"again")),
+    );
+    let why = ends_within(&conn, Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {sent} replays of the answer to a request already answered, \
+         nothing else in 3 s: still open"
+    );
+}
+
+/// The same with a request this end gave up on (its handle dropped, which
+/// cancels it): the peer answers it late, again and again.
+#[test]
+fn late_answers_to_a_cancelled_request_hold_no_connection_past_its_idle_timeout() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2c"))
+            .idle_timeout(ms(300)),
+    );
+    drop(conn.submit(1, 0, b"never mind").unwrap());
+    let tag = first_request(&mut peer).tag;
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        peer.stream.try_clone().unwrap(),
+        Arc::clone(&stop),
+        ms(20),
+        Duration::from_secs(4),
+        move |_| wire(&response(tag, true, 0, b"late")),
+    );
+    let why = ends_within(&conn, Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {sent} answers to a cancelled request in 3 s: still open"
+    );
+}
+
+/// The peer sent ERQ (it will make no more requests), then sends a request
+/// every 20 ms anyway: each is refused "requests no longer allowed" without
+/// running, a protocol violation like a repeated ERQ. It must not hold the
+/// connection past its idle timeout.
+#[test]
+fn requests_refused_after_the_peers_erq_hold_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2e"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let drainer = drain(peer.stream.try_clone().unwrap());
+    let mut stream = peer.stream.try_clone().unwrap();
+    stream.write_all(&wire(&Packet::erq())).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        stream,
+        Arc::clone(&stop),
+        ms(20),
+        Duration::from_secs(4),
+        |i| wire(&request(100 + i, 1, 0, b"after erq")),
+    );
+    let why = ends_within(&conn, Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    let served = conn.stats();
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    within("the drainer", move || drainer.join().unwrap());
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; ERQ, then {sent} requests refused as not allowed in 3 s: still open \
+         ({served:?})"
+    );
+}
+
+/// A peer floods pings, as in `keeper.rs`, but reads the answers slowly, so
+/// that this end's stream stays full and each of its reads lets a write go
+/// on: "the peer taking a long reply of this end's" is then only the
+/// answers to its pings, which are not the application's traffic. It must
+/// not hold the connection past its idle timeout.
+#[test]
+fn pings_whose_answers_are_read_slowly_hold_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2p"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let mut stream = peer.stream.try_clone().unwrap();
+    stream.set_read_timeout(Some(ms(200))).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer_thread = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let batch: Vec<u8> = (0..1000).flat_map(|i| wire(&control_ping(i))).collect();
+            let started = Instant::now();
+            let mut sent_batches = 0u64;
+            let mut read = 0u64;
+            let mut chunk = [0u8; 2048];
+            // About 20 bytes of answer per ping (a refusal: extensions off),
+            // so 1000 pings are about 20 KB of answers; keep about 1 MB of
+            // answers owed, far past what the socket holds, far under the
+            // budget of replies.
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(5) {
+                while sent_batches * 20_000 < read + 1_000_000 {
+                    if stream.write_all(&batch).is_err() {
+                        return (sent_batches, read);
+                    }
+                    sent_batches += 1;
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => read += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+                thread::sleep(ms(2));
+            }
+            (sent_batches, read)
+        })
+    };
+    let why = ends_within(&conn, Duration::from_secs(3));
+    let stats = conn.stats();
+    stop.store(true, Ordering::SeqCst);
+    conn.abort();
+    let (batches, read) = within("the peer", move || peer_thread.join().unwrap());
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 300 ms; {batches} batches of 1000 pings, {read} bytes of answers read \
+         slowly, nothing of the application in 3 s: still open ({stats:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The reason reported.
+
+/// An oversize packet whose head the peer stops sending half-way (inside
+/// its tag): the packet timeout runs out inside a packet, and the
+/// connection should end as `Silent`, as it does when the silence comes in
+/// the payload of an oversize packet (`keeper.rs`), not as a protocol
+/// error.
+#[test]
+fn silence_inside_the_head_of_an_oversize_packet_ends_as_silent() {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2o"))
+            .max_packet_len(100)
+            .packet_timeout(ms(200))
+            .handler(common::echo)
+            .on_end(move |why| {
+                let _ = tx.lock().unwrap().send(why);
+            }),
+    );
+    // A length of 10 000, then the first byte of a two-byte tag.
+    peer.send_bytes(&bsuint(10_000));
+    peer.send_bytes(&[0x85]);
+    let on_end = rx.recv_timeout(PATIENCE).ok();
+    let why = ended(&conn);
+    let joined = conn.join();
+    conn.abort();
+    assert_eq!(
+        (why, on_end),
+        (Some(Disconnect::Silent), Some(Disconnect::Silent)),
+        "silent inside an oversize packet's head for 200 ms: join gave {joined:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// What held up (kept, as checks).
+
+/// A TCP client with an idle timeout makes one call and then rests: the
+/// reader is lent to callers and at rest when the timeout runs out. The
+/// connection ends as `Idle` promptly, on_end says so, and a call made
+/// afterwards fails once, at once.
+#[test]
+fn a_tcp_client_resting_with_its_reader_lent_ends_as_idle_promptly() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_thread = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let server = PacketConnection::from_tcp_stream(
+            stream,
+            Config::default()
+                .name(unique_name("t2S"))
+                .handler(common::echo),
+        )
+        .unwrap();
+        let res = server.join();
+        server.abort();
+        res
+    });
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let client = PacketConnection::from_tcp_stream(
+        TcpStream::connect(addr).unwrap(),
+        Config::default()
+            .name(unique_name("t2C"))
+            .idle_timeout(ms(300))
+            .on_end(move |why| {
+                let _ = tx.lock().unwrap().send((why, Instant::now()));
+            }),
+    )
+    .unwrap();
+    let res = client.call_timeout(1, 0, b"hi", PATIENCE);
+    assert!(res.is_ok(), "{res:?}");
+    let rested = Instant::now();
+    let end = rx.recv_timeout(PATIENCE).ok();
+    let late = client.call_timeout(1, 0, b"late", PATIENCE);
+    client.abort();
+    let server_res = within("the server", move || server_thread.join().unwrap());
+    let (why, at) = end.expect("the client ended");
+    assert_eq!(why, Disconnect::Idle);
+    assert!(at.duration_since(rested) < Duration::from_secs(3));
+    assert!(matches!(late, Err(Error::Closed)), "{late:?}");
+    let _ = server_res;
+}
+
+/// Requests from the peer arrive in one burst while the handler is slow:
+/// the receive thread parses and queues them, its handler queue fills, and
+/// the reader waits for room for longer than the idle timeout. Every
+/// request is answered once; the connection then goes idle, ends as
+/// `Idle`, and the peer sees the stream end.
+#[test]
+fn a_burst_parsed_behind_a_full_queue_is_answered_once_then_idle() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2q"))
+            .idle_timeout(ms(200))
+            .handler_threads(1)
+            .handler_queue(1)
+            .handler(|rq: Request| -> HandlerResult {
+                thread::sleep(ms(150));
+                Ok(rq.payload.into())
+            }),
+    );
+    let burst: Vec<u8> = (0..6)
+        .flat_map(|i| wire(&request(10 + i, 1, 0, &[i as u8])))
+        .collect();
+    peer.send_bytes(&burst);
+    let mut answered = Vec::new();
+    let mut end = false;
+    while let Ok(got) = peer.try_recv() {
+        match got {
+            Some(p) if matches!(p.kind, PacketKind::Response { .. }) => answered.push(p.tag),
+            Some(_) => {}
+            None => {
+                end = true;
+                break;
+            }
+        }
+    }
+    let why = ends_within(&conn, PATIENCE);
+    conn.abort();
+    answered.sort_unstable();
+    assert_eq!(answered, (10..16).collect::<Vec<_>>());
+    assert!(end, "the stream should end after Idle");
+    assert_eq!(why, Some(Disconnect::Idle));
+}
+
+/// An orderly close racing the idle timeout: the peer answers the close
+/// (EOF) at about the moment the idle timeout runs out. Whatever wins, the
+/// close's result, on_end and status agree.
+#[test]
+fn close_racing_the_idle_timeout_reports_one_ending() {
+    for round in 0..6u64 {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let (conn, mut peer) = RawPeer::with(
+            Config::default()
+                .name(unique_name("t2x"))
+                .idle_timeout(ms(150))
+                .on_end(move |why| {
+                    let _ = tx.lock().unwrap().send(why);
+                }),
+        );
+        let answer = thread::spawn(move || {
+            // ERQ and EOF of the close, then ours, after about the idle
+            // timeout.
+            let (_, _) = peer.recv_until(|p| p.is_eof());
+            thread::sleep(ms(100 + round * 10));
+            let _ = peer.stream.write_all(&wire(&Packet::erq()));
+            let _ = peer.stream.write_all(&wire(&Packet::eof()));
+            let _ = peer.try_recv();
+        });
+        thread::sleep(ms(20));
+        let res = conn.close_timeout(PATIENCE);
+        let on_end = rx.recv_timeout(PATIENCE).ok();
+        let status = ended(&conn);
+        within("the peer", move || answer.join().unwrap());
+        let from_close = match &res {
+            Ok(()) => Some(Disconnect::PeerEof),
+            Err(Error::ConnectionLost(why)) => Some(*why),
+            Err(_) => None,
+        };
+        assert!(
+            from_close.is_some() && from_close == on_end && on_end == status,
+            "round {round}: close {res:?}, on_end {on_end:?}, status {status:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Panics reachable from the peer's bytes.
+
+/// With no practical length limit (`max_packet_len(u64::MAX)`), a peer
+/// announces a packet of u64::MAX bytes and sends one byte of it. The
+/// connection should refuse or wait for it, never panic its receive thread:
+/// a pending call then fails once, and the connection ends within bounds
+/// once the peer goes.
+#[test]
+fn a_length_prefix_of_u64_max_does_not_panic_the_reader() {
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("t2m"))
+            .max_packet_len(u64::MAX)
+            .packet_timeout(ms(300)),
+    );
+    let pending = conn.submit(1, 0, b"q").unwrap();
+    let _ = first_request(&mut peer);
+    peer.send_bytes(&bsuint(u128::from(u64::MAX)));
+    peer.send_bytes(&[0x02]);
+    let res = pending.wait_timeout(Duration::from_secs(5));
+    let why = ends_within(&conn, Duration::from_secs(3));
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    let later = ends_within(&conn, Duration::from_secs(3));
+    conn.abort();
+    assert!(
+        matches!(&res, Err(Error::ConnectionLost(_) | Error::Unsent(_))) && why.is_some(),
+        "the call gave {res:?}; the connection ended {why:?} (after the peer went: {later:?})"
+    );
+}
+
+/// A hook of the user's that runs on the receive thread panics (an unlucky
+/// `unwrap` in `on_peer_end_requests`): the connection ends as if its stream
+/// had failed, the request waiting for an answer fails once, the peer sees
+/// the stream end, and `on_end` runs; nothing waits for ever.
+#[test]
+fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rtp"))
+            .on_peer_end_requests(|| panic!("a hook that panics, on purpose"))
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    );
+    let pending = conn.submit(1, 0, b"waiting").unwrap();
+    first_request(&mut peer);
+    peer.send(&Packet::erq());
+    let res = within("the pending call", move || pending.wait_timeout(PATIENCE));
+    let why = end_rx.recv_timeout(PATIENCE);
+    // The peer's stream ends: a read gives EOF or an error, within a bound.
+    peer.stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut rest = Vec::new();
+    let tail = peer.stream.read_to_end(&mut rest);
+    conn.abort();
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(_))),
+        "the request pending when the receive thread panicked: {res:?}"
+    );
+    assert!(why.is_ok(), "on_end did not run: {why:?}");
+    assert!(
+        !matches!(&tail, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the peer's stream did not end: {tail:?}"
+    );
+}
