@@ -207,10 +207,11 @@ impl Config {
     }
 
     /// How long the connection may stay idle: no packet of the application
-    /// received from the peer (a request, or a response to one of this
-    /// end's; the extensions' pings and other control packets, ERQ and
-    /// responses to nothing do not count), no request pending either way,
-    /// and no long reply of this end's being taken by the peer. Past it, the
+    /// received from the peer (a request taken in, or a response that
+    /// reaches a request of this end's still waiting; the extensions' pings
+    /// and other control packets, ERQ, refused requests and responses to
+    /// nothing do not count), no request pending either way, and no long
+    /// reply of this end's (a large payload) being taken by the peer. Past it, the
     /// connection ends with [`Disconnect::Idle`], whatever the reader is
     /// doing. A packet counts once it is whole, so a peer that trickles one
     /// packet for ever is let go too, and a packet that takes longer than
