@@ -149,7 +149,11 @@ impl PacketConnection {
         };
         let sender = Arc::clone(&shared);
         let spawned = threads
-            .spawn(format!("{name}:send"), move || sender.run_send_loop())
+            .spawn(format!("{name}:send"), move || {
+                if catch_unwind(AssertUnwindSafe(|| sender.run_send_loop())).is_err() {
+                    sender.send_panicked();
+                }
+            })
             .and_then(|()| {
                 let receiver = Arc::clone(&shared);
                 threads.spawn(format!("{name}:recv"), move || {

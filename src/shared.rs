@@ -413,7 +413,8 @@ struct Life {
     recv_error: Option<Error>,
     /// A write failed before the peer's EOF arrived.
     write_error: Option<Error>,
-    loops_ended: u8,
+    /// The loops that have ended, each counted once.
+    loops_ended: Loops,
     ended: Option<Disconnect>,
     /// Bytes read past the peer's EOF packet.
     unread: Vec<u8>,
@@ -1234,7 +1235,25 @@ impl Shared {
     pub(crate) fn run_send_loop(&self) {
         let failed = self.outbox.run_send_loop(&self.stats);
         self.after_write(failed);
-        self.loop_ended();
+        self.loop_ended(Loops::SEND);
+    }
+
+    /// The send thread panicked (in a writer or logger of the user's, or a
+    /// bug): nothing writes any more, so the connection fails as if a
+    /// write had, and what is pending or queued fails, so that nobody
+    /// waits for ever. Nothing is logged: the panic may have come from the
+    /// logger.
+    pub(crate) fn send_panicked(&self) {
+        let written_to = self.outbox.written_to();
+        self.outbox.abort();
+        let e = io::Error::other("the send thread panicked");
+        let why = broken(&e);
+        self.life.lock().write_error.get_or_insert(Error::Io(e));
+        self.table.fail_all(why, written_to);
+        self.inbound.cut_off();
+        self.interrupt();
+        self.recall_reader();
+        self.loop_ended(Loops::SEND);
     }
 
     /// The one place a failed write is handled: every pending request fails,
@@ -1327,36 +1346,56 @@ impl Shared {
     /// the handler threads end once they have finished what is queued, and
     /// this end's close begins.
     pub(crate) fn receive_ended(&self, res: Result<Disconnect>, unread: Vec<u8>) {
+        // What ended it is recorded before anything is logged: a logger of
+        // the user's that panics here leaves `receive_panicked` the rest.
+        let log_res = match &res {
+            Ok(why) => Ok(*why),
+            Err(e) => Err(e.to_string()),
+        };
+        let why = self.record_receive_end(res, unread);
+        match log_res {
+            Ok(Disconnect::PeerEof) => log::debug!("{}: peer EOF", self.name),
+            Ok(why) => log::warn!("{}: {why}", self.name),
+            Err(e) => log::error!("{}: receive failed: {e}", self.name),
+        }
+        let n_failed = self.finish_receive(why);
+        if n_failed > 0 {
+            log::warn!("{}: {n_failed} requests lost: {why}", self.name);
+        }
+        self.loop_ended(Loops::RECV);
+    }
+
+    /// Records how the receive loop ended, once, and stops the handler
+    /// pool taking new work; returns why it ended.
+    fn record_receive_end(&self, res: Result<Disconnect>, unread: Vec<u8>) -> Disconnect {
         self.close_pool();
         let why = match &res {
             Ok(why) => *why,
             Err(Error::Io(e)) => broken(e),
             Err(_) => Disconnect::Protocol,
         };
-        match &res {
-            Ok(Disconnect::PeerEof) => log::debug!("{}: peer EOF", self.name),
-            Ok(why) => log::warn!("{}: {why}", self.name),
-            Err(e) => log::error!("{}: receive failed: {e}", self.name),
+        let mut life = self.life.lock();
+        if let Err(Error::Io(e)) = &res {
+            if let Some(why) = Expired::of(e) {
+                life.expired.get_or_insert(why);
+            }
         }
+        life.recv_end = Some(why);
+        life.recv_error = res.err();
+        life.unread = unread;
+        why
+    }
+
+    /// The end of the receive loop, after it is recorded: this end's
+    /// requests end, what is pending fails, and this end's close begins.
+    /// Logs nothing; each step may be done again. Returns how many pending
+    /// requests failed.
+    fn finish_receive(&self, why: Disconnect) -> usize {
         if why != Disconnect::PeerEof {
             self.inbound.cut_off();
         }
-        {
-            let mut life = self.life.lock();
-            if let Err(Error::Io(e)) = &res {
-                if let Some(why) = Expired::of(e) {
-                    life.expired.get_or_insert(why);
-                }
-            }
-            life.recv_end = Some(why);
-            life.recv_error = res.err();
-            life.unread = unread;
-        }
         let written_to = self.outbox.end_requests_dropping_unsent(&self.stats);
         let n_failed = self.table.fail_all(why, written_to);
-        if n_failed > 0 {
-            log::warn!("{}: {n_failed} requests lost: {why}", self.name);
-        }
         if matches!(
             why,
             Disconnect::Silent | Disconnect::Idle | Disconnect::NoAnswer
@@ -1369,20 +1408,23 @@ impl Shared {
             self.interrupt();
         }
         self.close_inbound();
-        self.loop_ended();
+        n_failed
     }
 
-    /// The receive thread panicked (in a hook of the user's that runs
-    /// there, or a bug): the connection ends as if its stream had failed,
-    /// unless the thread had ended it already, so that no request waits
-    /// for ever. The socket is shut down, so that the peer sees the end.
+    /// The receive thread panicked (in a hook or logger of the user's that
+    /// runs there, or a bug): the connection ends as if its stream had
+    /// failed, or as the thread had begun to end it, so that no request
+    /// waits for ever. The socket is shut down, so that the peer sees the
+    /// end. Nothing is logged: the panic may have come from the logger.
     pub(crate) fn receive_panicked(&self) {
-        if self.life.lock().recv_end.is_some() {
-            return;
-        }
         self.interrupt();
-        let e = io::Error::other("the receive thread panicked");
-        self.receive_ended(Err(Error::Io(e)), Vec::new());
+        let recorded = self.life.lock().recv_end;
+        let why = recorded.unwrap_or_else(|| {
+            let e = io::Error::other("the receive thread panicked");
+            self.record_receive_end(Err(Error::Io(e)), Vec::new())
+        });
+        self.finish_receive(why);
+        self.loop_ended(Loops::RECV);
     }
 
     /// No more jobs come from this connection: its own pool's workers end
@@ -1395,13 +1437,16 @@ impl Shared {
         }
     }
 
-    /// One of the two loops has ended; after the second, the connection
-    /// has, and the hooks run.
-    fn loop_ended(&self) {
+    /// One of the two loops has ended (each is counted once); after the
+    /// second, the connection has, and the hooks run.
+    fn loop_ended(&self, which: Loops) {
         let why = {
             let mut life = self.life.lock();
-            life.loops_ended += 1;
-            if life.loops_ended < 2 {
+            if life.loops_ended.0 & which.0 != 0 {
+                return;
+            }
+            life.loops_ended.0 |= which.0;
+            if life.loops_ended != Loops::BOTH {
                 return;
             }
             let why = life.why();
@@ -1502,6 +1547,38 @@ impl Shared {
     }
 }
 
+/// The connection's two loops, as bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Loops(u8);
+
+impl Loops {
+    const SEND: Loops = Loops(1);
+    const RECV: Loops = Loops(2);
+    const BOTH: Loops = Loops(3);
+}
+
+/// Held by a caller reading with the lent reader: if the caller unwinds,
+/// the reader is lost with it, and the receive thread, which waits for it,
+/// is told to end the connection.
+struct ReaderLost<'a>(&'a Shared);
+
+impl ReaderLost<'_> {
+    /// The caller reads no more: the reader is not lost.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ReaderLost<'_> {
+    fn drop(&mut self) {
+        let mut lending = self.0.lending.lock();
+        let e = io::Error::other("a caller reading for its response panicked");
+        lending.ended.get_or_insert((Err(Error::Io(e)), Vec::new()));
+        drop(lending);
+        self.0.lent.notify_all();
+    }
+}
+
 /// The lease keeper looks at a lent reader this often.
 const LOOK: Duration = Duration::from_millis(10);
 
@@ -1566,6 +1643,10 @@ impl Shared {
                 None => return false,
             }
         };
+        // A panic while this thread reads (in a logger of the user's, or a
+        // bug) must not leave the reader held for ever: the receive thread
+        // ends the connection.
+        let lost = ReaderLost(self);
         let mut recall = false;
         // Whether a packet other than a response was read: a request of the
         // peer's, whose job or reply may wait on what comes before a read.
@@ -1575,6 +1656,7 @@ impl Shared {
                 Step::Ended(res) => {
                     // The receive thread ends the connection, and fails
                     // this caller's request with the rest.
+                    lost.disarm();
                     let unread = source.unread(&res);
                     let mut lending = self.lending.lock();
                     lending.ended = Some((res, unread));
@@ -1589,6 +1671,7 @@ impl Shared {
                 Step::Read { delivered } => served |= !delivered,
             }
         }
+        lost.disarm();
         // Bytes left to parse: the receive thread reads on at once. Else the
         // lease goes on, for the next call, and the reader may rest unread
         // for all of it: if a request of the peer's was read, what a read

@@ -1366,9 +1366,9 @@ fn requests_refused_after_the_peers_erq_hold_no_connection_past_its_idle_timeout
     );
 }
 
-/// A peer floods pings, as in `keeper.rs`, but reads the answers slowly, so
-/// that this end's stream stays full and each of its reads lets a write go
-/// on: "the peer taking a long reply of this end's" is then only the
+/// A peer floods pings, as in `a_flood_of_pings_…`, but reads the answers
+/// slowly, so that this end's stream stays full and each of its reads lets
+/// a write go on: "the peer taking this end's writes" is then only the
 /// answers to its pings, which are not the application's traffic. It must
 /// not hold the connection past its idle timeout.
 #[test]
@@ -1662,4 +1662,217 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
         !matches!(&tail, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "the peer's stream did not end: {tail:?}"
     );
+}
+
+/// A logger of the user's with a bug: it panics, on purpose, on a warning
+/// or error about a connection named `panicky-recv…` logged on that
+/// connection's receive thread, or about one named `panicky-lent…` logged
+/// on a thread named `panicky-caller`. It logs nothing else.
+struct PanickyLogger;
+
+impl log::Log for PanickyLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let message = record.args().to_string();
+        let here = thread::current();
+        let here = here.name().unwrap_or("");
+        if (message.contains("panicky-recv") && here.ends_with(":recv"))
+            || (message.contains("panicky-lent") && here == "panicky-caller")
+        {
+            panic!("a logger that panics, on purpose: {message}");
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn install_panicky_logger() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&PanickyLogger).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+}
+
+/// The user's logger panics on the warning the receive thread logs as the
+/// stream ends: the request waiting for an answer still fails once, and
+/// `on_end` runs.
+#[test]
+fn a_logger_panicking_as_the_stream_ends_leaves_nothing_waiting() {
+    install_panicky_logger();
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("panicky-recv"))
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    );
+    let pending = conn.submit(1, 0, b"waiting").unwrap();
+    first_request(&mut peer);
+    peer.stream.shutdown(Shutdown::Both).unwrap();
+    let res = within("the pending call", move || pending.wait_timeout(PATIENCE));
+    let why = end_rx.recv_timeout(PATIENCE);
+    conn.abort();
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(_))),
+        "the request pending when the logger panicked: {res:?}"
+    );
+    assert!(why.is_ok(), "on_end did not run: {why:?}");
+}
+
+/// What a caller thread saw of one call.
+enum CallSeen {
+    Answered,
+    Failed(Error),
+    Panicked,
+}
+
+/// A caller reads the stream itself, with the receive thread's reader lent
+/// to it, and the user's logger panics there, on the warning about an
+/// oversize packet the peer sent: the reader is lost with the caller's
+/// stack, but the connection ends, a later call fails at once, and nothing
+/// waits for ever.
+#[test]
+fn a_logger_panicking_on_a_caller_reading_for_itself_ends_the_connection() {
+    install_panicky_logger();
+    const ROUNDS: u64 = 50;
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("panicky-lent"))
+            .max_packet_len(1024),
+    );
+    let conn = Arc::new(conn);
+    let (seen_tx, seen_rx) = mpsc::channel();
+    let caller = {
+        let conn = Arc::clone(&conn);
+        thread::Builder::new()
+            .name("panicky-caller".into())
+            .spawn(move || {
+                for _ in 0..ROUNDS {
+                    let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        conn.call(1, 0, b"q")
+                    }));
+                    let seen = match call {
+                        Ok(Ok(_)) => CallSeen::Answered,
+                        Ok(Err(e)) => CallSeen::Failed(e),
+                        Err(_) => CallSeen::Panicked,
+                    };
+                    let stop = !matches!(seen, CallSeen::Answered);
+                    let _ = seen_tx.send(seen);
+                    if stop {
+                        break;
+                    }
+                }
+            })
+            .unwrap()
+    };
+    // What went wrong first, if anything; the caller is unstuck by an
+    // abort before the test fails.
+    let mut panicked = false;
+    let mut wrong = None;
+    for round in 0..ROUNDS {
+        let asked = first_request(&mut peer);
+        // Every other round, once the caller is likely blocked reading:
+        // a packet over the limit, skipped with a warning by whichever
+        // thread reads it. (The refusal it is owed keeps the reader from
+        // being lent after it, for a round.)
+        if round % 2 == 1 {
+            thread::sleep(ms(20));
+            peer.request(1_000 + round, 1, &[0u8; 2_000]);
+        }
+        peer.send(&response(asked.tag, true, 0, b"a"));
+        match seen_rx.recv_timeout(PATIENCE) {
+            Ok(CallSeen::Answered) => {}
+            Ok(CallSeen::Panicked) => {
+                panicked = true;
+                break;
+            }
+            Ok(CallSeen::Failed(e)) => {
+                wrong = Some(format!("call {round} failed: {e:?}"));
+                break;
+            }
+            Err(_) => {
+                wrong = Some(format!("call {round} did not return within {PATIENCE:?}"));
+                break;
+            }
+        }
+    }
+    let (after, stuck) = if panicked {
+        let conn = Arc::clone(&conn);
+        match common::timed(PATIENCE, move || conn.call(1, 0, b"after")) {
+            common::Timed::Done(after, _) => (Some(after), None),
+            common::Timed::Stuck(running) => (None, Some(running)),
+        }
+    } else {
+        (None, None)
+    };
+    let why = ends_within(&conn, if panicked { PATIENCE } else { ms(0) });
+    conn.abort();
+    caller.join().unwrap();
+    if let Some(running) = stuck {
+        running.finish_within(PATIENCE);
+    }
+    assert_eq!(wrong, None);
+    assert!(
+        panicked,
+        "in {ROUNDS} calls no caller read the stream for itself"
+    );
+    assert!(
+        after.as_ref().is_some_and(|after| after.is_err()),
+        "a call after the panic (None: it hung): {after:?}"
+    );
+    assert!(why.is_some(), "the connection did not end");
+}
+
+/// A writer of the user's that panics, on purpose, on its first write.
+struct PanickyWriter;
+
+impl Write for PanickyWriter {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        panic!("a writer that panics, on purpose")
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The user's writer panics on the send thread: the request that was to
+/// be written fails once, later calls fail at once, and once the peer goes
+/// the connection ends and `on_end` runs.
+#[test]
+fn a_writer_panicking_on_the_send_thread_fails_what_is_pending() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let conn = PacketConnection::new(
+        a,
+        PanickyWriter,
+        Config::default()
+            .name(unique_name("wpn"))
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    )
+    .unwrap();
+    let pending = conn.submit(1, 0, b"never written").unwrap();
+    let res = within("the pending call", move || pending.wait_timeout(PATIENCE));
+    let later = conn.submit(1, 0, b"after");
+    drop(b);
+    let why = end_rx.recv_timeout(PATIENCE);
+    conn.abort();
+    assert!(
+        matches!(res, Err(Error::ConnectionLost(_) | Error::Unsent(_))),
+        "the request the writer panicked on: {res:?}"
+    );
+    assert!(later.is_err(), "a call after the panic: {later:?}");
+    assert!(why.is_ok(), "on_end did not run: {why:?}");
 }
