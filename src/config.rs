@@ -210,8 +210,9 @@ impl Config {
     /// received from the peer (a request taken in, or a response that
     /// reaches a request of this end's still waiting; the extensions' pings
     /// and other control packets, ERQ, refused requests and responses to
-    /// nothing do not count), no request pending either way, and no long
-    /// reply of this end's (a large payload) being taken by the peer. Past it, the
+    /// nothing do not count), no request pending either way, and none of
+    /// this end's requests or handlers' replies being taken by the peer
+    /// from a full stream (pongs and refusals do not count). Past it, the
     /// connection ends with [`Disconnect::Idle`], whatever the reader is
     /// doing. A packet counts once it is whole, so a peer that trickles one
     /// packet for ever is let go too, and a packet that takes longer than

@@ -155,6 +155,10 @@ struct State {
     /// Replies or control packets are among the unwritten bytes: the peer
     /// may be waiting for them.
     owes_peer: bool,
+    /// The application's packets (not the extensions' control packets, nor
+    /// ERQ or EOF) are among the unwritten bytes: the peer taking them from
+    /// a full stream is activity (see `SendCounters::last_app_write`).
+    app_queued: bool,
     /// When the oldest unwritten byte was queued.
     since: Option<Instant>,
     /// The send loop sleeps until a batch's grace runs out; it need not be
@@ -259,6 +263,7 @@ impl Outbox {
                 control,
                 urgent: false,
                 owes_peer: false,
+                app_queued: false,
                 since: None,
                 timer_set: false,
             }),
@@ -390,6 +395,7 @@ impl Outbox {
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
+        st.app_queued = true;
         st.queued_total += len as u64;
         queued_end.store(st.queued_total, Ordering::SeqCst);
         if payload.len() >= LARGE_PAYLOAD {
@@ -439,8 +445,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues a reply, its head already encoded. Never waits for room.
-    /// Returns the bytes of replies now owed to the peer (queued or being
+    /// Queues a reply, its head already encoded; `app` unless it answers a
+    /// control request of the extensions. Never waits for room. Returns the bytes of replies now owed to the peer (queued or being
     /// written); `None`, dropping the reply, once EOF is queued or the side
     /// is dead. The caller then writes the queue, or starts the grace timer
     /// with [`arm`](Outbox::arm).
@@ -448,6 +454,7 @@ impl Outbox {
         &self,
         head: &Head,
         payload: Vec<u8>,
+        app: bool,
         stats: &Counters,
     ) -> Option<usize> {
         let mut st = self.state.lock();
@@ -456,6 +463,7 @@ impl Outbox {
         }
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.owes_peer = true;
+        st.app_queued |= app;
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
         st.queued_replies += 1;
@@ -631,6 +639,7 @@ impl Outbox {
             st.queued_reply_bytes = 0;
             st.urgent = false;
             st.owes_peer = false;
+            let app = std::mem::take(&mut st.app_queued);
             st.since = None;
             let mut written = 0;
             let res = MutexGuard::unlocked(&mut st, || {
@@ -641,7 +650,7 @@ impl Outbox {
                     &mut unfilled,
                     retry.then_some(self.stall),
                     &mut written,
-                    stats,
+                    (stats, app),
                 )
             });
             let stuck = bounded && matches!(&res, Err(e) if would_block(e));
@@ -654,6 +663,7 @@ impl Outbox {
                     fill_deadline(&mut batch[at..at + 4], deadline);
                 }
                 requeue(&self.name, &mut st, &batch, batch_cut, &mut large, written);
+                st.app_queued |= app;
             }
             st.writing_bytes = 0;
             st.writing_packets = 0;
@@ -880,10 +890,17 @@ fn write_batch(
     deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    stats: &Counters,
+    (stats, app): (&Counters, bool),
 ) -> io::Result<()> {
-    let res = write_pieces(stream, pieces, deadlines, retry, written, &stats.send)
-        .and_then(|()| stream.flush());
+    let res = write_pieces(
+        stream,
+        pieces,
+        deadlines,
+        retry,
+        written,
+        (&stats.send, app),
+    )
+    .and_then(|()| stream.flush());
     if *written > 0 {
         stats
             .send
@@ -895,8 +912,9 @@ fn write_batch(
     res
 }
 
-/// Writes the batch, its large segments in place, then the payload,
-/// counting the bytes written in `written`, so that a write that stops
+/// Writes the batch (holding the application's packets if `app`), its
+/// large segments in place, then the payload, counting the bytes written
+/// in `written`, so that a write that stops
 /// short (a bounded write to a full socket) can be resumed. With `retry`, a
 /// write that stops short is tried again, until it has made no progress for
 /// the stall timeout inside, if any. The milliseconds field of each of
@@ -909,7 +927,7 @@ fn write_pieces(
     deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    send: &SendCounters,
+    (send, app): (&SendCounters, bool),
 ) -> io::Result<()> {
     let mut pos = 0;
     let mut write_to = |stream: &mut Box<dyn Write + Send>,
@@ -922,12 +940,12 @@ fn write_pieces(
             if at >= end {
                 break;
             }
-            write_counted(stream, &batch[*pos..at], retry, written, (send, false))?;
+            write_counted(stream, &batch[*pos..at], retry, written, (send, app))?;
             *pos = at;
             fill_deadline(&mut batch[at..at + 4], deadline);
             *deadlines = &deadlines[1..];
         }
-        write_counted(stream, &batch[*pos..end], retry, written, (send, false))?;
+        write_counted(stream, &batch[*pos..end], retry, written, (send, app))?;
         *pos = end;
         Ok(())
     };
@@ -946,14 +964,14 @@ fn write_pieces(
 /// the stream's buffer was full (a write took only part, or nothing)
 /// stamps `last_write` (see [`sync::stamp`](crate::sync::stamp)): the peer
 /// is reading. Bytes that merely fill the buffer prove nothing. If `buf`
-/// is a large payload (`long`), `last_long_write` too: the peer is taking
-/// a long reply, or request, of the application.
+/// holds the application's packets (`app`), `last_app_write` too: the
+/// peer is taking replies, or requests, of the application.
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    (send, long): (&SendCounters, bool),
+    (send, app): (&SendCounters, bool),
 ) -> io::Result<()> {
     let mut stuck_since: Option<Instant> = None;
     // The stream's buffer was full at the last write.
@@ -965,8 +983,8 @@ fn write_counted(
                 if full {
                     let now = crate::sync::stamp();
                     send.last_write.store(now, Ordering::Relaxed);
-                    if long {
-                        send.last_long_write.store(now, Ordering::Relaxed);
+                    if app {
+                        send.last_app_write.store(now, Ordering::Relaxed);
                     }
                 }
                 full = n < buf.len();
@@ -1221,7 +1239,7 @@ mod tests {
         );
         assert!(matches!(res, Err(Error::WouldBlock)));
         assert!(outbox
-            .push_reply(&reply(9, 60), vec![0; 60], &stats)
+            .push_reply(&reply(9, 60), vec![0; 60], true, &stats)
             .is_some());
         assert!(outbox.write_now(&stats).is_none());
         let want = request(2, 60).packet_len(60) + reply(9, 60).packet_len(60);
@@ -1268,7 +1286,7 @@ mod tests {
             let head = reply(tag, payload.len());
             want.extend_from_slice(head.as_bytes());
             want.extend_from_slice(&payload);
-            assert!(outbox.push_reply(&head, payload, &stats).is_some());
+            assert!(outbox.push_reply(&head, payload, true, &stats).is_some());
         }
         assert!(outbox.write_now(&stats).is_none());
         let writes = rec.0.lock();
@@ -1307,12 +1325,12 @@ mod tests {
         );
         assert!(matches!(res, Err(Error::Closed)));
         assert!(outbox
-            .push_reply(&reply(9, 0), Vec::new(), &stats)
+            .push_reply(&reply(9, 0), Vec::new(), true, &stats)
             .is_some());
         assert!(outbox.push_eof(&stats));
         assert!(!outbox.push_eof(&stats));
         assert!(outbox
-            .push_reply(&reply(10, 0), Vec::new(), &stats)
+            .push_reply(&reply(10, 0), Vec::new(), true, &stats)
             .is_none());
         // A grace of Duration::MAX never runs out, but ERQ and EOF are urgent.
         assert!(outbox.run_send_loop(&stats).is_none());
@@ -1365,7 +1383,9 @@ mod tests {
         let head = reply(7, 3);
         want.extend_from_slice(head.as_bytes());
         want.extend_from_slice(b"ccc");
-        assert!(outbox.push_reply(&head, b"ccc".to_vec(), &stats).is_some());
+        assert!(outbox
+            .push_reply(&head, b"ccc".to_vec(), true, &stats)
+            .is_some());
         let large = big(4);
         let res = outbox.push_request(
             &request(4, large.len()),
@@ -1380,7 +1400,7 @@ mod tests {
         let head = reply(8, LARGE_PAYLOAD + 3);
         want.extend_from_slice(head.as_bytes());
         want.extend_from_slice(&big(5));
-        assert!(outbox.push_reply(&head, big(5), &stats).is_some());
+        assert!(outbox.push_reply(&head, big(5), true, &stats).is_some());
         let written_to = outbox.end_requests_dropping_unsent(&stats);
         assert_eq!(written_to, written);
         assert!(end_a.load(Ordering::SeqCst) <= written_to);
@@ -1470,7 +1490,7 @@ mod tests {
                 let head = reply(tag, payload.len());
                 want.extend_from_slice(head.as_bytes());
                 want.extend_from_slice(&payload);
-                assert!(outbox.push_reply(&head, payload, &stats).is_some());
+                assert!(outbox.push_reply(&head, payload, true, &stats).is_some());
             }
             assert!(outbox.write_now_nonblocking(true, &stats).is_none());
             assert_eq!(
@@ -1485,7 +1505,9 @@ mod tests {
             let head = reply(5, 2);
             want.extend_from_slice(head.as_bytes());
             want.extend_from_slice(b"zz");
-            assert!(outbox.push_reply(&head, b"zz".to_vec(), &stats).is_some());
+            assert!(outbox
+                .push_reply(&head, b"zz".to_vec(), true, &stats)
+                .is_some());
             assert!(outbox.write_now(&stats).is_none());
             assert_eq!(tight.inner.lock().wire, want, "room {room}");
             assert_eq!(tight.inner.lock().timeouts, 2);
@@ -1516,7 +1538,7 @@ mod tests {
             };
             push_rq(2, &ends[0]);
             assert!(outbox
-                .push_reply(&reply(7, big.len()), big.clone(), &stats)
+                .push_reply(&reply(7, big.len()), big.clone(), true, &stats)
                 .is_some());
             push_rq(3, &ends[1]);
             assert!(outbox.write_now_nonblocking(true, &stats).is_none());

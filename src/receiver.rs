@@ -94,10 +94,10 @@ impl Liveness {
             self.last_busy.store(sync::stamp_of(now), Ordering::Relaxed);
         }
         // The extensions' control packets, pings among them, are not
-        // activity of the application; the peer taking a long reply of
-        // this end's is (but not a stream full of small packets, such as
-        // the answers to a flood of pings).
-        let last_write = shared.stats.send.last_long_write.load(Ordering::Relaxed);
+        // activity of the application, nor are refusals; the peer taking
+        // this end's requests or handlers' replies from a full stream is
+        // (but not a stream full of only pongs and refusals).
+        let last_write = shared.stats.send.last_app_write.load(Ordering::Relaxed);
         let last_packet = self.last_packet.load(Ordering::Relaxed);
         let last_busy = self.last_busy.load(Ordering::Relaxed);
         let active = last_packet.max(last_busy).max(last_write);

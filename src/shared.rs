@@ -651,9 +651,11 @@ impl Shared {
         }
     }
 
-    /// Queues the reply to the peer's request `(channel, tag)`. A reply
-    /// whose packet would exceed the limit becomes a not-ok reply saying so.
-    fn reply(&self, channel: u64, tag: u64, outcome: Outcome) {
+    /// Queues the reply to the peer's request `(channel, tag)`: `app` if
+    /// the application's handler made it (the peer taking it is activity,
+    /// as a refusal or a control reply is not). A reply whose packet would
+    /// exceed the limit becomes a not-ok reply saying so.
+    fn reply(&self, channel: u64, tag: u64, outcome: Outcome, app: bool) {
         let Outcome {
             mut ok,
             mut flags,
@@ -692,7 +694,7 @@ impl Shared {
             self.name,
             payload.len()
         );
-        match self.outbox.push_reply(&head, payload, &self.stats) {
+        match self.outbox.push_reply(&head, payload, app, &self.stats) {
             None => log::debug!(
                 "{}: dropped reply to {channel}:{tag}: the send side is closed",
                 self.name
@@ -831,7 +833,7 @@ impl Shared {
                 .into_bytes(),
             },
         };
-        self.reply(channel, tag, outcome);
+        self.reply(channel, tag, outcome, false);
         self.outbox.arm();
     }
 
@@ -1030,7 +1032,7 @@ impl Shared {
             flags,
             payload: reason.into_bytes(),
         };
-        self.reply(channel, tag, outcome);
+        self.reply(channel, tag, outcome, false);
         self.outbox.arm();
     }
 
@@ -1084,7 +1086,7 @@ impl Shared {
         };
         self.answering(channel, tag, reading);
         if let Some(outcome) = outcome {
-            self.reply(channel, tag, outcome);
+            self.reply(channel, tag, outcome, true);
         }
         self.finish_request(reading);
     }

@@ -35,9 +35,9 @@ pub(crate) struct SendCounters {
     /// When the peer last took bytes from a full stream: a
     /// [`sync::stamp`](crate::sync::stamp), or 0.
     pub(crate) last_write: AtomicU64,
-    /// The same, for bytes of a large payload written in place (a long
-    /// reply or request of the application, not the extensions' packets).
-    pub(crate) last_long_write: AtomicU64,
+    /// The same, for bytes of a write that held the application's packets
+    /// (replies or requests, not only the extensions' control packets).
+    pub(crate) last_app_write: AtomicU64,
 }
 
 /// Written by the handler threads.

@@ -1246,6 +1246,54 @@ fn a_slow_download_of_a_large_reply_is_not_cut_as_idle() {
     );
 }
 
+/// A server (idle timeout 300 ms) answers 64 requests sent at once with
+/// replies of 48 KiB each, under 64 KiB, so copied into its batches; the
+/// client reads them steadily but slowly. Nothing is pending either way
+/// once the handlers have run, but the peer taking the replies is
+/// activity, and the download is not cut as `Idle`.
+#[test]
+fn a_slow_download_of_many_medium_replies_is_not_cut_as_idle() {
+    const LEN: usize = 48 << 10;
+    const COUNT: u64 = 64;
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("mdl"))
+            .idle_timeout(ms(300))
+            .max_queued_bytes(16 << 20)
+            .handler(|_rq: Request| -> HandlerResult { Ok(vec![7u8; LEN].into()) }),
+    );
+    for tag in 0..COUNT {
+        peer.request(tag, 1, b"");
+    }
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut answered = 0;
+    let started = Instant::now();
+    while answered < COUNT {
+        while let Some((packet, used)) = Packet::decode(&buf, u64::MAX).unwrap() {
+            buf.drain(..used);
+            assert_eq!(packet.payload.len(), LEN, "a reply of tag {}", packet.tag);
+            answered += 1;
+        }
+        if answered == COUNT {
+            break;
+        }
+        match peer.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        assert!(started.elapsed() < PATIENCE * 2, "download hung");
+        thread::sleep(ms(30));
+    }
+    let why = ended(&conn);
+    conn.abort();
+    assert!(
+        answered == COUNT,
+        "replies read steadily for {:?} were cut after {answered} of {COUNT}; the server ended {why:?}",
+        started.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Packets that only look like the application's, and a timeout inside an
 // oversize packet's head.
