@@ -1213,69 +1213,40 @@ fn a_peers_inline_handler_slower_than_the_keepalive_is_taken_for_gone() {
 /// download is not cut as `Idle`.
 #[test]
 fn a_slow_download_of_a_large_reply_is_not_cut_as_idle() {
-    const LEN: usize = 4 << 20;
-    let (conn, mut peer) = RawPeer::with(
-        Config::default()
-            .name(unique_name("rdl"))
-            .idle_timeout(ms(300))
-            .handler(|_rq: Request| -> HandlerResult { Ok(vec![7u8; LEN].into()) }),
-    );
-    peer.request(1, 1, b"");
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 << 10];
-    let started = Instant::now();
-    let got = loop {
-        if let Some((packet, _)) = Packet::decode(&buf, u64::MAX).unwrap() {
-            break Some(packet);
-        }
-        match peer.stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        assert!(started.elapsed() < PATIENCE * 2, "download hung");
-        thread::sleep(ms(30));
-    };
-    let why = ended(&conn);
-    conn.abort();
-    assert!(
-        got.as_ref()
-            .is_some_and(|p| p.tag == 1 && p.payload.len() == LEN),
-        "a reply read steadily for {:?} was cut after {} of {LEN} bytes; the server ended {why:?}",
-        started.elapsed(),
-        buf.len()
-    );
+    slow_download_is_not_cut_as_idle(4 << 20, 1);
 }
 
-/// A server (idle timeout 300 ms) answers 64 requests sent at once with
-/// replies of 48 KiB each, under 64 KiB, so copied into its batches; the
-/// client reads them steadily but slowly. Nothing is pending either way
-/// once the handlers have run, but the peer taking the replies is
-/// activity, and the download is not cut as `Idle`.
+/// As above, with 64 requests sent at once answered with replies of
+/// 48 KiB each: under 64 KiB, so copied into the server's batches.
 #[test]
 fn a_slow_download_of_many_medium_replies_is_not_cut_as_idle() {
-    const LEN: usize = 48 << 10;
-    const COUNT: u64 = 64;
+    slow_download_is_not_cut_as_idle(48 << 10, 64);
+}
+
+/// `count` requests sent at once to a server (idle timeout 300 ms) that
+/// answers each with `len` bytes, read 64 KiB every 30 ms.
+fn slow_download_is_not_cut_as_idle(len: usize, count: u64) {
     let (conn, mut peer) = RawPeer::with(
         Config::default()
-            .name(unique_name("mdl"))
+            .name(unique_name("sdl"))
             .idle_timeout(ms(300))
             .max_queued_bytes(16 << 20)
-            .handler(|_rq: Request| -> HandlerResult { Ok(vec![7u8; LEN].into()) }),
+            .handler(move |_rq: Request| -> HandlerResult { Ok(vec![7u8; len].into()) }),
     );
-    for tag in 0..COUNT {
+    for tag in 0..count {
         peer.request(tag, 1, b"");
     }
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
     let mut answered = 0;
     let started = Instant::now();
-    while answered < COUNT {
+    while answered < count {
         while let Some((packet, used)) = Packet::decode(&buf, u64::MAX).unwrap() {
             buf.drain(..used);
-            assert_eq!(packet.payload.len(), LEN, "a reply of tag {}", packet.tag);
+            assert_eq!(packet.payload.len(), len, "a reply of tag {}", packet.tag);
             answered += 1;
         }
-        if answered == COUNT {
+        if answered == count {
             break;
         }
         match peer.stream.read(&mut chunk) {
@@ -1288,9 +1259,11 @@ fn a_slow_download_of_many_medium_replies_is_not_cut_as_idle() {
     let why = ended(&conn);
     conn.abort();
     assert!(
-        answered == COUNT,
-        "replies read steadily for {:?} were cut after {answered} of {COUNT}; the server ended {why:?}",
-        started.elapsed()
+        answered == count,
+        "replies of {len} bytes read steadily for {:?} were cut after {answered} of {count} \
+         (and {} bytes); the server ended {why:?}",
+        started.elapsed(),
+        buf.len()
     );
 }
 
