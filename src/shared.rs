@@ -62,6 +62,10 @@ pub(crate) struct Inbox {
     /// served on the thread that reads; lowered without it, once the reply
     /// is queued.
     replying: Padded<AtomicUsize>,
+    /// The refusals among `replying`: not the application's work, so not
+    /// activity for the idle timeout. Raised before `replying`, lowered
+    /// after it.
+    refusing: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -85,6 +89,16 @@ impl Inbox {
     /// queued.
     fn is_idle(&self, inbound: &Inbound) -> bool {
         inbound.in_progress.is_empty() && self.replying.load(Ordering::SeqCst) == 0
+    }
+
+    /// No request of the peer's taken in is in progress, nor its reply
+    /// being queued: refusals being made do not count. For the idle
+    /// timeout, which samples it; a sample racing a refusal may see it
+    /// busy, rarely.
+    fn serves_nothing(&self, inbound: &Inbound) -> bool {
+        let refusing = self.refusing.load(Ordering::SeqCst);
+        let replying = self.replying.load(Ordering::SeqCst);
+        inbound.in_progress.is_empty() && replying.saturating_sub(refusing) == 0
     }
 
     /// The peer's requests taken in and not yet answered on the wire.
@@ -738,6 +752,9 @@ impl Shared {
             // over.
             let deadline = inbound.early_deadlines.take(channel, tag);
             let admitted = inbound.admit(self.handler.is_some(), channel, tag, at_budget, !inline);
+            if admitted.is_err() {
+                self.inbound.refusing.fetch_add(1, Ordering::SeqCst);
+            }
             if admitted.is_err() || inline {
                 // Its refusal, or an inline handler's reply, is owed from
                 // now: EOF waits for it, even if the close begins before it
@@ -757,6 +774,7 @@ impl Shared {
                     Refusal::Busy => self.refuse_busy(channel, tag),
                 }
                 self.replied();
+                self.inbound.refusing.fetch_sub(1, Ordering::SeqCst);
                 return false;
             }
         }
@@ -1742,7 +1760,7 @@ impl Shared {
 
     /// True if no request is pending either way.
     pub(crate) fn is_idle(&self) -> bool {
-        self.table.len() == 0 && self.inbound.is_idle(&self.inbound.lock())
+        self.table.len() == 0 && self.inbound.serves_nothing(&self.inbound.lock())
     }
 
     /// A snapshot of the counters and the queue depths.

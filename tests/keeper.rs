@@ -1387,6 +1387,51 @@ fn requests_refused_after_the_peers_erq_hold_no_connection_past_its_idle_timeout
     );
 }
 
+/// A peer sends ERQ, then floods requests, every one refused ("requests
+/// no longer allowed"), and reads the refusals at once. Refused requests
+/// are not activity, nor is the making of their refusals: with the
+/// keeper's look every 25 ms (packet timeout 100 ms) against an idle
+/// timeout of 1 s, a look landing while a refusal is made must not count
+/// the connection busy.
+#[test]
+fn a_flood_of_refused_requests_read_at_once_holds_no_connection_past_its_idle_timeout() {
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rfl"))
+            .idle_timeout(Duration::from_secs(1))
+            .packet_timeout(ms(100))
+            .handler(common::echo),
+    );
+    let drainer = drain(peer.stream.try_clone().unwrap());
+    let mut stream = peer.stream.try_clone().unwrap();
+    stream.write_all(&wire(&Packet::erq())).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(
+        stream,
+        Arc::clone(&stop),
+        ms(0),
+        Duration::from_secs(8),
+        |i| {
+            (0..500u64)
+                .flat_map(|j| wire(&request(1 + i * 500 + j, 1, 0, b"")))
+                .collect()
+        },
+    );
+    let why = ends_within(&conn, Duration::from_secs(6));
+    let stats = conn.stats();
+    stop.store(true, Ordering::SeqCst);
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    let batches = within("the feeder", move || feeder.join().unwrap());
+    within("the drainer", move || drainer.join().unwrap());
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 1 s; ERQ then {batches} batches of 500 refused requests, nothing of the \
+         application in 6 s: still open ({stats:?})"
+    );
+}
+
 /// A peer floods pings, as in `a_flood_of_pings_…`, but reads the answers
 /// slowly, so that this end's stream stays full and each of its reads lets
 /// a write go on: "the peer taking this end's writes" is then only the
