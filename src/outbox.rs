@@ -18,6 +18,7 @@
 //! threads may take the role is in ARCHITECTURE.md ("Who writes").
 
 use std::io::{self, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -643,15 +644,21 @@ impl Outbox {
             st.since = None;
             let mut written = 0;
             let res = MutexGuard::unlocked(&mut st, || {
-                write_batch(
-                    &self.name,
-                    &mut stream,
-                    (&mut batch, &large, payload),
-                    &mut unfilled,
-                    retry.then_some(self.stall),
-                    &mut written,
-                    (stats, app),
-                )
+                // A writer or logger of the user's that panics here would
+                // leave the side with no stream and a writer for ever: its
+                // panic is the write's failure, handled as any other.
+                let write = AssertUnwindSafe(|| {
+                    write_batch(
+                        &self.name,
+                        &mut stream,
+                        (&mut batch, &large, payload),
+                        &mut unfilled,
+                        retry.then_some(self.stall),
+                        &mut written,
+                        (stats, app),
+                    )
+                });
+                catch_unwind(write).unwrap_or_else(|_| Err(io::Error::other("a write panicked")))
             });
             let stuck = bounded && matches!(&res, Err(e) if would_block(e));
             if stuck && st.phase != Phase::Dead {

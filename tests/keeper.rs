@@ -1733,23 +1733,29 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
 /// A logger of the user's with a bug: it panics, on purpose, on a warning
 /// or error about a connection named `panicky-recv…` logged on that
 /// connection's receive thread, or about one named `panicky-lent…` logged
-/// on a thread named `panicky-caller`. It logs nothing else.
+/// on a thread named `panicky-caller`; on the trace of a write to one named
+/// `panicky-write…` on a thread named `panicky-writer`; and on the error
+/// logged for a handler's panic on one named `panicky-handler…`. It logs
+/// nothing else.
 struct PanickyLogger;
 
 impl log::Log for PanickyLogger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
+        let here = thread::current();
+        let here = here.name().unwrap_or("");
+        let level = record.level();
+        if level > log::Level::Warn && here != "panicky-writer" {
             return;
         }
         let message = record.args().to_string();
-        let here = thread::current();
-        let here = here.name().unwrap_or("");
         if (message.contains("panicky-recv") && here.ends_with(":recv"))
             || (message.contains("panicky-lent") && here == "panicky-caller")
+            || (message.contains("panicky-write") && message.contains("==> wrote"))
+            || (message.contains("panicky-handler") && message.contains("handler panicked"))
         {
             panic!("a logger that panics, on purpose: {message}");
         }
@@ -1762,7 +1768,7 @@ fn install_panicky_logger() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         log::set_logger(&PanickyLogger).unwrap();
-        log::set_max_level(log::LevelFilter::Warn);
+        log::set_max_level(log::LevelFilter::Trace);
     });
 }
 
@@ -1941,4 +1947,58 @@ fn a_writer_panicking_on_the_send_thread_fails_what_is_pending() {
     );
     assert!(later.is_err(), "a call after the panic: {later:?}");
     assert!(why.is_ok(), "on_end did not run: {why:?}");
+}
+
+/// The user's logger panics on a caller thread while that caller holds the
+/// writer's role (a `call` writes what is queued before it waits): the
+/// write's panic is its failure, so the connection ends, a later request
+/// fails or is answered, and `close` returns.
+#[test]
+fn a_logger_panicking_on_a_caller_while_it_writes_ends_the_connection() {
+    install_panicky_logger();
+    let (a, b) = UnixStream::pair().unwrap();
+    let server = PacketConnection::from_unix_stream(
+        b,
+        Config::default()
+            .name(unique_name("pws"))
+            .extensions(false)
+            .handler(common::echo),
+    )
+    .unwrap();
+    let conn = Arc::new(
+        PacketConnection::from_unix_stream(
+            a,
+            Config::default()
+                .name(unique_name("panicky-write"))
+                .extensions(false),
+        )
+        .unwrap(),
+    );
+    let victim = {
+        let conn = Arc::clone(&conn);
+        thread::Builder::new()
+            .name("panicky-writer".into())
+            .spawn(move || {
+                let call = std::panic::AssertUnwindSafe(|| conn.call(1, 0, b"boom"));
+                std::panic::catch_unwind(call).map(|res| res.is_ok())
+            })
+            .unwrap()
+    };
+    wait_for("the writing caller", PATIENCE, || victim.is_finished());
+    let victim = victim.join().unwrap();
+    let after = conn
+        .submit(1, 0, b"after")
+        .map(|pending| pending.wait_timeout(PATIENCE));
+    let closed = conn.close_timeout(PATIENCE);
+    conn.abort();
+    server.abort();
+    assert!(
+        !matches!(&after, Ok(Err(Error::Timeout { .. }))),
+        "a request after the logger's panic on a writing caller (whose call gave \
+         {victim:?}) neither went out nor failed: {after:?}"
+    );
+    assert!(
+        !matches!(&closed, Err(Error::Timeout { .. })),
+        "close after the logger's panic on a writing caller: {closed:?}"
+    );
 }
