@@ -280,9 +280,16 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_string());
-            log::error!(
-                "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
-            );
+            // A logger of the user's that panics here must not leave the
+            // request unanswered either.
+            let logged = catch_unwind(AssertUnwindSafe(|| {
+                log::error!(
+                    "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
+                );
+            }));
+            if let Err(again) = logged {
+                std::mem::forget(again);
+            }
             // The panic's payload is the application's too: a panic in its
             // drop is caught, and what that panic carries is leaked rather
             // than dropped in turn.

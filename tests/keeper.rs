@@ -2002,3 +2002,31 @@ fn a_logger_panicking_on_a_caller_while_it_writes_ends_the_connection() {
         "close after the logger's panic on a writing caller: {closed:?}"
     );
 }
+
+/// The user's logger panics on the error logged for a handler's panic, on
+/// a handler thread: the request is still answered, not ok, and the
+/// connection closes.
+#[test]
+fn a_logger_panicking_on_a_handlers_panic_leaves_no_request_unanswered() {
+    install_panicky_logger();
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("phc")),
+        Config::default()
+            .name(unique_name("panicky-handler"))
+            .handler(|_rq: Request| -> HandlerResult {
+                panic!("a handler that panics, on purpose")
+            }),
+    );
+    let res = client.call_timeout(1, 0, b"", PATIENCE);
+    let closed = server.close_timeout(PATIENCE);
+    client.abort();
+    server.abort();
+    assert!(
+        matches!(&res, Err(Error::Failed { .. })),
+        "a request whose handler panicked, with the logger panicking on the error: {res:?}"
+    );
+    assert!(
+        !matches!(&closed, Err(Error::Timeout { .. })),
+        "close: {closed:?}"
+    );
+}
