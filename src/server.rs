@@ -892,9 +892,12 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     // A strong reference, dropped with the hook once it has run: a server
     // lives as long as a connection of its may still end.
     let server = Arc::clone(shared);
+    let hook_name = conn_name.clone();
     config = config.on_end(move |why| {
+        // The connection is counted out even if the user's hook panics:
+        // else its slot would stay taken, and `stop` would wait for it.
         if let Some(hook) = &own_hook {
-            hook(why);
+            caught(&hook_name, "on_end", || hook(why));
         }
         server.connection_ended(id, why);
     });

@@ -870,3 +870,56 @@ fn stop_timeout_aborts_a_client_that_never_answers_and_ends_the_rest_in_order() 
         threads_named(&name).is_empty()
     });
 }
+
+/// A client's `on_end`, given by the server's Config factory, panics: the
+/// server still counts the connection out, so that with
+/// `max_connections(1)` the next client is served, and `stop` returns.
+#[test]
+fn a_panicking_on_end_of_a_served_connection_frees_its_slot() {
+    let ends = Arc::new(AtomicUsize::new(0));
+    let factory_ends = Arc::clone(&ends);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::per_client("pnd", move |_| {
+            let ends = Arc::clone(&factory_ends);
+            Config::default().handler(echo).on_end(move |_| {
+                ends.fetch_add(1, Ordering::SeqCst);
+                panic!("an on_end that panics, on purpose");
+            })
+        })
+        .max_connections(1),
+    )
+    .unwrap();
+    let first_client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let first = first_client.call_timeout(ECHO, 0, b"one", LIMIT);
+    let first_closed = first_client.close_timeout(LIMIT);
+    wait_for("the first client's on_end", LIMIT, || {
+        ends.load(Ordering::SeqCst) == 1
+    });
+    let deadline = Instant::now() + LIMIT;
+    while server.connections() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let live = server.connections();
+    let second_client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let second = second_client.call_timeout(ECHO, 0, b"two", LIMIT);
+    second_client.abort();
+    let stopped = server.stop_timeout(LIMIT);
+    assert!(
+        first.is_ok() && first_closed.is_ok(),
+        "{first:?} {first_closed:?}"
+    );
+    assert_eq!(
+        live, 0,
+        "the first client, whose on_end panicked, is still counted"
+    );
+    assert!(second.is_ok(), "the next client: {second:?}");
+    assert!(stopped.is_ok(), "stop: {stopped:?}");
+    assert_eq!(
+        ends.load(Ordering::SeqCst),
+        2,
+        "on_end runs once for each client"
+    );
+}
