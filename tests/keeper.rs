@@ -1355,30 +1355,10 @@ fn late_answers_to_a_cancelled_request_hold_no_connection_past_its_idle_timeout(
 /// connection past its idle timeout.
 #[test]
 fn requests_refused_after_the_peers_erq_hold_no_connection_past_its_idle_timeout() {
-    let (conn, peer) = RawPeer::with(
-        Config::default()
-            .name(unique_name("t2e"))
-            .idle_timeout(ms(300))
-            .handler(common::echo),
-    );
-    let drainer = drain(peer.stream.try_clone().unwrap());
-    let mut stream = peer.stream.try_clone().unwrap();
-    stream.write_all(&wire(&Packet::erq())).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let feeder = feed(
-        stream,
-        Arc::clone(&stop),
-        ms(20),
-        Duration::from_secs(4),
-        |i| wire(&request(100 + i, 1, 0, b"after erq")),
-    );
-    let why = ends_within(&conn, Duration::from_secs(3));
-    stop.store(true, Ordering::SeqCst);
-    let sent = within("the feeder", move || feeder.join().unwrap());
-    let served = conn.stats();
-    conn.abort();
-    let _ = peer.stream.shutdown(Shutdown::Both);
-    within("the drainer", move || drainer.join().unwrap());
+    let config = Config::default().idle_timeout(ms(300));
+    let (why, sent, served) = refused_after_erq(config, ms(20), Duration::from_secs(3), |i| {
+        wire(&request(100 + i, 1, 0, b"after erq"))
+    });
     assert_eq!(
         why,
         Some(Disconnect::Idle),
@@ -1395,13 +1375,32 @@ fn requests_refused_after_the_peers_erq_hold_no_connection_past_its_idle_timeout
 /// the connection busy.
 #[test]
 fn a_flood_of_refused_requests_read_at_once_holds_no_connection_past_its_idle_timeout() {
-    let (conn, peer) = RawPeer::with(
-        Config::default()
-            .name(unique_name("rfl"))
-            .idle_timeout(Duration::from_secs(1))
-            .packet_timeout(ms(100))
-            .handler(common::echo),
+    let config = Config::default()
+        .idle_timeout(Duration::from_secs(1))
+        .packet_timeout(ms(100));
+    let (why, batches, stats) = refused_after_erq(config, ms(0), Duration::from_secs(6), |i| {
+        (0..500u64)
+            .flat_map(|j| wire(&request(1 + i * 500 + j, 1, 0, b"")))
+            .collect()
+    });
+    assert_eq!(
+        why,
+        Some(Disconnect::Idle),
+        "idle 1 s; ERQ then {batches} batches of 500 refused requests, nothing of the \
+         application in 6 s: still open ({stats:?})"
     );
+}
+
+/// A peer sends ERQ, then `make(i)` every `every`, reading all that comes;
+/// how the connection (an echo handler, with `config`) ended within
+/// `watch`, how many were sent, and its counters.
+fn refused_after_erq(
+    config: Config,
+    every: Duration,
+    watch: Duration,
+    make: impl Fn(u64) -> Vec<u8> + Send + 'static,
+) -> (Option<Disconnect>, u64, packetstream::Stats) {
+    let (conn, peer) = RawPeer::with(config.name(unique_name("rfe")).handler(common::echo));
     let drainer = drain(peer.stream.try_clone().unwrap());
     let mut stream = peer.stream.try_clone().unwrap();
     stream.write_all(&wire(&Packet::erq())).unwrap();
@@ -1409,27 +1408,18 @@ fn a_flood_of_refused_requests_read_at_once_holds_no_connection_past_its_idle_ti
     let feeder = feed(
         stream,
         Arc::clone(&stop),
-        ms(0),
-        Duration::from_secs(8),
-        |i| {
-            (0..500u64)
-                .flat_map(|j| wire(&request(1 + i * 500 + j, 1, 0, b"")))
-                .collect()
-        },
+        every,
+        watch + Duration::from_secs(2),
+        make,
     );
-    let why = ends_within(&conn, Duration::from_secs(6));
-    let stats = conn.stats();
+    let why = ends_within(&conn, watch);
     stop.store(true, Ordering::SeqCst);
+    let sent = within("the feeder", move || feeder.join().unwrap());
+    let stats = conn.stats();
     conn.abort();
     let _ = peer.stream.shutdown(Shutdown::Both);
-    let batches = within("the feeder", move || feeder.join().unwrap());
     within("the drainer", move || drainer.join().unwrap());
-    assert_eq!(
-        why,
-        Some(Disconnect::Idle),
-        "idle 1 s; ERQ then {batches} batches of 500 refused requests, nothing of the \
-         application in 6 s: still open ({stats:?})"
-    );
+    (why, sent, stats)
 }
 
 /// A peer floods pings, as in `a_flood_of_pings_…`, but reads the answers
