@@ -941,7 +941,8 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     };
     if let Some(why) = ended_early {
         if let Some(hook) = &shared.config.on_close {
-            hook(&client, why);
+            // On the accept thread, which a panic here would end.
+            caught(&conn_name, "on_close", || hook(&client, why));
         }
     }
     Ok(())

@@ -923,3 +923,43 @@ fn a_panicking_on_end_of_a_served_connection_frees_its_slot() {
         "on_end runs once for each client"
     );
 }
+
+/// A client's connection ends while `on_accept` still runs for it, so its
+/// `on_close` runs on the accept thread, and panics: the server goes on
+/// accepting and serving the next client, and `stop` returns.
+#[test]
+fn a_panicking_on_close_on_the_accept_thread_leaves_the_server_serving() {
+    let closes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&closes);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(Config::default().handler(echo))
+            .on_accept(|client| {
+                // Until this client's connection has ended.
+                let until = Instant::now() + LIMIT;
+                while client.connection().status().ended.is_none() && Instant::now() < until {
+                    thread::sleep(Duration::from_millis(10));
+                }
+            })
+            .on_close(move |_, _| {
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("an on_close that panics, on purpose");
+                }
+            }),
+    )
+    .unwrap();
+    let first = TcpStream::connect(addr).unwrap();
+    first.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(first);
+    wait_for("the first client's on_close", LIMIT, || {
+        closes.load(Ordering::SeqCst) == 1
+    });
+    let second_client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let second = second_client.call_timeout(ECHO, 0, b"two", LIMIT);
+    second_client.abort();
+    let stopped = server.stop_timeout(LIMIT);
+    assert!(second.is_ok(), "the next client: {second:?}");
+    assert!(stopped.is_ok(), "stop: {stopped:?}");
+}
