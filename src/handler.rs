@@ -242,6 +242,15 @@ pub(crate) struct Outcome {
     pub(crate) payload: Vec<u8>,
 }
 
+/// Runs `f`, code of the application's, catching a panic in it; what that
+/// panic carries is leaked rather than dropped, since its drop may panic
+/// in turn.
+fn contained(f: impl FnOnce()) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+        std::mem::forget(panic);
+    }
+}
+
 /// Runs `handler` on `rq`, turning errors and panics into not-ok outcomes.
 /// `name` is the connection's, for the log.
 pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Request) -> Outcome {
@@ -282,20 +291,14 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
                 .unwrap_or_else(|| "non-string panic payload".to_string());
             // A logger of the user's that panics here must not leave the
             // request unanswered either.
-            let logged = catch_unwind(AssertUnwindSafe(|| {
+            contained(|| {
                 log::error!(
                     "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
                 );
-            }));
-            if let Err(again) = logged {
-                std::mem::forget(again);
-            }
+            });
             // The panic's payload is the application's too: a panic in its
-            // drop is caught, and what that panic carries is leaked rather
-            // than dropped in turn.
-            if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(panic))) {
-                std::mem::forget(again);
-            }
+            // drop is caught.
+            contained(move || drop(panic));
             Outcome {
                 ok: false,
                 flags: 0,

@@ -446,10 +446,11 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues a reply, its head already encoded; `app` unless it answers a
-    /// control request of the extensions. Never waits for room. Returns the bytes of replies now owed to the peer (queued or being
-    /// written); `None`, dropping the reply, once EOF is queued or the side
-    /// is dead. The caller then writes the queue, or starts the grace timer
+    /// Queues a reply, its head already encoded; `app` if a handler of the
+    /// application made it (not a refusal, nor a control reply). Never
+    /// waits for room. Returns the bytes of replies now owed to the peer
+    /// (queued or being written); `None`, dropping the reply, once EOF is
+    /// queued or the side is dead. The caller then writes the queue, or starts the grace timer
     /// with [`arm`](Outbox::arm).
     pub(crate) fn push_reply(
         &self,
@@ -921,8 +922,8 @@ fn write_batch(
 
 /// Writes the batch (holding the application's packets if `app`), its
 /// large segments in place, then the payload, counting the bytes written
-/// in `written`, so that a write that stops
-/// short (a bounded write to a full socket) can be resumed. With `retry`, a
+/// in `written`, so that a write that stops short (a bounded write to a
+/// full socket) can be resumed. With `retry`, a
 /// write that stops short is tried again, until it has made no progress for
 /// the stall timeout inside, if any. The milliseconds field of each of
 /// `deadlines` (offsets in the batch, in order) is filled in with the time
