@@ -211,8 +211,9 @@ impl Config {
     /// reaches a request of this end's still waiting; the extensions' pings
     /// and other control packets, ERQ, refused requests and responses to
     /// nothing do not count), no request pending either way, and none of
-    /// this end's requests or handlers' replies being taken by the peer
-    /// from a full stream (pongs and refusals do not count). Past it, the
+    /// this end's requests or handlers' replies, or the bytes queued ahead
+    /// of them, being taken by the peer from a full stream (pongs and
+    /// refusals queued after the last of them do not count). Past it, the
     /// connection ends with [`Disconnect::Idle`], whatever the reader is
     /// doing. A packet counts once it is whole, so a peer that trickles one
     /// packet for ever is let go too, and a packet that takes longer than

@@ -156,10 +156,6 @@ struct State {
     /// Replies or control packets are among the unwritten bytes: the peer
     /// may be waiting for them.
     owes_peer: bool,
-    /// The application's packets (not the extensions' control packets, nor
-    /// ERQ or EOF) are among the unwritten bytes: the peer taking them from
-    /// a full stream is activity (see `SendCounters::last_app_write`).
-    app_queued: bool,
     /// When the oldest unwritten byte was queued.
     since: Option<Instant>,
     /// The send loop sleeps until a batch's grace runs out; it need not be
@@ -223,6 +219,16 @@ pub(crate) struct Outbox {
     max_packets: usize,
     /// How long a write may make no progress before the side gives up.
     stall: Option<Duration>,
+    /// Where the last of the application's packets queued (a request, or
+    /// a handler's reply: not the extensions' control packets, nor
+    /// refusals, ERQ or EOF) ends, in the stream of bytes taken by writers
+    /// (`taken_total`'s count). A write that the peer takes from a full
+    /// stream before that point is the peer taking the application's
+    /// packets, or making its way to them: activity (see
+    /// `SendCounters::last_app_write`). Bytes after it, such as a flood of
+    /// answers to pings queued behind a reply, are not. Stored under the
+    /// queue's lock, read by the writer without it.
+    app_end: AtomicU64,
 }
 
 impl Outbox {
@@ -264,7 +270,6 @@ impl Outbox {
                 control,
                 urgent: false,
                 owes_peer: false,
-                app_queued: false,
                 since: None,
                 timer_set: false,
             }),
@@ -274,6 +279,7 @@ impl Outbox {
             max_bytes,
             max_packets,
             stall,
+            app_end: AtomicU64::new(0),
         }
     }
 
@@ -396,13 +402,13 @@ impl Outbox {
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
-        st.app_queued = true;
         st.queued_total += len as u64;
         queued_end.store(st.queued_total, Ordering::SeqCst);
         if payload.len() >= LARGE_PAYLOAD {
             if admission == Admission::Wait && !st.writing {
                 // Write what was queued, this head and the payload, without
                 // copying the payload.
+                self.app_ends_at(&st, payload.len());
                 return Ok(self.drain(st, Some(payload), stats));
             }
             let at = st.buf.len();
@@ -411,6 +417,7 @@ impl Outbox {
         } else {
             st.buf.extend_from_slice(payload);
         }
+        self.app_ends_at(&st, 0);
         if !then_writes {
             self.start_timer(st);
         }
@@ -465,7 +472,6 @@ impl Outbox {
         }
         stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
         st.owes_peer = true;
-        st.app_queued |= app;
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
         st.queued_replies += 1;
@@ -479,7 +485,18 @@ impl Outbox {
         } else {
             st.buf.extend_from_slice(&payload);
         }
+        if app {
+            self.app_ends_at(&st, 0);
+        }
         Some(st.queued_reply_bytes + st.writing_reply_bytes)
+    }
+
+    /// A packet of the application's has just been queued, last, and
+    /// `extra` bytes of its payload will follow the queue: see
+    /// [`app_end`](Outbox::app_end).
+    fn app_ends_at(&self, st: &State, extra: usize) {
+        let end = st.taken_total + (st.buf.len() + st.large_bytes + extra) as u64;
+        self.app_end.store(end, Ordering::Relaxed);
     }
 
     /// Queues the end-of-requests packet, to be written at once: later
@@ -631,6 +648,8 @@ impl Outbox {
             let deadlines = std::mem::take(&mut st.deadlines);
             let mut unfilled = &deadlines[..];
             st.writing_bytes = batch.len() + st.large_bytes + payload.map_or(0, <[u8]>::len);
+            // Where the batch starts in the stream of bytes taken.
+            let from = st.taken_total;
             st.taken_total += st.writing_bytes as u64;
             st.writing_packets = st.queued_packets;
             st.writing_replies = st.queued_replies;
@@ -641,7 +660,6 @@ impl Outbox {
             st.queued_reply_bytes = 0;
             st.urgent = false;
             st.owes_peer = false;
-            let app = std::mem::take(&mut st.app_queued);
             st.since = None;
             let mut written = 0;
             let res = MutexGuard::unlocked(&mut st, || {
@@ -656,7 +674,7 @@ impl Outbox {
                         &mut unfilled,
                         retry.then_some(self.stall),
                         &mut written,
-                        (stats, app),
+                        (stats, Progress::new(from, &self.app_end)),
                     )
                 });
                 catch_unwind(write).unwrap_or_else(|_| Err(io::Error::other("a write panicked")))
@@ -671,7 +689,6 @@ impl Outbox {
                     fill_deadline(&mut batch[at..at + 4], deadline);
                 }
                 requeue(&self.name, &mut st, &batch, batch_cut, &mut large, written);
-                st.app_queued |= app;
             }
             st.writing_bytes = 0;
             st.writing_packets = 0;
@@ -755,15 +772,24 @@ impl Outbox {
         match st.phase {
             Phase::Open => {
                 st.phase = Phase::RequestsEnded;
-                drop_requests(&self.name, &mut st);
+                self.drop_requests(&mut st);
                 self.push_control(st, &Packet::erq(), stats);
             }
             // ERQ, and perhaps EOF, are queued behind requests the peer
             // will not serve.
-            Phase::RequestsEnded | Phase::EofQueued => drop_requests(&self.name, &mut st),
+            Phase::RequestsEnded | Phase::EofQueued => self.drop_requests(&mut st),
             _ => {}
         }
         written_to
+    }
+
+    /// Drops the requests not yet taken by a writer. The application's last
+    /// packet queued may have been one of them: what is left of the queue
+    /// ends no later.
+    fn drop_requests(&self, st: &mut State) {
+        drop_requests(&self.name, st);
+        let end = st.taken_total + (st.buf.len() + st.large_bytes) as u64;
+        self.app_end.fetch_min(end, Ordering::Relaxed);
     }
 
     /// The send loop. Writes the queue once its oldest byte has waited the
@@ -898,7 +924,7 @@ fn write_batch(
     deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    (stats, app): (&Counters, bool),
+    (stats, progress): (&Counters, Progress<'_>),
 ) -> io::Result<()> {
     let res = write_pieces(
         stream,
@@ -906,7 +932,7 @@ fn write_batch(
         deadlines,
         retry,
         written,
-        (&stats.send, app),
+        (&stats.send, progress),
     )
     .and_then(|()| stream.flush());
     if *written > 0 {
@@ -920,10 +946,9 @@ fn write_batch(
     res
 }
 
-/// Writes the batch (holding the application's packets if `app`), its
-/// large segments in place, then the payload, counting the bytes written
-/// in `written`, so that a write that stops short (a bounded write to a
-/// full socket) can be resumed. With `retry`, a
+/// Writes the batch, its large segments in place, then the payload,
+/// counting the bytes written in `written`, so that a write that stops
+/// short (a bounded write to a full socket) can be resumed. With `retry`, a
 /// write that stops short is tried again, until it has made no progress for
 /// the stall timeout inside, if any. The milliseconds field of each of
 /// `deadlines` (offsets in the batch, in order) is filled in with the time
@@ -935,7 +960,7 @@ fn write_pieces(
     deadlines: &mut &[(usize, Instant)],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    (send, app): (&SendCounters, bool),
+    (send, progress): (&SendCounters, Progress<'_>),
 ) -> io::Result<()> {
     let mut pos = 0;
     let mut write_to = |stream: &mut Box<dyn Write + Send>,
@@ -948,22 +973,22 @@ fn write_pieces(
             if at >= end {
                 break;
             }
-            write_counted(stream, &batch[*pos..at], retry, written, (send, app))?;
+            write_counted(stream, &batch[*pos..at], retry, written, (send, progress))?;
             *pos = at;
             fill_deadline(&mut batch[at..at + 4], deadline);
             *deadlines = &deadlines[1..];
         }
-        write_counted(stream, &batch[*pos..end], retry, written, (send, app))?;
+        write_counted(stream, &batch[*pos..end], retry, written, (send, progress))?;
         *pos = end;
         Ok(())
     };
     for (at, segment) in large {
         write_to(stream, batch, &mut pos, *at, written)?;
-        write_counted(stream, segment, retry, written, (send, true))?;
+        write_counted(stream, segment, retry, written, (send, progress))?;
     }
     write_to(stream, batch, &mut pos, batch.len(), written)?;
     if let Some(payload) = payload {
-        write_counted(stream, payload, retry, written, (send, true))?;
+        write_counted(stream, payload, retry, written, (send, progress))?;
     }
     Ok(())
 }
@@ -971,15 +996,16 @@ fn write_pieces(
 /// Writes `buf` whole, counting into `written`. A write that goes on after
 /// the stream's buffer was full (a write took only part, or nothing)
 /// stamps `last_write` (see [`sync::stamp`](crate::sync::stamp)): the peer
-/// is reading. Bytes that merely fill the buffer prove nothing. If `buf`
-/// holds the application's packets (`app`), `last_app_write` too: the
-/// peer is taking replies, or requests, of the application.
+/// is reading. Bytes that merely fill the buffer prove nothing. If the
+/// bytes taken come before the end of the application's last packet
+/// queued (see [`Progress`]), `last_app_write` too: the peer is taking
+/// replies, or requests, of the application, or the bytes ahead of them.
 fn write_counted(
     stream: &mut Box<dyn Write + Send>,
     mut buf: &[u8],
     retry: Option<Option<Duration>>,
     written: &mut usize,
-    (send, app): (&SendCounters, bool),
+    (send, progress): (&SendCounters, Progress<'_>),
 ) -> io::Result<()> {
     let mut stuck_since: Option<Instant> = None;
     // The stream's buffer was full at the last write.
@@ -991,7 +1017,7 @@ fn write_counted(
                 if full {
                     let now = crate::sync::stamp();
                     send.last_write.store(now, Ordering::Relaxed);
-                    if app {
+                    if progress.before_app_end(*written) {
                         send.last_app_write.store(now, Ordering::Relaxed);
                     }
                 }
@@ -1015,6 +1041,29 @@ fn write_counted(
         }
     }
     Ok(())
+}
+
+/// Where a batch's writes are in the stream of bytes taken, against where
+/// the application's last packet queued ends ([`Outbox::app_end`]).
+#[derive(Clone, Copy)]
+struct Progress<'a> {
+    /// Where the batch starts.
+    from: u64,
+    app_end: &'a AtomicU64,
+}
+
+impl<'a> Progress<'a> {
+    fn new(from: u64, app_end: &'a AtomicU64) -> Progress<'a> {
+        Progress { from, app_end }
+    }
+
+    /// Whether a write that begins `written` bytes into the batch takes
+    /// bytes before the end of the application's last packet. Read afresh
+    /// each time: a packet queued behind the batch while it is written
+    /// makes the rest of it the way to that packet.
+    fn before_app_end(&self, written: usize) -> bool {
+        self.from + (written as u64) < self.app_end.load(Ordering::Relaxed)
+    }
 }
 
 /// The packet that a write of the first `written` bytes of `batch` (and

@@ -831,6 +831,35 @@ fn drain(mut stream: impl Read + Send + 'static) -> thread::JoinHandle<u64> {
     })
 }
 
+/// Reads `chunk` bytes from `stream` every `every` until it ends or fails,
+/// decoding the packets: returns how many came, and where among them the
+/// reply to the application's request (channel 0, tag 0) was.
+fn slow_reader(
+    mut stream: impl Read + Send + 'static,
+    chunk: usize,
+    every: Duration,
+) -> thread::JoinHandle<(u64, Option<u64>)> {
+    thread::spawn(move || {
+        let (mut count, mut reply_at) = (0u64, None);
+        let mut buf = Vec::new();
+        let mut piece = vec![0u8; chunk];
+        loop {
+            match stream.read(&mut piece) {
+                Ok(0) | Err(_) => return (count, reply_at),
+                Ok(n) => buf.extend_from_slice(&piece[..n]),
+            }
+            while let Ok(Some((packet, used))) = Packet::decode(&buf, u64::MAX) {
+                buf.drain(..used);
+                count += 1;
+                if packet.channel == 0 && packet.tag == 0 {
+                    reply_at = Some(count);
+                }
+            }
+            thread::sleep(every);
+        }
+    })
+}
+
 /// Writes `make(i)` every `every` until `stop`, a failed write, or `span`.
 fn feed(
     mut stream: impl Write + Send + 'static,
@@ -1040,6 +1069,41 @@ fn a_flood_of_pings_holds_no_connection_past_its_idle_timeout() {
         Some(Disconnect::Idle),
         "idle 300 ms; {batches} batches of 2000 pings, nothing of the application in 5 s: \
          still open"
+    );
+}
+
+/// One request of the application amid a flood of pings, whose answers the
+/// peer reads slowly: only the writes that take the application's reply
+/// count as the peer taking the application's packets. The answers to the
+/// pings queued with the reply, after it, do not hold the connection open:
+/// it ends as idle while many of them are still unwritten.
+#[test]
+fn one_request_amid_a_ping_flood_read_slowly_holds_no_connection_past_its_idle_timeout() {
+    const PINGS: u64 = 40_000;
+    let (conn, peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("rpa"))
+            .idle_timeout(ms(300))
+            .handler(common::echo),
+    );
+    let slow = slow_reader(peer.stream.try_clone().unwrap(), 4096, ms(10));
+    let mut burst: Vec<u8> = (1..=PINGS).flat_map(|i| wire(&control_ping(i))).collect();
+    burst.extend(wire(&request(0, 1, 0, b"the application's")));
+    burst.extend((PINGS + 1..=2 * PINGS).flat_map(|i| wire(&control_ping(i))));
+    let mut writer = peer.stream.try_clone().unwrap();
+    let feeder = thread::spawn(move || writer.write_all(&burst).is_ok());
+    let why = ends_within(&conn, Duration::from_secs(12));
+    conn.abort();
+    let _ = peer.stream.shutdown(Shutdown::Both);
+    let fed = within("the feeder", move || feeder.join().unwrap());
+    let (answers, reply_at) = within("the slow reader", move || slow.join().unwrap());
+    assert!(fed, "the burst was not all written");
+    assert_eq!(why, Some(Disconnect::Idle), "idle 300 ms");
+    let reply_at = reply_at.expect("the application's reply never came");
+    assert!(
+        answers < 2 * PINGS + 1,
+        "idle 300 ms: the reply came as answer {reply_at}, and the connection stayed open \
+         until all {answers} answers were written"
     );
 }
 
