@@ -22,6 +22,8 @@ use crate::sync::{deadline_after, ThreadSet};
 /// The hook [`connect_with`](PacketConnection::connect_with) may return
 /// with its streams: run once, when the connection is finished with them,
 /// or earlier, to unblock its receive thread (on abort or a failed write).
+/// A panic in it is caught and logged: `abort` still returns, and
+/// [`Config::on_end`](crate::Config::on_end) still runs.
 pub type OnClose = Box<dyn FnOnce() + Send>;
 
 /// What a constructor hands over: the two halves of the stream, and what to

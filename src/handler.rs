@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::reply::{Failure, Reply};
 use crate::shared::Inbox;
+use crate::sync::contained;
 
 /// A request from the peer, as a handler receives it.
 ///
@@ -240,15 +241,6 @@ pub(crate) struct Outcome {
     pub(crate) ok: bool,
     pub(crate) flags: u64,
     pub(crate) payload: Vec<u8>,
-}
-
-/// Runs `f`, code of the application's, catching a panic in it; what that
-/// panic carries is leaked rather than dropped, since its drop may panic
-/// in turn.
-fn contained(f: impl FnOnce()) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
-        std::mem::forget(panic);
-    }
 }
 
 /// Runs `handler` on `rq`, turning errors and panics into not-ok outcomes.

@@ -848,27 +848,10 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
     log::debug!("{name}: accept thread ends");
 }
 
-/// Runs user code of the server's on the accept thread: a panic is caught
-/// and logged, as `what`, and `None` returned.
-fn caught<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> Option<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(value) => Some(value),
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
-            log::error!("{name}: {what} panicked: {text}");
-            None
-        }
-    }
-}
-
 fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream) -> Result<()> {
     let id = info.id;
     let conn_name = format!("{}#{id}", shared.config.name);
-    let Some(config) = caught(&conn_name, "the Config factory", || {
+    let Some(config) = sync::caught(&conn_name, "the Config factory", || {
         (shared.config.factory)(&info)
     }) else {
         shared.state.lock().starting -= 1;
@@ -897,7 +880,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
         // The connection is counted out even if the user's hook panics:
         // else its slot would stay taken, and `stop` would wait for it.
         if let Some(hook) = &own_hook {
-            caught(&hook_name, "on_end", || hook(why));
+            sync::caught(&hook_name, "on_end", || hook(why));
         }
         server.connection_ended(id, why);
     });
@@ -931,7 +914,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     }
     // Every client accepted is reported, before its end if that came first.
     if let Some(hook) = &shared.config.on_accept {
-        caught(&conn_name, "on_accept", || hook(&client));
+        sync::caught(&conn_name, "on_accept", || hook(&client));
     }
     // An end that came while on_accept ran has waited for it.
     let ended_early = {
@@ -942,7 +925,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     if let Some(why) = ended_early {
         if let Some(hook) = &shared.config.on_close {
             // On the accept thread, which a panic here would end.
-            caught(&conn_name, "on_close", || hook(&client, why));
+            sync::caught(&conn_name, "on_close", || hook(&client, why));
         }
     }
     Ok(())

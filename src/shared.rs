@@ -26,6 +26,7 @@ use crate::pool::{self, Pool, Quota};
 use crate::reply::Response;
 use crate::server::BUSY_FLAGS;
 use crate::stats::{Counters, Depths, Padded, Stats};
+use crate::sync;
 
 /// A hook run at most once.
 pub(crate) type Hook = Box<dyn FnOnce() + Send>;
@@ -161,7 +162,7 @@ impl Inbox {
     /// cancelled, and this waits out the deadline.
     pub(crate) fn wait_cancelled(&self, channel: u64, tag: u64, deadline: Option<Instant>) -> bool {
         let mut inbound = self.lock();
-        crate::sync::wait_until(&self.cancel, &mut inbound, deadline, |inbound| {
+        sync::wait_until(&self.cancel, &mut inbound, deadline, |inbound| {
             !self.seldom.cut_off.load(Ordering::SeqCst)
                 && !inbound.cancelled.contains(&(channel, tag))
         })
@@ -1477,13 +1478,15 @@ impl Shared {
         // Nothing is left to interrupt: dropping the hook unrun closes what
         // it held (a socket's last descriptor of ours).
         drop(self.interrupt.lock().take());
+        // Hooks of the application's: one that panics must not keep the
+        // next from running, nor end the thread that runs them.
         let release = self.release.lock().take();
         if let Some(release) = release {
-            release();
+            sync::caught(&self.name, "the on_close hook", release);
         }
         let hook = self.on_end.lock().take();
         if let Some(hook) = hook {
-            hook(why);
+            sync::caught(&self.name, "on_end", || hook(why));
         }
     }
 
@@ -1491,7 +1494,10 @@ impl Shared {
     fn interrupt(&self) {
         let hook = self.interrupt.lock().take();
         if let Some(hook) = hook {
-            hook();
+            // The application's `on_close`, for `connect_with`: it runs in
+            // `abort`, or on a thread of the library's, and must not stop
+            // what follows it.
+            sync::caught(&self.name, "the on_close hook", hook);
         }
     }
 

@@ -140,3 +140,35 @@ impl ThreadSet {
         panic
     }
 }
+
+/// Runs `f`, code of the application's (or the library's logging, which
+/// may be the application's logger), catching a panic in it; what that
+/// panic carries is leaked rather than dropped, since its drop may panic
+/// in turn.
+pub(crate) fn contained(f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        std::mem::forget(panic);
+    }
+}
+
+/// Runs `f`, a hook of the application's, on a thread of the library's or
+/// in a call that must return: a panic in it is caught and logged, as
+/// `what` of connection or server `name`, and `None` returned. The logging
+/// is [`contained`] too.
+pub(crate) fn caught<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(value) => Some(value),
+        Err(panic) => {
+            contained(|| {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string());
+                log::error!("{name}: {what} panicked: {text}");
+            });
+            std::mem::forget(panic);
+            None
+        }
+    }
+}

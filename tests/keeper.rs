@@ -2084,3 +2084,84 @@ fn a_logger_panicking_on_a_handlers_panic_leaves_no_request_unanswered() {
         "close: {closed:?}"
     );
 }
+
+/// A connection over `connect_with` halves of a socketpair whose `on_close`
+/// hook panics, with an `on_end` hook that reports; and a peer of this
+/// crate on the other end.
+fn with_panicking_on_close(
+    name: &str,
+) -> (
+    PacketConnection,
+    PacketConnection,
+    mpsc::Receiver<Disconnect>,
+) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (ended_tx, ended_rx) = mpsc::channel();
+    let ended_tx = Mutex::new(ended_tx);
+    let conn = PacketConnection::connect_with(
+        move || {
+            let recv = a.try_clone()?;
+            let on_close: packetstream::OnClose = Box::new(move || {
+                let _ = a.shutdown(Shutdown::Both);
+                panic!("on_close panics");
+            });
+            let send = recv.try_clone()?;
+            Ok((recv, send, Some(on_close)))
+        },
+        Config::default()
+            .name(unique_name(name))
+            .on_end(move |why| {
+                let _ = ended_tx.lock().unwrap().send(why);
+            }),
+    )
+    .unwrap();
+    let peer = PacketConnection::from_unix_stream(
+        b,
+        Config::default()
+            .name(unique_name(name))
+            .handler(common::echo),
+    )
+    .unwrap();
+    (conn, peer, ended_rx)
+}
+
+/// The `on_close` hook runs when the connection is finished with its
+/// streams: if it panics there, the connection still ends, and its
+/// `on_end` hook still runs.
+#[test]
+fn a_panicking_on_close_at_the_end_leaves_on_end_to_run() {
+    let (conn, peer, ended_rx) = with_panicking_on_close("poc");
+    let res = conn.call_timeout(1, 0, b"first", PATIENCE);
+    let conn = Arc::new(conn);
+    let closer = Arc::clone(&conn);
+    let closed = within("close", move || closer.close_timeout(PATIENCE).is_ok());
+    let why = ended_rx.recv_timeout(PATIENCE).ok();
+    peer.abort();
+    assert!(res.is_ok(), "{res:?}");
+    assert!(closed, "close did not finish: {:?}", conn.status());
+    assert_eq!(why, Some(Disconnect::PeerEof), "on_end did not run");
+}
+
+/// `abort` runs the `on_close` hook at once to interrupt the streams: if
+/// it panics there, `abort` still returns, and the connection ends.
+#[test]
+fn a_panicking_on_close_in_abort_leaves_abort_returning() {
+    let (conn, peer, ended_rx) = with_panicking_on_close("poa");
+    let pending = conn.submit(1, 0, b"never answered?").ok();
+    let conn = Arc::new(conn);
+    let aborter = Arc::clone(&conn);
+    let returned = within("abort", move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| aborter.abort())).is_ok()
+    });
+    let why = ended_rx.recv_timeout(PATIENCE).ok();
+    let outcome = pending.map(|p| p.wait_timeout(PATIENCE));
+    peer.abort();
+    assert!(returned, "abort panicked with the on_close hook");
+    assert!(why.is_some(), "on_end did not run: {:?}", conn.status());
+    if let Some(outcome) = outcome {
+        assert!(
+            !matches!(outcome, Err(Error::Timeout { .. })),
+            "a request left waiting: {outcome:?}"
+        );
+    }
+}
