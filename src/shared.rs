@@ -8,6 +8,7 @@
 //! module imports none of them but the pool.
 
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -350,8 +351,21 @@ pub(crate) struct Job {
 
 impl pool::Job for Job {
     fn run(self) {
-        self.shared.quota.release(self.rq.payload.len());
-        self.shared.serve(self.rq, self.deadline, false);
+        let Job {
+            shared,
+            rq,
+            deadline,
+        } = self;
+        shared.quota.release(rq.payload.len());
+        // The handler's own panics are its outcome (`run_handler`); a panic
+        // here is the library's logging on this thread, in a logger of the
+        // user's, or a bug. The request's reply may or may not be queued,
+        // and a pool shared by a server's connections must not lose the
+        // worker.
+        let served = catch_unwind(AssertUnwindSafe(|| shared.serve(rq, deadline, false)));
+        if served.is_err() {
+            shared.job_panicked();
+        }
     }
 
     /// A server's connections take turns.
@@ -1356,9 +1370,26 @@ impl Shared {
         let written_to = self.outbox.abort();
         let n_failed = self.table.fail_all(Disconnect::Local, written_to);
         self.close_pool();
-        log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
         self.interrupt();
         self.recall_reader();
+        // Last: a logger that panics leaves nothing undone.
+        log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
+    }
+
+    /// Serving a request of the peer's panicked after its handler ran (in
+    /// the library's logging, with a logger of the user's that panics, or
+    /// a bug): whether its reply is queued is unknown, so the connection is
+    /// aborted, which gives every request at either end an outcome. Nothing
+    /// is logged but under a catch: the panic may have come from the
+    /// logger.
+    fn job_panicked(&self) {
+        sync::contained(|| {
+            log::error!(
+                "{}: serving a request panicked after its handler ran: aborting",
+                self.name
+            )
+        });
+        sync::contained(|| self.abort());
     }
 
     /// The receive loop has ended, with the peer's EOF, the end of the

@@ -1789,8 +1789,9 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
 /// connection's receive thread, or about one named `panicky-lent…` logged
 /// on a thread named `panicky-caller`; on the trace of a write to one named
 /// `panicky-write…` on a thread named `panicky-writer`; and on the error
-/// logged for a handler's panic on one named `panicky-handler…`. It logs
-/// nothing else.
+/// logged for a handler's panic on one named `panicky-handler…`; and on
+/// the trace of a reply queued by a handler thread of one named
+/// `panicky-reply…`. It logs nothing else.
 struct PanickyLogger;
 
 impl log::Log for PanickyLogger {
@@ -1802,7 +1803,8 @@ impl log::Log for PanickyLogger {
         let here = thread::current();
         let here = here.name().unwrap_or("");
         let level = record.level();
-        if level > log::Level::Warn && here != "panicky-writer" {
+        let reply_thread = here.starts_with("panicky-reply") && here.contains(":handler");
+        if level > log::Level::Warn && here != "panicky-writer" && !reply_thread {
             return;
         }
         let message = record.args().to_string();
@@ -1810,6 +1812,7 @@ impl log::Log for PanickyLogger {
             || (message.contains("panicky-lent") && here == "panicky-caller")
             || (message.contains("panicky-write") && message.contains("==> wrote"))
             || (message.contains("panicky-handler") && message.contains("handler panicked"))
+            || (reply_thread && message.contains("==> reply"))
         {
             panic!("a logger that panics, on purpose: {message}");
         }
@@ -2078,6 +2081,33 @@ fn a_logger_panicking_on_a_handlers_panic_leaves_no_request_unanswered() {
     assert!(
         matches!(&res, Err(Error::Failed { .. })),
         "a request whose handler panicked, with the logger panicking on the error: {res:?}"
+    );
+    assert!(
+        !matches!(&closed, Err(Error::Timeout { .. })),
+        "close: {closed:?}"
+    );
+}
+
+/// The user's logger panics on the trace of a reply, on a handler thread,
+/// after the handler ran: the reply's fate is unknown, so the connection
+/// ends, and the caller's request ends with it instead of waiting; the
+/// close returns.
+#[test]
+fn a_logger_panicking_on_a_reply_on_a_handler_thread_leaves_nothing_waiting() {
+    install_panicky_logger();
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("prc")),
+        Config::default()
+            .name(unique_name("panicky-reply"))
+            .handler(common::echo),
+    );
+    let res = client.call_timeout(1, 0, b"echo", PATIENCE);
+    let closed = server.close_timeout(PATIENCE);
+    client.abort();
+    server.abort();
+    assert!(
+        !matches!(&res, Err(Error::Timeout { .. })),
+        "a request whose reply's trace panicked: {res:?}"
     );
     assert!(
         !matches!(&closed, Err(Error::Timeout { .. })),
