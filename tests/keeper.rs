@@ -1079,7 +1079,10 @@ fn a_flood_of_pings_holds_no_connection_past_its_idle_timeout() {
 /// it ends as idle while many of them are still unwritten.
 #[test]
 fn one_request_amid_a_ping_flood_read_slowly_holds_no_connection_past_its_idle_timeout() {
-    const PINGS: u64 = 40_000;
+    // Pings before the request, and after it: the answers after the reply
+    // take the slow reader about 9 s, far past the idle timeout.
+    const BEFORE: u64 = 40_000;
+    const AFTER: u64 = 3 * BEFORE;
     let (conn, peer) = RawPeer::with(
         Config::default()
             .name(unique_name("rpa"))
@@ -1087,9 +1090,9 @@ fn one_request_amid_a_ping_flood_read_slowly_holds_no_connection_past_its_idle_t
             .handler(common::echo),
     );
     let slow = slow_reader(peer.stream.try_clone().unwrap(), 4096, ms(10));
-    let mut burst: Vec<u8> = (1..=PINGS).flat_map(|i| wire(&control_ping(i))).collect();
+    let mut burst: Vec<u8> = (1..=BEFORE).flat_map(|i| wire(&control_ping(i))).collect();
     burst.extend(wire(&request(0, 1, 0, b"the application's")));
-    burst.extend((PINGS + 1..=2 * PINGS).flat_map(|i| wire(&control_ping(i))));
+    burst.extend((BEFORE + 1..=BEFORE + AFTER).flat_map(|i| wire(&control_ping(i))));
     let mut writer = peer.stream.try_clone().unwrap();
     let feeder = thread::spawn(move || writer.write_all(&burst).is_ok());
     let why = ends_within(&conn, Duration::from_secs(12));
@@ -1101,7 +1104,7 @@ fn one_request_amid_a_ping_flood_read_slowly_holds_no_connection_past_its_idle_t
     assert_eq!(why, Some(Disconnect::Idle), "idle 300 ms");
     let reply_at = reply_at.expect("the application's reply never came");
     assert!(
-        answers < 2 * PINGS + 1,
+        answers < BEFORE + AFTER + 1,
         "idle 300 ms: the reply came as answer {reply_at}, and the connection stayed open \
          until all {answers} answers were written"
     );
