@@ -217,7 +217,11 @@ impl Config {
     /// connection ends with [`Disconnect::Idle`], whatever the reader is
     /// doing. A packet counts once it is whole, so a peer that trickles one
     /// packet for ever is let go too, and a packet that takes longer than
-    /// this to arrive ends an otherwise idle connection. Enforced on sockets only, as
+    /// this to arrive ends an otherwise idle connection. What this end
+    /// sees is its writes: the last bytes of a reply, once in the kernel's
+    /// socket buffer (hundreds of KiB on a Unix socket, up to a few MiB on
+    /// TCP), are not seen being read, so a peer that takes longer than the
+    /// timeout to read them is cut as idle. Enforced on sockets only, as
     /// [`packet_timeout`](Config::packet_timeout). Default: no limit
     /// ([`Server`](crate::Server) connections: 10 minutes).
     pub fn idle_timeout(mut self, timeout: Duration) -> Config {
