@@ -801,6 +801,9 @@ impl Drop for AcceptorDone<'_> {
     }
 }
 
+/// The accept thread. The user's code that runs here (the `Config` factory,
+/// `on_accept`, `on_close` for a client that ended early, and the logger)
+/// runs under a catch: a panic in it must not stop the server accepting.
 fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
     let name = &shared.config.name;
     let _done = AcceptorDone(shared);
@@ -820,7 +823,7 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
                 if state.stopping {
                     break;
                 }
-                log::warn!("{name}: accept failed: {e}");
+                sync::contained(|| log::warn!("{name}: accept failed: {e}"));
                 let _ = shared.changed.wait_for(&mut state, ACCEPT_RETRY);
                 continue;
             }
@@ -842,10 +845,10 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
         };
         let info = ClientInfo { id, peer_addr };
         if let Err(e) = start_connection(shared, info, stream) {
-            log::warn!("{name}: cannot serve client #{id}: {e}");
+            sync::contained(|| log::warn!("{name}: cannot serve client #{id}: {e}"));
         }
     }
-    log::debug!("{name}: accept thread ends");
+    sync::contained(|| log::debug!("{name}: accept thread ends"));
 }
 
 fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream) -> Result<()> {
@@ -906,7 +909,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
         state.announcing.insert(id);
     }
     drop(state);
-    log::debug!("{conn_name}: accepted");
+    sync::contained(|| log::debug!("{conn_name}: accepted"));
     if stopping {
         // The stop began while this one was starting, after it began the
         // close of the others: this one ends in order too, ERQ then EOF.
@@ -946,7 +949,8 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
                 run_refusals(&server, &name, &reason, &rx);
             });
             if let Err(e) = spawned {
-                log::warn!("{}: cannot start refusing: {e}", shared.config.name);
+                let name = &shared.config.name;
+                sync::contained(|| log::warn!("{name}: cannot start refusing: {e}"));
                 stream.shutdown();
                 return;
             }
@@ -957,10 +961,8 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
     let res = tx.try_send(stream);
     drop(state);
     if let Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) = res {
-        log::warn!(
-            "{}: too many clients to refuse; closing one",
-            shared.config.name
-        );
+        let name = &shared.config.name;
+        sync::contained(|| log::warn!("{name}: too many clients to refuse; closing one"));
         stream.shutdown();
     }
 }
@@ -1002,7 +1004,7 @@ fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Rece
                 true
             }
             Err(e) => {
-                log::debug!("{name}: refused a client: {e}");
+                sync::contained(|| log::debug!("{name}: refused a client: {e}"));
                 refusal.finish();
                 false
             }
@@ -1050,7 +1052,7 @@ impl Refusal {
         {
             Ok(()) => Some(refusal),
             Err(e) => {
-                log::debug!("{name}: cannot refuse a client: {e}");
+                sync::contained(|| log::debug!("{name}: cannot refuse a client: {e}"));
                 refusal.stream.shutdown();
                 None
             }

@@ -1467,7 +1467,10 @@ impl Shared {
     /// runs there, or a bug): the connection ends as if its stream had
     /// failed, or as the thread had begun to end it, so that no request
     /// waits for ever. The socket is shut down, so that the peer sees the
-    /// end. Nothing is logged: the panic may have come from the logger.
+    /// end, and nothing more is sent: the panic may have come while a reply
+    /// was owed (an inline handler's, or a refusal), which would keep EOF
+    /// from being queued for ever. Nothing is logged: the panic may have
+    /// come from the logger.
     pub(crate) fn receive_panicked(&self) {
         self.interrupt();
         let recorded = self.life.lock().recv_end;
@@ -1476,6 +1479,8 @@ impl Shared {
             self.record_receive_end(Err(Error::Io(e)), Vec::new())
         });
         self.finish_receive(why);
+        self.outbox.abort();
+        self.close_pool();
         self.loop_ended(Loops::RECV);
     }
 
@@ -1505,7 +1510,9 @@ impl Shared {
             life.ended = Some(why);
             why
         };
-        log::debug!("{}: ended: {why}", self.name);
+        // Under a catch: a logger that panics here must not keep the hooks
+        // from running (this thread's catch would find the loop counted).
+        sync::contained(|| log::debug!("{}: ended: {why}", self.name));
         // Nothing is left to interrupt: dropping the hook unrun closes what
         // it held (a socket's last descriptor of ours).
         drop(self.interrupt.lock().take());

@@ -1794,7 +1794,11 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
 /// `panicky-write…` on a thread named `panicky-writer`; and on the error
 /// logged for a handler's panic on one named `panicky-handler…`; and on
 /// the trace of a reply queued by a handler thread of one named
-/// `panicky-reply…`. It logs nothing else.
+/// `panicky-reply…`, or by the receive thread of one named
+/// `panicky-inline…` (an inline handler's); on the debug line a connection
+/// named `panicky-ended…` logs as it ends, on any thread; and on the
+/// accept thread's line for a client accepted by a server named
+/// `panicky-accept…`. It logs nothing else.
 struct PanickyLogger;
 
 impl log::Log for PanickyLogger {
@@ -1807,15 +1811,24 @@ impl log::Log for PanickyLogger {
         let here = here.name().unwrap_or("");
         let level = record.level();
         let reply_thread = here.starts_with("panicky-reply") && here.contains(":handler");
-        if level > log::Level::Warn && here != "panicky-writer" && !reply_thread {
+        let inline_thread = here.starts_with("panicky-inline") && here.ends_with(":recv");
+        let loud = here == "panicky-writer" || reply_thread || inline_thread;
+        if level > log::Level::Debug && !loud {
             return;
         }
         let message = record.args().to_string();
+        let ended_line = (message.contains("panicky-ended") && message.contains(": ended: "))
+            || (message.contains("panicky-accept") && message.ends_with(": accepted"));
+        if level > log::Level::Warn && !loud && !ended_line {
+            return;
+        }
         if (message.contains("panicky-recv") && here.ends_with(":recv"))
             || (message.contains("panicky-lent") && here == "panicky-caller")
             || (message.contains("panicky-write") && message.contains("==> wrote"))
             || (message.contains("panicky-handler") && message.contains("handler panicked"))
             || (reply_thread && message.contains("==> reply"))
+            || (inline_thread && message.contains("==> reply 0:"))
+            || ended_line
         {
             panic!("a logger that panics, on purpose: {message}");
         }
@@ -2197,4 +2210,177 @@ fn a_panicking_on_close_in_abort_leaves_abort_returning() {
             "a request left waiting: {outcome:?}"
         );
     }
+}
+
+/// The user's logger panics on the debug line a connection logs as it
+/// ends (`…: ended: …`), on whichever thread ends it: `on_end` should still
+/// run, once.
+#[test]
+fn a_logger_panicking_on_the_ended_line_still_runs_on_end() {
+    install_panicky_logger();
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let (client, server) = pair_with(
+        Config::default().name(unique_name("pec")),
+        Config::default()
+            .name(unique_name("panicky-ended"))
+            .handler(common::echo)
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    );
+    let res = client.call_timeout(1, 0, b"echo", PATIENCE);
+    let closed = client.close_timeout(PATIENCE);
+    let status = ends_within(&server, PATIENCE);
+    let why = end_rx.recv_timeout(PATIENCE);
+    client.abort();
+    server.abort();
+    assert!(res.is_ok() && closed.is_ok(), "{res:?} {closed:?}");
+    assert!(
+        why.is_ok(),
+        "on_end did not run (the connection ended: {status:?})"
+    );
+}
+
+/// The same logger on a server's connection: the slot of a client whose
+/// end's debug line panicked is freed, so under `max_connections(1)` the
+/// next client is served, and `stop` returns.
+#[test]
+fn a_logger_panicking_on_the_ended_line_frees_the_servers_slot() {
+    install_panicky_logger();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(
+            Config::default()
+                .name(unique_name("panicky-ended-srv"))
+                .handler(common::echo),
+        )
+        .max_connections(1),
+    )
+    .unwrap();
+    let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let one = first.call_timeout(1, 0, b"one", PATIENCE);
+    let first_closed = first.close_timeout(PATIENCE);
+    let deadline = Instant::now() + PATIENCE;
+    while server.connections() > 0 && Instant::now() < deadline {
+        thread::sleep(ms(10));
+    }
+    let live = server.connections();
+    let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let two = second.call_timeout(1, 0, b"two", PATIENCE);
+    second.abort();
+    let stopped = server.stop_timeout(ms(3000));
+    assert!(
+        one.is_ok() && first_closed.is_ok(),
+        "{one:?} {first_closed:?}"
+    );
+    assert!(
+        live == 0 && two.is_ok() && stopped.is_ok(),
+        "the first client, whose end's log line panicked: still counted {live}; \
+         the next client: {two:?}; stop: {stopped:?}"
+    );
+}
+
+/// The user's logger panics on the trace of a reply made by an inline
+/// handler, on the receive thread, over generic halves (no socket to shut
+/// down): the connection should still end, `on_end` run and `close` return.
+#[test]
+fn a_logger_panicking_on_an_inline_reply_over_generic_halves_leaves_close_returning() {
+    install_panicky_logger();
+    let (a, b) = UnixStream::pair().unwrap();
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let server = PacketConnection::new(
+        b.try_clone().unwrap(),
+        b,
+        Config::default()
+            .name(unique_name("panicky-inline"))
+            .inline_handler(common::echo)
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    )
+    .unwrap();
+    let client =
+        PacketConnection::from_unix_stream(a, Config::default().name(unique_name("pic"))).unwrap();
+    let res = client.call_timeout(1, 0, b"echo", ms(2000));
+    let closed = server.close_timeout(PATIENCE);
+    let why = end_rx.recv_timeout(ms(500));
+    client.abort();
+    server.abort();
+    assert!(
+        !matches!(&closed, Err(Error::Timeout { .. })),
+        "close after the logger panicked on an inline reply (the call gave {res:?}): {closed:?}"
+    );
+    assert!(why.is_ok(), "on_end did not run before abort");
+}
+
+/// The same, over a socket, after this end ended its requests (so no ERQ
+/// is left to write into the shut-down socket): a refusal's warning on the
+/// receive thread panics.
+#[test]
+fn a_logger_panicking_on_a_refusal_after_end_requests_leaves_close_returning() {
+    install_panicky_logger();
+    let (end_tx, end_rx) = mpsc::channel();
+    let end_tx = Mutex::new(end_tx);
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("panicky-recv"))
+            .on_end(move |why| {
+                let _ = end_tx.lock().unwrap().send(why);
+            }),
+    );
+    conn.end_requests();
+    let _erq = peer.recv();
+    // No handler: refused, with a warning, on the receive thread.
+    peer.request(1, 1, b"refused");
+    let why = end_rx.recv_timeout(PATIENCE);
+    let closed = conn.close_timeout(ms(2000));
+    conn.abort();
+    assert!(why.is_ok(), "on_end did not run (close gave {closed:?})");
+    assert!(
+        !matches!(&closed, Err(Error::Timeout { .. })),
+        "close: {closed:?}"
+    );
+}
+
+/// The user's logger panics on the debug line the accept thread logs for a
+/// client it has accepted (`…: accepted`): the server should go on
+/// accepting, as it does when `on_close` panics there.
+#[test]
+fn a_logger_panicking_on_the_accepted_line_leaves_the_server_accepting() {
+    install_panicky_logger();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::serve_tcp(
+        listener,
+        ServerConfig::new(
+            Config::default()
+                .name(unique_name("panicky-accept"))
+                .handler(common::echo),
+        ),
+    )
+    .unwrap();
+    let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let one = first.call_timeout(1, 0, b"one", PATIENCE);
+    let first_closed = first.close_timeout(PATIENCE);
+    let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let two = second.call_timeout(1, 0, b"two", ms(3000));
+    second.abort();
+    // `stop_timeout` re-raises a panic of the server's threads.
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.stop_timeout(PATIENCE)
+    }))
+    .map_err(|_| "stop_timeout panicked");
+    assert!(
+        one.is_ok() && first_closed.is_ok(),
+        "{one:?} {first_closed:?}"
+    );
+    assert!(
+        two.is_ok(),
+        "the next client: {two:?} (stop gave {stopped:?})"
+    );
+    assert!(stopped.is_ok(), "stop: {stopped:?}");
 }
