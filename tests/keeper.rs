@@ -2242,27 +2242,42 @@ fn a_logger_panicking_on_the_ended_line_still_runs_on_end() {
     );
 }
 
-/// The same logger on a server's connection: the slot of a client whose
-/// end's debug line panicked is freed, so under `max_connections(1)` the
-/// next client is served, and `stop` returns.
-#[test]
-fn a_logger_panicking_on_the_ended_line_frees_the_servers_slot() {
-    install_panicky_logger();
+/// An echo server on loopback TCP, named after `name`, with at most `limit`
+/// connections.
+fn echo_server(name: &str, limit: usize) -> (Server, std::net::SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Server::serve_tcp(
         listener,
         ServerConfig::new(
             Config::default()
-                .name(unique_name("panicky-ended-srv"))
+                .name(unique_name(name))
                 .handler(common::echo),
         )
-        .max_connections(1),
+        .max_connections(limit),
     )
     .unwrap();
-    let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    let one = first.call_timeout(1, 0, b"one", PATIENCE);
-    let first_closed = first.close_timeout(PATIENCE);
+    (server, addr)
+}
+
+/// A client of the server at `addr` that makes one call and closes: the
+/// call's outcome and the close's.
+fn one_call_then_close(
+    addr: std::net::SocketAddr,
+) -> (Result<packetstream::Response, Error>, Result<(), Error>) {
+    let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let res = client.call_timeout(1, 0, b"one", PATIENCE);
+    (res, client.close_timeout(PATIENCE))
+}
+
+/// The same logger on a server's connection: the slot of a client whose
+/// end's debug line panicked is freed, so under `max_connections(1)` the
+/// next client is served, and `stop` returns.
+#[test]
+fn a_logger_panicking_on_the_ended_line_frees_the_servers_slot() {
+    install_panicky_logger();
+    let (server, addr) = echo_server("panicky-ended-srv", 1);
+    let (one, first_closed) = one_call_then_close(addr);
     let deadline = Instant::now() + PATIENCE;
     while server.connections() > 0 && Instant::now() < deadline {
         thread::sleep(ms(10));
@@ -2352,20 +2367,8 @@ fn a_logger_panicking_on_a_refusal_after_end_requests_leaves_close_returning() {
 #[test]
 fn a_logger_panicking_on_the_accepted_line_leaves_the_server_accepting() {
     install_panicky_logger();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::serve_tcp(
-        listener,
-        ServerConfig::new(
-            Config::default()
-                .name(unique_name("panicky-accept"))
-                .handler(common::echo),
-        ),
-    )
-    .unwrap();
-    let first = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
-    let one = first.call_timeout(1, 0, b"one", PATIENCE);
-    let first_closed = first.close_timeout(PATIENCE);
+    let (server, addr) = echo_server("panicky-accept", 1024);
+    let (one, first_closed) = one_call_then_close(addr);
     let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     let two = second.call_timeout(1, 0, b"two", ms(3000));
     second.abort();
