@@ -2076,6 +2076,20 @@ fn a_logger_panicking_on_a_caller_while_it_writes_ends_the_connection() {
     );
 }
 
+/// One call of `client`'s with `payload`, then the close of `server`, and
+/// both aborted: the call's outcome and the close's.
+fn call_then_close_server(
+    client: PacketConnection,
+    server: PacketConnection,
+    payload: &[u8],
+) -> (Result<packetstream::Response, Error>, Result<(), Error>) {
+    let res = client.call_timeout(1, 0, payload, PATIENCE);
+    let closed = server.close_timeout(PATIENCE);
+    client.abort();
+    server.abort();
+    (res, closed)
+}
+
 /// The user's logger panics on the error logged for a handler's panic, on
 /// a handler thread: the request is still answered, not ok, and the
 /// connection closes.
@@ -2090,10 +2104,7 @@ fn a_logger_panicking_on_a_handlers_panic_leaves_no_request_unanswered() {
                 panic!("a handler that panics, on purpose")
             }),
     );
-    let res = client.call_timeout(1, 0, b"", PATIENCE);
-    let closed = server.close_timeout(PATIENCE);
-    client.abort();
-    server.abort();
+    let (res, closed) = call_then_close_server(client, server, b"");
     assert!(
         matches!(&res, Err(Error::Failed { .. })),
         "a request whose handler panicked, with the logger panicking on the error: {res:?}"
@@ -2117,10 +2128,7 @@ fn a_logger_panicking_on_a_reply_on_a_handler_thread_leaves_nothing_waiting() {
             .name(unique_name("panicky-reply"))
             .handler(common::echo),
     );
-    let res = client.call_timeout(1, 0, b"echo", PATIENCE);
-    let closed = server.close_timeout(PATIENCE);
-    client.abort();
-    server.abort();
+    let (res, closed) = call_then_close_server(client, server, b"echo");
     assert!(
         !matches!(&res, Err(Error::Timeout { .. })),
         "a request whose reply's trace panicked: {res:?}"
