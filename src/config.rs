@@ -192,8 +192,9 @@ impl Config {
     /// be interrupted (the socket's reading is shut down); on pipes and
     /// other streams it is not. The time is kept by one thread for the
     /// process, which looks every quarter of the shortest of the read
-    /// timeouts (5 ms to 1 s), so a timeout runs out up to that much late;
-    /// reads themselves get no timeout.
+    /// timeouts (5 ms to 1 s), each look up to half of that late (looks
+    /// share its wake-ups), so a timeout runs out up to 3/8 of the shortest
+    /// late; reads themselves get no timeout.
     ///
     /// This and the other read timeouts count only the time this end waits
     /// in a read: while it does its own work instead (an

@@ -27,15 +27,36 @@ use parking_lot::{Condvar, Mutex};
 /// How long the keeper thread waits with nothing to watch before it ends.
 const IDLE_END: Duration = Duration::from_secs(1);
 
-/// Looks fall on a grid of this step, so that the keeper wakes once for
-/// all the looks due at about the same time.
+/// Looks fall on a grid, so that the keeper wakes once for all the looks
+/// due at about the same time. This is its finest step.
 const GRID: Duration = Duration::from_millis(5);
 
-/// `at`, rounded up to the grid of looks.
-fn on_grid(at: Instant) -> Instant {
+/// Its coarsest step: `GRID` doubled six times.
+const MAX_GRID_SHIFT: u32 = 6;
+
+/// `at`, a look asked for at `now`, rounded up to the grid of looks. A look
+/// further off falls on a coarser grid: the steps are `GRID` doubled, the
+/// largest no longer than half the wait (so a look is at most half its
+/// wait late), to 320 ms. The grids nest, so that looks of every wait share
+/// the keeper's wake-ups: 200 connections looked at once a second wake it
+/// about 3 times a second, not on 200 different steps.
+///
+/// Every wake-up of the keeper is a timer's, on whichever thread the CPU was
+/// running, and the scheduler counts it against that thread as a wake-up of
+/// another task: a thread seen waking many tasks is not kept on the CPU of
+/// the one it talks to, so with many busy connections, frequent wake-ups
+/// split the threads of a call between the CPUs.
+fn on_grid(now: Instant, at: Instant) -> Instant {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(Instant::now);
-    let step = GRID.as_nanos();
+    let half_wait = at.saturating_duration_since(now).as_nanos() / 2;
+    let mut step = GRID.as_nanos();
+    for _ in 0..MAX_GRID_SHIFT {
+        if step * 2 > half_wait {
+            break;
+        }
+        step *= 2;
+    }
     let since = at.saturating_duration_since(base).as_nanos();
     let steps = since.div_ceil(step);
     let offset = u64::try_from(steps * step).unwrap_or(u64::MAX);
@@ -91,7 +112,7 @@ pub(crate) fn watch(watched: Weak<dyn Watched>, first: Instant) -> bool {
         }
         st.running = true;
     }
-    let first = on_grid(first);
+    let first = on_grid(Instant::now(), first);
     st.watched.push((first, watched));
     if st.wakes_at.is_none_or(|at| first < at) {
         KEEPER.work.notify_one();
@@ -145,9 +166,46 @@ fn run() {
                 .upgrade()
                 .and_then(|w: Arc<dyn Watched>| w.look(now));
             if let Some(at) = next {
-                again.push((on_grid(at), watched));
+                again.push((on_grid(now, at), watched));
             }
         }
         KEEPER.state.lock().watched.append(&mut again);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A look falls at or after the moment asked, at most half its wait
+    /// late (or one finest step, for a short wait), and looks of different
+    /// waits share grid points.
+    #[test]
+    fn looks_fall_on_a_grid_as_coarse_as_half_their_wait() {
+        let now = Instant::now();
+        for wait_ms in [0u64, 1, 4, 5, 9, 10, 19, 40, 50, 99, 250, 1000, 60_000] {
+            for offset_us in [0u64, 1, 2_499, 4_999, 77_777] {
+                let asked_at = now + Duration::from_micros(offset_us);
+                let at = asked_at + Duration::from_millis(wait_ms);
+                let look = on_grid(asked_at, at);
+                assert!(look >= at, "wait {wait_ms} ms: a look before its time");
+                let late = look - at;
+                let bound = (Duration::from_millis(wait_ms) / 2).max(GRID);
+                assert!(late < bound, "wait {wait_ms} ms: {late:?} late");
+                // The look is on the 5 ms grid too: it shares its wake-up
+                // with the looks of short waits.
+                assert_eq!(on_grid(look, look), look, "wait {wait_ms} ms");
+            }
+        }
+        // Long waits coalesce: 200 looks a second apart by 5 ms fall on at
+        // most 4 steps of the coarsest grid.
+        let mut steps: Vec<Instant> = (0..200u64)
+            .map(|i| {
+                let asked_at = now + Duration::from_millis(5 * i);
+                on_grid(asked_at, asked_at + Duration::from_secs(1))
+            })
+            .collect();
+        steps.dedup();
+        assert!(steps.len() <= 5, "{} steps", steps.len());
     }
 }

@@ -242,7 +242,8 @@ pub(crate) enum Step {
 /// doubles at each look of the keeper that finds callers have read since
 /// the last. A packet nobody waits for (a request from the peer, its EOF)
 /// that arrives after the last call may wait this long, and up to one more
-/// [`LOOK`] and a step of the keeper's grid, to be read.
+/// look of the keeper's ([`MAX_LEASE`] apart while a caller reads) and a
+/// step of its grid, to be read: about 70 ms.
 const LEASE: Duration = Duration::from_millis(10);
 const MAX_LEASE: Duration = Duration::from_millis(50);
 
@@ -1652,6 +1653,7 @@ impl Watched for Shared {
     fn look(&self, now: Instant) -> Option<Instant> {
         let mut lending = self.lending.lock();
         let mut recall = false;
+        let mut next = now + LOOK;
         let again = match lending.holder {
             Holder::Lent if lending.recall => false,
             Holder::Lent => {
@@ -1666,9 +1668,12 @@ impl Watched for Shared {
                 !recall
             }
             // A caller blocked for its response holds the reader for most
-            // of a call: callers are reading.
+            // of a call: callers are reading, and the reader is not looked
+            // at again for a whole lease (a look further off falls on a
+            // coarser grid, shared by more connections' looks).
             Holder::Caller => {
                 lending.lease = MAX_LEASE;
+                next = now + MAX_LEASE;
                 true
             }
             Holder::Recv | Holder::Done => false,
@@ -1678,7 +1683,7 @@ impl Watched for Shared {
         if recall {
             self.lent.notify_all();
         }
-        again.then_some(now + LOOK)
+        again.then_some(next)
     }
 }
 

@@ -662,9 +662,11 @@ fn the_keeper_wakes_rarely_for_long_timeouts() {
     for (conn, _) in &conns {
         conn.abort();
     }
-    // Each connection looks once a second, on a 5 ms grid: up to 200 looks
-    // a second fall on different steps. Not a failure by itself; reported.
-    assert!(per_second < 1000, "{per_second}");
+    // Each connection looks once a second, on a 320 ms grid: the 200
+    // connections' looks share about 3 wake-ups a second (on a 5 ms grid
+    // they fell on up to 200 different steps: 128 a second were measured).
+    // Wake-ups do not grow with the machine's load, only with the looks.
+    assert!(per_second < 20, "{per_second}");
 }
 
 /// A quiet connection with a short keepalive, between two live ends of
