@@ -1807,7 +1807,8 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
 /// `panicky-inline…` (an inline handler's); on the debug line a connection
 /// named `panicky-ended…` logs as it ends, on any thread; and on the
 /// accept thread's line for a client accepted by a server named
-/// `panicky-accept…`. It logs nothing else.
+/// `panicky-accept…`, and on the refusing thread's line for a client it has
+/// refused, of a server named `panicky-refuse…`. It logs nothing else.
 struct PanickyLogger;
 
 impl log::Log for PanickyLogger {
@@ -1827,7 +1828,8 @@ impl log::Log for PanickyLogger {
         }
         let message = record.args().to_string();
         let ended_line = (message.contains("panicky-ended") && message.contains(": ended: "))
-            || (message.contains("panicky-accept") && message.ends_with(": accepted"));
+            || (message.contains("panicky-accept") && message.ends_with(": accepted"))
+            || (message.contains("panicky-refuse") && message.contains(": refused a client"));
         if level > log::Level::Warn && !loud && !ended_line {
             return;
         }
@@ -2401,6 +2403,46 @@ fn a_logger_panicking_on_the_accepted_line_leaves_the_server_accepting() {
     assert!(
         two.is_ok(),
         "the next client: {two:?} (stop gave {stopped:?})"
+    );
+    assert!(stopped.is_ok(), "stop: {stopped:?}");
+}
+
+/// The user's logger panics on the refusing thread's line for a client it
+/// has refused (`…: refused a client`): the next client past the limit is
+/// still refused as "server full", not dropped unanswered, and the server
+/// stops cleanly.
+#[test]
+fn a_logger_panicking_on_the_refused_line_leaves_the_server_refusing() {
+    install_panicky_logger();
+    let (server, addr) = echo_server("panicky-refuse", 1);
+    let holder = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let held = holder.call_timeout(1, 0, b"held", PATIENCE);
+    let refused = |what: &str| {
+        let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+        let res = client.call_timeout(1, 0, what.as_bytes(), PATIENCE);
+        // Its EOF ends the refusal: the refusing thread logs the line.
+        let closed = client.close_timeout(PATIENCE);
+        (res, closed)
+    };
+    let (first, first_closed) = refused("first");
+    let (second, second_closed) = refused("second");
+    let held_closed = holder.close_timeout(PATIENCE);
+    // `stop_timeout` re-raises a panic of the server's threads.
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.stop_timeout(PATIENCE)
+    }))
+    .map_err(|_| "stop_timeout panicked");
+    assert!(
+        held.is_ok() && held_closed.is_ok(),
+        "{held:?} {held_closed:?}"
+    );
+    assert!(
+        matches!(&first, Err(e) if e.is_busy()),
+        "the first refused client: {first:?} (closed: {first_closed:?})"
+    );
+    assert!(
+        matches!(&second, Err(e) if e.is_busy()),
+        "the next refused client: {second:?} (closed: {second_closed:?}, stop gave {stopped:?})"
     );
     assert!(stopped.is_ok(), "stop: {stopped:?}");
 }
