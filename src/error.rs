@@ -4,6 +4,12 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+/// The flags of the not-ok reply this crate sends when it refuses a request
+/// for load, not for what it asks: a server at its connection limit, or a
+/// connection whose outgoing queue is at its budget. The request was not
+/// run, and may be sent again later; see [`Error::is_busy`].
+pub const BUSY_FLAGS: u64 = u64::MAX;
+
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -316,7 +322,7 @@ impl Error {
     /// server's "server full". The request was not run; it may be sent
     /// again later.
     pub fn is_busy(&self) -> bool {
-        matches!(self, Error::Failed { flags, .. } if *flags == crate::server::BUSY_FLAGS)
+        matches!(self, Error::Failed { flags, .. } if *flags == BUSY_FLAGS)
     }
 
     /// True if this is [`Error::Timeout`].

@@ -362,13 +362,13 @@ pub use crate::codec::{
 };
 pub use crate::config::Config;
 pub use crate::connection::{OnClose, PacketConnection, PendingResponse};
-pub use crate::error::{Disconnect, Error, RequestId, Result};
+pub use crate::error::{Disconnect, Error, RequestId, Result, BUSY_FLAGS};
 pub use crate::ext::CONTROL_CHANNEL;
 pub use crate::handler::{HandlerError, HandlerResult, Request, RequestHandler};
 pub use crate::packet::{Packet, PacketKind, DEFAULT_MAX_PACKET_LEN};
 pub use crate::protocol::{Dispatcher, Fulfil, PendingRequest, RequestType};
 pub use crate::reply::{Failure, FromResponse, Reply, Response};
-pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig, BUSY_FLAGS};
+pub use crate::server::{Client, ClientInfo, PeerAddr, Server, ServerConfig};
 pub use crate::shared::Status;
 pub use crate::stats::Stats;
 pub use crate::varint::MAX_VARINT_LEN;

@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::Config;
 use crate::connection::PacketConnection;
-use crate::error::{Disconnect, Error, Result};
+use crate::error::{Disconnect, Error, Result, BUSY_FLAGS};
 use crate::packet::{Packet, PacketKind};
 use crate::pool::{Order, Pool};
 use crate::shared::Job;
@@ -47,12 +47,6 @@ const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Refused clients waiting for their refusal; past this, a client's stream is
 /// closed at once.
 const REFUSAL_QUEUE: usize = 64;
-
-/// The flags of the not-ok reply this crate sends when it refuses a request
-/// for load, not for what it asks: a server at its connection limit. The
-/// request was not run, and may be sent again later; see
-/// [`Error::is_busy`].
-pub const BUSY_FLAGS: u64 = u64::MAX;
 
 /// What the server knows of a client when it accepts it: given to the
 /// per-client factory of [`ServerConfig::per_client`] and kept in its

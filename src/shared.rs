@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::config::{Config, EndHook, EventHook};
-use crate::error::{Disconnect, Error, Expired, RequestId, Result};
+use crate::error::{Disconnect, Error, Expired, RequestId, Result, BUSY_FLAGS};
 use crate::ext::{self, EarlyDeadlines, CONTROL_CHANNEL};
 use crate::handler::{run_handler, Outcome, Request, RequestCtx, RequestHandler};
 use crate::keeper::{self, Watched};
@@ -25,7 +25,6 @@ use crate::packet::{Head, PacketKind};
 use crate::pending::{Cell, Completion, PendingTable, TagSet};
 use crate::pool::{self, Pool, Quota};
 use crate::reply::Response;
-use crate::server::BUSY_FLAGS;
 use crate::stats::{Counters, Depths, Padded, Stats};
 use crate::sync;
 
