@@ -10,7 +10,7 @@ use byteorder::BigEndian;
 
 use crate::codec::{PayloadReader, PayloadWrite};
 use crate::error::Result;
-use crate::pending::TagMap;
+use crate::tags::TagMap;
 
 /// The channel reserved for the extensions' control requests. Requests on it
 /// never reach a handler, and `submit_on` refuses it.

@@ -6,8 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::inbox::Inbox;
 use crate::reply::{Failure, Reply};
-use crate::shared::Inbox;
 use crate::sync::contained;
 
 /// A request from the peer, as a handler receives it.

@@ -340,6 +340,7 @@ mod connection;
 mod error;
 mod ext;
 mod handler;
+mod inbox;
 mod keeper;
 mod outbox;
 mod packet;
@@ -352,6 +353,7 @@ mod server;
 mod shared;
 mod stats;
 mod sync;
+mod tags;
 mod transport;
 mod varint;
 

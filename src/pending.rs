@@ -4,8 +4,7 @@
 //! No thread holds the table's lock and a cell's lock at once, and no I/O
 //! and no user code runs under either.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +14,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{Disconnect, Error, Result};
 use crate::ext::CONTROL_CHANNEL;
 use crate::reply::Response;
+use crate::tags::TagMap;
 
 enum Slot {
     Empty,
@@ -124,34 +124,6 @@ struct Inner {
     /// ownership when taken, not when returned.
     free: VecDeque<Arc<Cell>>,
 }
-
-/// Hashes `(channel, tag)` keys with one multiply per word (as FxHash does)
-/// instead of SipHash. These keys are this end's own tags, or the peer's tags
-/// of requests in progress here, which the handler queue bounds to a few
-/// dozen: there is no long chain for a hostile peer to build.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct TagHasher(u64);
-
-impl Hasher for TagHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A map keyed by `(channel, tag)`.
-pub(crate) type TagMap<V> = HashMap<(u64, u64), V, BuildHasherDefault<TagHasher>>;
-/// A set of `(channel, tag)`.
-pub(crate) type TagSet = HashSet<(u64, u64), BuildHasherDefault<TagHasher>>;
 
 impl Inner {
     fn remove(&mut self, channel: u64, tag: u64) -> Option<Arc<Cell>> {
