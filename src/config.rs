@@ -192,9 +192,11 @@ impl Config {
     /// be interrupted (the socket's reading is shut down); on pipes and
     /// other streams it is not. The time is kept by one thread for the
     /// process, which looks every quarter of the shortest of the read
-    /// timeouts (5 ms to 1 s), each look up to half of that late (looks
-    /// share its wake-ups), so a timeout runs out up to 3/8 of the shortest
-    /// late; reads themselves get no timeout.
+    /// timeouts (5 ms to 1 s), each look up to half of that or 5 ms late
+    /// (looks share its wake-ups), so a timeout runs out up to 3/8 of the
+    /// shortest late, or a quarter of it and 5 ms if the shortest is under
+    /// 40 ms, and a little more on a busy machine; reads themselves get no
+    /// timeout.
     ///
     /// This and the other read timeouts count only the time this end waits
     /// in a read: while it does its own work instead (an

@@ -37,9 +37,9 @@ const MAX_GRID_SHIFT: u32 = 6;
 /// `at`, a look asked for at `now`, rounded up to the grid of looks. A look
 /// further off falls on a coarser grid: the steps are `GRID` doubled, the
 /// largest no longer than half the wait (so a look is at most half its
-/// wait late), to 320 ms. The grids nest, so that looks of every wait share
+/// wait, or one 5 ms step, late), to 320 ms. The grids nest, so that looks of every wait share
 /// the keeper's wake-ups: 200 connections looked at once a second wake it
-/// about 3 times a second, not on 200 different steps.
+/// 2 to 3 times a second, not on 200 different steps.
 ///
 /// Every wake-up of the keeper is a timer's, on whichever thread the CPU was
 /// running, and the scheduler counts it against that thread as a wake-up of
