@@ -13,7 +13,10 @@
 //! ```
 //!
 //! `--only` takes `w1`, `w2:N`, `w3`, `hol`, `ext` or `many:N`, or one of
-//! them with a `raw-` prefix for its raw baseline. `--rounds N` and
+//! them with a `raw-` prefix for its raw baseline; or `many-server:N` (the
+//! crate's server, with clients that speak its wire format with no
+//! library) or `many-clients:N` (the crate's clients, with such a server),
+//! to see which side of a many-clients run costs what. `--rounds N` and
 //! `--round-ms MS` set the rounds of W1 to W3 (7 of 300 ms);
 //! `--many-rounds N` the rounds at 200 clients (3). `--max-connections M`
 //! sets the crate server's limit in the many-clients workloads (default:
@@ -38,7 +41,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use packetstream::{Config, PacketConnection, Reply, Request, Server, ServerConfig};
+use packetstream::{
+    Config, Packet, PacketConnection, PacketKind, Reply, Request, Server, ServerConfig,
+};
 
 /// The system allocator, counting allocations only while the allocation
 /// pass runs. A counter updated on every allocation of the timed runs would
@@ -201,7 +206,7 @@ fn parse_args() -> Opts {
             "--only" => {
                 opts.only = Some(
                     args.next()
-                        .expect("--only w1|w2:N|w3|hol|many:N|raw-w1|raw-w2:N|raw-w3|raw-many:N"),
+                        .expect("--only w1|w2:N|w3|hol|many:N|many-server:N|many-clients:N|raw-w1|raw-w2:N|raw-w3|raw-many:N"),
                 )
             }
             "--secs" => {
@@ -1050,12 +1055,18 @@ fn run_only(opts: &Opts, only: &str) {
         Some(rest) => (true, rest),
         None => (false, only),
     };
-    if let Some(("many", clients)) = what.split_once(':') {
+    let many = match what.split_once(':') {
+        Some(("many", clients)) => Some((if raw { Mix::Raw } else { Mix::Lib }, clients)),
+        Some(("many-server", clients)) if !raw => Some((Mix::LibServer, clients)),
+        Some(("many-clients", clients)) if !raw => Some((Mix::LibClients, clients)),
+        _ => None,
+    };
+    if let Some((mix, clients)) = many {
         let clients: usize = clients.parse().expect("many:N");
         let max_connections = opts.max_connections.unwrap_or(clients);
         let t0 = Instant::now();
         let load = loadavg();
-        match run_many(raw, clients, max_connections, opts.many_secs) {
+        match run_many(mix, clients, max_connections, opts.many_secs) {
             Ok(run) => {
                 println!(
                     "{only}: {} req/s, p50 {}, p99 {}, {} calls measured in {:.1} s",
@@ -1289,6 +1300,109 @@ impl ManyClient for RawClient {
     }
 }
 
+/// A client that speaks the crate's wire format with no library: it writes
+/// one prepared request packet (channel 0, one tag: each is answered before
+/// the next is sent) and reads packets until the response, skipping the
+/// server's hello and anything else.
+struct WireClient {
+    stream: TcpStream,
+    request: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl WireClient {
+    fn connect(addr: SocketAddr) -> Result<WireClient, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+        let mut request = Vec::new();
+        Packet {
+            channel: 0,
+            tag: 1,
+            kind: PacketKind::Request {
+                rq_type: ECHO,
+                flags: 0,
+            },
+            payload: vec![0xa5; SMALL],
+        }
+        .encode_into(&mut request);
+        Ok(WireClient {
+            stream,
+            request,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+}
+
+impl ManyClient for WireClient {
+    fn call(&mut self) -> Result<(), String> {
+        (&self.stream)
+            .write_all(&self.request)
+            .map_err(|e| format!("write: {e}"))?;
+        loop {
+            while let Some((packet, used)) =
+                Packet::decode(&self.buf, 1 << 20).map_err(|e| format!("decode: {e}"))?
+            {
+                self.buf.drain(..used);
+                if let (0, PacketKind::Response { ok, .. }) = (packet.channel, packet.kind) {
+                    if !ok || packet.payload.len() != SMALL {
+                        return Err(format!("bad echo: ok {ok}, {} bytes", packet.payload.len()));
+                    }
+                    return Ok(());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => return Err("the server ended the stream".to_string()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Serves the crate's wire format with no library: answers each request on
+/// channel 0 with its echo, ignores the rest (the client's hello goes
+/// unanswered, which the client does not wait for), and answers the
+/// client's EOF with its own.
+fn wire_tcp_echo(stream: &TcpStream) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        out.clear();
+        while let Ok(Some((packet, used))) = Packet::decode(&buf, 1 << 20) {
+            buf.drain(..used);
+            if packet.is_eof() {
+                Packet::eof().encode_into(&mut out);
+                let _ = (&*stream).write_all(&out);
+                return;
+            }
+            if let (0, PacketKind::Request { flags, .. }) = (packet.channel, packet.kind) {
+                Packet {
+                    channel: 0,
+                    tag: packet.tag,
+                    kind: PacketKind::Response { ok: true, flags },
+                    payload: packet.payload,
+                }
+                .encode_into(&mut out);
+            }
+        }
+        if !out.is_empty() && (&*stream).write_all(&out).is_err() {
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        match (&*stream).read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 impl ManyClient for PacketConnection {
     fn call(&mut self) -> Result<(), String> {
         let rsp =
@@ -1322,7 +1436,7 @@ struct RawServerShared {
 }
 
 impl RawServer {
-    fn start(listener: TcpListener) -> Result<RawServer, String> {
+    fn start(listener: TcpListener, echo: fn(&TcpStream)) -> Result<RawServer, String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shared = Arc::new(RawServerShared {
             stopping: AtomicBool::new(false),
@@ -1333,7 +1447,7 @@ impl RawServer {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name(format!("{RAW_SERVER}:accept"))
-                .spawn(move || raw_accept_loop(&listener, &shared))
+                .spawn(move || raw_accept_loop(&listener, &shared, echo))
                 .map_err(|e| format!("cannot spawn the raw accept thread: {e}"))?
         };
         Ok(RawServer {
@@ -1344,7 +1458,7 @@ impl RawServer {
     }
 }
 
-fn raw_accept_loop(listener: &TcpListener, shared: &RawServerShared) {
+fn raw_accept_loop(listener: &TcpListener, shared: &RawServerShared, echo: fn(&TcpStream)) {
     loop {
         let stream = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -1370,7 +1484,7 @@ fn raw_accept_loop(listener: &TcpListener, shared: &RawServerShared) {
         match thread::Builder::new()
             .name(format!("{RAW_SERVER}#{id}"))
             .stack_size(MANY_STACK)
-            .spawn(move || raw_tcp_echo(&stream))
+            .spawn(move || echo(&stream))
         {
             Ok(handle) => shared.conns.lock().expect("lock").push((clone, handle)),
             Err(e) => eprintln!("raw server: cannot spawn a thread for client #{id}: {e}"),
@@ -1605,8 +1719,24 @@ fn sleep_until(t: Instant) {
 
 /// Runs `clients` clients against the raw server or the crate's (whose
 /// `max_connections` is `max_connections`) for `secs` after a warm-up.
+/// Which side of a many-clients run is the crate's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    /// Neither: the raw baseline, u32-length-prefixed frames.
+    Raw,
+    /// Both: the crate's server and clients.
+    Lib,
+    /// The crate's server; clients that write a request packet and read
+    /// packets until the response, with no library (`many-server:N`).
+    LibServer,
+    /// The crate's clients; a thread-per-connection server that reads
+    /// packets and writes each request's echo, with no library
+    /// (`many-clients:N`).
+    LibClients,
+}
+
 fn run_many(
-    raw: bool,
+    mix: Mix,
     clients: usize,
     max_connections: usize,
     secs: Duration,
@@ -1617,8 +1747,10 @@ fn run_many(
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let server = if raw {
-        ManyServer::Raw(RawServer::start(listener)?)
+    let server = if mix == Mix::Raw {
+        ManyServer::Raw(RawServer::start(listener, raw_tcp_echo)?)
+    } else if mix == Mix::LibClients {
+        ManyServer::Raw(RawServer::start(listener, wire_tcp_echo)?)
     } else {
         let echo = |rq: Request| {
             Ok(Reply {
@@ -1676,8 +1808,10 @@ fn run_many(
         let spawned = thread::Builder::new()
             .name(format!("client{idx}"))
             .stack_size(MANY_STACK);
-        let spawned = if raw {
+        let spawned = if mix == Mix::Raw {
             spawned.spawn(move || many_client(idx, || RawClient::connect(addr), &gate, &tx))
+        } else if mix == Mix::LibServer {
+            spawned.spawn(move || many_client(idx, || WireClient::connect(addr), &gate, &tx))
         } else {
             spawned.spawn(move || {
                 let connect = || {
@@ -1832,9 +1966,9 @@ fn bench_many(opts: &Opts) -> Vec<ManyPair> {
             let (mut raws, mut libs) = (Vec::new(), Vec::new());
             let mut round_ratios = Vec::new();
             for _ in 0..rounds {
-                let raw = run_many(true, clients, clients, opts.many_secs);
+                let raw = run_many(Mix::Raw, clients, clients, opts.many_secs);
                 eprint!(".");
-                let lib = run_many(false, clients, max_connections, opts.many_secs);
+                let lib = run_many(Mix::Lib, clients, max_connections, opts.many_secs);
                 eprint!(".");
                 if let (Ok(raw), Ok(lib)) = (&raw, &lib) {
                     round_ratios.push(lib.rps / raw.rps);
