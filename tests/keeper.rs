@@ -2279,6 +2279,15 @@ fn echo_server(name: &str, limit: usize) -> (Server, std::net::SocketAddr) {
     (server, addr)
 }
 
+/// Stops `server` within `PATIENCE`; `Err` if the stop panicked, as
+/// `stop_timeout` does to re-raise a panic of the server's threads.
+fn stop_catching(server: Server) -> Result<Result<(), Error>, &'static str> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.stop_timeout(PATIENCE)
+    }))
+    .map_err(|_| "stop_timeout panicked")
+}
+
 /// A client of the server at `addr` that makes one call and closes: the
 /// call's outcome and the close's.
 fn one_call_then_close(
@@ -2391,11 +2400,7 @@ fn a_logger_panicking_on_the_accepted_line_leaves_the_server_accepting() {
     let second = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
     let two = second.call_timeout(1, 0, b"two", ms(3000));
     second.abort();
-    // `stop_timeout` re-raises a panic of the server's threads.
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        server.stop_timeout(PATIENCE)
-    }))
-    .map_err(|_| "stop_timeout panicked");
+    let stopped = stop_catching(server);
     assert!(
         one.is_ok() && first_closed.is_ok(),
         "{one:?} {first_closed:?}"
@@ -2427,11 +2432,7 @@ fn a_logger_panicking_on_the_refused_line_leaves_the_server_refusing() {
     let (first, first_closed) = refused("first");
     let (second, second_closed) = refused("second");
     let held_closed = holder.close_timeout(PATIENCE);
-    // `stop_timeout` re-raises a panic of the server's threads.
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        server.stop_timeout(PATIENCE)
-    }))
-    .map_err(|_| "stop_timeout panicked");
+    let stopped = stop_catching(server);
     assert!(
         held.is_ok() && held_closed.is_ok(),
         "{held:?} {held_closed:?}"
