@@ -397,13 +397,14 @@ impl Outbox {
             st.buf.extend_from_slice(&note.packet);
             st.deadlines.push((at, note.at));
             st.queued_packets += 1;
-            stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+            crate::stats::bump(&stats.send.packets_out, 1);
         }
-        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        crate::stats::bump(&stats.send.packets_out, 1);
+        crate::stats::bump(&stats.send.requests_sent, 1);
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
         st.queued_total += len as u64;
-        queued_end.store(st.queued_total, Ordering::SeqCst);
+        queued_end.store(st.queued_total, Ordering::Release);
         if payload.len() >= LARGE_PAYLOAD {
             if admission == Admission::Wait && !st.writing {
                 // Write what was queued, this head and the payload, without
@@ -443,12 +444,12 @@ impl Outbox {
         if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
             return Err(Error::Closed);
         }
-        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        crate::stats::bump(&stats.send.packets_out, 1);
         st.buf.extend_from_slice(head.as_bytes());
         st.buf.extend_from_slice(payload);
         st.queued_packets += 1;
         st.queued_total += head.packet_len(payload.len()) as u64;
-        queued_end.store(st.queued_total, Ordering::SeqCst);
+        queued_end.store(st.queued_total, Ordering::Release);
         self.start_timer(st);
         Ok(())
     }
@@ -470,7 +471,7 @@ impl Outbox {
         if !matches!(st.phase, Phase::Open | Phase::RequestsEnded) {
             return None;
         }
-        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        crate::stats::bump(&stats.send.packets_out, 1);
         st.owes_peer = true;
         st.buf.extend_from_slice(head.as_bytes());
         st.queued_packets += 1;
@@ -478,17 +479,24 @@ impl Outbox {
         st.queued_reply_bytes += head.packet_len(payload.len());
         st.note_reply_bytes();
         st.queued_total += head.packet_len(payload.len()) as u64;
-        if payload.len() >= LARGE_PAYLOAD {
+        let spent = if payload.len() >= LARGE_PAYLOAD {
             let at = st.buf.len();
             st.large_bytes += payload.len();
             st.large.push((at, payload));
+            None
         } else {
             st.buf.extend_from_slice(&payload);
-        }
+            Some(payload)
+        };
         if app {
             self.app_ends_at(&st, 0);
         }
-        Some(st.queued_reply_bytes + st.writing_reply_bytes)
+        let owed = st.queued_reply_bytes + st.writing_reply_bytes;
+        drop(st);
+        if let Some(payload) = spent {
+            crate::packet::recycle_payload(payload);
+        }
+        Some(owed)
     }
 
     /// A packet of the application's has just been queued, last, and
@@ -534,7 +542,7 @@ impl Outbox {
         st.since.get_or_insert_with(Instant::now);
         st.urgent = true;
         st.owes_peer = true;
-        stats.send.packets_out.fetch_add(1, Ordering::Relaxed);
+        crate::stats::bump(&stats.send.packets_out, 1);
         drop(st);
         self.work.notify_one();
     }
@@ -936,11 +944,8 @@ fn write_batch(
     )
     .and_then(|()| stream.flush());
     if *written > 0 {
-        stats
-            .send
-            .bytes_out
-            .fetch_add(*written as u64, Ordering::Relaxed);
-        stats.send.writes.fetch_add(1, Ordering::Relaxed);
+        crate::stats::bump(&stats.send.bytes_out, *written as u64);
+        crate::stats::bump(&stats.send.writes, 1);
         log::trace!("{name}: ==> wrote {written} bytes");
     }
     res

@@ -196,7 +196,8 @@ impl Packet {
 
     /// The number of bytes [`encode_into`](Packet::encode_into) appends.
     pub fn encoded_len(&self) -> usize {
-        Head::new(self.channel, self.tag, self.kind, self.payload.len()).len + self.payload.len()
+        Head::new(self.channel, self.tag, self.kind, self.payload.len())
+            .packet_len(self.payload.len())
     }
 
     /// Decodes one packet from the front of `src`.
@@ -218,7 +219,7 @@ impl Packet {
             return Ok(None);
         };
         let head = parse_body_head(body)?;
-        let packet = head.into_packet(body[len - head.payload_len..].to_vec());
+        let packet = head.into_packet(payload_of(&body[len - head.payload_len..]));
         Ok(Some((packet, prefix + len)))
     }
 
@@ -338,6 +339,57 @@ pub(crate) fn read_payload(r: &mut impl Read, head: &BodyHead) -> Result<Vec<u8>
 /// How much of an announced payload is allocated ahead of the bytes that
 /// fill it.
 const PAYLOAD_STEP: usize = 1 << 20;
+
+thread_local! {
+    /// A small payload buffer this thread has finished with, kept for the
+    /// next payload it decodes: a reply's payload, once copied into the
+    /// outgoing queue, serves the next request that the same thread reads,
+    /// so an inline handler that echoes allocates nothing.
+    static SPARE_PAYLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The largest buffer kept by [`recycle_payload`]: one per thread.
+const SPARE_PAYLOAD_MAX: usize = 1024;
+
+/// `src` in a buffer of its own: the thread's spare, if it is large enough
+/// and not much larger (a payload the application keeps holds at most
+/// twice its length, or 64 bytes), else a new one.
+fn payload_of(src: &[u8]) -> Vec<u8> {
+    if src.is_empty() {
+        return Vec::new();
+    }
+    let fits = |cap: usize| cap >= src.len() && cap <= (2 * src.len()).max(64);
+    let spare = SPARE_PAYLOAD
+        .try_with(|spare| {
+            let buf = spare.take();
+            if fits(buf.capacity()) {
+                Some(buf)
+            } else {
+                spare.set(buf);
+                None
+            }
+        })
+        .ok()
+        .flatten();
+    match spare {
+        Some(mut buf) => {
+            buf.clear();
+            buf.extend_from_slice(src);
+            buf
+        }
+        None => src.to_vec(),
+    }
+}
+
+/// Keeps `buf`, a payload this thread has finished with, for the next
+/// payload it decodes, if it is small.
+pub(crate) fn recycle_payload(buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > SPARE_PAYLOAD_MAX {
+        return;
+    }
+    // After the thread's locals are gone, the buffer is simply dropped.
+    let _gone = SPARE_PAYLOAD.try_with(|spare| spare.set(buf));
+}
 
 fn read_byte(r: &mut impl Read) -> Result<Option<u8>> {
     let mut byte = [0u8];
@@ -472,19 +524,25 @@ fn fit_u64(value: u128, reason: &'static str) -> Result<u64> {
 }
 
 /// A packet's encoded head: its length prefix and everything up to the
-/// payload, built on the stack.
+/// payload, built on the stack. The body's fields are written after room
+/// for the longest prefix, and the prefix right before them, so nothing is
+/// moved.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Head {
     bytes: [u8; MAX_HEAD_LEN],
-    len: usize,
+    /// Where the prefix starts in `bytes`.
+    start: usize,
+    /// Where the head ends in `bytes`.
+    end: usize,
     /// The length the prefix announces: the body, payload included.
     pub(crate) body_len: u64,
 }
 
 impl Head {
     pub(crate) fn new(channel: u64, tag: u64, kind: PacketKind, payload_len: usize) -> Head {
-        let mut body = [0u8; MAX_HEAD_LEN - MAX_VARINT_LEN];
-        let mut n = varint::put(u128::from(tag), &mut body);
+        let mut bytes = [0u8; MAX_HEAD_LEN];
+        let mut end = MAX_VARINT_LEN;
+        end += varint::put(u128::from(tag), &mut bytes[end..]);
         let (is_request, wire_flags, rq_type) = match kind {
             PacketKind::Request { rq_type, flags } => {
                 (true, u128::from(flags), Some(u128::from(rq_type) + 1))
@@ -495,32 +553,32 @@ impl Head {
             }
         };
         let header = wire_flags << 2 | u128::from(is_request) << 1 | u128::from(channel != 0);
-        n += varint::put(header, &mut body[n..]);
+        end += varint::put(header, &mut bytes[end..]);
         if channel != 0 {
-            n += varint::put(u128::from(channel), &mut body[n..]);
+            end += varint::put(u128::from(channel), &mut bytes[end..]);
         }
         if let Some(rq_type) = rq_type {
-            n += varint::put(rq_type, &mut body[n..]);
+            end += varint::put(rq_type, &mut bytes[end..]);
         }
-        let mut bytes = [0u8; MAX_HEAD_LEN];
-        let body_len = (n + payload_len) as u64;
-        let prefix = varint::put(u128::from(body_len), &mut bytes);
-        bytes[prefix..prefix + n].copy_from_slice(&body[..n]);
+        let body_len = (end - MAX_VARINT_LEN + payload_len) as u64;
+        let start = MAX_VARINT_LEN - varint::len(u128::from(body_len));
+        varint::put(u128::from(body_len), &mut bytes[start..]);
         Head {
             bytes,
-            len: prefix + n,
+            start,
+            end,
             body_len,
         }
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        &self.bytes[self.start..self.end]
     }
 
     /// The length of the whole packet, length prefix included, for a head
     /// built with `payload_len`.
     pub(crate) fn packet_len(&self, payload_len: usize) -> usize {
-        self.len + payload_len
+        self.end - self.start + payload_len
     }
 }
 
@@ -535,6 +593,41 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_spare_payload_buffer_is_reused_only_when_it_fits_closely() {
+        // Each test runs on a thread of its own, so the spare starts empty.
+        let mut kept = Vec::with_capacity(32);
+        kept.extend_from_slice(&[1; 32]);
+        let at = kept.as_ptr();
+        recycle_payload(kept);
+        let reused = payload_of(&[2; 20]);
+        assert_eq!(reused, [2; 20]);
+        assert_eq!(reused.as_ptr(), at, "a spare that fits is reused");
+        // Too small for the next payload: left for a later one.
+        recycle_payload(reused);
+        let fresh = payload_of(&[3; 40]);
+        assert_eq!(fresh, [3; 40]);
+        assert_ne!(fresh.as_ptr(), at);
+        // Far larger than a short payload: a payload the application keeps
+        // must not hold a large buffer.
+        let mut large = Vec::with_capacity(1000);
+        large.push(0);
+        let large_at = large.as_ptr();
+        recycle_payload(large);
+        let short = payload_of(&[4; 3]);
+        assert_ne!(short.as_ptr(), large_at);
+        assert!(short.capacity() < 64);
+        // Past the limit, a buffer is not kept at all.
+        recycle_payload(Vec::with_capacity(SPARE_PAYLOAD_MAX + 1));
+        let next = payload_of(&[5; 900]);
+        assert_eq!(
+            next.as_ptr(),
+            large_at,
+            "the kept buffer is still the 1000-byte one"
+        );
+        assert_eq!(payload_of(&[]).capacity(), 0);
     }
 
     fn encode(packet: &Packet) -> Vec<u8> {

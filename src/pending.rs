@@ -238,8 +238,10 @@ impl PendingTable {
         };
         let mut n_failed = 0;
         for (_, cell) in entries {
-            // 0: not queued yet, and now it never will be.
-            let end = cell.queued_end.load(Ordering::SeqCst);
+            // 0: not queued yet, and now it never will be. (It is stored
+            // under the outgoing queue's lock, which `written_to` was read
+            // under after every push that could still queue.)
+            let end = cell.queued_end.load(Ordering::Acquire);
             let err = if end != 0 && end <= written_to {
                 Error::ConnectionLost(why)
             } else {

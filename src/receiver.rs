@@ -16,6 +16,7 @@ use crate::outbox::Control;
 use crate::packet::{read_frame_head, read_payload, wire_len, BodyHead, Frame, Packet, PacketKind};
 use crate::reply::Response;
 use crate::shared::{PacketSource, Returned, Shared, Step};
+use crate::stats;
 use crate::sync;
 
 /// The receive thread's read buffer.
@@ -372,7 +373,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                 } else {
                     &counters.responses_failed
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
+                stats::bump(counter, 1);
             }
             let res = if ok {
                 Ok(Response { flags, payload })
@@ -429,8 +430,8 @@ fn next_packet(shared: &Shared, r: &mut BufReader<Guarded>) -> Result<Next> {
     match Packet::decode(r.buffer(), max_len) {
         Ok(Some((packet, used))) => {
             r.consume(used);
-            counters.packets_in.fetch_add(1, Ordering::Relaxed);
-            counters.bytes_in.fetch_add(used as u64, Ordering::Relaxed);
+            stats::bump(&counters.packets_in, 1);
+            stats::bump(&counters.bytes_in, used as u64);
             let Packet {
                 channel,
                 tag,
@@ -446,20 +447,16 @@ fn next_packet(shared: &Shared, r: &mut BufReader<Guarded>) -> Result<Next> {
     let Some(frame) = read_frame_head(r, max_len)? else {
         return Ok(Next::End);
     };
-    counters.packets_in.fetch_add(1, Ordering::Relaxed);
+    stats::bump(&counters.packets_in, 1);
     match frame {
         Frame::TooLarge { len, head } => {
             skip_oversize(shared, r, len, head)?;
-            counters
-                .bytes_in
-                .fetch_add(wire_len(len), Ordering::Relaxed);
+            stats::bump(&counters.bytes_in, wire_len(len));
             Ok(Next::Skipped)
         }
         Frame::Whole(head) => {
             let payload = read_payload(r, &head)?;
-            counters
-                .bytes_in
-                .fetch_add(wire_len(head.body_len), Ordering::Relaxed);
+            stats::bump(&counters.bytes_in, wire_len(head.body_len));
             let BodyHead {
                 channel, tag, kind, ..
             } = head;
@@ -495,11 +492,7 @@ fn skip_oversize(
     );
     match kind {
         PacketKind::Request { .. } => {
-            shared
-                .stats
-                .recv
-                .requests_received
-                .fetch_add(1, Ordering::Relaxed);
+            stats::bump(&shared.stats.recv.requests_received, 1);
             shared.refuse(
                 channel,
                 tag,

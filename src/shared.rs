@@ -476,12 +476,6 @@ impl Shared {
         };
         match res {
             Ok(failed) => {
-                if channel != CONTROL_CHANNEL {
-                    self.stats
-                        .send
-                        .requests_sent
-                        .fetch_add(1, Ordering::Relaxed);
-                }
                 log::trace!(
                     "{}: ==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
                     self.name,
@@ -573,10 +567,8 @@ impl Shared {
             self.control(rq);
             return false;
         }
-        self.stats
-            .recv
-            .requests_received
-            .fetch_add(1, Ordering::Relaxed);
+        // On the thread that reads, the counter's one writer.
+        crate::stats::bump(&self.stats.recv.requests_received, 1);
         let at_budget = self.outbox.at_reply_budget();
         let inline = self.pool.is_none();
         let (deadline, admitted) = {

@@ -47,6 +47,17 @@ pub(crate) struct ReplyCounters {
     pub(crate) replies_failed: AtomicU64,
 }
 
+/// Adds `n` to a counter that one thread at a time writes: the holder of
+/// the lock or the role that orders its writers (the reader, the writer,
+/// the outgoing queue's lock). A load and a store, where `fetch_add` would
+/// be a locked instruction on every packet.
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
 /// A value on cache lines of its own: 128 bytes, since the adjacent-line
 /// prefetcher pulls lines in pairs.
 #[derive(Debug, Default)]

@@ -35,6 +35,7 @@ pub(crate) fn parse(src: &[u8]) -> Result<Option<(u128, usize)>> {
 
 /// Writes `value` as a BSUInt at the front of `out`, which must have room
 /// for it (19 bytes for any `u128`), and returns its length.
+#[inline]
 pub(crate) fn put(value: u128, out: &mut [u8]) -> usize {
     // Nearly every value is small: a 64-bit path, and a one-byte one, since
     // a packet head is written for every packet sent.
@@ -65,6 +66,7 @@ where
 }
 
 /// The length of `value` as a BSUInt.
+#[inline]
 pub(crate) fn len(value: u128) -> usize {
     let bits = 128 - value.leading_zeros() as usize;
     bits.div_ceil(7).max(1)
