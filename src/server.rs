@@ -321,7 +321,8 @@ impl From<Config> for ServerConfig {
 /// ([`ServerConfig::handler_threads`]); each connection's receive and send
 /// threads, named `"{name}#{n}:recv"` and `"{name}#{n}:send"` for the `n`th
 /// client accepted; and, while clients past the connection limit are being
-/// refused, one `"{name}:refuse"` thread.
+/// refused, one `"{name}:refuse"` thread (started again should it end with
+/// a panic, a bug: see [`stop`](Server::stop)).
 ///
 /// [`stop`](Server::stop) stops accepting, starts the orderly close of every
 /// connection at once (ERQ to every client, so no connection starts a new
@@ -604,7 +605,18 @@ impl Server {
     ///
     /// # Panics
     ///
-    /// Re-raises a panic of the accept thread.
+    /// Raises again the first panic that ended one of the server's own
+    /// threads: the accept thread, a refusing thread or a handler thread.
+    /// Each is a bug, since the application's code that runs on them (the
+    /// `Config` factory, hooks, handlers, the logger) runs under a catch.
+    /// It is raised once the stop has done its work: every connection
+    /// ended (or, past the deadline, aborted), the handler threads closed,
+    /// the threads that have ended joined. A panic while refusing one
+    /// client is caught, logged and costs that client alone, and a panic on
+    /// a connection's own threads ends that connection and is logged:
+    /// neither is raised here. Nor is the panic of a thread still running
+    /// when [`stop_timeout`](Server::stop_timeout) gives up, which is left
+    /// unjoined, or any panic if the server is dropped instead of stopped.
     pub fn stop(mut self) {
         let _ended_in_time = self.stop_until(None);
     }
@@ -621,7 +633,8 @@ impl Server {
     ///
     /// # Panics
     ///
-    /// As for [`stop`](Server::stop).
+    /// As for [`stop`](Server::stop), once the stop has done its work,
+    /// instead of returning (whether or not the deadline passed).
     pub fn stop_timeout(mut self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         if self.stop_until(deadline_after(timeout)) {
@@ -671,14 +684,15 @@ impl Server {
         log::debug!("{name}: stopping");
         self.begin_stop();
         let mut in_time = true;
+        // The first panic of the server's own threads, raised once the stop
+        // has done its work.
+        let mut panic = None;
         let acceptor_ended = |state: &State| state.acceptor_done || state.wake_failed;
         if !shared.wait_until(deadline, acceptor_ended) {
             log::warn!("{name}: accept thread did not end in time");
             in_time = false;
         } else if shared.state.lock().acceptor_done {
-            if let Err(panic) = acceptor.join() {
-                std::panic::resume_unwind(panic);
-            }
+            panic = acceptor.join().err();
         }
         if shared.wait_until(deadline, |state| {
             state.live.is_empty() && state.starting == 0
@@ -700,12 +714,17 @@ impl Server {
             Some(Instant::now())
         };
         in_time &= shared.threads.wait_until(reap_deadline);
-        shared.threads.join_ended();
+        if let Some(payload) = shared.threads.join_ended() {
+            panic.get_or_insert(payload);
+        }
         let ended = std::mem::take(&mut shared.state.lock().ended);
         for conn in ended {
             in_time &= conn.reap(reap_deadline);
         }
         log::debug!("{name}: stopped");
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
         in_time
     }
 }
@@ -929,47 +948,114 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
 }
 
 /// Hands a client past the connection limit to the refusing thread, started
-/// if need be; with too many waiting already, closes it at once.
+/// if need be (again, if it has ended); with too many waiting already,
+/// closes it at once.
 fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
+    let name = &shared.config.name;
+    let mut stream = stream;
+    let mut replaced = false;
     let mut state = shared.state.lock();
-    let tx = match &state.refusals {
-        Some(tx) => tx.clone(),
-        None => {
-            let (tx, rx) = crossbeam_channel::bounded(REFUSAL_QUEUE);
-            let name = shared.config.name.clone();
-            let reason = format!("server full: {} connections", shared.config.max_connections);
-            let server = Arc::downgrade(shared);
-            let spawned = shared.threads.spawn(format!("{name}:refuse"), move || {
-                run_refusals(&server, &name, &reason, &rx);
-            });
-            if let Err(e) = spawned {
-                let name = &shared.config.name;
-                sync::contained(|| log::warn!("{name}: cannot start refusing: {e}"));
-                stream.shutdown();
-                return;
+    let closed = loop {
+        let tx = match &state.refusals {
+            Some(tx) => tx.clone(),
+            None => match start_refusing(shared) {
+                Ok(tx) => {
+                    // Once the accept thread has ended, no one keeps the
+                    // sender: the new thread ends with its last client.
+                    if !state.acceptor_done {
+                        state.refusals = Some(tx.clone());
+                    }
+                    tx
+                }
+                Err(e) => break Some((stream, format!("cannot start refusing: {e}"))),
+            },
+        };
+        match tx.try_send(stream) {
+            Ok(()) => break None,
+            Err(TrySendError::Full(s)) => {
+                break Some((s, "too many clients to refuse; closing one".into()));
             }
-            state.refusals = Some(tx.clone());
-            tx
+            // The refusing thread has ended without taking itself off (a
+            // bug): another takes its place, once.
+            Err(TrySendError::Disconnected(s)) if !replaced => {
+                state.refusals = None;
+                replaced = true;
+                stream = s;
+            }
+            Err(TrySendError::Disconnected(s)) => {
+                break Some((s, "the refusing thread has ended; closing a client".into()));
+            }
         }
     };
-    let res = tx.try_send(stream);
     drop(state);
-    if let Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) = res {
-        let name = &shared.config.name;
-        sync::contained(|| log::warn!("{name}: too many clients to refuse; closing one"));
+    if replaced {
+        sync::contained(|| log::warn!("{name}: the refusing thread had ended; started another"));
+    }
+    if let Some((stream, why)) = closed {
+        sync::contained(|| log::warn!("{name}: {why}"));
         stream.shutdown();
+    }
+}
+
+/// Starts a refusing thread: the sender that hands it clients. A panic that
+/// ends the thread (a bug: one while refusing a client costs that client
+/// alone) hands the clients still waiting for it to another, and is raised
+/// again, for [`Server::stop`] to raise.
+fn start_refusing(shared: &Arc<ServerShared>) -> io::Result<Sender<Stream>> {
+    let (tx, rx) = crossbeam_channel::bounded(REFUSAL_QUEUE);
+    let name = shared.config.name.clone();
+    let reason = format!("server full: {} connections", shared.config.max_connections);
+    let server = Arc::downgrade(shared);
+    shared.threads.spawn(format!("{name}:refuse"), move || {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_refusals(&server, &name, &reason, &rx);
+        }));
+        if let Err(panic) = ran {
+            sync::contained(|| {
+                let text = sync::panic_text(&panic);
+                log::error!("{name}: the refusing thread panicked: {text}");
+            });
+            hand_over(&server, &rx);
+            std::panic::resume_unwind(panic);
+        }
+    })?;
+    Ok(tx)
+}
+
+/// The refusing thread whose queue is `rx` has panicked: the server hands it
+/// no more clients, and those still queued go to a new one.
+fn hand_over(server: &Weak<ServerShared>, rx: &Receiver<Stream>) {
+    let Some(server) = server.upgrade() else {
+        return;
+    };
+    let waiting: Vec<Stream> = {
+        // The sender in the state is this thread's, or none: another is
+        // started only once this one's queue has gone, or been taken off
+        // here. Clients are handed over under this lock, so none is queued
+        // after the queue is emptied.
+        let mut state = server.state.lock();
+        state.refusals = None;
+        rx.try_iter().collect()
+    };
+    for stream in waiting {
+        refuse(&server, stream);
     }
 }
 
 /// The refusing thread: refuses the clients handed to it, all at once, each
 /// within [`REFUSAL_WAIT`], until there have been none for a while, or the
-/// server has gone.
+/// server has gone. A panic while refusing one client (a bug) is caught and
+/// logged, and costs that client alone: its stream is shut down.
 fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Receiver<Stream>) {
     let mut refusing: Vec<Refusal> = Vec::new();
     loop {
         if refusing.is_empty() {
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(stream) => refusing.extend(Refusal::start(name, stream)),
+                Ok(stream) => {
+                    #[cfg(test)]
+                    fault::hit(name, fault::Fault::Thread);
+                    refusing.extend(Refusal::start_caught(name, stream));
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     let Some(server) = server.upgrade() else {
                         return;
@@ -988,25 +1074,38 @@ fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Rece
         }
         refusing.extend(
             rx.try_iter()
-                .filter_map(|stream| Refusal::start(name, stream)),
+                .filter_map(|stream| Refusal::start_caught(name, stream)),
         );
         let mut progress = false;
-        refusing.retain_mut(|refusal| match refusal.poll(reason) {
-            Ok(true) => true,
-            Ok(false) => {
-                progress = true;
-                true
-            }
-            Err(e) => {
-                sync::contained(|| log::debug!("{name}: refused a client: {e}"));
-                refusal.finish();
-                false
+        refusing.retain_mut(|refusal| {
+            let polled = sync::caught(name, "refusing a client", || {
+                #[cfg(test)]
+                fault::hit(name, fault::Fault::Poll);
+                refusal.poll(reason)
+            });
+            match polled {
+                Some(Ok(true)) => true,
+                Some(Ok(false)) => {
+                    progress = true;
+                    true
+                }
+                Some(Err(e)) => {
+                    sync::contained(|| log::debug!("{name}: refused a client: {e}"));
+                    if sync::caught(name, "refusing a client", || refusal.finish()).is_none() {
+                        refusal.stream.shutdown();
+                    }
+                    false
+                }
+                None => {
+                    refusal.stream.shutdown();
+                    false
+                }
             }
         });
         if !progress {
             // Nothing to read: rest a little, or until a new client comes.
             if let Ok(stream) = rx.recv_timeout(REFUSAL_POLL) {
-                refusing.extend(Refusal::start(name, stream));
+                refusing.extend(Refusal::start_caught(name, stream));
             }
         }
     }
@@ -1031,6 +1130,14 @@ struct Refusal {
 }
 
 impl Refusal {
+    /// [`start`](Refusal::start) under a catch: a panic (a bug) is logged,
+    /// and the client's stream, dropped with it, closed.
+    fn start_caught(name: &str, stream: Stream) -> Option<Refusal> {
+        sync::caught(name, "refusing a client", || Refusal::start(name, stream)).flatten()
+    }
+
+    /// Sends the client ERQ, or as much of it as its socket takes now:
+    /// `None` (its stream shut down) if it cannot be refused.
     fn start(name: &str, stream: Stream) -> Option<Refusal> {
         let mut refusal = Refusal {
             stream,
@@ -1214,5 +1321,194 @@ impl PacketConnection {
     /// [`from_unix_stream`](PacketConnection::from_unix_stream).
     pub fn connect_unix(path: impl AsRef<Path>, config: Config) -> Result<PacketConnection> {
         PacketConnection::from_unix_stream(UnixStream::connect(path)?, config)
+    }
+}
+
+/// Faults injected into the refusing thread of a named server, for the
+/// tests: no input makes it panic.
+#[cfg(test)]
+mod fault {
+    use parking_lot::Mutex;
+
+    /// Where the refusing thread panics.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Fault {
+        /// In the next look at a refused client.
+        Poll,
+        /// Outside the work on any one client, as it takes the next client
+        /// off its queue: the thread ends.
+        Thread,
+    }
+
+    /// The faults armed, each for the server of that name, each once.
+    static ARMED: Mutex<Vec<(String, Fault)>> = Mutex::new(Vec::new());
+
+    /// Makes the refusing thread of the server named `server` panic at
+    /// `fault`, once.
+    pub(super) fn arm(server: &str, fault: Fault) {
+        ARMED.lock().push((server.to_string(), fault));
+    }
+
+    /// Whether `fault` is armed for `server` and has not fired yet.
+    pub(super) fn armed(server: &str, fault: Fault) -> bool {
+        ARMED.lock().iter().any(|(s, f)| s == server && *f == fault)
+    }
+
+    /// Panics if `fault` is armed for `server`, disarming it.
+    pub(super) fn hit(server: &str, fault: Fault) {
+        let mut armed = ARMED.lock();
+        if let Some(at) = armed.iter().position(|(s, f)| s == server && *f == fault) {
+            armed.remove(at);
+            drop(armed);
+            panic!("{server}: an injected fault: {fault:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::panic::{self, AssertUnwindSafe};
+
+    use super::fault::{self, Fault};
+    use super::*;
+    use crate::handler::Request;
+
+    /// The bound on every wait of these tests: a bug is a failure, not a
+    /// hang.
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// An echo server named `name` with room for one client, and one
+    /// client that holds that room (its first call answered).
+    fn full_server(name: &str) -> (Server, SocketAddr, PacketConnection) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::serve_tcp(
+            listener,
+            ServerConfig::new(
+                Config::default()
+                    .name(name)
+                    .handler(|rq: Request| Ok(rq.payload.into())),
+            )
+            .max_connections(1),
+        )
+        .unwrap();
+        let holder = PacketConnection::connect_tcp_timeout(addr, LIMIT, Config::default()).unwrap();
+        let held = holder.call_timeout(1, 0, b"held", LIMIT);
+        assert!(held.is_ok(), "the client that holds the room: {held:?}");
+        (server, addr, holder)
+    }
+
+    /// A client past the limit makes one call, then closes: the call's
+    /// outcome.
+    fn call_past_the_limit(addr: SocketAddr) -> Result<crate::Response> {
+        let client = PacketConnection::connect_tcp_timeout(addr, LIMIT, Config::default()).unwrap();
+        let res = client.call_timeout(1, 0, b"let me in", LIMIT);
+        let _ = client.close_timeout(LIMIT);
+        res
+    }
+
+    fn is_busy_refusal(res: &Result<crate::Response>) -> bool {
+        matches!(res, Err(e @ Error::Failed { flags, .. })
+            if *flags == BUSY_FLAGS
+                && e.failure_reason().as_deref() == Some("server full: 1 connections"))
+    }
+
+    /// What a panic carried, as text.
+    fn panic_text(panic: &sync::Panic) -> String {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_default()
+    }
+
+    /// Stops `server` within `LIMIT`: `Err` with the text of the panic if
+    /// the stop panicked.
+    fn stop_catching(server: Server) -> std::result::Result<Result<()>, String> {
+        panic::catch_unwind(AssertUnwindSafe(|| server.stop_timeout(LIMIT)))
+            .map_err(|panic| panic_text(&panic))
+    }
+
+    /// A panic while refusing one client costs that client alone: the next
+    /// client past the limit still gets its busy refusal, and the panic,
+    /// caught and logged, is not raised again by `stop`.
+    #[test]
+    fn a_panic_refusing_one_client_leaves_the_others_refused() {
+        let name = "refuse-fault-poll";
+        let (server, addr, holder) = full_server(name);
+        fault::arm(name, Fault::Poll);
+        let first = call_past_the_limit(addr);
+        let fired = !fault::armed(name, Fault::Poll);
+        let second = call_past_the_limit(addr);
+        let held_closed = holder.close_timeout(LIMIT);
+        let stopped = stop_catching(server);
+        assert!(fired, "the fault did not fire");
+        assert!(
+            first.is_err() && !is_busy_refusal(&first),
+            "the client whose refusal panicked: {first:?}"
+        );
+        assert!(
+            is_busy_refusal(&second),
+            "the next client past the limit: {second:?}"
+        );
+        assert!(held_closed.is_ok(), "{held_closed:?}");
+        assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
+    }
+
+    /// The refusing thread ends with a panic: the next client past the
+    /// limit still gets its busy refusal, from a new one.
+    #[test]
+    fn a_refusing_thread_ended_by_a_panic_is_replaced() {
+        let name = "refuse-fault-thread";
+        let (server, addr, holder) = full_server(name);
+        fault::arm(name, Fault::Thread);
+        let first = call_past_the_limit(addr);
+        let fired = !fault::armed(name, Fault::Thread);
+        let second = call_past_the_limit(addr);
+        let third = call_past_the_limit(addr);
+        let held_closed = holder.close_timeout(LIMIT);
+        let stopped = stop_catching(server);
+        assert!(fired, "the fault did not fire");
+        assert!(
+            first.is_err() && !is_busy_refusal(&first),
+            "the client taken as the thread panicked: {first:?}"
+        );
+        assert!(
+            is_busy_refusal(&second) && is_busy_refusal(&third),
+            "the next clients past the limit: {second:?}, {third:?}"
+        );
+        assert!(held_closed.is_ok(), "{held_closed:?}");
+        assert!(stopped.is_err(), "stop: {stopped:?}");
+    }
+
+    /// `stop` raises the panic that ended the refusing thread again, once
+    /// it has done its work: every connection ended, every thread joined.
+    #[test]
+    fn stop_raises_the_panic_of_the_refusing_thread_after_stopping() {
+        let name = "refuse-fault-stop";
+        let (server, addr, holder) = full_server(name);
+        let shared = Arc::clone(&server.shared);
+        fault::arm(name, Fault::Thread);
+        let first = call_past_the_limit(addr);
+        let fired = !fault::armed(name, Fault::Thread);
+        let stopped = stop_catching(server);
+        let after_stop = holder.call_timeout(1, 0, b"after", LIMIT);
+        let held_closed = holder.close_timeout(LIMIT);
+        let (live, starting) = {
+            let state = shared.state.lock();
+            (state.live.len(), state.starting)
+        };
+        let threads_ended = shared.threads.wait_until(Some(Instant::now()));
+        assert!(fired, "the fault did not fire");
+        assert!(first.is_err(), "the client taken as it panicked: {first:?}");
+        match &stopped {
+            Err(text) => assert_eq!(text, &format!("{name}: an injected fault: Thread")),
+            Ok(res) => panic!("stop returned {res:?}: the panic was dropped"),
+        }
+        assert_eq!((live, starting), (0, 0), "connections left");
+        assert!(threads_ended, "the server's threads were left running");
+        assert!(after_stop.is_err(), "a call after the stop: {after_stop:?}");
+        let _ = held_closed;
     }
 }

@@ -159,16 +159,18 @@ pub(crate) fn caught<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> Option
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(value) => Some(value),
         Err(panic) => {
-            contained(|| {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".to_string());
-                log::error!("{name}: {what} panicked: {text}");
-            });
+            contained(|| log::error!("{name}: {what} panicked: {}", panic_text(&panic)));
             std::mem::forget(panic);
             None
         }
     }
+}
+
+/// The message a panic carries, or "a panic" if it is not text.
+pub(crate) fn panic_text(panic: &Panic) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }
