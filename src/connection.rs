@@ -17,7 +17,7 @@ use crate::receiver::{self, ReadTimeouts};
 use crate::reply::{FromResponse, Response};
 use crate::shared::{Hook, Job, Outgoing, Shared, Status};
 use crate::stats::Stats;
-use crate::sync::{deadline_after, ThreadSet};
+use crate::sync::{self, deadline_after, ThreadSet};
 
 /// The hook [`connect_with`](PacketConnection::connect_with) may return
 /// with its streams: run once, when the connection is finished with them,
@@ -641,7 +641,10 @@ impl PacketConnection {
     pub(crate) fn reap(&self, deadline: Option<Instant>) -> bool {
         let all = self.threads.wait_until(deadline);
         if self.threads.join_ended().is_some() {
-            log::error!("{}: a thread panicked", self.shared.name);
+            // On a server's accept thread, which a panicking logger must not
+            // end.
+            let name = &self.shared.name;
+            sync::contained(|| log::error!("{name}: a thread panicked"));
         }
         all
     }

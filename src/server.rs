@@ -665,10 +665,10 @@ impl Server {
             .name(format!("{}:wake", shared.config.name))
             .spawn(move || wake_acceptor(&shared, &waker));
         if let Err(e) = spawned {
-            log::warn!(
-                "{}: cannot wake the accept thread: {e}",
-                self.shared.config.name
-            );
+            // Contained: a panicking logger must not leave the stop waiting
+            // for an accept thread that nobody wakes.
+            let name = &self.shared.config.name;
+            sync::contained(|| log::warn!("{name}: cannot wake the accept thread: {e}"));
             self.shared.state.lock().wake_failed = true;
             self.shared.changed.notify_all();
         }
@@ -790,10 +790,10 @@ impl ServerShared {
 /// of `accept` to see that the server is stopping.
 fn wake_acceptor(shared: &ServerShared, waker: &Waker) {
     if let Err(e) = waker.wake() {
-        log::warn!(
-            "{}: cannot connect to {waker:?} to wake the accept thread: {e}",
-            shared.config.name
-        );
+        let name = &shared.config.name;
+        sync::contained(|| {
+            log::warn!("{name}: cannot connect to {waker:?} to wake the accept thread: {e}");
+        });
         shared.state.lock().wake_failed = true;
         shared.changed.notify_all();
     }

@@ -1829,7 +1829,8 @@ impl log::Log for PanickyLogger {
         let message = record.args().to_string();
         let ended_line = (message.contains("panicky-ended") && message.contains(": ended: "))
             || (message.contains("panicky-accept") && message.ends_with(": accepted"))
-            || (message.contains("panicky-refuse") && message.contains(": refused a client"));
+            || (message.contains("panicky-refuse") && message.contains(": refused a client"))
+            || (message.contains("panicky-wake") && message.contains("to wake the accept thread"));
         if level > log::Level::Warn && !loud && !ended_line {
             return;
         }
@@ -2446,4 +2447,37 @@ fn a_logger_panicking_on_the_refused_line_leaves_the_server_refusing() {
         "the next refused client: {second:?} (closed: {second_closed:?}, stop gave {stopped:?})"
     );
     assert!(stopped.is_ok(), "stop: {stopped:?}");
+}
+
+/// The user's logger panics on the warning that the accept thread cannot
+/// be woken (a Unix listener whose path was removed): the stop still
+/// returns, in time, rather than wait for an accept thread that nobody
+/// woke.
+#[test]
+fn a_logger_panicking_on_the_wake_warning_leaves_the_stop_returning() {
+    install_panicky_logger();
+    let path = std::env::temp_dir().join(format!(
+        "packetstream-keeper-wake-{}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = Server::serve_unix(
+        listener,
+        ServerConfig::new(
+            Config::default()
+                .name(unique_name("panicky-wake"))
+                .handler(common::echo),
+        ),
+    )
+    .unwrap();
+    // No one can connect to wake the accept thread now.
+    std::fs::remove_file(&path).unwrap();
+    let started = Instant::now();
+    let stopped = stop_catching(server);
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "stop: {stopped:?} after {:?}",
+        started.elapsed()
+    );
 }
