@@ -6,7 +6,10 @@
 //!   moves it into its reply, so the reply costs nothing more;
 //! - client: the response payload `Vec`, read off the wire.
 //!
-//! That is two allocations, both payload buffers. Everything else on the hot
+//! That is two allocations, both payload buffers. With an inline handler,
+//! which runs on the thread that reads, the reply's payload buffer, once
+//! queued, is kept by that thread and serves the next request it reads: one
+//! allocation a request, the response's. Everything else on the hot
 //! path (the pending cell, the outgoing byte queue, the handler job, the
 //! tag tables) must reuse memory; one allocation more per request, such as a
 //! fresh `Arc` for the pending cell or a boxed job, shows as a third. The
@@ -61,16 +64,20 @@ fn pipelined(client: &PacketConnection, payload: &[u8], window: usize, n: usize)
 }
 
 fn check_budget(what: &str, allocations: usize) {
-    let budget = PAYLOAD_ALLOCS_PER_REQUEST * N + ONE_OFF_ALLOCATIONS;
+    check_budget_of(what, allocations, PAYLOAD_ALLOCS_PER_REQUEST);
+}
+
+fn check_budget_of(what: &str, allocations: usize, per_request: usize) {
+    let budget = per_request * N + ONE_OFF_ALLOCATIONS;
     assert!(
         allocations <= budget,
         "{what}: {allocations} allocations for {N} requests ({:.3} per request); \
-         the budget is {PAYLOAD_ALLOCS_PER_REQUEST} per request (payload buffers) plus {ONE_OFF_ALLOCATIONS}",
+         the budget is {per_request} per request (payload buffers) plus {ONE_OFF_ALLOCATIONS}",
         allocations as f64 / N as f64
     );
     // The payload buffers themselves are counted, so the counter works.
     assert!(
-        allocations >= PAYLOAD_ALLOCS_PER_REQUEST * N,
+        allocations >= per_request * N,
         "{what}: only {allocations} allocations for {N} requests"
     );
 }
@@ -102,4 +109,21 @@ fn pipelined_requests_allocate_only_payload_buffers() {
     let allocations = region.change().allocations;
     close_both(&client, &server);
     check_budget("pipelined, 256 in flight", allocations);
+}
+
+#[test]
+fn an_inline_echo_allocates_only_the_response_buffer() {
+    // The counts are process-wide: the tests take turns.
+    let _turn = serial();
+    let (client, server) = pair_with(
+        Config::default().name("client"),
+        Config::default().name("server").inline_handler(echo),
+    );
+    let payload = [0xa5u8; 32];
+    sync_calls(&client, &payload, WARMUP);
+    let region = Region::new(GLOBAL);
+    sync_calls(&client, &payload, N);
+    let allocations = region.change().allocations;
+    close_both(&client, &server);
+    check_budget_of("sync calls, inline echo", allocations, 1);
 }
