@@ -681,7 +681,10 @@ impl Server {
         };
         let shared = &self.shared;
         let name = &shared.config.name;
-        log::debug!("{name}: stopping");
+        // Every line the stopping thread logs is contained: a logger that
+        // panics must not leave a server half stopped, its accept thread's
+        // handle gone and nothing left to stop it.
+        sync::contained(|| log::debug!("{name}: stopping"));
         self.begin_stop();
         let mut in_time = true;
         // The first panic of the server's own threads, raised once the stop
@@ -689,7 +692,7 @@ impl Server {
         let mut panic = None;
         let acceptor_ended = |state: &State| state.acceptor_done || state.wake_failed;
         if !shared.wait_until(deadline, acceptor_ended) {
-            log::warn!("{name}: accept thread did not end in time");
+            sync::contained(|| log::warn!("{name}: accept thread did not end in time"));
             in_time = false;
         } else if shared.state.lock().acceptor_done {
             panic = acceptor.join().err();
@@ -703,7 +706,8 @@ impl Server {
             in_time = false;
             let late: Vec<Client> = shared.state.lock().live.values().cloned().collect();
             for client in late {
-                log::warn!("{}: did not close in time; aborting", client.conn.name());
+                let conn_name = client.conn.name();
+                sync::contained(|| log::warn!("{conn_name}: did not close in time; aborting"));
                 client.conn.abort();
             }
         }
@@ -721,7 +725,7 @@ impl Server {
         for conn in ended {
             in_time &= conn.reap(reap_deadline);
         }
-        log::debug!("{name}: stopped");
+        sync::contained(|| log::debug!("{name}: stopped"));
         if let Some(panic) = panic {
             std::panic::resume_unwind(panic);
         }
@@ -779,7 +783,8 @@ impl ServerShared {
             }
         };
         self.changed.notify_all();
-        log::debug!("{}: client ended: {why}", client.conn.name());
+        let conn_name = client.conn.name();
+        sync::contained(|| log::debug!("{conn_name}: client ended: {why}"));
         if let Some(hook) = &self.config.on_close {
             hook(&client, why);
         }

@@ -1133,7 +1133,8 @@ impl Shared {
     /// Sends ERQ, once: this end makes no more requests.
     pub(crate) fn end_requests(&self) {
         if self.outbox.end_requests(&self.stats) {
-            log::debug!("{}: sent end of requests", self.name);
+            // Contained: the close goes on after this line.
+            sync::contained(|| log::debug!("{}: sent end of requests", self.name));
         }
     }
 

@@ -1830,7 +1830,9 @@ impl log::Log for PanickyLogger {
         let ended_line = (message.contains("panicky-ended") && message.contains(": ended: "))
             || (message.contains("panicky-accept") && message.ends_with(": accepted"))
             || (message.contains("panicky-refuse") && message.contains(": refused a client"))
-            || (message.contains("panicky-wake") && message.contains("to wake the accept thread"));
+            || (message.contains("panicky-wake") && message.contains("to wake the accept thread"))
+            || (message.contains("panicky-stopping") && message.ends_with(": stopping"))
+            || (message.contains("panicky-erqstop") && message.ends_with(": sent end of requests"));
         if level > log::Level::Warn && !loud && !ended_line {
             return;
         }
@@ -2480,4 +2482,51 @@ fn a_logger_panicking_on_the_wake_warning_leaves_the_stop_returning() {
         "stop: {stopped:?} after {:?}",
         started.elapsed()
     );
+}
+
+/// The user's logger panics on the first line a server's stop logs
+/// (`…: stopping`): the stop leaves no server behind, serving clients with
+/// nothing left to stop it.
+#[test]
+fn a_logger_panicking_on_the_stopping_line_leaves_no_server_running() {
+    install_panicky_logger();
+    let (server, addr) = echo_server("panicky-stopping", 4);
+    let stopped = stop_catching(server);
+    let served = PacketConnection::connect_tcp_timeout(addr, PATIENCE, Config::default()).and_then(
+        |client| {
+            let res = client.call_timeout(1, 0, b"after the stop", PATIENCE);
+            let _ = client.close_timeout(PATIENCE);
+            res
+        },
+    );
+    assert!(
+        served.is_err(),
+        "a client was served after the stop ({stopped:?}): {served:?}"
+    );
+    assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
+}
+
+/// The same logger panics on the line a server connection logs as the
+/// stop sends it ERQ: the stop still closes every connection and returns,
+/// and each client sees its connection end in order.
+#[test]
+fn a_logger_panicking_as_the_stop_sends_erq_leaves_the_stop_closing() {
+    install_panicky_logger();
+    let (server, addr) = echo_server("panicky-erqstop", 4);
+    let clients: Vec<PacketConnection> = (0..2)
+        .map(|_| PacketConnection::connect_tcp(addr, Config::default()).unwrap())
+        .collect();
+    for client in &clients {
+        let res = client.call_timeout(1, 0, b"before the stop", PATIENCE);
+        assert!(res.is_ok(), "{res:?}");
+    }
+    let stopped = stop_catching(server);
+    for client in &clients {
+        let closed = client.close_timeout(PATIENCE);
+        assert!(
+            closed.is_ok(),
+            "a client's close: {closed:?} (stop: {stopped:?})"
+        );
+    }
+    assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
 }
