@@ -1089,8 +1089,9 @@ impl Shared {
     /// waits for ever. Nothing is logged: the panic may have come from the
     /// logger.
     pub(crate) fn send_panicked(&self) {
-        let written_to = self.outbox.written_to();
-        self.outbox.abort();
+        // How far the writers got, read in the same hold that stops them: a
+        // request taken by a writer in between is not reported unsent.
+        let written_to = self.outbox.abort();
         let e = io::Error::other("the send thread panicked");
         let why = broken(&e);
         self.life.lock().write_error.get_or_insert(Error::Io(e));
