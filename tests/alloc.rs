@@ -63,6 +63,18 @@ fn pipelined(client: &PacketConnection, payload: &[u8], window: usize, n: usize)
     }
 }
 
+/// The allocations of `N` sync calls of 32 B after a warm-up; then both
+/// ends close.
+fn sync_allocations(client: &PacketConnection, server: &PacketConnection) -> usize {
+    let payload = [0xa5u8; 32];
+    sync_calls(client, &payload, WARMUP);
+    let region = Region::new(GLOBAL);
+    sync_calls(client, &payload, N);
+    let allocations = region.change().allocations;
+    close_both(client, server);
+    allocations
+}
+
 fn check_budget(what: &str, allocations: usize) {
     check_budget_of(what, allocations, PAYLOAD_ALLOCS_PER_REQUEST);
 }
@@ -87,13 +99,7 @@ fn sync_calls_allocate_only_payload_buffers() {
     // The counts are process-wide: the tests take turns.
     let _turn = serial();
     let (client, server) = echo_pair();
-    let payload = [0xa5u8; 32];
-    sync_calls(&client, &payload, WARMUP);
-    let region = Region::new(GLOBAL);
-    sync_calls(&client, &payload, N);
-    let allocations = region.change().allocations;
-    close_both(&client, &server);
-    check_budget("sync calls", allocations);
+    check_budget("sync calls", sync_allocations(&client, &server));
 }
 
 #[test]
@@ -119,11 +125,9 @@ fn an_inline_echo_allocates_only_the_response_buffer() {
         Config::default().name("client"),
         Config::default().name("server").inline_handler(echo),
     );
-    let payload = [0xa5u8; 32];
-    sync_calls(&client, &payload, WARMUP);
-    let region = Region::new(GLOBAL);
-    sync_calls(&client, &payload, N);
-    let allocations = region.change().allocations;
-    close_both(&client, &server);
-    check_budget_of("sync calls, inline echo", allocations, 1);
+    check_budget_of(
+        "sync calls, inline echo",
+        sync_allocations(&client, &server),
+        1,
+    );
 }
