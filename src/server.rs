@@ -400,6 +400,9 @@ struct State {
     announcing: BTreeSet<u64>,
     /// Where refused clients wait for the refusing thread, while it runs.
     refusals: Option<Sender<Stream>>,
+    /// The first panic of a thread of the server's own joined before the
+    /// stop, kept for the stop to raise.
+    panic: Option<sync::Panic>,
 }
 
 enum Listener {
@@ -718,6 +721,9 @@ impl Server {
             Some(Instant::now())
         };
         in_time &= shared.threads.wait_until(reap_deadline);
+        if let Some(payload) = shared.state.lock().panic.take() {
+            panic.get_or_insert(payload);
+        }
         if let Some(payload) = shared.threads.join_ended() {
             panic.get_or_insert(payload);
         }
@@ -959,7 +965,15 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
     let name = &shared.config.name;
     let mut stream = stream;
     let mut replaced = false;
+    // A refusing thread ends once it has had no client for a while, and
+    // another starts at the next: the ones that have ended are joined
+    // here, so that a server that refuses now and then does not keep them
+    // all until its stop.
+    let reaped = shared.threads.join_ended();
     let mut state = shared.state.lock();
+    if let Some(panic) = reaped {
+        state.panic.get_or_insert(panic);
+    }
     let closed = loop {
         let tx = match &state.refusals {
             Some(tx) => tx.clone(),
@@ -1485,6 +1499,44 @@ mod tests {
         );
         assert!(held_closed.is_ok(), "{held_closed:?}");
         assert!(stopped.is_err(), "stop: {stopped:?}");
+    }
+
+    /// A refusing thread that has ended for want of clients is joined when
+    /// the next one starts, not kept until `stop`: a server that refuses
+    /// now and then for months holds no more threads for it than one.
+    #[test]
+    fn refusing_threads_that_have_ended_are_joined_as_others_start() {
+        let name = "refuse-reap";
+        let (server, addr, holder) = full_server(name);
+        let shared = Arc::clone(&server.shared);
+        let before = shared.threads.handles();
+        let mut outcomes = Vec::new();
+        let mut ended_each_time = true;
+        for _ in 0..3 {
+            outcomes.push(call_past_the_limit(addr));
+            // The refusing thread ends once it has had no client for a
+            // second: wait for that, within the bound.
+            let deadline = Instant::now() + LIMIT;
+            while shared.state.lock().refusals.is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ended_each_time &= shared.state.lock().refusals.is_none();
+        }
+        // One more refusal starts one more thread, which joins the rest.
+        outcomes.push(call_past_the_limit(addr));
+        let after = shared.threads.handles();
+        let held_closed = holder.close_timeout(LIMIT);
+        let stopped = stop_catching(server);
+        assert!(ended_each_time, "a refusing thread did not end by itself");
+        for res in &outcomes {
+            assert!(is_busy_refusal(res), "a client past the limit: {res:?}");
+        }
+        assert!(
+            after <= before + 1,
+            "threads kept: {before} before the refusals, {after} after"
+        );
+        assert!(held_closed.is_ok(), "{held_closed:?}");
+        assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
     }
 
     /// `stop` raises the panic that ended the refusing thread again, once

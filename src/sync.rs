@@ -117,6 +117,12 @@ impl ThreadSet {
         wait_until(&self.ended, &mut inner, deadline, |inner| inner.live > 0)
     }
 
+    /// The threads spawned and not joined yet, running or not.
+    #[cfg(test)]
+    pub(crate) fn handles(&self) -> usize {
+        self.inner.lock().handles.len()
+    }
+
     /// Joins the threads that have ended and returns the first panic among
     /// them. Threads still running are left alone.
     pub(crate) fn join_ended(&self) -> Option<Panic> {
