@@ -186,6 +186,8 @@ impl State {
 
     /// Drops what is queued, refuses everything after, and hands back the
     /// stream to close if nobody is writing with it.
+    #[cold]
+    #[inline(never)]
     fn kill(&mut self) -> Option<Box<dyn Write + Send>> {
         self.phase = Phase::Dead;
         self.buf.clear();
@@ -734,15 +736,22 @@ impl Outbox {
             st.stream = Some(stream);
             return failed;
         }
+        self.close_stream(st, stream);
+        failed
+    }
+
+    /// The last writer's end, once EOF is written or the side is dead:
+    /// closes the stream. For a pipe, this is what the peer sees as the
+    /// end. The send loop may be waiting for this write to end.
+    #[cold]
+    #[inline(never)]
+    fn close_stream(&self, mut st: MutexGuard<'_, State>, stream: Box<dyn Write + Send>) {
         let control = st.control.take();
         drop(st);
         drop(control);
-        // Close the stream: for a pipe, this is what the peer sees as the
-        // end. The send loop may be waiting for this write to end.
         drop(stream);
         self.work.notify_one();
         self.room.notify_all();
-        failed
     }
 
     /// Stops sending at once: drops what is queued, refuses everything
@@ -1110,6 +1119,8 @@ fn cut_packet(
 /// first `written` bytes, back at the front of the queue. Only for writes
 /// without a caller's payload. The rest of a packet cut short is all in
 /// `buf`, and marked, so that dropping requests keeps it whole.
+#[cold]
+#[inline(never)]
 fn requeue(
     name: &str,
     st: &mut State,
