@@ -399,7 +399,7 @@ struct State {
     /// waits for it.
     announcing: BTreeSet<u64>,
     /// Where refused clients wait for the refusing thread, while it runs.
-    refusals: Option<Sender<Stream>>,
+    refusals: Option<Sender<Waiting>>,
     /// The first panic of a thread of the server's own joined before the
     /// stop, kept for the stop to raise.
     panic: Option<sync::Panic>,
@@ -448,6 +448,22 @@ impl Listener {
                 Ok(Waker::Tcp(addr))
             }
             Listener::Unix(listener) => Ok(Waker::Unix(listener.local_addr()?)),
+        }
+    }
+}
+
+/// A client handed to the refusing thread: a new one, or one whose
+/// refusal another refusing thread began and could not finish.
+enum Waiting {
+    New(Stream),
+    Begun(Refusal),
+}
+
+impl Waiting {
+    fn stream(&self) -> &Stream {
+        match self {
+            Waiting::New(stream) => stream,
+            Waiting::Begun(refusal) => &refusal.stream,
         }
     }
 }
@@ -962,8 +978,12 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
 /// if need be (again, if it has ended); with too many waiting already,
 /// closes it at once.
 fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
+    hand_to_refuser(shared, Waiting::New(stream));
+}
+
+/// Hands a client to the refusing thread, as [`refuse`] does.
+fn hand_to_refuser(shared: &Arc<ServerShared>, mut waiting: Waiting) {
     let name = &shared.config.name;
-    let mut stream = stream;
     let mut replaced = false;
     // A refusing thread ends once it has had no client for a while, and
     // another starts at the next: the ones that have ended are joined
@@ -986,10 +1006,10 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
                     }
                     tx
                 }
-                Err(e) => break Some((stream, format!("cannot start refusing: {e}"))),
+                Err(e) => break Some((waiting, format!("cannot start refusing: {e}"))),
             },
         };
-        match tx.try_send(stream) {
+        match tx.try_send(waiting) {
             Ok(()) => break None,
             Err(TrySendError::Full(s)) => {
                 break Some((s, "too many clients to refuse; closing one".into()));
@@ -999,7 +1019,7 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
             Err(TrySendError::Disconnected(s)) if !replaced => {
                 state.refusals = None;
                 replaced = true;
-                stream = s;
+                waiting = s;
             }
             Err(TrySendError::Disconnected(s)) => {
                 break Some((s, "the refusing thread has ended; closing a client".into()));
@@ -1010,9 +1030,9 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
     if replaced {
         sync::contained(|| log::warn!("{name}: the refusing thread had ended; started another"));
     }
-    if let Some((stream, why)) = closed {
+    if let Some((waiting, why)) = closed {
         sync::contained(|| log::warn!("{name}: {why}"));
-        stream.shutdown();
+        waiting.stream().shutdown();
     }
 }
 
@@ -1020,21 +1040,25 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
 /// ends the thread (a bug: one while refusing a client costs that client
 /// alone) hands the clients still waiting for it to another, and is raised
 /// again, for [`Server::stop`] to raise.
-fn start_refusing(shared: &Arc<ServerShared>) -> io::Result<Sender<Stream>> {
+fn start_refusing(shared: &Arc<ServerShared>) -> io::Result<Sender<Waiting>> {
     let (tx, rx) = crossbeam_channel::bounded(REFUSAL_QUEUE);
     let name = shared.config.name.clone();
     let reason = format!("server full: {} connections", shared.config.max_connections);
     let server = Arc::downgrade(shared);
     shared.threads.spawn(format!("{name}:refuse"), move || {
+        // Kept out here, so that a panic leaves the refusals in progress
+        // to hand over: each step on one client runs under its own catch,
+        // so none is left halfway through a step.
+        let mut refusing = Vec::new();
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_refusals(&server, &name, &reason, &rx);
+            run_refusals(&server, &name, &reason, &rx, &mut refusing);
         }));
         if let Err(panic) = ran {
             sync::contained(|| {
                 let text = sync::panic_text(&panic);
                 log::error!("{name}: the refusing thread panicked: {text}");
             });
-            hand_over(&server, &rx);
+            hand_over(&server, &rx, refusing);
             std::panic::resume_unwind(panic);
         }
     })?;
@@ -1042,12 +1066,13 @@ fn start_refusing(shared: &Arc<ServerShared>) -> io::Result<Sender<Stream>> {
 }
 
 /// The refusing thread whose queue is `rx` has panicked: the server hands it
-/// no more clients, and those still queued go to a new one.
-fn hand_over(server: &Weak<ServerShared>, rx: &Receiver<Stream>) {
+/// no more clients, and those it was refusing, then those still queued, go
+/// to a new one.
+fn hand_over(server: &Weak<ServerShared>, rx: &Receiver<Waiting>, refusing: Vec<Refusal>) {
     let Some(server) = server.upgrade() else {
         return;
     };
-    let waiting: Vec<Stream> = {
+    let queued: Vec<Waiting> = {
         // The sender in the state is this thread's, or none: another is
         // started only once this one's queue has gone, or been taken off
         // here. Clients are handed over under this lock, so none is queued
@@ -1056,8 +1081,9 @@ fn hand_over(server: &Weak<ServerShared>, rx: &Receiver<Stream>) {
         state.refusals = None;
         rx.try_iter().collect()
     };
-    for stream in waiting {
-        refuse(&server, stream);
+    let begun = refusing.into_iter().map(Waiting::Begun);
+    for waiting in begun.chain(queued) {
+        hand_to_refuser(&server, waiting);
     }
 }
 
@@ -1065,15 +1091,22 @@ fn hand_over(server: &Weak<ServerShared>, rx: &Receiver<Stream>) {
 /// within [`REFUSAL_WAIT`], until there have been none for a while, or the
 /// server has gone. A panic while refusing one client (a bug) is caught and
 /// logged, and costs that client alone: its stream is shut down.
-fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Receiver<Stream>) {
-    let mut refusing: Vec<Refusal> = Vec::new();
+fn run_refusals(
+    server: &Weak<ServerShared>,
+    name: &str,
+    reason: &str,
+    rx: &Receiver<Waiting>,
+    refusing: &mut Vec<Refusal>,
+) {
     loop {
         if refusing.is_empty() {
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(stream) => {
+                Ok(waiting) => {
                     #[cfg(test)]
                     fault::hit(name, fault::Fault::Thread);
-                    refusing.extend(Refusal::start_caught(name, stream));
+                    refusing.extend(Refusal::take_caught(name, waiting));
+                    #[cfg(test)]
+                    fault::hit(name, fault::Fault::Begun);
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let Some(server) = server.upgrade() else {
@@ -1093,7 +1126,7 @@ fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Rece
         }
         refusing.extend(
             rx.try_iter()
-                .filter_map(|stream| Refusal::start_caught(name, stream)),
+                .filter_map(|waiting| Refusal::take_caught(name, waiting)),
         );
         let mut progress = false;
         refusing.retain_mut(|refusal| {
@@ -1123,8 +1156,8 @@ fn run_refusals(server: &Weak<ServerShared>, name: &str, reason: &str, rx: &Rece
         });
         if !progress {
             // Nothing to read: rest a little, or until a new client comes.
-            if let Ok(stream) = rx.recv_timeout(REFUSAL_POLL) {
-                refusing.extend(Refusal::start_caught(name, stream));
+            if let Ok(waiting) = rx.recv_timeout(REFUSAL_POLL) {
+                refusing.extend(Refusal::take_caught(name, waiting));
             }
         }
     }
@@ -1149,10 +1182,16 @@ struct Refusal {
 }
 
 impl Refusal {
-    /// [`start`](Refusal::start) under a catch: a panic (a bug) is logged,
-    /// and the client's stream, dropped with it, closed.
-    fn start_caught(name: &str, stream: Stream) -> Option<Refusal> {
-        sync::caught(name, "refusing a client", || Refusal::start(name, stream)).flatten()
+    /// A client handed over: a new one's refusal is begun, under a catch (a
+    /// panic, a bug, is logged, and the client's stream, dropped with it,
+    /// closed); one begun by another refusing thread goes on.
+    fn take_caught(name: &str, waiting: Waiting) -> Option<Refusal> {
+        match waiting {
+            Waiting::New(stream) => {
+                sync::caught(name, "refusing a client", || Refusal::start(name, stream)).flatten()
+            }
+            Waiting::Begun(refusal) => Some(refusal),
+        }
     }
 
     /// Sends the client ERQ, or as much of it as its socket takes now:
@@ -1357,6 +1396,10 @@ mod fault {
         /// Outside the work on any one client, as it takes the next client
         /// off its queue: the thread ends.
         Thread,
+        /// Outside the work on any one client, just after it has begun
+        /// refusing one (ERQ sent): the thread ends with that client's
+        /// refusal in progress.
+        Begun,
     }
 
     /// The faults armed, each for the server of that name, each once.
@@ -1499,6 +1542,32 @@ mod tests {
         );
         assert!(held_closed.is_ok(), "{held_closed:?}");
         assert!(stopped.is_err(), "stop: {stopped:?}");
+    }
+
+    /// The refusing thread ends with a panic while a client's refusal is
+    /// in progress: that client still gets its busy answer, from the
+    /// thread that takes over.
+    #[test]
+    fn a_refusal_in_progress_when_its_thread_panics_is_finished_by_another() {
+        let name = "refuse-fault-begun";
+        let (server, addr, holder) = full_server(name);
+        fault::arm(name, Fault::Begun);
+        let first = call_past_the_limit(addr);
+        let fired = !fault::armed(name, Fault::Begun);
+        let second = call_past_the_limit(addr);
+        let held_closed = holder.close_timeout(LIMIT);
+        let stopped = stop_catching(server);
+        assert!(fired, "the fault did not fire");
+        assert!(
+            is_busy_refusal(&first),
+            "the client whose refusal was in progress: {first:?}"
+        );
+        assert!(is_busy_refusal(&second), "the next client: {second:?}");
+        assert!(held_closed.is_ok(), "{held_closed:?}");
+        match &stopped {
+            Err(text) => assert_eq!(text, &format!("{name}: an injected fault: Begun")),
+            Ok(res) => panic!("stop returned {res:?}: the panic was dropped"),
+        }
     }
 
     /// A refusing thread that has ended for want of clients is joined when
