@@ -1031,6 +1031,11 @@ impl Shared {
     pub(crate) fn run_erq_hook(&self) {
         if self.erq_hook_due.swap(false, Ordering::SeqCst) {
             if let Some(hook) = &self.on_peer_end_requests {
+                // The hook may take its time: the requests read before the
+                // ERQ do not wait for it, nor for the read after it.
+                if let Some(pool) = &self.pool {
+                    pool.wake();
+                }
                 hook();
             }
         }
@@ -1298,11 +1303,17 @@ impl Shared {
 
     /// No more jobs come from this connection: its own pool's workers end
     /// once they have run what is queued, and a receive thread waiting for
-    /// room goes on.
+    /// room goes on. A shared pool is woken for the jobs this connection
+    /// queued last: the receive thread wakes the workers before a read
+    /// that may block, and there is no read after the last packet (a
+    /// request read with the peer's EOF would wait for another
+    /// connection's read).
     fn close_pool(&self) {
         self.quota.close();
-        if let (Some(pool), true) = (&self.pool, self.owns_pool) {
-            pool.close();
+        match (&self.pool, self.owns_pool) {
+            (Some(pool), true) => pool.close(),
+            (Some(pool), false) => pool.wake(),
+            (None, _) => {}
         }
     }
 

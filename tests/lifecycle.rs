@@ -1886,3 +1886,49 @@ fn abort_shuts_down_a_socket_given_as_an_owned_file_descriptor() {
         panic!("{finding}");
     }
 }
+
+/// The peer's request and its ERQ, read at once: the request's handler,
+/// on the connection's pool, runs while the ERQ hook (which may take its
+/// time, here until the handler has run) runs on the receive thread. It
+/// waited for the hook to return, since the workers were woken only before
+/// the next read.
+#[test]
+fn a_request_read_with_the_peers_erq_does_not_wait_for_the_erq_hook() {
+    let (ran_tx, ran_rx) = mpsc::channel::<()>();
+    let ran_tx = Mutex::new(ran_tx);
+    let ran_rx = Mutex::new(ran_rx);
+    let (seen_tx, seen_rx) = mpsc::channel::<bool>();
+    let seen_tx = Mutex::new(seen_tx);
+    let config = Config::default()
+        .handler(move |rq: Request| {
+            let _ = ran_tx.lock().unwrap().send(());
+            echo(rq)
+        })
+        .on_peer_end_requests(move || {
+            // Bounded: a handler that never runs fails the test, not hangs.
+            let ran = ran_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10))
+                .is_ok();
+            let _ = seen_tx.lock().unwrap().send(ran);
+        });
+    let (conn, mut peer) = RawPeer::with(config);
+    let mut bytes = wire(&common::request(3, ECHO, 0, b"before erq"));
+    bytes.extend(wire(&Packet::erq()));
+    peer.send_bytes(&bytes);
+    let ran_during_hook = seen_rx.recv_timeout(LIMIT);
+    let reply = peer.recv_packet();
+    peer.send(&Packet::eof());
+    let closed = close(&Arc::new(conn));
+    assert_eq!(
+        ran_during_hook,
+        Ok(true),
+        "the handler ran while the ERQ hook waited for it"
+    );
+    assert!(
+        reply.tag == 3 && matches!(reply.kind, PacketKind::Response { ok: true, .. }),
+        "{reply:?}"
+    );
+    assert!(closed.is_ok(), "{closed:?}");
+}

@@ -963,3 +963,44 @@ fn a_panicking_on_close_on_the_accept_thread_leaves_the_server_serving() {
     assert!(second.is_ok(), "the next client: {second:?}");
     assert!(stopped.is_ok(), "stop: {stopped:?}");
 }
+
+/// A client's request, end of requests and EOF, all read at once by its
+/// connection: the request, queued for the shared handler pool as the
+/// receive loop ends, still runs, and its reply goes before the server's
+/// EOF. (It waited for another connection's read to wake the pool: with
+/// one client, for ever.)
+fn a_request_read_with_the_clients_end(listen: Listen) {
+    let (server, addr) = serve(
+        listen,
+        ServerConfig::new(Config::default().name(unique_name("last")).handler(echo)),
+    );
+    let mut client = addr.connect_raw();
+    // Shorter than `LIMIT`: a reply that never comes fails the test soon.
+    let limit = Some(Duration::from_secs(10));
+    match &client {
+        RawClient::Tcp(s) => s.set_read_timeout(limit).unwrap(),
+        RawClient::Unix(s) => s.set_read_timeout(limit).unwrap(),
+    }
+    let mut bytes = wire(&request(7, ECHO, 0, b"last words"));
+    bytes.extend(wire(&Packet::erq()));
+    bytes.extend(wire(&Packet::eof()));
+    client.write_all(&bytes);
+    let (packets, partial) = client.read_to_end();
+    let stopped = server.stop_timeout(LIMIT);
+    let reply = packets.iter().position(|p| {
+        p.channel == 0 && p.tag == 7 && matches!(p.kind, PacketKind::Response { ok: true, .. })
+    });
+    let eof = packets.iter().position(Packet::is_eof);
+    assert!(
+        matches!((reply, eof), (Some(r), Some(e)) if r < e),
+        "{listen:?}: the reply and EOF, in order, among {packets:?} ({partial} bytes more)"
+    );
+    assert_eq!(packets[reply.unwrap()].payload, b"last words");
+    assert!(stopped.is_ok(), "{listen:?}: stop: {stopped:?}");
+}
+
+#[test]
+fn a_request_read_with_the_clients_end_still_runs_on_the_shared_pool() {
+    a_request_read_with_the_clients_end(Listen::Tcp);
+    a_request_read_with_the_clients_end(Listen::Unix);
+}
