@@ -555,7 +555,9 @@ impl PacketConnection {
     /// Like [`close`](PacketConnection::close), but gives up at `timeout`:
     /// then every request still pending fails with
     /// [`Error::ConnectionLost`], what is still queued is dropped, and the
-    /// threads are left to end by themselves.
+    /// threads are left to end by themselves. Threads that have ended are
+    /// let go rather than joined, since a join also waits for the thread's
+    /// thread-locals (a logger's buffer, say) to be dropped.
     ///
     /// # Errors
     ///
@@ -629,18 +631,20 @@ impl PacketConnection {
                 waited: started.elapsed(),
             });
         }
-        if let Some(payload) = self.threads.join_ended() {
+        if let Some(payload) = self.threads.join_or_let_go(deadline) {
             std::panic::resume_unwind(payload);
         }
         self.shared.result()
     }
 
-    /// Waits for the connection's threads until `deadline` and joins those
-    /// that have ended; true if all have. For a server, once the connection
-    /// has ended: a thread's panic is logged, not raised.
+    /// Waits for the connection's threads until `deadline`, and joins those
+    /// that have ended, or with a deadline lets them go (see
+    /// [`ThreadSet::join_or_let_go`](sync::ThreadSet::join_or_let_go)); true
+    /// if all have ended. For a server, once the connection has ended: a
+    /// thread's panic is logged, not raised.
     pub(crate) fn reap(&self, deadline: Option<Instant>) -> bool {
         let all = self.threads.wait_until(deadline);
-        if self.threads.join_ended().is_some() {
+        if self.threads.join_or_let_go(deadline).is_some() {
             // On a server's accept thread, which a panicking logger must not
             // end.
             let name = &self.shared.name;

@@ -400,9 +400,20 @@ struct State {
     announcing: BTreeSet<u64>,
     /// Where refused clients wait for the refusing thread, while it runs.
     refusals: Option<Sender<Waiting>>,
-    /// The first panic of a thread of the server's own joined before the
-    /// stop, kept for the stop to raise.
+    /// The first panic of the accept thread, or of a thread of the server's
+    /// own let go before the stop, kept for the stop to raise.
     panic: Option<sync::Panic>,
+}
+
+impl State {
+    /// Keeps `panic` if it is the first; a later one is leaked rather than
+    /// dropped, since its drop may panic in turn.
+    fn keep_panic(&mut self, panic: sync::Panic) {
+        match self.panic {
+            None => self.panic = Some(panic),
+            Some(_) => std::mem::forget(panic),
+        }
+    }
 }
 
 enum Listener {
@@ -565,7 +576,18 @@ impl Server {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name(format!("{name}:accept"))
-                .spawn(move || run_accept_loop(&shared, &listener))
+                .spawn(move || {
+                    // Says the thread has ended once its panic, if any, is
+                    // kept: the stop need not join it to raise the panic.
+                    let done = AcceptorDone(&shared);
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_accept_loop(&shared, &listener);
+                    }));
+                    if let Err(panic) = ran {
+                        shared.state.lock().keep_panic(panic);
+                    }
+                    drop(done);
+                })
         };
         let acceptor = match acceptor {
             Ok(acceptor) => acceptor,
@@ -630,7 +652,9 @@ impl Server {
     /// `Config` factory, hooks, handlers, the logger) runs under a catch.
     /// It is raised once the stop has done its work: every connection
     /// ended (or, past the deadline, aborted), the handler threads closed,
-    /// the threads that have ended joined. A panic while refusing one
+    /// the threads that have ended joined (by `stop_timeout`, let go: a
+    /// join waits for a thread's thread-locals, such as a logger's buffer,
+    /// to be dropped, which no deadline bounds). A panic while refusing one
     /// client is caught, logged and costs that client alone, and a panic on
     /// a connection's own threads ends that connection and is logged:
     /// neither is raised here. Nor is the panic of a thread still running
@@ -714,7 +738,12 @@ impl Server {
             sync::contained(|| log::warn!("{name}: accept thread did not end in time"));
             in_time = false;
         } else if shared.state.lock().acceptor_done {
-            panic = acceptor.join().err();
+            // Joined without a deadline; with one, let go, since a join
+            // waits for the thread's thread-locals (a logger's flush, say).
+            if deadline.is_none() {
+                let _ = acceptor.join();
+            }
+            panic = shared.state.lock().panic.take();
         }
         if shared.wait_until(deadline, |state| {
             state.live.is_empty() && state.starting == 0
@@ -740,7 +769,7 @@ impl Server {
         if let Some(payload) = shared.state.lock().panic.take() {
             panic.get_or_insert(payload);
         }
-        if let Some(payload) = shared.threads.join_ended() {
+        if let Some(payload) = shared.threads.join_or_let_go(reap_deadline) {
             panic.get_or_insert(payload);
         }
         let ended = std::mem::take(&mut shared.state.lock().ended);
@@ -846,7 +875,6 @@ impl Drop for AcceptorDone<'_> {
 /// runs under a catch: a panic in it must not stop the server accepting.
 fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
     let name = &shared.config.name;
-    let _done = AcceptorDone(shared);
     loop {
         let ended = std::mem::take(&mut shared.state.lock().ended);
         for conn in ended {
@@ -985,14 +1013,15 @@ fn refuse(shared: &Arc<ServerShared>, stream: Stream) {
 fn hand_to_refuser(shared: &Arc<ServerShared>, mut waiting: Waiting) {
     let name = &shared.config.name;
     let mut replaced = false;
-    // A refusing thread ends once it has had no client for a while, and
-    // another starts at the next: the ones that have ended are joined
-    // here, so that a server that refuses now and then does not keep them
-    // all until its stop.
-    let reaped = shared.threads.join_ended();
     let mut state = shared.state.lock();
-    if let Some(panic) = reaped {
-        state.panic.get_or_insert(panic);
+    // A refusing thread ends once it has had no client for a while, and
+    // another starts at the next: the ones that have ended are let go here
+    // (not joined: that would wait for their thread-locals, a logger's
+    // flush among them), so that a server that refuses now and then does
+    // not keep them all until its stop. Their panic is kept under the lock
+    // the stop takes it under.
+    if let Some(panic) = shared.threads.let_ended_go() {
+        state.keep_panic(panic);
     }
     let closed = loop {
         let tx = match &state.refusals {
@@ -1570,11 +1599,11 @@ mod tests {
         }
     }
 
-    /// A refusing thread that has ended for want of clients is joined when
+    /// A refusing thread that has ended for want of clients is let go when
     /// the next one starts, not kept until `stop`: a server that refuses
-    /// now and then for months holds no more threads for it than one.
+    /// now and then for months holds no handles for them.
     #[test]
-    fn refusing_threads_that_have_ended_are_joined_as_others_start() {
+    fn refusing_threads_that_have_ended_are_let_go_as_others_start() {
         let name = "refuse-reap";
         let (server, addr, holder) = full_server(name);
         let shared = Arc::clone(&server.shared);

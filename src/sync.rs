@@ -65,6 +65,10 @@ pub(crate) type Panic = Box<dyn Any + Send + 'static>;
 /// Threads that someone must be able to wait for with a deadline: each one
 /// counts itself out as it ends, so a waiter can give up at its deadline
 /// and leave the rest to end by themselves, which `JoinHandle::join` cannot.
+/// A thread that ends with a panic leaves the panic here as it ends, so
+/// that threads which have ended can be let go without a join: a join
+/// waits for the thread's thread-locals to be dropped after its body,
+/// where a logger of the user's may flush for as long as it likes.
 #[derive(Default)]
 pub(crate) struct ThreadSet {
     inner: Mutex<Threads>,
@@ -75,6 +79,19 @@ pub(crate) struct ThreadSet {
 struct Threads {
     handles: Vec<JoinHandle<()>>,
     live: usize,
+    /// The first panic that ended one of the threads, not taken yet.
+    panic: Option<Panic>,
+}
+
+impl Threads {
+    /// Keeps `panic` if it is the first; a later one is leaked rather than
+    /// dropped, since its drop may panic in turn.
+    fn keep(&mut self, panic: Panic) {
+        match self.panic {
+            None => self.panic = Some(panic),
+            Some(_) => std::mem::forget(panic),
+        }
+    }
 }
 
 /// Counts its thread out when dropped, so a panicking thread is counted out
@@ -103,8 +120,14 @@ impl ThreadSet {
         // dropped unrun and the guard counts the thread out again.
         let guard = LiveGuard(Arc::clone(self));
         let handle = thread::Builder::new().name(name).spawn(move || {
-            let _guard = guard;
-            body();
+            let guard = guard;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+            // Kept before the thread counts itself out: whoever sees every
+            // thread ended sees its panic.
+            if let Err(panic) = ran {
+                guard.0.inner.lock().keep(panic);
+            }
+            drop(guard);
         })?;
         self.inner.lock().handles.push(handle);
         Ok(())
@@ -123,27 +146,50 @@ impl ThreadSet {
         self.inner.lock().handles.len()
     }
 
-    /// Joins the threads that have ended and returns the first panic among
-    /// them. Threads still running are left alone.
+    /// Joins the threads that have ended and returns the first panic that
+    /// ended one of them, if not taken yet. Threads still running are left
+    /// alone. A join waits for the thread's thread-locals to be dropped:
+    /// not for a thread that must go on at once.
     pub(crate) fn join_ended(&self) -> Option<Panic> {
-        let handles = {
-            let mut inner = self.inner.lock();
-            // Once none is live, every thread is past its body and about to
-            // exit, so joining it is quick.
-            let all = inner.live == 0;
-            let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.handles)
-                .into_iter()
-                .partition(|handle| all || handle.is_finished());
-            inner.handles = running;
-            ended
-        };
-        let mut panic = None;
+        let handles = self.take_ended();
         for handle in handles {
             if let Err(payload) = handle.join() {
-                panic.get_or_insert(payload);
+                self.inner.lock().keep(payload);
             }
         }
-        panic
+        self.inner.lock().panic.take()
+    }
+
+    /// Lets the threads that have ended go without joining them, and
+    /// returns the first panic that ended one of them, if not taken yet.
+    /// Never waits.
+    pub(crate) fn let_ended_go(&self) -> Option<Panic> {
+        drop(self.take_ended());
+        self.inner.lock().panic.take()
+    }
+
+    /// [`join_ended`](ThreadSet::join_ended) for a wait with no deadline,
+    /// [`let_ended_go`](ThreadSet::let_ended_go) for one with a deadline,
+    /// which a thread's thread-locals (a logger's flush, say) must not hold
+    /// past it.
+    pub(crate) fn join_or_let_go(&self, deadline: Option<Instant>) -> Option<Panic> {
+        match deadline {
+            None => self.join_ended(),
+            Some(_) => self.let_ended_go(),
+        }
+    }
+
+    /// The handles of the threads that have ended, taken out of the set.
+    fn take_ended(&self) -> Vec<JoinHandle<()>> {
+        let mut inner = self.inner.lock();
+        // Once none is live, every thread is past its body and about to
+        // exit, so joining it is quick.
+        let all = inner.live == 0;
+        let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.handles)
+            .into_iter()
+            .partition(|handle| all || handle.is_finished());
+        inner.handles = running;
+        ended
     }
 }
 

@@ -1809,7 +1809,34 @@ fn a_panic_on_the_receive_thread_ends_the_connection_and_what_is_pending() {
 /// accept thread's line for a client accepted by a server named
 /// `panicky-accept…`, and on the refusing thread's line for a client it has
 /// refused, of a server named `panicky-refuse…`. It logs nothing else.
+/// On the refusing thread of a server named `slowtls…` it keeps a
+/// thread-local buffer, whose flush as the thread ends waits for the test
+/// (see [`SlowFlush`]).
 struct PanickyLogger;
+
+/// A logger's per-thread buffer, flushed as its thread ends: it waits
+/// until [`SLOW_FLUSH_RELEASED`] (at most 10 s), with
+/// [`SLOW_FLUSH_RUNNING`] set meanwhile.
+struct SlowFlush;
+
+static SLOW_FLUSH_RUNNING: AtomicBool = AtomicBool::new(false);
+static SLOW_FLUSH_RELEASED: AtomicBool = AtomicBool::new(false);
+
+impl Drop for SlowFlush {
+    fn drop(&mut self) {
+        SLOW_FLUSH_RUNNING.store(true, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !SLOW_FLUSH_RELEASED.load(Ordering::SeqCst) && Instant::now() < until {
+            thread::sleep(ms(5));
+        }
+        SLOW_FLUSH_RUNNING.store(false, Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    static SLOW_FLUSH: std::cell::RefCell<Option<SlowFlush>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 impl log::Log for PanickyLogger {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
@@ -1819,6 +1846,11 @@ impl log::Log for PanickyLogger {
     fn log(&self, record: &log::Record<'_>) {
         let here = thread::current();
         let here = here.name().unwrap_or("");
+        if here.starts_with("slowtls") && here.ends_with(":refuse") {
+            SLOW_FLUSH.with(|buf| {
+                buf.borrow_mut().get_or_insert(SlowFlush);
+            });
+        }
         let level = record.level();
         let reply_thread = here.starts_with("panicky-reply") && here.contains(":handler");
         let inline_thread = here.starts_with("panicky-inline") && here.ends_with(":recv");
@@ -2528,5 +2560,52 @@ fn a_logger_panicking_as_the_stop_sends_erq_leaves_the_stop_closing() {
             "a client's close: {closed:?} (stop: {stopped:?})"
         );
     }
+    assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
+}
+
+/// The user's logger keeps a per-thread buffer on the refusing thread and
+/// flushes it, slowly, as the thread ends: the accept thread does not wait
+/// for that flush, so a client past the limit is refused, and one in a
+/// slot freed meanwhile is served. (The accept thread joined the refusing
+/// thread that had ended as it started the next, and waited for the
+/// flush with it.)
+#[test]
+fn a_logger_flushing_slowly_as_the_refusing_thread_ends_holds_up_no_client() {
+    install_panicky_logger();
+    let (server, addr) = echo_server("slowtls", 1);
+    let holder = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+    let held = holder.call_timeout(1, 0, b"held", PATIENCE);
+    // Refused: the refusing thread logs, keeps its buffer, and ends a
+    // second after, flushing it until released.
+    let (first, _) = one_call_then_close(addr);
+    wait_for("the refusing thread's end and flush", PATIENCE, || {
+        SLOW_FLUSH_RUNNING.load(Ordering::SeqCst)
+    });
+    // The next client past the limit, while the flush runs, then one in
+    // the slot the holder frees.
+    let refused = thread::spawn(move || one_call_then_close(addr).0);
+    thread::sleep(ms(200));
+    let held_closed = holder.close_timeout(PATIENCE);
+    let served = {
+        let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
+        let res = client.call_timeout(1, 0, b"in the free slot", ms(5000));
+        let _ = client.close_timeout(PATIENCE);
+        res
+    };
+    SLOW_FLUSH_RELEASED.store(true, Ordering::SeqCst);
+    let second = refused.join().unwrap();
+    let stopped = stop_catching(server);
+    assert!(held.is_ok(), "{held:?}");
+    let busy = |res: &Result<packetstream::Response, Error>| matches!(res, Err(Error::Failed { flags, .. }) if *flags == packetstream::BUSY_FLAGS);
+    assert!(busy(&first), "the first client past the limit: {first:?}");
+    assert!(
+        matches!(&served, Ok(rsp) if rsp.payload == b"in the free slot"),
+        "the client in the freed slot: {served:?}"
+    );
+    assert!(
+        busy(&second),
+        "the client past the limit during the flush: {second:?}"
+    );
+    assert!(held_closed.is_ok(), "{held_closed:?}");
     assert!(matches!(stopped, Ok(Ok(()))), "stop: {stopped:?}");
 }
