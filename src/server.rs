@@ -1185,8 +1185,13 @@ fn run_refusals(
         });
         if !progress {
             // Nothing to read: rest a little, or until a new client comes.
-            if let Ok(waiting) = rx.recv_timeout(REFUSAL_POLL) {
-                refusing.extend(Refusal::take_caught(name, waiting));
+            match rx.recv_timeout(REFUSAL_POLL) {
+                Ok(waiting) => refusing.extend(Refusal::take_caught(name, waiting)),
+                Err(RecvTimeoutError::Timeout) => {}
+                // No client can come any more (the accept thread has
+                // ended, or this thread was started after it): the wait
+                // returns at once, so rest all the same.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(REFUSAL_POLL),
             }
         }
     }
