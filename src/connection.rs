@@ -17,7 +17,7 @@ use crate::receiver::{self, ReadTimeouts};
 use crate::reply::{FromResponse, Response};
 use crate::shared::{Hook, Job, Outgoing, Shared, Status};
 use crate::stats::Stats;
-use crate::sync::{self, deadline_after, ThreadSet};
+use crate::sync::{deadline_after, ThreadSet};
 
 /// The hook [`connect_with`](PacketConnection::connect_with) may return
 /// with its streams: run once, when the connection is finished with them,
@@ -173,7 +173,7 @@ impl PacketConnection {
             return Err(Error::Io(e));
         }
         shared.send_hello();
-        log::debug!("{name}: started");
+        debug!("{name}: started");
         Ok(conn)
     }
 
@@ -648,7 +648,7 @@ impl PacketConnection {
             // On a server's accept thread, which a panicking logger must not
             // end.
             let name = &self.shared.name;
-            sync::contained(|| log::error!("{name}: a thread panicked"));
+            error!("{name}: a thread panicked");
         }
         all
     }

@@ -258,7 +258,7 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
             payload: reply.payload,
         },
         Err(err) => {
-            log::debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
+            debug!("{name}: request {channel}:{tag} (rq_type {rq_type}) failed: {err}");
             match err.downcast::<Failure>() {
                 Ok(failure) => Outcome {
                     ok: false,
@@ -281,13 +281,9 @@ pub(crate) fn run_handler(name: &str, handler: &Arc<dyn RequestHandler>, rq: Req
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_string());
-            // A logger of the user's that panics here must not leave the
-            // request unanswered either.
-            contained(|| {
-                log::error!(
-                    "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
-                );
-            });
+            error!(
+                "{name}: handler panicked on request {channel}:{tag} (rq_type {rq_type}): {msg}"
+            );
             // The panic's payload is the application's too: a panic in its
             // drop is caught.
             contained(move || drop(panic));

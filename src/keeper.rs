@@ -107,7 +107,7 @@ pub(crate) fn watch(watched: Weak<dyn Watched>, first: Instant) -> bool {
         // The new thread takes this lock once it is released.
         let spawned = thread::Builder::new().name(NAME.to_string()).spawn(run);
         if let Err(e) = spawned {
-            log::warn!("cannot start the keeper thread: {e}");
+            warn!("cannot start the keeper thread: {e}");
             return false;
         }
         st.running = true;

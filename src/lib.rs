@@ -334,6 +334,9 @@
 
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod logging;
+
 mod codec;
 mod config;
 mod connection;

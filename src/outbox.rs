@@ -538,7 +538,7 @@ impl Outbox {
     fn push_control(&self, mut st: MutexGuard<'_, State>, packet: &Packet, stats: &Counters) {
         let before = st.buf.len();
         packet.encode_into(&mut st.buf);
-        log::trace!("{}: ==> queued {packet:?}", self.name);
+        trace!("{}: ==> queued {packet:?}", self.name);
         st.queued_total += (st.buf.len() - before) as u64;
         st.queued_packets += 1;
         st.since.get_or_insert_with(Instant::now);
@@ -876,7 +876,7 @@ fn drop_requests(name: &str, st: &mut State) {
             });
         let Some((head_len, head)) = parsed else {
             // Not reached: the queue holds only packets this end encoded.
-            log::error!("{name}: cannot parse the outgoing queue; keeping it whole");
+            error!("{name}: cannot parse the outgoing queue; keeping it whole");
             return;
         };
         let payload_at = pos + head_len;
@@ -955,7 +955,7 @@ fn write_batch(
     if *written > 0 {
         crate::stats::bump(&stats.send.bytes_out, *written as u64);
         crate::stats::bump(&stats.send.writes, 1);
-        log::trace!("{name}: ==> wrote {written} bytes");
+        trace!("{name}: ==> wrote {written} bytes");
     }
     res
 }
@@ -1133,7 +1133,7 @@ fn requeue(
     st.taken_total -= (st.writing_bytes - written) as u64;
     let (cut, cut_segment) = cut_packet(batch, batch_cut, large, written).unwrap_or_else(|| {
         // Not reached: the queue holds only packets this end encoded.
-        log::error!("{name}: cannot parse the batch a write cut short");
+        error!("{name}: cannot parse the batch a write cut short");
         (0, None)
     });
     let mut rest = Vec::with_capacity(batch.len() + st.buf.len());

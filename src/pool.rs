@@ -283,7 +283,7 @@ impl<J: Job> Pool<J> {
             n += 1;
         }
         if n > 0 {
-            log::debug!("{n} jobs queued after the pool's workers had ended: dropped");
+            debug!("{n} jobs queued after the pool's workers had ended: dropped");
         }
     }
 

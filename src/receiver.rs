@@ -129,7 +129,7 @@ impl Liveness {
             // after it.
             self.pinged.store(sync::stamp_of(now), Ordering::Relaxed);
             if shared.send_ping() {
-                log::debug!("{}: nothing heard for {every:?}: ping", shared.name);
+                debug!("{}: nothing heard for {every:?}: ping", shared.name);
             } else {
                 self.pinged.store(pinged, Ordering::Relaxed);
             }
@@ -189,7 +189,7 @@ impl Read for Guarded {
         // The keeper ended the reading: a timeout ran out. (A TCP socket
         // whose reading is shut down may still hand over what arrives.)
         let why = *live.expired.get().expect("just seen");
-        log::warn!("{}: {why}", self.shared.name);
+        warn!("{}: {why}", self.shared.name);
         Err(Expired(why).into_io())
     }
 }
@@ -241,7 +241,7 @@ pub(crate) fn run_recv_loop(
         if keeper::watch(watched, first) {
             Some(live)
         } else {
-            log::error!(
+            error!(
                 "{}: no keeper thread: its read timeouts are not kept",
                 shared.name
             );
@@ -336,20 +336,20 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
                 payload,
             };
             if packet.is_eof() {
-                log::trace!("{}: <== EOF", shared.name);
+                trace!("{}: <== EOF", shared.name);
                 return Ok(None);
             }
             if packet.is_erq() {
                 shared.peer_ended_requests();
                 return Ok(Some(false));
             }
-            log::error!("{}: malformed control packet {packet:?}", shared.name);
+            error!("{}: malformed control packet {packet:?}", shared.name);
             Err(Error::Malformed {
                 reason: "control packet that is neither EOF nor ERQ",
             })
         }
         PacketKind::Request { rq_type, flags } => {
-            log::trace!(
+            trace!(
                 "{}: <== request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
                 shared.name,
                 payload.len()
@@ -361,7 +361,7 @@ fn read_one(shared: &Arc<Shared>, r: &mut BufReader<Guarded>) -> Result<Option<b
             Ok(Some(false))
         }
         PacketKind::Response { ok, flags } => {
-            log::trace!(
+            trace!(
                 "{}: <== response {channel}:{tag} ok={ok} flags={flags:#x} len={}",
                 shared.name,
                 payload.len()
@@ -486,7 +486,7 @@ fn skip_oversize(
     else {
         return Err(too_large);
     };
-    log::warn!(
+    warn!(
         "{}: skipping packet {channel}:{tag} of {len} bytes, over the limit of {max}",
         shared.name
     );

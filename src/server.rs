@@ -596,7 +596,7 @@ impl Server {
                 return Err(Error::Io(e));
             }
         };
-        log::debug!("{name}: serving on {waker:?}");
+        debug!("{name}: serving on {waker:?}");
         Ok(Server {
             shared,
             acceptor: Some(acceptor),
@@ -711,7 +711,7 @@ impl Server {
             // Contained: a panicking logger must not leave the stop waiting
             // for an accept thread that nobody wakes.
             let name = &self.shared.config.name;
-            sync::contained(|| log::warn!("{name}: cannot wake the accept thread: {e}"));
+            warn!("{name}: cannot wake the accept thread: {e}");
             self.shared.state.lock().wake_failed = true;
             self.shared.changed.notify_all();
         }
@@ -727,7 +727,7 @@ impl Server {
         // Every line the stopping thread logs is contained: a logger that
         // panics must not leave a server half stopped, its accept thread's
         // handle gone and nothing left to stop it.
-        sync::contained(|| log::debug!("{name}: stopping"));
+        debug!("{name}: stopping");
         self.begin_stop();
         let mut in_time = true;
         // The first panic of the server's own threads, raised once the stop
@@ -735,7 +735,7 @@ impl Server {
         let mut panic = None;
         let acceptor_ended = |state: &State| state.acceptor_done || state.wake_failed;
         if !shared.wait_until(deadline, acceptor_ended) {
-            sync::contained(|| log::warn!("{name}: accept thread did not end in time"));
+            warn!("{name}: accept thread did not end in time");
             in_time = false;
         } else if shared.state.lock().acceptor_done {
             // Joined without a deadline; with one, let go, since a join
@@ -755,7 +755,7 @@ impl Server {
             let late: Vec<Client> = shared.state.lock().live.values().cloned().collect();
             for client in late {
                 let conn_name = client.conn.name();
-                sync::contained(|| log::warn!("{conn_name}: did not close in time; aborting"));
+                warn!("{conn_name}: did not close in time; aborting");
                 client.conn.abort();
             }
         }
@@ -776,7 +776,7 @@ impl Server {
         for conn in ended {
             in_time &= conn.reap(reap_deadline);
         }
-        sync::contained(|| log::debug!("{name}: stopped"));
+        debug!("{name}: stopped");
         if let Some(panic) = panic {
             std::panic::resume_unwind(panic);
         }
@@ -835,7 +835,7 @@ impl ServerShared {
         };
         self.changed.notify_all();
         let conn_name = client.conn.name();
-        sync::contained(|| log::debug!("{conn_name}: client ended: {why}"));
+        debug!("{conn_name}: client ended: {why}");
         if let Some(hook) = &self.config.on_close {
             hook(&client, why);
         }
@@ -847,9 +847,7 @@ impl ServerShared {
 fn wake_acceptor(shared: &ServerShared, waker: &Waker) {
     if let Err(e) = waker.wake() {
         let name = &shared.config.name;
-        sync::contained(|| {
-            log::warn!("{name}: cannot connect to {waker:?} to wake the accept thread: {e}");
-        });
+        warn!("{name}: cannot connect to {waker:?} to wake the accept thread: {e}");
         shared.state.lock().wake_failed = true;
         shared.changed.notify_all();
     }
@@ -891,7 +889,7 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
                 if state.stopping {
                     break;
                 }
-                sync::contained(|| log::warn!("{name}: accept failed: {e}"));
+                warn!("{name}: accept failed: {e}");
                 let _ = shared.changed.wait_for(&mut state, ACCEPT_RETRY);
                 continue;
             }
@@ -913,10 +911,10 @@ fn run_accept_loop(shared: &Arc<ServerShared>, listener: &Listener) {
         };
         let info = ClientInfo { id, peer_addr };
         if let Err(e) = start_connection(shared, info, stream) {
-            sync::contained(|| log::warn!("{name}: cannot serve client #{id}: {e}"));
+            warn!("{name}: cannot serve client #{id}: {e}");
         }
     }
-    sync::contained(|| log::debug!("{name}: accept thread ends"));
+    debug!("{name}: accept thread ends");
 }
 
 fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream) -> Result<()> {
@@ -977,7 +975,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
         state.announcing.insert(id);
     }
     drop(state);
-    sync::contained(|| log::debug!("{conn_name}: accepted"));
+    debug!("{conn_name}: accepted");
     if stopping {
         // The stop began while this one was starting, after it began the
         // close of the others: this one ends in order too, ERQ then EOF.
@@ -1057,10 +1055,10 @@ fn hand_to_refuser(shared: &Arc<ServerShared>, mut waiting: Waiting) {
     };
     drop(state);
     if replaced {
-        sync::contained(|| log::warn!("{name}: the refusing thread had ended; started another"));
+        warn!("{name}: the refusing thread had ended; started another");
     }
     if let Some((waiting, why)) = closed {
-        sync::contained(|| log::warn!("{name}: {why}"));
+        warn!("{name}: {why}");
         waiting.stream().shutdown();
     }
 }
@@ -1083,10 +1081,10 @@ fn start_refusing(shared: &Arc<ServerShared>) -> io::Result<Sender<Waiting>> {
             run_refusals(&server, &name, &reason, &rx, &mut refusing);
         }));
         if let Err(panic) = ran {
-            sync::contained(|| {
-                let text = sync::panic_text(&panic);
-                log::error!("{name}: the refusing thread panicked: {text}");
-            });
+            error!(
+                "{name}: the refusing thread panicked: {}",
+                sync::panic_text(&panic)
+            );
             hand_over(&server, &rx, refusing);
             std::panic::resume_unwind(panic);
         }
@@ -1171,7 +1169,7 @@ fn run_refusals(
                     true
                 }
                 Some(Err(e)) => {
-                    sync::contained(|| log::debug!("{name}: refused a client: {e}"));
+                    debug!("{name}: refused a client: {e}");
                     if sync::caught(name, "refusing a client", || refusal.finish()).is_none() {
                         refusal.stream.shutdown();
                     }
@@ -1245,7 +1243,7 @@ impl Refusal {
         {
             Ok(()) => Some(refusal),
             Err(e) => {
-                sync::contained(|| log::debug!("{name}: cannot refuse a client: {e}"));
+                debug!("{name}: cannot refuse a client: {e}");
                 refusal.stream.shutdown();
                 None
             }

@@ -476,7 +476,7 @@ impl Shared {
         };
         match res {
             Ok(failed) => {
-                log::trace!(
+                trace!(
                     "{}: ==> request {channel}:{tag} rq_type={rq_type} flags={flags:#x} len={}",
                     self.name,
                     payload.len()
@@ -513,7 +513,7 @@ impl Shared {
                 "reply of {} bytes exceeds limit of {}",
                 head.body_len, self.max_packet_len
             );
-            log::error!("{}: reply to {channel}:{tag}: {reason}", self.name);
+            error!("{}: reply to {channel}:{tag}: {reason}", self.name);
             (ok, flags, payload) = (false, 0, reason.into_bytes());
             head = Head::new(
                 channel,
@@ -530,13 +530,13 @@ impl Shared {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        log::trace!(
+        trace!(
             "{}: ==> reply {channel}:{tag} ok={ok} flags={flags:#x} len={}",
             self.name,
             payload.len()
         );
         match self.outbox.push_reply(&head, payload, app, &self.stats) {
-            None => log::debug!(
+            None => debug!(
                 "{}: dropped reply to {channel}:{tag}: the send side is closed",
                 self.name
             ),
@@ -551,7 +551,7 @@ impl Shared {
     /// it would hold memory without bound. The connection ends as
     /// [`Disconnect::Stalled`], as a write that makes no progress does.
     fn cut_off(&self, owed: usize) {
-        log::warn!(
+        warn!(
             "{}: {owed} bytes of replies owed to a peer that reads none of them: cut off",
             self.name
         );
@@ -593,7 +593,7 @@ impl Shared {
             Err(refusal) => {
                 match refusal {
                     Refusal::Denied(reason) => {
-                        log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+                        warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
                         self.refuse(channel, tag, reason, 0);
                     }
                     Refusal::Busy => self.refuse_busy(channel, tag),
@@ -637,7 +637,7 @@ impl Shared {
             ext::PING => Ok(Vec::new()),
             ext::CANCEL => ext::read_target(&rq.payload, false).map(|(ch, tag, _)| {
                 let found = self.inbound.cancel(ch, tag);
-                log::debug!(
+                debug!(
                     "{}: peer cancels {ch}:{tag} (in progress: {found})",
                     self.name
                 );
@@ -645,7 +645,7 @@ impl Shared {
             }),
             ext::DEADLINE => ext::read_target(&rq.payload, true).map(|(ch, tag, ms)| {
                 if !self.inbound.lock().early_deadlines.set(ch, tag, ms) {
-                    log::warn!(
+                    warn!(
                         "{}: deadlines for requests that never came piled up: forgotten",
                         self.name
                     );
@@ -655,7 +655,7 @@ impl Shared {
             other => Err(Error::Decode(format!("unknown control request {other}"))),
         };
         if let Err(e) = &answer {
-            log::debug!(
+            debug!(
                 "{}: refused control request {channel}:{tag}: {e}",
                 self.name
             );
@@ -733,12 +733,12 @@ impl Shared {
             Ok(rsp) => match ext::read_hello(&rsp.payload) {
                 Ok((_, caps)) => Some(caps & ext::CAPABILITIES),
                 Err(e) => {
-                    log::debug!("{}: peer's hello does not decode: {e}", self.name);
+                    debug!("{}: peer's hello does not decode: {e}", self.name);
                     None
                 }
             },
             Err(e) => {
-                log::debug!("{}: peer has no extensions: {e}", self.name);
+                debug!("{}: peer has no extensions: {e}", self.name);
                 None
             }
         };
@@ -863,7 +863,7 @@ impl Shared {
             .busy_refusals
             .fetch_add(1, Ordering::Relaxed);
         let reason = format!("busy: {owed} bytes of replies wait for this peer to read them");
-        log::warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+        warn!("{}: refusing request {channel}:{tag}: {reason}", self.name);
         self.refuse(channel, tag, reason, BUSY_FLAGS);
     }
 
@@ -914,7 +914,7 @@ impl Shared {
                 "deadline passed before it ran"
             };
             // The peer's own doing, in ordinary use: not worth a warning.
-            log::debug!("{}: refusing request {channel}:{tag}: {reason}", self.name);
+            debug!("{}: refusing request {channel}:{tag}: {reason}", self.name);
             self.answering(channel, tag, reading);
             self.refuse(channel, tag, reason.to_string(), 0);
             return self.finish_request(reading);
@@ -1000,14 +1000,14 @@ impl Shared {
         match self.table.complete(channel, tag, res) {
             Completion::Delivered => true,
             Completion::Cancelled => {
-                log::debug!(
+                debug!(
                     "{}: dropped response to cancelled request {channel}:{tag}",
                     self.name
                 );
                 false
             }
             Completion::Unknown => {
-                log::warn!(
+                warn!(
                     "{}: dropped response to unknown request {channel}:{tag}",
                     self.name
                 );
@@ -1019,7 +1019,7 @@ impl Shared {
     /// The peer sent ERQ. Its hook runs later, on the receive thread
     /// ([`run_erq_hook`](Shared::run_erq_hook)), even if a caller read it.
     pub(crate) fn peer_ended_requests(&self) {
-        log::debug!("{}: peer sent end of requests", self.name);
+        debug!("{}: peer sent end of requests", self.name);
         self.inbound.lock().peer_ended_requests = true;
         if self.on_peer_end_requests.is_some() {
             self.erq_hook_due.store(true, Ordering::SeqCst);
@@ -1124,13 +1124,13 @@ impl Shared {
                 life.expired.get_or_insert(why);
             }
             if life.recv_end != Some(Disconnect::PeerEof) {
-                log::error!(
+                error!(
                     "{}: send side failed ({e}); failed {n_failed} pending requests",
                     self.name
                 );
                 life.write_error.get_or_insert(Error::Io(e));
             } else {
-                log::debug!("{}: write after the peer's EOF failed: {e}", self.name);
+                debug!("{}: write after the peer's EOF failed: {e}", self.name);
             }
         }
         self.interrupt();
@@ -1140,7 +1140,7 @@ impl Shared {
     pub(crate) fn end_requests(&self) {
         if self.outbox.end_requests(&self.stats) {
             // Contained: the close goes on after this line.
-            sync::contained(|| log::debug!("{}: sent end of requests", self.name));
+            debug!("{}: sent end of requests", self.name);
         }
     }
 
@@ -1190,7 +1190,7 @@ impl Shared {
         self.interrupt();
         self.recall_reader();
         // Last: a logger that panics leaves nothing undone.
-        log::debug!("{}: aborted; failed {n_failed} pending requests", self.name);
+        debug!("{}: aborted; failed {n_failed} pending requests", self.name);
     }
 
     /// Serving a request of the peer's panicked after its handler ran (in
@@ -1200,12 +1200,10 @@ impl Shared {
     /// is logged but under a catch: the panic may have come from the
     /// logger.
     fn job_panicked(&self) {
-        sync::contained(|| {
-            log::error!(
-                "{}: serving a request panicked after its handler ran: aborting",
-                self.name
-            )
-        });
+        error!(
+            "{}: serving a request panicked after its handler ran: aborting",
+            self.name
+        );
         sync::contained(|| self.abort());
     }
 
@@ -1223,13 +1221,13 @@ impl Shared {
         };
         let why = self.record_receive_end(res, unread);
         match log_res {
-            Ok(Disconnect::PeerEof) => log::debug!("{}: peer EOF", self.name),
-            Ok(why) => log::warn!("{}: {why}", self.name),
-            Err(e) => log::error!("{}: receive failed: {e}", self.name),
+            Ok(Disconnect::PeerEof) => debug!("{}: peer EOF", self.name),
+            Ok(why) => warn!("{}: {why}", self.name),
+            Err(e) => error!("{}: receive failed: {e}", self.name),
         }
         let n_failed = self.finish_receive(why);
         if n_failed > 0 {
-            log::warn!("{}: {n_failed} requests lost: {why}", self.name);
+            warn!("{}: {n_failed} requests lost: {why}", self.name);
         }
         self.loop_ended(Loops::RECV);
     }
@@ -1335,7 +1333,7 @@ impl Shared {
         };
         // Under a catch: a logger that panics here must not keep the hooks
         // from running (this thread's catch would find the loop counted).
-        sync::contained(|| log::debug!("{}: ended: {why}", self.name));
+        debug!("{}: ended: {why}", self.name);
         // Nothing is left to interrupt: dropping the hook unrun closes what
         // it held (a socket's last descriptor of ours).
         drop(self.interrupt.lock().take());

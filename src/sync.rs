@@ -211,7 +211,7 @@ pub(crate) fn caught<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> Option
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(value) => Some(value),
         Err(panic) => {
-            contained(|| log::error!("{name}: {what} panicked: {}", panic_text(&panic)));
+            error!("{name}: {what} panicked: {}", panic_text(&panic));
             std::mem::forget(panic);
             None
         }
