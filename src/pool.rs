@@ -245,15 +245,28 @@ impl<J: Job> Pool<J> {
     /// [`wake`](Pool::wake) once it has queued a batch, so a batch costs a
     /// few wake-ups, not one each. Blocks only if the whole pool's queue is
     /// full (each producer's own [`Quota`] usually stops it first), after
-    /// waking workers.
+    /// waking workers, and never once the pool is closed: a job that finds
+    /// it closed and the queue full is dropped, as the jobs queued when the
+    /// last worker ends are. (A closed quota lets its producers through, so
+    /// an abort can find the queue full, its handlers held up.)
     pub(crate) fn push(&self, job: J) {
         match &self.queue {
             Queue::Fifo { tx, .. } => {
                 if let Err(err) = tx.try_send(job) {
                     self.wake();
+                    let mut job = err.into_inner();
                     // The receiver lives in `self`, so the channel never
                     // disconnects.
-                    let _ = tx.send(err.into_inner());
+                    loop {
+                        if self.closed.load(Ordering::SeqCst) {
+                            debug!("a job for a closed pool whose queue is full: dropped");
+                            return;
+                        }
+                        match tx.send_timeout(job, CLOSED_LOOK) {
+                            Ok(()) => break,
+                            Err(e) => job = e.into_inner(),
+                        }
+                    }
                 }
             }
             Queue::Fair { lanes, len } => {
@@ -450,6 +463,10 @@ impl<J: Job> Pool<J> {
         self.n_parked.fetch_sub(woken, Ordering::SeqCst);
     }
 }
+
+/// How often a producer blocked on a full queue looks whether the pool has
+/// been closed.
+const CLOSED_LOOK: Duration = Duration::from_millis(10);
 
 /// Counts a worker out when it ends, however it ends. The last one drops
 /// what is still queued: a job pushed as the last worker made its final

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use common::child::{self, child_fixture, half_response, Mode};
 use common::{
     body_len, echo, ms, pair, report, request, response, serial, threads_named, timed, unique_name,
-    wait_for, wire, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD, LIMIT,
-    SLACK, SLEEP,
+    wait_for, wire, within, within_or, Gate, RawPeer, Running, Timed, DEADLINE, ECHO, HANG, HOLD,
+    LIMIT, SLACK, SLEEP,
 };
 use packetstream::{
     Config, Error, HandlerResult, Packet, PacketConnection, PacketKind, PendingResponse, Reply,
@@ -1823,4 +1823,64 @@ fn server_stop_refuses_new_requests_and_drains_every_connection_at_once() {
         ));
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A caller reads the stream itself (the receive thread has lent it the
+/// reader) and meets the peer's requests for this end's handler, whose one
+/// thread is held and whose queue of one is full: the caller waits for
+/// room, as the receive thread would. An abort then must let it go, its
+/// request failed, though the handler is still held. (It stayed blocked
+/// pushing into the full queue until the handler returned.)
+#[test]
+fn an_abort_lets_a_caller_go_that_waits_for_handler_room_while_it_reads() {
+    let held = Gate::new();
+    let (conn, mut peer) = RawPeer::with(
+        Config::default()
+            .name(unique_name("roomwait"))
+            .extensions(false)
+            .handler_threads(1)
+            .handler_queue(1)
+            .handler({
+                let held = held.clone();
+                move |rq: Request| -> HandlerResult {
+                    if rq.rq_type == HOLD {
+                        held.pass();
+                    }
+                    Ok(rq.payload.into())
+                }
+            }),
+    );
+    let conn = Arc::new(conn);
+    // A first call, answered: the receive thread lends its reader after it.
+    let first = {
+        let conn = Arc::clone(&conn);
+        thread::spawn(move || conn.call(1, 0, b"first"))
+    };
+    let asked = peer.recv_packet();
+    peer.send(&response(asked.tag, true, 0, b"first"));
+    let first = within("the first call", move || first.join().unwrap());
+    assert!(first.is_ok(), "{first:?}");
+    let caller = {
+        let conn = Arc::clone(&conn);
+        thread::spawn(move || conn.call(1, 0, b"second"))
+    };
+    let asked = peer.recv_packet();
+    // Requests that hold the one handler thread and fill its queue, read
+    // by the caller as it reads for its own response.
+    for tag in 0..6 {
+        peer.request(tag, HOLD, b"hold");
+    }
+    wait_for("the caller to wait for room", LIMIT, || {
+        conn.stats().requests_received >= 3
+    });
+    conn.abort();
+    let second = within_or(
+        "the call waiting for handler room after the abort",
+        HANG,
+        move || caller.join().unwrap(),
+        || held.open(),
+    );
+    held.open();
+    drop(asked);
+    assert!(second.is_err(), "{second:?}");
 }
