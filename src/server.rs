@@ -290,7 +290,9 @@ impl ServerConfig {
     /// A hook run once for each client whose connection has ended, with how
     /// it ended: [`Disconnect::PeerEof`] for an orderly end. It runs on one
     /// of that connection's threads, after the connection's own
-    /// [`on_end`](Config::on_end).
+    /// [`on_end`](Config::on_end); a `close` or `join` of the client's
+    /// connection there returns how it ended, without waiting for the
+    /// thread the hook runs on.
     pub fn on_close(
         mut self,
         hook: impl Fn(&Client, Disconnect) + Send + Sync + 'static,

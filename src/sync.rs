@@ -102,10 +102,17 @@ impl Drop for LiveGuard {
     fn drop(&mut self) {
         let mut inner = self.0.inner.lock();
         inner.live -= 1;
-        if inner.live == 0 {
+        // A waiter that is itself one of the threads waits for one left.
+        if inner.live <= 1 {
             self.0.ended.notify_all();
         }
     }
+}
+
+thread_local! {
+    /// The set this thread belongs to, if it is one of a set's: the set's
+    /// address.
+    static OWN_SET: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl ThreadSet {
@@ -121,6 +128,7 @@ impl ThreadSet {
         let guard = LiveGuard(Arc::clone(self));
         let handle = thread::Builder::new().name(name).spawn(move || {
             let guard = guard;
+            OWN_SET.with(|own| own.set(Arc::as_ptr(&guard.0) as usize));
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
             // Kept before the thread counts itself out: whoever sees every
             // thread ended sees its panic.
@@ -134,10 +142,15 @@ impl ThreadSet {
     }
 
     /// Waits until every thread of the set has ended, or until `deadline`.
-    /// Returns true if they all ended.
+    /// Returns true if they all ended. Called on one of the set's own
+    /// threads (a hook of the application's that closes the connection it
+    /// runs for), it waits for the others: a thread cannot end while it
+    /// waits for itself.
     pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mine = OWN_SET.with(|own| own.get()) == self as *const ThreadSet as usize;
+        let left = usize::from(mine);
         let mut inner = self.inner.lock();
-        wait_until(&self.ended, &mut inner, deadline, |inner| inner.live > 0)
+        wait_until(&self.ended, &mut inner, deadline, |inner| inner.live > left)
     }
 
     /// The threads spawned and not joined yet, running or not.

@@ -1004,3 +1004,46 @@ fn a_request_read_with_the_clients_end_still_runs_on_the_shared_pool() {
     a_request_read_with_the_clients_end(Listen::Tcp);
     a_request_read_with_the_clients_end(Listen::Unix);
 }
+
+/// `on_close` closes, or joins, the client it is told has ended: the close
+/// returns the connection's ending at once, and the server's stop returns.
+/// (The hook runs on one of the connection's own threads, and the close
+/// waited for every one of them, that one too: for ever, and the stop
+/// behind it.)
+#[test]
+fn closing_a_client_in_on_close_returns_and_the_stop_ends() {
+    for join in [false, true] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let config = ServerConfig::new(
+            Config::default()
+                .name(unique_name("closeinclose"))
+                .handler(echo),
+        )
+        .on_close(move |client, _| {
+            let conn = client.connection();
+            let res = if join { conn.join() } else { conn.close() };
+            let _ = tx.lock().unwrap().send(res);
+        });
+        let (server, addr) = serve(Listen::Tcp, config);
+        let Addr::Tcp(at) = &addr else { unreachable!() };
+        let client = PacketConnection::connect_tcp(*at, Config::default()).unwrap();
+        let res = client.call_timeout(1, ECHO, b"x", LIMIT);
+        assert!(res.is_ok(), "{res:?}");
+        let closed = client.close_timeout(LIMIT);
+        assert!(closed.is_ok(), "the client's close: {closed:?}");
+        let in_hook = rx.recv_timeout(HANG);
+        let stopped = timed(HANG, move || server.stop_timeout(LIMIT));
+        assert!(
+            matches!(in_hook, Ok(Ok(()))),
+            "join {join}: the close in on_close: {in_hook:?}"
+        );
+        match stopped {
+            Timed::Done(res, _) => assert!(res.is_ok(), "stop: {res:?}"),
+            Timed::Stuck(running) => {
+                let _ = running.finish_within(LIMIT);
+                panic!("join {join}: the stop did not return within {HANG:?}");
+            }
+        }
+    }
+}
