@@ -384,6 +384,9 @@ struct ServerShared {
 #[derive(Default)]
 struct State {
     stopping: bool,
+    /// The stop ran out of time and aborted the connections it found: one
+    /// that was still starting then is aborted as it goes live.
+    aborting: bool,
     acceptor_done: bool,
     /// The accept thread could not be woken: it ends at the next client.
     wake_failed: bool,
@@ -754,7 +757,11 @@ impl Server {
             shared.pool.close();
         } else {
             in_time = false;
-            let late: Vec<Client> = shared.state.lock().live.values().cloned().collect();
+            let late: Vec<Client> = {
+                let mut state = shared.state.lock();
+                state.aborting = true;
+                state.live.values().cloned().collect()
+            };
             for client in late {
                 let conn_name = client.conn.name();
                 warn!("{conn_name}: did not close in time; aborting");
@@ -967,7 +974,7 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     };
     let client = Client { info, conn };
     let ended_early = state.ended_early.remove(&id);
-    let stopping = state.stopping;
+    let (stopping, aborting) = (state.stopping, state.aborting);
     if ended_early.is_some() {
         state.ended.push(Arc::clone(&client.conn));
     } else {
@@ -978,7 +985,11 @@ fn start_connection(shared: &Arc<ServerShared>, info: ClientInfo, stream: Stream
     }
     drop(state);
     debug!("{conn_name}: accepted");
-    if stopping {
+    if aborting {
+        // The stop gave up while this one was starting, and aborted the
+        // others: so this one too.
+        client.conn.abort();
+    } else if stopping {
         // The stop began while this one was starting, after it began the
         // close of the others: this one ends in order too, ERQ then EOF.
         client.conn.begin_close();

@@ -1047,3 +1047,54 @@ fn closing_a_client_in_on_close_returns_and_the_stop_ends() {
         }
     }
 }
+
+/// A client's connection is still starting (its `per_client` factory
+/// held) when `stop_timeout` runs out and aborts the others: once the
+/// factory returns, that connection is aborted too, its threads ended at
+/// once, not left waiting for a client that never closes. (It only began
+/// an orderly close, and its receive thread waited for the client's EOF.)
+#[test]
+fn a_connection_still_starting_when_the_stop_gives_up_is_aborted() {
+    let gate = Gate::new();
+    let name = unique_name("lst");
+    let config = ServerConfig::per_client(name.clone(), {
+        let gate = gate.clone();
+        move |_| {
+            gate.pass();
+            Config::default().handler(echo)
+        }
+    });
+    let (server, addr) = serve(Listen::Tcp, config);
+    let Addr::Tcp(at) = &addr else { unreachable!() };
+    // A client that never writes, nor closes, while the test runs.
+    let client = TcpStream::connect(at).unwrap();
+    wait_for("the factory to start", LIMIT, || gate.entered() == 1);
+    let stopped = timed(LIMIT, move || {
+        server.stop_timeout(Duration::from_millis(50))
+    });
+    gate.open();
+    let stopped = match stopped {
+        Timed::Done(res, _) => res,
+        Timed::Stuck(_) => panic!("stop_timeout did not return"),
+    };
+    // The accept thread ends once it has started the connection.
+    let accept = format!("{name}:accept");
+    wait_for("the accept thread to end", LIMIT, || {
+        threads_named(&accept).is_empty()
+    });
+    let prefix = format!("{name}#");
+    let until = Instant::now() + HANG;
+    let left = loop {
+        let left = threads_named(&prefix);
+        if left.is_empty() || Instant::now() >= until {
+            break left;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    drop(client);
+    assert!(
+        matches!(stopped, Err(Error::Timeout { .. })),
+        "stop: {stopped:?}"
+    );
+    assert!(left.is_empty(), "the late connection's threads: {left:?}");
+}
