@@ -233,7 +233,8 @@ impl From<&str> for BSString {
 ///
 /// Decoding reads the text as Python's `float()` does: surrounding
 /// whitespace and single `_` between digits are allowed, and `inf`,
-/// `infinity` and `nan` in any case. A NaN is written as `nan`, so its
+/// `infinity` and `nan` in any case; but the digits must be ASCII (Python
+/// also reads other Unicode decimal digits, such as `١٢٣`). A NaN is written as `nan`, so its
 /// sign and payload bits are not kept; every other value reads back
 /// exactly.
 ///
@@ -381,9 +382,13 @@ impl fmt::Display for Cropped<'_> {
 }
 
 /// `x` as Python's `str(float)` writes it: the shortest digits that read
-/// back to `x` (which Rust's `{:e}` also gives), in positional notation
-/// when the decimal exponent is from -4 to 15 and in scientific notation
-/// otherwise, with a sign and at least two digits in the exponent.
+/// back to `x`, in positional notation when the decimal exponent is from
+/// -4 to 15 and in scientific notation otherwise, with a sign and at least
+/// two digits in the exponent. Of the strings with that many digits,
+/// Python writes the one nearest `x`, and on a tie (an `x` exactly halfway
+/// between two) the one whose last digit is even: Rust's `{:e}` gives the
+/// shortest count but breaks such a tie away from zero, and its
+/// fixed-precision `{:.N$e}` gives the nearest with ties to even.
 pub(crate) fn python_float_str(x: f64) -> String {
     if x.is_nan() {
         return "nan".to_owned();
@@ -395,8 +400,13 @@ pub(crate) fn python_float_str(x: f64) -> String {
     if x == 0.0 {
         return format!("{sign}0.0");
     }
-    // "d.ddde-N" or "de+N"; the digits are the shortest round trip.
-    let sci = format!("{:e}", x.abs());
+    // "d.ddde-N" or "de+N": the shortest round trip's count of digits,
+    // then that many digits, rounded as Python rounds them.
+    let shortest = format!("{:e}", x.abs());
+    let count = shortest.split('e').next().map_or(1, |mantissa| {
+        mantissa.bytes().filter(u8::is_ascii_digit).count()
+    });
+    let sci = format!("{:.*e}", count.saturating_sub(1), x.abs());
     let Some((mantissa, exponent)) = sci.split_once('e') else {
         return format!("{x:?}");
     };
@@ -433,7 +443,8 @@ pub(crate) fn python_float_str(x: f64) -> String {
 /// Reads a float as Python's `float(str)` does: surrounding whitespace is
 /// dropped, a `_` is allowed between two digits, and Rust's parser does
 /// the rest (which, as Python's, takes `inf`, `infinity` and `nan` in any
-/// case and with a sign).
+/// case and with a sign). Digits are ASCII only: Python also reads other
+/// Unicode decimal digits (`float("١٢٣")` is 123.0), which this refuses.
 pub(crate) fn parse_python_float(text: &str) -> Option<f64> {
     let text = text.trim();
     if !text.contains('_') {
@@ -495,6 +506,34 @@ mod tests {
             assert!(
                 back.to_bits() == value.to_bits() || (value.is_nan() && back.is_nan()),
                 "{text} read back as {back:?}"
+            );
+        }
+    }
+
+    /// Floats exactly halfway between the two nearest strings of their
+    /// shortest length (found with Python's `decimal`), and the text
+    /// Python 3.11's `repr` gives: the one that ends in an even digit.
+    /// Rust's `{:e}` writes the other one for each.
+    #[test]
+    fn python_float_text_breaks_a_tie_to_even_as_the_reference_does() {
+        let cases: &[(u64, &str)] = &[
+            (0x42d6_bcc4_1e90_0008, "100000000000000.12"),
+            (0xc2ef_7811_48b3_3d2c, "-276804372109801.38"),
+            (0x42e0_2881_6d45_a9bc, "142129249267021.88"),
+            (0x430e_1c6d_958d_7b72, "1059438285926254.2"),
+            (0xc314_9218_fe44_0c37, "-1447533894238989.8"),
+            (0x42b7_fa57_c450_e950, "26363981746409.312"),
+            (0xc2d8_c0fe_9119_c088, "-108868734838530.12"),
+            (0x431a_0c23_ffca_3b2b, "1832924537327306.8"),
+            (0x42ec_e9cf_2446_38fc, "254324225749447.88"),
+        ];
+        for &(bits, text) in cases {
+            let value = f64::from_bits(bits);
+            assert_eq!(python_float_str(value), text, "{value:?}");
+            assert_eq!(
+                parse_python_float(text).map(f64::to_bits),
+                Some(bits),
+                "{text}"
             );
         }
     }
