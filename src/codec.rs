@@ -535,7 +535,8 @@ fn in_context(err: Error, context: &str) -> Error {
 /// cs.binary has no signed 8- or 64-bit type, so neither has this table.
 /// Its `BSUInt` is unbounded; here it is a `u64`, and a longer one is a
 /// decode error. A decoded `BSSFloat` is read as Python's `float()` reads
-/// it (surrounding whitespace and `_` between digits allowed).
+/// it (surrounding whitespace and `_` between digits allowed), but with
+/// ASCII digits only: Python also reads other Unicode decimal digits.
 /// `BinaryUTF8NUL` is read strictly: the reference also accepts a string
 /// that the end of the input cuts off before its NUL, this crate does not.
 ///

@@ -35,17 +35,21 @@ impl fmt::Debug for Response {
 /// | shape | a handler's `Reply::from` sends | `FromResponse` takes |
 /// |---|---|---|
 /// | `()` | flags 0, no payload | anything, ignored |
-/// | `u64` | flags = the value, no payload | the flags |
+/// | `u64` | flags = the value, no payload | the flags (any payload ignored) |
 /// | `bool` | flags 1 or 0, no payload | flags 1 or 0 with no payload |
-/// | `Vec<u8>` (and `&[u8]` to send) | flags 0, the bytes | the payload |
-/// | `String` (and `&str` to send) | flags 0, the text as UTF-8 | the payload, which must be UTF-8 |
+/// | `Vec<u8>` (and `&[u8]` to send) | flags 0, the bytes | the payload (the flags ignored) |
+/// | `String` (and `&str` to send) | flags 0, the text as UTF-8 | the payload, which must be UTF-8 (the flags ignored) |
 /// | `(u64, Vec<u8>)` | the flags and the bytes | the flags and the payload |
 /// | `Option<Vec<u8>>` | `Some`: flags 1 and the bytes; `None`: flags 0 | flags 1 is `Some`; flags 0 with no payload is `None` |
 /// | [`Response`] | | the flags and payload as they came |
 /// | [`Failure`], as the handler's error | a not-ok reply with its flags and payload | (the caller gets [`Error::Failed`]) |
 ///
-/// A response that does not have the shape asked for is
-/// [`Error::Decode`]. The typed layer adds one shape per
+/// A response that lacks what the shape takes (text that is not UTF-8, a
+/// `bool` or `Option` whose flags are neither 0 nor 1, or with a payload
+/// where there must be none) is [`Error::Decode`]; what a shape does not
+/// take, it ignores, as the table says: a `u64` read of a response that
+/// also has a payload is its flags. Ask for `(u64, Vec<u8>)` or
+/// [`Response`] to see everything. The typed layer adds one shape per
 /// [`Payload`](crate::Payload) type, with [`impl_payload!`](crate::impl_payload).
 ///
 /// # Examples
