@@ -591,6 +591,24 @@ impl Outbox {
         self.drain(st, None, stats)
     }
 
+    /// Writes the queue now if nobody else is writing, for a handler
+    /// thread: where the transport bounds its writes (a socket), as
+    /// [`write_now_nonblocking`](Outbox::write_now_nonblocking) does, so
+    /// that the thread never waits for the peer to read; elsewhere (a pipe,
+    /// whose writes nothing can bound) as [`write_now`](Outbox::write_now)
+    /// does, blocking while the stream does.
+    pub(crate) fn write_now_from_handler(&self, stats: &Counters) -> Option<WriteFailed> {
+        let st = self.state.lock();
+        if st.buf.is_empty() || st.writing || st.stream.is_none() {
+            return None;
+        }
+        let mode = match st.control.as_ref().is_some_and(|c| c.bounded_writes()) {
+            true => Mode::Bounded,
+            false => Mode::Blocking(None),
+        };
+        self.drain_with(st, mode, stats)
+    }
+
     /// Writes the queue now if nobody else is writing, without blocking for
     /// long: only as much as the stream takes within its write timeout, the
     /// rest left at the front of the queue for the send thread. For the thread that reads, which

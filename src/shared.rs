@@ -222,9 +222,9 @@ pub(crate) struct Shared {
     /// The receive thread has read bytes it has not parsed yet: more
     /// requests, and so more replies, may be about to follow.
     more_incoming: AtomicBool,
-    /// Whether a handler thread may write the stream itself. Only with more
-    /// than one: while one is blocked in a write the others still take
-    /// requests, so the receive thread never waits on the peer.
+    /// Whether a handler thread may write the stream itself: only with more
+    /// than one, and on a socket without waiting for the peer (see
+    /// [`finish_request`](Shared::finish_request)).
     handlers_write: bool,
     pub(crate) stats: Counters,
     life: Mutex<Life>,
@@ -953,8 +953,12 @@ impl Shared {
     /// the last one owed before EOF, queue EOF. Otherwise, if no more
     /// replies are about to follow (no request waits for a handler, and the
     /// receive thread has nothing left to parse), write now: the peer may be
-    /// waiting. The thread that reads (`reading`) never blocks in that
-    /// write.
+    /// waiting. Neither the thread that reads (`reading`) nor, on a socket,
+    /// a handler thread blocks in that write: what the stream does not take
+    /// within its short write timeout is the send thread's. A handler
+    /// thread that waited for a peer to read would be lost to every other
+    /// request, and to every other client of a server, whose connections
+    /// share the pool.
     fn finish_request(&self, reading: bool) {
         if self.replied() {
             return;
@@ -967,7 +971,8 @@ impl Shared {
         } else if reading {
             self.write_nonblocking(true);
         } else if self.handlers_write {
-            self.write_now();
+            let failed = self.outbox.write_now_from_handler(&self.stats);
+            self.after_write(failed);
         } else {
             self.outbox.flush_soon(true);
         }

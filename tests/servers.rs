@@ -1098,3 +1098,52 @@ fn a_connection_still_starting_when_the_stop_gives_up_is_aborted() {
     );
     assert!(left.is_empty(), "the late connection's threads: {left:?}");
 }
+
+/// As many clients as the server has handler threads each send a request
+/// whose echo is large, and never read: a well-behaved client is still
+/// answered, since no handler thread waits for a peer to read. (Each
+/// handler thread wrote its large reply itself, blocking until the stall
+/// timeout, 60 s, and nothing was left to serve anyone.)
+#[test]
+fn clients_that_never_read_large_replies_leave_the_shared_pool_serving() {
+    const THREADS: usize = 4;
+    let config = ServerConfig::new(
+        Config::default()
+            .name(unique_name("nonreaders"))
+            .handler(echo),
+    )
+    .handler_threads(THREADS);
+    // Over a Unix socket, whose buffers take less than one such reply.
+    let (server, addr) = serve(Listen::Unix, config);
+    let Addr::Unix(at) = &addr else {
+        unreachable!()
+    };
+    let good = PacketConnection::connect_unix(at, Config::default()).unwrap();
+    let first = good.call_timeout(1, ECHO, b"first", LIMIT);
+    assert!(first.is_ok(), "{first:?}");
+    // Never read: their kernel buffers fill with the first bytes of the
+    // replies.
+    let nonreaders: Vec<UnixStream> = (0..THREADS)
+        .map(|i| {
+            let mut s = UnixStream::connect(at).unwrap();
+            s.set_write_timeout(Some(LIMIT)).unwrap();
+            let tag = 2 + i as u64;
+            s.write_all(&wire(&request(tag, ECHO, 0, &vec![7u8; 900 << 10])))
+                .unwrap();
+            s
+        })
+        .collect();
+    wait_for("the large requests to be served", LIMIT, || {
+        server.clients().len() == THREADS + 1
+    });
+    thread::sleep(std::time::Duration::from_millis(200));
+    let res = good.call_timeout(1, ECHO, b"still served", LIMIT / 6);
+    drop(nonreaders);
+    good.abort();
+    let stopped = timed(LIMIT, move || server.stop_timeout(LIMIT));
+    assert!(
+        res.as_ref().is_ok_and(|rsp| rsp.payload == b"still served"),
+        "a client that reads, beside {THREADS} that do not: {res:?}"
+    );
+    assert!(matches!(stopped, Timed::Done(Ok(()), _)), "the stop");
+}
