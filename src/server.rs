@@ -20,11 +20,12 @@ use parking_lot::{Condvar, Mutex};
 use crate::config::Config;
 use crate::connection::PacketConnection;
 use crate::error::{Disconnect, Error, Result, BUSY_FLAGS};
-use crate::packet::{Packet, PacketKind};
+use crate::packet::{read_body_head, BodyHead, Packet, PacketKind, EOF_TAG, MAX_HEAD_LEN};
 use crate::pool::{Order, Pool};
 use crate::shared::Job;
 use crate::sync::{self, deadline_after, ThreadSet};
 use crate::transport;
+use crate::varint;
 
 /// How long the accept thread rests after a failed `accept` (out of file
 /// descriptors, say) before it tries again.
@@ -47,6 +48,10 @@ const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Refused clients waiting for their refusal; past this, a client's stream is
 /// closed at once.
 const REFUSAL_QUEUE: usize = 64;
+
+/// Refused clients that the refusing thread refuses at once, each with a
+/// buffer of a read's bytes and at most `REFUSAL_MAX_OWED` owed to it.
+const REFUSING: usize = 64;
 
 /// What the server knows of a client when it accepts it: given to the
 /// per-client factory of [`ServerConfig::per_client`] and kept in its
@@ -1164,10 +1169,16 @@ fn run_refusals(
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+        // At most REFUSING at once: the others wait in the queue, which is
+        // bounded too.
+        let room = REFUSING.saturating_sub(refusing.len());
         refusing.extend(
             rx.try_iter()
+                .take(room)
                 .filter_map(|waiting| Refusal::take_caught(name, waiting)),
         );
+        #[cfg(test)]
+        tests::MOST_REFUSING.fetch_max(refusing.len(), std::sync::atomic::Ordering::SeqCst);
         let mut progress = false;
         refusing.retain_mut(|refusal| {
             let polled = sync::caught(name, "refusing a client", || {
@@ -1194,7 +1205,9 @@ fn run_refusals(
                 }
             }
         });
-        if !progress {
+        if !progress && refusing.len() >= REFUSING {
+            std::thread::sleep(REFUSAL_POLL);
+        } else if !progress {
             // Nothing to read: rest a little, or until a new client comes.
             match rx.recv_timeout(REFUSAL_POLL) {
                 Ok(waiting) => refusing.extend(Refusal::take_caught(name, waiting)),
@@ -1217,8 +1230,13 @@ const REFUSAL_POLL: Duration = Duration::from_millis(2);
 /// hold up the others.
 struct Refusal {
     stream: Stream,
-    /// What the client sent and was not parsed yet.
+    /// What the client sent and was not parsed yet: at most a packet's
+    /// head and one read's bytes, since payloads are not kept.
     buf: Vec<u8>,
+    /// Bytes of the payload of the client's last packet still to come,
+    /// to be dropped as they do: a refusal answers each request from its
+    /// head alone.
+    skip: u64,
     /// What is owed to the client and not written yet: the socket does not
     /// block, so a slow reader gets the rest later, never half a packet
     /// followed by something else.
@@ -1245,6 +1263,7 @@ impl Refusal {
         let mut refusal = Refusal {
             stream,
             buf: Vec::new(),
+            skip: 0,
             out: Vec::new(),
             deadline: Instant::now() + REFUSAL_WAIT,
         };
@@ -1298,25 +1317,39 @@ impl Refusal {
         };
         self.buf.extend_from_slice(&chunk[..n]);
         let mut used = 0;
-        while let Some((packet, n)) = Packet::decode(&self.buf[used..], REFUSAL_MAX_PACKET)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-        {
-            used += n;
-            if packet.is_eof() {
-                self.flush()?;
-                return Err(io::ErrorKind::UnexpectedEof.into());
+        loop {
+            if self.skip > 0 {
+                let left = self.buf.len() - used;
+                let dropped = usize::try_from(self.skip).map_or(left, |skip| skip.min(left));
+                used += dropped;
+                self.skip -= dropped as u64;
+                if self.skip > 0 {
+                    break;
+                }
             }
-            if let PacketKind::Request { .. } = packet.kind {
-                Packet {
-                    channel: packet.channel,
-                    tag: packet.tag,
+            let Some((head, n)) = refused_head(&self.buf[used..])? else {
+                break;
+            };
+            used += n;
+            self.skip = head.payload_len as u64;
+            match head.kind {
+                PacketKind::Request { .. } => Packet {
+                    channel: head.channel,
+                    tag: head.tag,
                     kind: PacketKind::Response {
                         ok: false,
                         flags: BUSY_FLAGS,
                     },
                     payload: reason.as_bytes().to_vec(),
                 }
-                .encode_into(&mut self.out);
+                .encode_into(&mut self.out),
+                PacketKind::Control { flags: 0 }
+                    if head.channel == 0 && head.tag == EOF_TAG && head.payload_len == 0 =>
+                {
+                    self.flush()?;
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                _ => {}
             }
         }
         self.buf.drain(..used);
@@ -1339,8 +1372,30 @@ impl Refusal {
 /// What a refused client may be owed before it is cut off for not reading.
 const REFUSAL_MAX_OWED: usize = 64 << 10;
 
-/// The longest packet a refused client may send.
-const REFUSAL_MAX_PACKET: u64 = 1 << 20;
+/// The head of the packet at the front of `src`, a refused client's bytes,
+/// and the bytes of `src` it takes (its length prefix and head, not its
+/// payload); `None` until all of them have come. A packet of any length is
+/// taken: its payload is dropped as it comes.
+fn refused_head(src: &[u8]) -> io::Result<Option<(BodyHead, usize)>> {
+    let invalid = |e: Error| io::Error::new(io::ErrorKind::InvalidData, e);
+    let Some((len, prefix)) = varint::parse(src).map_err(invalid)? else {
+        return Ok(None);
+    };
+    let len = u64::try_from(len).map_err(|_| {
+        invalid(Error::Malformed {
+            reason: "packet length exceeds 64 bits",
+        })
+    })?;
+    // The head is within the body's first bytes: once they are here, or
+    // the whole body if it is shorter, a head that does not fit is
+    // malformed.
+    let room = usize::try_from(len).map_or(MAX_HEAD_LEN, |len| len.min(MAX_HEAD_LEN));
+    let Some(mut front) = src.get(prefix..prefix + room) else {
+        return Ok(None);
+    };
+    let head = read_body_head(&mut front, len).map_err(invalid)?;
+    Ok(Some((head, prefix + room - front.len())))
+}
 
 impl PacketConnection {
     /// Connects to a TCP server and starts a connection over the stream.
@@ -1681,5 +1736,111 @@ mod tests {
         assert!(threads_ended, "the server's threads were left running");
         assert!(after_stop.is_err(), "a call after the stop: {after_stop:?}");
         let _ = held_closed;
+    }
+
+    /// The most refusals the refusing threads of this test binary have had
+    /// in progress at once.
+    pub(super) static MOST_REFUSING: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    /// A refused client sends a request announcing more than 1 MiB (over
+    /// what a refusal once buffered, and refused with an error), its body
+    /// in pieces, then a small one: each gets its busy answer, and the
+    /// refusal never holds more than a read's bytes. (It kept the body as
+    /// it came, up to 1 MiB a client, and a longer packet ended the
+    /// refusal without an answer.)
+    #[test]
+    fn a_refusal_keeps_no_payload_and_answers_a_request_of_any_size() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (client, server_side) = UnixStream::pair().unwrap();
+        client.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut refusal = Refusal::start("refuse-big", Stream::Unix(server_side)).unwrap();
+        // The test's own pace, not the refusal's 200 ms.
+        refusal.deadline = Instant::now() + LIMIT;
+        let len = (1 << 20) + (100 << 10);
+        let big = Packet {
+            channel: 0,
+            tag: 7,
+            kind: PacketKind::Request {
+                rq_type: 1,
+                flags: 0,
+            },
+            payload: vec![0x55; len],
+        };
+        let mut bytes = Vec::new();
+        big.encode_into(&mut bytes);
+        Packet {
+            channel: 0,
+            tag: 8,
+            kind: PacketKind::Request {
+                rq_type: 1,
+                flags: 0,
+            },
+            payload: b"small".to_vec(),
+        }
+        .encode_into(&mut bytes);
+        let mut most = 0;
+        for piece in bytes.chunks(64 << 10) {
+            (&client).write_all(piece).unwrap();
+            // Until it has read all there is.
+            loop {
+                let polled = refusal.poll("server full: 1 connections");
+                most = most.max(refusal.buf.capacity());
+                match polled {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => panic!("the refusal ended: {e}"),
+                }
+            }
+        }
+        refusal.finish();
+        let mut answer = Vec::new();
+        (&client).read_to_end(&mut answer).unwrap();
+        let mut tags = Vec::new();
+        let mut at = 0;
+        while let Ok(Some((packet, n))) = Packet::decode(&answer[at..], 1 << 20) {
+            at += n;
+            if let PacketKind::Response { ok: false, flags } = packet.kind {
+                assert_eq!(flags, BUSY_FLAGS, "{packet:?}");
+                tags.push(packet.tag);
+            }
+        }
+        assert_eq!(tags, [7, 8], "the busy answers");
+        assert!(
+            most <= 16 << 10,
+            "the refusal's buffer grew to {most} bytes"
+        );
+    }
+
+    /// A hundred clients past the limit at once, each sending nothing (so
+    /// each refusal takes its whole 200 ms): the refusing thread refuses at
+    /// most `REFUSING` at once, and every client ends, refused or closed.
+    /// (It took every client queued into its list, with no bound.)
+    #[test]
+    fn the_refusing_thread_refuses_a_bounded_number_at_once() {
+        use std::io::Read;
+        let (server, addr, holder) = full_server("refuse-many");
+        let clients: Vec<std::net::TcpStream> = (0..100)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(LIMIT)).unwrap();
+                s
+            })
+            .collect();
+        let mut ended = 0;
+        for mut client in clients {
+            let mut rest = Vec::new();
+            if client.read_to_end(&mut rest).is_ok() {
+                ended += 1;
+            }
+        }
+        let most = MOST_REFUSING.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = holder.close_timeout(LIMIT);
+        let stopped = stop_catching(server);
+        assert_eq!(ended, 100, "clients that did not end");
+        assert!(most <= REFUSING, "{most} refusals at once");
+        assert!(most > 1, "the refusals did not overlap: {most}");
+        assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
     }
 }
