@@ -81,9 +81,10 @@ pub enum Error {
         /// The response payload: by convention a short UTF-8 reason.
         payload: Vec<u8>,
     },
-    /// The connection ended after the request was written, before its
-    /// response arrived: the peer may or may not have acted on it. The
-    /// [`Disconnect`] says how the connection ended.
+    /// The connection ended after the request was written (or taken by a
+    /// write that never finished, which may have sent part of it, or
+    /// none), before its response arrived: the peer may or may not have
+    /// acted on it. The [`Disconnect`] says how the connection ended.
     #[error("connection lost before a response arrived: {0}")]
     ConnectionLost(Disconnect),
     /// The connection ended before the request was written: the peer never
