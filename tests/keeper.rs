@@ -2603,6 +2603,11 @@ fn a_logger_flushing_slowly_as_the_refusing_thread_ends_holds_up_no_client() {
     let refused = thread::spawn(move || one_call_then_close(addr).0);
     thread::sleep(ms(200));
     let held_closed = holder.close_timeout(PATIENCE);
+    // The holder's close returns once the server's EOF is read; the server
+    // frees the slot once it has read the holder's, a moment later.
+    wait_for("the server to free the holder's slot", PATIENCE, || {
+        server.connections() == 0
+    });
     let served = {
         let client = PacketConnection::connect_tcp(addr, Config::default()).unwrap();
         let res = client.call_timeout(1, 0, b"in the free slot", ms(5000));
