@@ -192,17 +192,23 @@ fn a_handler_waiting_for_a_cancel_is_released_when_its_answer_can_no_longer_be_s
     // ends at once, and the serving end's join does not wait it out.
     for serving_end_aborts in [false, true] {
         let (tx, rx) = mpsc::channel();
+        let (started_tx, started) = mpsc::channel();
+        let started_tx = Mutex::new(started_tx);
+        let hold = holding(tx, Arc::default());
         let (client, server) = pair_with(
             Config::default().name(unique_name("vc")),
             Config::default()
                 .name(unique_name("vs"))
-                .handler(holding(tx, Arc::default())),
+                .handler(move |rq: Request| {
+                    let _ = started_tx.lock().unwrap().send(());
+                    hold(rq)
+                }),
         );
         assert!(hello_done(&client));
         let pending = client.submit(HOLD, 120_000, b"").unwrap();
-        wait_for("the handler to start", LIMIT, || {
-            server.stats().in_progress == 1
-        });
+        // Running, not only taken in: after this end's abort, a request
+        // still waiting for a handler thread does not run.
+        started.recv_timeout(LIMIT).expect("the handler to start");
         if serving_end_aborts {
             server.abort();
         } else {
