@@ -541,7 +541,10 @@ impl PacketConnection {
     /// # Errors
     ///
     /// The first error that ended the connection: [`Error::Io`],
-    /// [`Error::Malformed`] or [`Error::TooLarge`].
+    /// [`Error::Malformed`] or [`Error::TooLarge`]. On a thread running one
+    /// of this connection's handlers, [`Error::WouldBlock`] at once: the
+    /// connection cannot end before that handler returns, so the wait would
+    /// be for ever; the close has begun, and ends once it does.
     ///
     /// # Panics
     ///
@@ -623,7 +626,17 @@ impl PacketConnection {
         self.join_until(None)
     }
 
+    /// True on a thread running one of this connection's handlers.
+    pub(crate) fn serving_here(&self) -> bool {
+        self.shared.serving_here()
+    }
+
     fn join_until(&self, deadline: Option<Instant>) -> Result<()> {
+        if deadline.is_none() && self.shared.serving_here() {
+            // A handler of this connection's: the connection cannot end
+            // before the handler returns, so the wait would be for ever.
+            return Err(Error::WouldBlock);
+        }
         let started = Instant::now();
         if !self.threads.wait_until(deadline) {
             return Err(Error::Timeout {

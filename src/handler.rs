@@ -211,12 +211,16 @@ pub type HandlerResult = Result<Reply, HandlerError>;
 ///   stop arriving too. A handler that waits for the peer, as above, should
 ///   wait with a timeout, and nested call-backs need enough handler
 ///   threads.
-/// - Call [`close`](crate::PacketConnection::close) or
-///   [`join`](crate::PacketConnection::join) on its own connection: both wait for
-///   every handler to finish, itself included. Call
+/// - Wait for its own connection to end: it cannot end before the handler
+///   returns. [`close`](crate::PacketConnection::close) and
+///   [`join`](crate::PacketConnection::join) there return
+///   [`Error::WouldBlock`](crate::Error::WouldBlock) at once (`close` having
+///   begun the close), and `close_timeout` waits out its deadline; call
 ///   [`end_requests`](crate::PacketConnection::end_requests) or
 ///   [`abort`](crate::PacketConnection::abort), which do not wait, or leave the
-///   close to another thread.
+///   close to another thread. A handler of a server's that calls
+///   [`Server::stop`](crate::Server::stop) has the stop finished by a
+///   thread of its own (see there).
 /// - Write to standard output when the connection runs over it
 ///   ([`PacketConnection::stdio`](crate::PacketConnection::stdio)): log to standard error.
 ///

@@ -670,7 +670,27 @@ impl Server {
     /// neither is raised here. Nor is the panic of a thread still running
     /// when [`stop_timeout`](Server::stop_timeout) gives up, which is left
     /// unjoined, or any panic if the server is dropped instead of stopped.
+    ///
+    /// Called by a handler of one of the server's connections (a request
+    /// that stops the server, say), which cannot end before that handler
+    /// returns, `stop` begins the stop and returns at once: a thread of its
+    /// own, `{name}:stop`, finishes it, and a panic it raises is that
+    /// thread's. [`stop_timeout`](Server::stop_timeout) there waits out its
+    /// deadline.
     pub fn stop(mut self) {
+        let serving = {
+            let state = self.shared.state.lock();
+            state.live.values().any(|client| client.conn.serving_here())
+        };
+        if serving {
+            // On a handler of one of the connections, which cannot end
+            // before the handler returns: a thread of its own stops the
+            // server. Should it not start, the server, dropped with it,
+            // begins the stop all the same.
+            let name = format!("{}:stop", self.shared.config.name);
+            let _ = thread::Builder::new().name(name).spawn(move || self.stop());
+            return;
+        }
         let _ended_in_time = self.stop_until(None);
     }
 

@@ -157,6 +157,9 @@ thread_local! {
     /// The connection whose receive thread this is, by the address of its
     /// shared state; 0 on any other thread.
     static READING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The connection whose handler this thread is running, by the address
+    /// of its shared state; 0 while it runs none.
+    static SERVING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// One request from the peer, for the handler pool.
@@ -680,6 +683,12 @@ impl Shared {
         self.outbox.arm();
     }
 
+    /// True on a thread running one of this connection's handlers: a wait
+    /// there for the connection to end would wait for itself.
+    pub(crate) fn serving_here(&self) -> bool {
+        SERVING.with(|serving| serving.get() == self as *const Shared as usize)
+    }
+
     /// True on this connection's receive thread.
     fn on_reading_thread(&self) -> bool {
         READING.with(|reading| reading.get() == self as *const Shared as usize)
@@ -924,7 +933,13 @@ impl Shared {
         // end's abort, nothing more runs.
         let aborted = self.aborted.load(Ordering::SeqCst);
         let outcome = match (&self.handler, aborted) {
-            (Some(handler), false) => Some(run_handler(&self.name, handler, rq)),
+            (Some(handler), false) => {
+                let before =
+                    SERVING.with(|serving| serving.replace(self as *const Shared as usize));
+                let outcome = run_handler(&self.name, handler, rq);
+                SERVING.with(|serving| serving.set(before));
+                Some(outcome)
+            }
             _ => None,
         };
         self.answering(channel, tag, reading);

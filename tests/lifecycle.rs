@@ -1932,3 +1932,61 @@ fn a_request_read_with_the_peers_erq_does_not_wait_for_the_erq_hook() {
     );
     assert!(closed.is_ok(), "{closed:?}");
 }
+
+/// A handler closes, or joins, its own connection: the call returns
+/// `WouldBlock` at once, since the connection cannot end before the
+/// handler returns, and the close it began ends in order once it has:
+/// the peer gets its answer, then the end. On a pool and inline, on the
+/// receive thread. (Both waited for ever.)
+#[test]
+fn close_or_join_in_a_handler_of_its_own_connection_returns_would_block() {
+    for (inline, join) in [(false, false), (false, true), (true, false), (true, true)] {
+        let me: Arc<std::sync::OnceLock<PacketConnection>> = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let handler = {
+            let me = Arc::clone(&me);
+            move |rq: Request| -> HandlerResult {
+                if let Some(conn) = me.get() {
+                    let res = if join { conn.join() } else { conn.close() };
+                    let _ = tx.lock().unwrap().send(res);
+                }
+                echo(rq)
+            }
+        };
+        let server_config = Config::default().name(unique_name("selfclose"));
+        let server_config = if inline {
+            server_config.inline_handler(handler)
+        } else {
+            server_config.handler_threads(2).handler(handler)
+        };
+        let (client, server) = common::pair_with(Config::default(), server_config);
+        let _ = me.set(server);
+        let called = timed(LIMIT, move || {
+            let res = client.call_timeout(ECHO, 0, b"x", LIMIT);
+            (res, client)
+        });
+        let in_handler = rx.recv_timeout(HANG);
+        let (res, client) = match called {
+            Timed::Done(done, _) => done,
+            Timed::Stuck(_) => panic!("the call did not return"),
+        };
+        assert!(
+            matches!(in_handler, Ok(Err(Error::WouldBlock))),
+            "inline {inline}, join {join}: in the handler: {in_handler:?}"
+        );
+        assert!(
+            res.is_ok(),
+            "inline {inline}, join {join}: the call: {res:?}"
+        );
+        let closed = client.close_timeout(LIMIT);
+        assert!(closed.is_ok(), "inline {inline}, join {join}: {closed:?}");
+        let server = me.get().unwrap();
+        if join {
+            // join began nothing: the peer's end ends the connection.
+            let _ = server.close_timeout(LIMIT);
+        }
+        let ended = server.join();
+        assert!(ended.is_ok(), "inline {inline}, join {join}: {ended:?}");
+    }
+}

@@ -1147,3 +1147,39 @@ fn clients_that_never_read_large_replies_leave_the_shared_pool_serving() {
     );
     assert!(matches!(stopped, Timed::Done(Ok(()), _)), "the stop");
 }
+
+/// A handler stops its server (a request to shut down): `stop` returns at
+/// once, the request is answered, and a thread of the stop's own finishes
+/// it, every thread of the server ending. (The stop waited for the
+/// handler's own connection, which waited for the handler: for ever.)
+#[test]
+fn a_handler_that_stops_its_server_is_answered_and_the_server_stops() {
+    let slot: Arc<Mutex<Option<Server>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let name = unique_name("selfstop");
+    let config = ServerConfig::new(Config::default().name(name.clone()).handler({
+        let slot = Arc::clone(&slot);
+        move |rq: Request| -> HandlerResult {
+            if let Some(server) = slot.lock().unwrap().take() {
+                server.stop();
+                let _ = tx.lock().unwrap().send(());
+            }
+            Ok(rq.payload.into())
+        }
+    }));
+    let (server, addr) = serve(Listen::Tcp, config);
+    *slot.lock().unwrap() = Some(server);
+    let Addr::Tcp(at) = &addr else { unreachable!() };
+    let client = PacketConnection::connect_tcp(*at, Config::default()).unwrap();
+    let res = client.call_timeout(ECHO, 0, b"stop", LIMIT);
+    let stopped = rx.recv_timeout(HANG);
+    let closed = client.close_timeout(LIMIT);
+    let prefix = format!("{name}:");
+    wait_for("the server's threads to end", LIMIT, || {
+        threads_named(&prefix).is_empty()
+    });
+    assert!(stopped.is_ok(), "stop in the handler did not return");
+    assert!(res.is_ok(), "the request that stopped the server: {res:?}");
+    assert!(closed.is_ok(), "the client's close: {closed:?}");
+}
