@@ -177,6 +177,11 @@ impl State {
         self.queued_reply_bytes + self.writing_reply_bytes
     }
 
+    /// Whether the stream's writes are bounded (a socket's write timeout).
+    fn bounded_writes(&self) -> bool {
+        self.control.as_ref().is_some_and(|c| c.bounded_writes())
+    }
+
     fn unwritten(&self) -> (usize, usize) {
         (
             self.buf.len() + self.large_bytes + self.writing_bytes,
@@ -602,7 +607,7 @@ impl Outbox {
         if st.buf.is_empty() || st.writing || st.stream.is_none() {
             return None;
         }
-        let mode = match st.control.as_ref().is_some_and(|c| c.bounded_writes()) {
+        let mode = match st.bounded_writes() {
             true => Mode::Bounded,
             false => Mode::Blocking(None),
         };
@@ -627,7 +632,7 @@ impl Outbox {
         {
             return None;
         }
-        match st.control.as_ref().is_some_and(|c| c.bounded_writes()) {
+        match st.bounded_writes() {
             true => self.drain_with(st, Mode::Bounded, stats),
             false => {
                 drop(st);
@@ -664,7 +669,7 @@ impl Outbox {
         };
         // With bounded writes on, a write that cannot go on returns after a
         // moment: a bounded writer gives up, any other tries again.
-        let retry = !bounded && st.control.as_ref().is_some_and(|c| c.bounded_writes());
+        let retry = !bounded && st.bounded_writes();
         let mut failed = None;
         while st.phase != Phase::Dead && (!st.buf.is_empty() || extra.is_some()) {
             let mut batch = std::mem::take(&mut st.spare);

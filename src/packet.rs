@@ -264,6 +264,11 @@ pub(crate) fn wire_len(body_len: u64) -> u64 {
 }
 
 impl BodyHead {
+    /// True if this is the head of the EOF control packet.
+    pub(crate) fn is_eof(&self) -> bool {
+        self.payload_len == 0 && self.into_packet(Vec::new()).is_eof()
+    }
+
     fn into_packet(self, payload: Vec<u8>) -> Packet {
         Packet {
             channel: self.channel,

@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::config::Config;
 use crate::connection::PacketConnection;
 use crate::error::{Disconnect, Error, Result, BUSY_FLAGS};
-use crate::packet::{read_body_head, BodyHead, Packet, PacketKind, EOF_TAG, MAX_HEAD_LEN};
+use crate::packet::{read_body_head, BodyHead, Packet, PacketKind, MAX_HEAD_LEN};
 use crate::pool::{Order, Pool};
 use crate::shared::Job;
 use crate::sync::{self, deadline_after, ThreadSet};
@@ -1363,9 +1363,7 @@ impl Refusal {
                     payload: reason.as_bytes().to_vec(),
                 }
                 .encode_into(&mut self.out),
-                PacketKind::Control { flags: 0 }
-                    if head.channel == 0 && head.tag == EOF_TAG && head.payload_len == 0 =>
-                {
+                _ if head.is_eof() => {
                     self.flush()?;
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
